@@ -1,0 +1,315 @@
+"""Typed settings of every stage, loaded from YAML with ``--set key.path=value`` overrides.
+
+One ``FacegenConfig`` describes a whole run; each stage reads only its own section. Unknown keys
+are errors (``extra="forbid"``) so a typo never silently falls back to a default. Every loading
+failure is raised as ``ConfigError`` with one line naming the file and the dotted field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem, always a single line: ``<file>: <field>: <what is wrong>``."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunSettings(_Section):
+    """Where outputs go and the global seed every random draw derives from."""
+
+    name: str = "facegen-run"
+    output_dir: str = "outputs/run"
+    seed: int = 0
+    overwrite: bool = False
+
+
+class RaySettings(_Section):
+    """How to reach Ray: an explicit address, the submitting cluster, or a local loopback node."""
+
+    address: str | None = None
+    num_cpus: float | None = Field(default=None, gt=0, description="CPUs for a local Ray only")
+    object_store_memory_gb: float | None = Field(default=None, gt=0)
+
+
+class IdentitySettings(_Section):
+    """The identity seed stream: ids ``first_id .. first_id + num_identities - 1`` in blocks."""
+
+    num_identities: int = Field(default=100, ge=1)
+    first_id: int = Field(default=0, ge=0)
+    block_size: int = Field(default=50, ge=1, description="identities per resumable block/file")
+
+
+class ParametricSettings(_Section):
+    """CPU face renderer (no weights) for demos and tests."""
+
+    image_size: int = Field(default=128, ge=64)
+    wrong_identity_rate: float = Field(default=0.1, ge=0.0, le=1.0)
+    nuisance: float = Field(default=1.0, ge=0.0, le=2.0, description="scale of pose/light/blur/occlusion")
+
+
+class DiffusionSettings(_Section):
+    """Stable Diffusion text-to-image through diffusers ``from_pretrained``."""
+
+    model: str = "stabilityai/stable-diffusion-2-1-base"
+    num_inference_steps: int = Field(default=30, ge=1)
+    guidance_scale: float = Field(default=7.5, ge=0.0)
+    height: int = Field(default=512, ge=8)
+    width: int = Field(default=512, ge=8)
+    fp16: bool = True
+    negative_prompt: str = (
+        "low quality, blurry, text, watermark, logo, painting, drawing, cartoon, deformed, "
+        "disfigured, multiple faces, cropped face, occluded face"
+    )
+    local_files_only: bool = False
+
+
+class GeneratorSettings(_Section):
+    """Which backend renders images and how its Ray Data actor pool is sized."""
+
+    backend: Literal["parametric", "diffusion"] = "parametric"
+    images_per_identity: int = Field(default=20, ge=1)
+    batch_size: int = Field(default=8, ge=1, description="identities per map_batches call")
+    concurrency: int = Field(default=1, ge=1, description="actors in the pool")
+    num_gpus: float = Field(default=0.0, ge=0.0)
+    num_cpus: float = Field(default=0.5, gt=0.0)
+    parametric: ParametricSettings = ParametricSettings()
+    diffusion: DiffusionSettings = DiffusionSettings()
+
+
+class EmbedderSettings(_Section):
+    """A facegen IResNet checkpoint directory; ``None`` skips embedding (e.g. to bootstrap one)."""
+
+    checkpoint: str | None = None
+    batch_size: int = Field(default=64, ge=1)
+    device: str = "auto"
+
+
+class FaceSettings(_Section):
+    """Alignment to the 112x112 ArcFace template and embedding, as one actor-pool stage."""
+
+    image_format: Literal["png", "jpeg"] = "jpeg"
+    jpeg_quality: int = Field(default=95, ge=50, le=100)
+    embedder: EmbedderSettings = EmbedderSettings()
+    batch_size: int = Field(default=64, ge=1, description="sample rows per map_batches call")
+    concurrency: int = Field(default=1, ge=1)
+    num_gpus: float = Field(default=0.0, ge=0.0)
+    num_cpus: float = Field(default=0.5, gt=0.0)
+
+
+class DbscanSettings(_Section):
+    """Adaptive per-identity DBSCAN (ALGORITHMS.md 1.2): ``eps = 1 - t``, cosine metric."""
+
+    start_t: float = Field(default=0.6, gt=0.0, lt=1.0)
+    step: float = Field(default=0.02, gt=0.0)
+    t_min: float = Field(default=0.3, gt=0.0, lt=1.0)
+    t_max: float = Field(default=0.9, gt=0.0, lt=1.0)
+    keep_fraction_low: float = Field(default=0.5, ge=0.0, le=1.0)
+    keep_fraction_high: float = Field(default=0.8, ge=0.0, le=1.0)
+    max_rounds: int = Field(default=10, ge=1)
+    min_samples: int = Field(default=2, ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "DbscanSettings":
+        if self.t_min > self.t_max:
+            raise ValueError("t_min must not exceed t_max")
+        if self.keep_fraction_low > self.keep_fraction_high:
+            raise ValueError("keep_fraction_low must not exceed keep_fraction_high")
+        return self
+
+
+class AugmentSettings(_Section):
+    """Top-up augmentation list of ALGORITHMS.md 1.4 (probabilities and ranges)."""
+
+    hflip_p: float = Field(default=0.5, ge=0.0, le=1.0)
+    color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)
+    color_jitter_p: float = Field(default=0.8, ge=0.0, le=1.0)
+    grayscale_p: float = Field(default=0.2, ge=0.0, le=1.0)
+    affine_degrees: float = 10.0
+    affine_translate: float = 0.05
+    affine_scale: tuple[float, float] = (0.95, 1.05)
+    affine_shear: float = 5.0
+    affine_p: float = Field(default=0.5, ge=0.0, le=1.0)
+    rotation_degrees: float = 5.0
+    rotation_p: float = Field(default=0.5, ge=0.0, le=1.0)
+    blur_kernel: int = 3
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    low_res_factor: float = Field(default=0.5, gt=0.0, le=1.0)
+
+
+class CleanSettings(_Section):
+    """Cleaning v1: per-identity consistency, minimum size, top-up to a fixed count."""
+
+    dbscan: DbscanSettings = DbscanSettings()
+    min_images: int = Field(default=10, ge=1, description="identities with fewer kept images are dropped")
+    target_images: int = Field(default=50, ge=1, description="top up each kept identity to this count")
+    augment: AugmentSettings = AugmentSettings()
+    concurrency: int = Field(default=1, ge=1)
+    num_cpus: float = Field(default=0.5, gt=0.0)
+    num_gpus: float = Field(default=0.0, ge=0.0)
+
+
+class ShardSettings(_Section):
+    """Curriculum-ordered shards: difficulty = 1 - cos(embedding, identity centre)."""
+
+    num_buckets: int = Field(default=4, ge=1, description="easy-to-hard difficulty buckets")
+
+
+class TrainSettings(_Section):
+    """Ray Train IResNet + margin head; defaults follow the DataCV recipe (ALGORITHMS.md 4)."""
+
+    arch: Literal["iresnet18", "iresnet34", "iresnet50", "iresnet100"] = "iresnet50"
+    width: int = Field(default=64, ge=4, description="channels of the first stage (64 = insightface)")
+    embedding_size: int = Field(default=512, ge=8)
+    head: Literal["arcface", "cosface"] = "arcface"
+    scale: float = Field(default=64.0, gt=0.0)
+    margin: float = Field(default=0.5, ge=0.0)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(default=0.1, gt=0.0)
+    momentum: float = Field(default=0.9, ge=0.0)
+    weight_decay: float = Field(default=5e-4, ge=0.0)
+    batch_size: int = Field(default=128, ge=1, description="per worker")
+    epochs: int = Field(default=26, ge=1)
+    lr_steps: list[int] = [12, 20, 24]
+    warmup_epochs: int = Field(default=0, ge=0)
+    curriculum: Literal["ordered", "shuffled"] = "ordered"
+    num_workers: int = Field(default=1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(default=1.0, gt=0.0)
+    fp16: bool = False
+    run_name: str | None = Field(default=None, description="defaults to run.name; same name resumes")
+    dataloader_workers: int = Field(default=0, ge=0)
+
+
+class EvalSettings(_Section):
+    """Verification sets in insightface ``.bin`` format, 10-fold accuracy."""
+
+    bins: list[str] = []
+    batch_size: int = Field(default=64, ge=1)
+    nrof_folds: int = Field(default=10, ge=2)
+
+
+class TrackingSettings(_Section):
+    """Weights & Biases; ``auto`` = online with an API key, offline otherwise."""
+
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+    project: str = "facegen"
+    entity: str | None = None
+
+
+class DemoSettings(_Section):
+    """Extras of the local demo: an embedder trained first on separate identities, a held-out .bin."""
+
+    bootstrap_identities: int = Field(default=0, ge=0, description="0 = use faces.embedder.checkpoint")
+    bootstrap_images_per_identity: int = Field(default=20, ge=2)
+    bootstrap_epochs: int = Field(default=4, ge=1)
+    heldout_identities: int = Field(default=0, ge=0, description="0 = no held-out .bin is written")
+    heldout_pairs: int = Field(default=600, ge=20)
+
+
+class FacegenConfig(_Section):
+    """The whole run. Load with :func:`load_config`."""
+
+    run: RunSettings = RunSettings()
+    ray: RaySettings = RaySettings()
+    identities: IdentitySettings = IdentitySettings()
+    generator: GeneratorSettings = GeneratorSettings()
+    faces: FaceSettings = FaceSettings()
+    clean: CleanSettings = CleanSettings()
+    shards: ShardSettings = ShardSettings()
+    train: TrainSettings = TrainSettings()
+    eval: EvalSettings = EvalSettings()
+    tracking: TrackingSettings = TrackingSettings()
+    demo: DemoSettings = DemoSettings()
+
+    @field_validator("identities")
+    @classmethod
+    def _ids_fit_int64(cls, v: IdentitySettings) -> IdentitySettings:
+        if v.first_id + v.num_identities >= 2**62:
+            raise ValueError("identity ids must stay below 2**62")
+        return v
+
+    def stage_dir(self, stage: str) -> str:
+        """``<run.output_dir>/<stage>``: raw, clean, shards, train, eval, wandb, ..."""
+        return f"{self.run.output_dir.rstrip('/')}/{stage}"
+
+    def digest(self) -> str:
+        """A short, stable hash of the settings (recorded in manifests)."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any, source: str) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for i, key in enumerate(keys[:-1]):
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"{source}: {'.'.join(keys[: i + 1])}: is a value, cannot set {dotted}")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"train.lr=0.01"`` -> ``("train.lr", 0.01)``; the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text}: expected key.path=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {text}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {text}: value is not valid YAML ({exc.__class__.__name__})") from None
+    return key, value
+
+
+def _format_validation_error(source: str, exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    field = ".".join(str(p) for p in err["loc"]) or "<root>"
+    value = err.get("input")
+    shown = "" if isinstance(value, dict) else f" (got {value!r})"
+    more = f" [+{len(exc.errors()) - 1} more]" if len(exc.errors()) > 1 else ""
+    return f"{source}: {field}: {err['msg']}{shown}{more}"
+
+
+def config_from_dict(data: dict[str, Any], source: str = "<dict>", overrides: list[str] | None = None) -> FacegenConfig:
+    """Validate a plain mapping (plus ``key=value`` overrides) into a :class:`FacegenConfig`."""
+    tree = json.loads(json.dumps(data or {}))
+    for text in overrides or []:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value, source)
+    try:
+        return FacegenConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(source, exc)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> FacegenConfig:
+    """Read a YAML file (or defaults when ``path`` is None) and apply ``key.path=value`` overrides."""
+    if path is None:
+        return config_from_dict({}, "<defaults>", overrides)
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    return config_from_dict(data, str(path), overrides)
