@@ -1,0 +1,32 @@
+# The two set-up commands of README.md. Both create .venv on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.facegen-installed
+# torch first, pinned to the CPU build on these machines, so no later range pulls a CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+DEMO_CONFIG ?= configs/local.yaml
+PYTEST_ARGS ?=
+
+.PHONY: install demo test bench clean-demo
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	RAY_USAGE_STATS_ENABLED=0 $(VENV)/bin/facegen pipeline --config $(DEMO_CONFIG)
+
+test: install
+	RAY_USAGE_STATS_ENABLED=0 $(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: install
+	$(PY) bench/run_all.py
+
+clean-demo:
+	rm -rf outputs/local

@@ -1,0 +1,98 @@
+"""Extras the local demo needs when no real weights exist, built from the same stages.
+
+- ``bootstrap_embedder``: an IResNet trained on *separate* identities (their own id range, no
+  injected errors) so the main run's cleaning sees embeddings from a model, not the renderer's
+  ground truth.
+- ``write_heldout_bin``: a verification set of further unseen identities in the insightface
+  ``.bin`` format, so validation measures generalisation to new people.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.compute as pc
+
+from facegen import blocks as blk
+from facegen import storage
+from facegen.config import FacegenConfig
+
+BOOTSTRAP_FIRST_ID = 10_000_000
+HELDOUT_FIRST_ID = 20_000_000
+HELDOUT_IMAGES_PER_IDENTITY = 4
+
+
+def _side_config(cfg: FacegenConfig, name: str, first_id: int, num_identities: int, images_per_identity: int) -> FacegenConfig:
+    side = cfg.model_copy(deep=True)
+    side.run.output_dir = f"{cfg.run.output_dir.rstrip('/')}/{name}"
+    side.run.name = f"{cfg.run.name}-{name}"
+    side.identities.first_id = first_id
+    side.identities.num_identities = num_identities
+    side.generator.images_per_identity = images_per_identity
+    side.generator.parametric.wrong_identity_rate = 0.0
+    side.faces.embedder.checkpoint = None
+    return side
+
+
+def bootstrap_embedder(cfg: FacegenConfig, progress: bool = True) -> str:
+    """Train the demo's embedder on its own identities; returns the backbone directory."""
+    from facegen.stages.generate import run_generate
+    from facegen.stages.shard import run_shard
+    from facegen.train.loop import train
+
+    demo = cfg.demo
+    side = _side_config(cfg, "bootstrap", BOOTSTRAP_FIRST_ID, demo.bootstrap_identities, demo.bootstrap_images_per_identity)
+    side.train.epochs = demo.bootstrap_epochs
+    side.train.lr_steps = [max(1, demo.bootstrap_epochs - 1)]
+    side.train.curriculum = "shuffled"
+    side.train.run_name = "bootstrap-embedder"
+    side.shards.num_buckets = 1
+    run_generate(side, progress=progress)
+    run_shard(side, source_dir=side.stage_dir("raw"), progress=progress)
+    result = train(side, side.stage_dir("shards"), eval_bins=[])
+    return result.backbone_dir
+
+
+def heldout_pairs(identity_ids: np.ndarray, num_pairs: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Half genuine, half impostor pairs as row-index pairs into ``identity_ids`` (deterministic)."""
+    rng = np.random.default_rng([seed, 0xB1])
+    by_identity: dict[int, np.ndarray] = {}
+    for ident in np.unique(identity_ids):
+        rows = np.flatnonzero(identity_ids == ident)
+        if len(rows) >= 2:
+            by_identity[int(ident)] = rows
+    people = np.array(sorted(by_identity))
+    if len(people) < 2:
+        raise ValueError("held-out set needs at least two identities with two good images each")
+    pairs, same = [], []
+    for k in range(num_pairs):
+        if k % 2 == 0:
+            rows = by_identity[int(rng.choice(people))]
+            a, b = rng.choice(rows, 2, replace=False)
+        else:
+            p, q = rng.choice(people, 2, replace=False)
+            a, b = rng.choice(by_identity[int(p)]), rng.choice(by_identity[int(q)])
+        pairs.append((a, b))
+        same.append(k % 2 == 0)
+    return np.array(pairs, np.int64), np.array(same, bool)
+
+
+def write_heldout_bin(cfg: FacegenConfig, progress: bool = True) -> str:
+    """Render unseen identities, align them, and write ``<output>/heldout/heldout.bin``."""
+    from facegen.eval.verification import write_bin
+    from facegen.stages.generate import run_generate
+
+    side = _side_config(cfg, "heldout", HELDOUT_FIRST_ID, cfg.demo.heldout_identities, HELDOUT_IMAGES_PER_IDENTITY)
+    path = f"{side.run.output_dir}/heldout.bin"
+    if storage.exists(path):
+        return path
+    run_generate(side, progress=progress)
+    tables = [storage.read_table(blk.block_path(side.stage_dir("raw"), b), columns=["identity_id", "image", "status"])
+              for b in blk.done_block_ids(side.stage_dir("raw"))]
+    images, ids = [], []
+    for table in tables:
+        table = table.filter(pc.equal(table.column("status"), "ok"))
+        images.extend(table.column("image").to_pylist())
+        ids.append(table.column("identity_id").to_numpy())
+    pairs, issame = heldout_pairs(np.concatenate(ids), cfg.demo.heldout_pairs, cfg.run.seed)
+    write_bin(path, [images[i] for pair in pairs for i in pair], issame)
+    return path

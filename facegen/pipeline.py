@@ -1,0 +1,121 @@
+"""``facegen pipeline``: generate -> clean -> shard -> train -> validate, each stage resumable.
+
+Each step reads the previous step's files, so an interrupted pipeline re-run skips whatever is
+already done. The run ends with one summary (printed as a table and saved as ``summary.json``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from facegen import storage
+from facegen.config import FacegenConfig
+
+
+@dataclass
+class PipelineSummary:
+    """Everything the final table shows; saved to ``<output_dir>/summary.json``."""
+
+    config_digest: str
+    generate: dict[str, Any] = field(default_factory=dict)
+    clean: dict[str, Any] = field(default_factory=dict)
+    shard: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+    verification: list[dict[str, Any]] = field(default_factory=list)
+    outputs: dict[str, str] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def run_eval(checkpoint: str, bins: list[str], batch_size: int = 64, nrof_folds: int = 10, device: str = "auto") -> list[dict[str, Any]]:
+    """10-fold verification accuracy of a backbone on insightface ``.bin`` sets."""
+    from facegen.eval.verification import verify_bins
+    from facegen.faces.embed import Embedder
+
+    embedder = Embedder(checkpoint, device=device, batch_size=batch_size)
+    results = verify_bins(embedder, bins, batch_size=batch_size, nrof_folds=nrof_folds)
+    return [asdict(r) for r in results]
+
+
+def run_pipeline(cfg: FacegenConfig, progress: bool = True) -> PipelineSummary:
+    """Run every stage of ``cfg`` in order on the connected Ray cluster."""
+    from facegen.demo import bootstrap_embedder, write_heldout_bin
+    from facegen.stages.clean import run_clean
+    from facegen.stages.generate import run_generate
+    from facegen.stages.shard import run_shard
+    from facegen.train.loop import train
+
+    summary = PipelineSummary(config_digest=cfg.digest())
+    cfg = cfg.model_copy(deep=True)
+    clock = time.time()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        summary.seconds[name] = round(time.time() - clock, 1)
+        clock = time.time()
+
+    if cfg.demo.bootstrap_identities and not cfg.faces.embedder.checkpoint:
+        cfg.faces.embedder.checkpoint = bootstrap_embedder(cfg, progress=progress)
+        lap("bootstrap_embedder")
+    if not cfg.faces.embedder.checkpoint:
+        raise ValueError("faces.embedder.checkpoint: the pipeline needs an embedder (or demo.bootstrap_identities > 0)")
+    bins = list(cfg.eval.bins)
+    if cfg.demo.heldout_identities:
+        bins.insert(0, write_heldout_bin(cfg, progress=progress))
+        lap("heldout_bin")
+
+    summary.generate = asdict(run_generate(cfg, progress=progress))
+    lap("generate")
+    summary.clean = asdict(run_clean(cfg, progress=progress))
+    lap("clean")
+    summary.shard = asdict(run_shard(cfg, progress=progress))
+    lap("shard")
+    result = train(cfg, cfg.stage_dir("shards"), eval_bins=bins)
+    summary.train = {
+        "run_dir": result.run_dir,
+        "backbone_dir": result.backbone_dir,
+        "epochs_completed": result.epochs_completed,
+        "resumed_from_epoch": result.resumed_from_epoch,
+        "last_epoch": result.history[-1] if result.history else {},
+    }
+    lap("train")
+    if bins:
+        summary.verification = run_eval(result.backbone_dir, bins, cfg.eval.batch_size, cfg.eval.nrof_folds)
+        lap("eval")
+    summary.outputs = {
+        "raw blocks": cfg.stage_dir("raw"),
+        "clean blocks": cfg.stage_dir("clean"),
+        "curriculum shards": cfg.stage_dir("shards"),
+        "training run": result.run_dir,
+        "backbone": result.backbone_dir,
+        "embedder": cfg.faces.embedder.checkpoint,
+        "verification sets": ", ".join(bins),
+        "wandb": cfg.stage_dir("wandb"),
+        "summary": f"{cfg.run.output_dir.rstrip('/')}/summary.json",
+    }
+    storage.write_json_atomic(asdict(summary), summary.outputs["summary"])
+    return summary
+
+
+def summary_rows(summary: PipelineSummary) -> list[tuple[str, str]]:
+    """The final table as (what, value) rows."""
+    g, c = summary.generate.get("totals", {}), summary.clean.get("totals", {})
+    caught = f"{c.get('injected_wrong_removed', 0)} of {c.get('injected_wrong_in', 0)}"
+    rows = [
+        ("identities generated", str(g.get("identities", 0))),
+        ("images generated (ok / error)", f"{g.get('images', 0)} ({g.get('images_ok', 0)} / {g.get('images_error', 0)})"),
+        ("injected wrong-identity images", str(g.get("injected_wrong", 0))),
+        ("identities dropped by cleaning", str(c.get("identities_dropped", 0))),
+        ("images removed by cleaning", str(c.get("images_removed", 0))),
+        ("  of which injected wrong images caught", caught),
+        ("images added by top-up augmentation", str(c.get("images_augmented", 0))),
+        ("identities / images kept", f"{c.get('identities_kept', 0)} / {c.get('images_out', 0)}"),
+        ("curriculum shards (rows)", f"{summary.shard.get('totals', {}).get('shards', 0)} ({summary.shard.get('totals', {}).get('rows', 0)})"),
+        ("training epochs", str(summary.train.get("epochs_completed", 0))),
+    ]
+    for v in summary.verification:
+        rows.append((f"verification accuracy: {v['name']}", f"{100 * v['accuracy_mean']:.2f}% +- {100 * v['accuracy_std']:.2f} ({v['pairs']} pairs, chance 50%)"))
+    rows.extend((f"output: {k}", str(v)) for k, v in summary.outputs.items())
+    rows.append(("wall time per step (s)", ", ".join(f"{k} {v}" for k, v in summary.seconds.items())))
+    return rows

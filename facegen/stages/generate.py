@@ -1,0 +1,155 @@
+"""Generation stage: identity seeds -> generator pool -> face pool -> one raw Parquet file per block.
+
+The Ray Data DAG is ``range -> map_batches(Generator, actor pool) -> map_batches(FaceStage, actor
+pool)``; the driver streams results in order and commits each block (data file, then stats
+record) as soon as all its rows have arrived. Only blocks without a done-marker are planned, so a
+re-run after a crash continues exactly where the last committed block ended.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from facegen import blocks as blk
+from facegen.config import FacegenConfig
+from facegen.schema import SAMPLE, STATUS_OK, table_from_batch
+
+
+@dataclass
+class StageReport:
+    """What a stage did: blocks planned/skipped/written and summed counters."""
+
+    stage: str
+    output_dir: str
+    blocks_total: int
+    blocks_skipped: int
+    blocks_written: int
+    seconds: float
+    totals: dict[str, int] = field(default_factory=dict)
+
+
+class BlockWriter:
+    """Collects streamed SAMPLE batches and commits each block once all of its rows arrived."""
+
+    def __init__(self, stage_dir: str, pending: list[blk.Block], images_per_identity: int):
+        self.stage_dir = stage_dir
+        self.expected = {b.block_id: b.num_identities * images_per_identity for b in pending}
+        self.identities = {b.block_id: b.num_identities for b in pending}
+        self.parts: dict[int, list[pa.Table]] = {b.block_id: [] for b in pending}
+        self.received: Counter[int] = Counter()
+        self.started = time.time()
+        self.written: list[dict[str, Any]] = []
+
+    def add(self, batch: dict[str, np.ndarray]) -> int:
+        """Add one batch; returns the number of rows it held."""
+        table = table_from_batch(batch, SAMPLE)
+        block_ids = table.column("block_id").to_numpy()
+        for block_id in np.unique(block_ids):
+            block_id = int(block_id)
+            if block_id not in self.parts:
+                raise RuntimeError(f"block {block_id}: rows arrived for a block that was not planned")
+            part = table.filter(pa.array(block_ids == block_id))
+            self.parts[block_id].append(part)
+            self.received[block_id] += part.num_rows
+            if self.received[block_id] > self.expected[block_id]:
+                raise RuntimeError(f"block {block_id}: more rows than planned ({self.received[block_id]})")
+            if self.received[block_id] == self.expected[block_id]:
+                self._commit(block_id)
+        return table.num_rows
+
+    def _commit(self, block_id: int) -> None:
+        table = pa.concat_tables(self.parts.pop(block_id)).sort_by([("identity_id", "ascending"), ("sample_idx", "ascending")])
+        status = table.column("status").to_pylist()
+        reasons = Counter(r for s, r in zip(status, table.column("reason").to_pylist()) if s != STATUS_OK)
+        true_ids = table.column("true_identity_id").to_numpy()
+        ids = table.column("identity_id").to_numpy()
+        stats = {
+            "identities": self.identities[block_id],
+            "images": table.num_rows,
+            "images_ok": sum(s == STATUS_OK for s in status),
+            "images_error": sum(s != STATUS_OK for s in status),
+            "injected_wrong": int(((true_ids >= 0) & (true_ids != ids)).sum()),
+            "error_reasons": dict(reasons.most_common(5)),
+            "seconds_since_start": round(time.time() - self.started, 2),
+        }
+        self.written.append(blk.commit_block(self.stage_dir, block_id, table, stats))
+
+    def unfinished(self) -> dict[int, tuple[int, int]]:
+        """Blocks still missing rows: ``{block_id: (received, expected)}``."""
+        return {b: (self.received[b], self.expected[b]) for b in self.parts}
+
+
+def _pool(size: int):
+    from ray.data import ActorPoolStrategy
+
+    return ActorPoolStrategy(size=size)
+
+
+def build_sample_dataset(cfg: FacegenConfig, pending: list[blk.Block]):
+    """The lazy Ray Dataset of SAMPLE rows for ``pending`` blocks (not executed here)."""
+    from facegen.faces.stage import FaceStage
+    from facegen.generators import generator_class
+    from facegen.identities.seeds import identity_dataset
+
+    gen, faces = cfg.generator, cfg.faces
+    ds = identity_dataset(pending, cfg.identities.block_size)
+    ds = ds.map_batches(
+        generator_class(gen.backend),
+        fn_constructor_kwargs={"settings": gen, "seed": cfg.run.seed},
+        batch_size=gen.batch_size,
+        batch_format="numpy",
+        compute=_pool(gen.concurrency),
+        num_gpus=gen.num_gpus,
+        num_cpus=gen.num_cpus,
+    )
+    return ds.map_batches(
+        FaceStage,
+        fn_constructor_kwargs={"settings": faces},
+        batch_size=faces.batch_size,
+        batch_format="numpy",
+        compute=_pool(faces.concurrency),
+        num_gpus=faces.num_gpus,
+        num_cpus=faces.num_cpus,
+    )
+
+
+def run_generate(cfg: FacegenConfig, output_dir: str | None = None, progress: bool = True) -> StageReport:
+    """Generate every block of ``cfg.identities`` that is not done yet into ``output_dir``."""
+    import ray
+    from tqdm.auto import tqdm
+
+    out = output_dir or cfg.stage_dir("raw")
+    started = time.time()
+    planned = blk.plan_blocks(cfg.identities)
+    if cfg.run.overwrite:
+        blk.reset_blocks(out, [b.block_id for b in planned])
+    pending = [b for b in planned if not blk.is_done(out, b.block_id)]
+    report = StageReport("generate", out, len(planned), len(planned) - len(pending), 0, 0.0)
+    if pending:
+        per_id = cfg.generator.images_per_identity
+        writer = BlockWriter(out, pending, per_id)
+        ds = build_sample_dataset(cfg, pending)
+        context = ray.data.DataContext.get_current()
+        keep_order, context.execution_options.preserve_order = context.execution_options.preserve_order, True
+        total = sum(b.num_identities for b in pending) * per_id
+        bar = tqdm(total=total, unit="img", desc=f"generate ({len(pending)} blocks)", disable=not progress)
+        try:
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                bar.update(writer.add(batch))
+        finally:
+            context.execution_options.preserve_order = keep_order
+            bar.close()
+        missing = writer.unfinished()
+        if missing:
+            raise RuntimeError(f"generate: blocks ended incomplete {missing} (received, expected)")
+        report.blocks_written = len(writer.written)
+    records = blk.read_stats(out)
+    report.totals = blk.sum_stats(records, ["identities", "images", "images_ok", "images_error", "injected_wrong"])
+    report.seconds = round(time.time() - started, 2)
+    return report

@@ -1,0 +1,155 @@
+"""File access for every stage: local paths, NFS or URIs (``s3://``, ``gs://``) through pyarrow.
+
+Every write goes to a temporary name in the destination directory and is then renamed, so a
+reader never sees a half-written file (on object stores, where rename is a copy, the stages'
+done-markers are written last and carry the guarantee instead).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """What was written: path, row count (tables), size in bytes and sha256 of the content."""
+
+    path: str
+    rows: int
+    bytes: int
+    sha256: str
+
+
+def _resolve(path: str) -> tuple[pafs.FileSystem, str]:
+    if "://" in str(path):
+        return pafs.FileSystem.from_uri(str(path))
+    return pafs.LocalFileSystem(), os.path.abspath(os.fspath(path))
+
+
+def _parent(path: str) -> str:
+    return path.rsplit("/", 1)[0] if "/" in path else ""
+
+
+def is_remote(path: str) -> bool:
+    """True for URIs that go through a remote pyarrow filesystem."""
+    return "://" in str(path) and not str(path).startswith("file://")
+
+
+def makedirs(path: str) -> None:
+    """Create a directory and its parents (no-op on object stores without directories)."""
+    fs, p = _resolve(path)
+    fs.create_dir(p, recursive=True)
+
+
+def exists(path: str) -> bool:
+    """Whether a file or directory exists."""
+    fs, p = _resolve(path)
+    return fs.get_file_info(p).type != pafs.FileType.NotFound
+
+
+def remove(path: str) -> None:
+    """Delete a file if it exists."""
+    fs, p = _resolve(path)
+    if fs.get_file_info(p).type == pafs.FileType.File:
+        fs.delete_file(p)
+
+
+def list_dir(path: str, suffix: str = "") -> list[str]:
+    """Sorted full paths of the files directly in ``path`` whose names end with ``suffix``."""
+    fs, p = _resolve(path)
+    if fs.get_file_info(p).type != pafs.FileType.Directory:
+        return []
+    infos = fs.get_file_info(pafs.FileSelector(p, recursive=False))
+    prefix = path.rstrip("/")
+    names = sorted(i.base_name for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(suffix))
+    return [f"{prefix}/{n}" for n in names]
+
+
+def write_bytes_atomic(data: bytes, path: str) -> FileRecord:
+    """Write ``data`` to a temporary sibling, then rename it onto ``path``."""
+    fs, p = _resolve(path)
+    parent = _parent(p)
+    if parent:
+        fs.create_dir(parent, recursive=True)
+    tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{p.rsplit('/', 1)[-1]}"
+    try:
+        with fs.open_output_stream(tmp) as out:
+            out.write(data)
+        fs.move(tmp, p)
+    except BaseException:
+        if fs.get_file_info(tmp).type == pafs.FileType.File:
+            fs.delete_file(tmp)
+        raise
+    return FileRecord(str(path), 0, len(data), hashlib.sha256(data).hexdigest())
+
+
+def read_bytes(path: str) -> bytes:
+    """The whole content of a file."""
+    fs, p = _resolve(path)
+    try:
+        with fs.open_input_stream(p) as f:
+            return f.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file") from None
+
+
+def write_table_atomic(table: pa.Table, path: str, compression: str = "zstd") -> FileRecord:
+    """Write a Parquet file atomically; returns its row count, size and sha256."""
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression=compression)
+    rec = write_bytes_atomic(sink.getvalue(), path)
+    return FileRecord(rec.path, table.num_rows, rec.bytes, rec.sha256)
+
+
+def read_table(path: str, columns: list[str] | None = None) -> pa.Table:
+    """Read a Parquet file (optionally only some columns); a bad file fails naming it."""
+    fs, p = _resolve(path)
+    try:
+        return pq.read_table(p, columns=columns, filesystem=fs)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file") from None
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise ValueError(f"{path}: not a readable Parquet file ({exc})") from None
+
+
+def write_json_atomic(obj: Any, path: str) -> FileRecord:
+    """Write pretty JSON atomically."""
+    return write_bytes_atomic((json.dumps(obj, indent=2, sort_keys=False) + "\n").encode(), path)
+
+
+def read_json(path: str) -> Any:
+    """Parse a JSON file; a missing or malformed file fails naming it."""
+    data = read_bytes(path)
+    try:
+        return json.loads(data)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+
+
+def sha256_of(path: str, chunk: int = 1 << 22) -> str:
+    """sha256 of a file, streamed."""
+    fs, p = _resolve(path)
+    h = hashlib.sha256()
+    with fs.open_input_stream(p) as f:
+        while True:
+            buf = f.read(chunk)
+            if not buf:
+                break
+            h.update(buf)
+    return h.hexdigest()
+
+
+def size_of(path: str) -> int:
+    """Size of a file in bytes."""
+    fs, p = _resolve(path)
+    return fs.get_file_info(p).size
