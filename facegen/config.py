@@ -82,6 +82,7 @@ class GeneratorSettings(_Section):
     concurrency: int = Field(default=1, ge=1, description="actors in the pool")
     num_gpus: float = Field(default=0.0, ge=0.0)
     num_cpus: float = Field(default=0.5, gt=0.0)
+    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources, e.g. {generation: 1}")
     parametric: ParametricSettings = ParametricSettings()
     diffusion: DiffusionSettings = DiffusionSettings()
 
@@ -104,6 +105,7 @@ class FaceSettings(_Section):
     concurrency: int = Field(default=1, ge=1)
     num_gpus: float = Field(default=0.0, ge=0.0)
     num_cpus: float = Field(default=0.5, gt=0.0)
+    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources, e.g. {generation: 1}")
 
 
 class DbscanSettings(_Section):
@@ -156,6 +158,7 @@ class CleanSettings(_Section):
     concurrency: int = Field(default=1, ge=1)
     num_cpus: float = Field(default=0.5, gt=0.0)
     num_gpus: float = Field(default=0.0, ge=0.0)
+    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources, e.g. {generation: 1}")
 
 
 class ShardSettings(_Section):
@@ -185,6 +188,7 @@ class TrainSettings(_Section):
     num_workers: int = Field(default=1, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(default=1.0, gt=0.0)
+    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per worker, e.g. {training: 1}")
     fp16: bool = False
     run_name: str | None = Field(default=None, description="defaults to run.name; same name resumes")
     dataloader_workers: int = Field(default=0, ge=0)

@@ -83,6 +83,7 @@ def run_clean(cfg: FacegenConfig, raw_dir: str | None = None, clean_dir: str | N
             compute=ActorPoolStrategy(size=min(cfg.clean.concurrency, len(pending))),
             num_cpus=cfg.clean.num_cpus,
             num_gpus=cfg.clean.num_gpus,
+            resources=cfg.clean.resources or None,
         )
         with tqdm(total=len(pending), unit="block", desc="clean", disable=not progress) as bar:
             for row in ds.iter_rows():

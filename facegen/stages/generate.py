@@ -107,6 +107,7 @@ def build_sample_dataset(cfg: FacegenConfig, pending: list[blk.Block]):
         compute=_pool(gen.concurrency),
         num_gpus=gen.num_gpus,
         num_cpus=gen.num_cpus,
+        resources=gen.resources or None,
     )
     return ds.map_batches(
         FaceStage,
@@ -116,6 +117,7 @@ def build_sample_dataset(cfg: FacegenConfig, pending: list[blk.Block]):
         compute=_pool(faces.concurrency),
         num_gpus=faces.num_gpus,
         num_cpus=faces.num_cpus,
+        resources=faces.resources or None,
     )
 
 

@@ -1,0 +1,72 @@
+"""Settings: YAML + overrides, and one-line errors naming the file and the field."""
+
+import pytest
+
+from facegen.config import ConfigError, FacegenConfig, config_from_dict, load_config, parse_override
+
+
+def test_repo_configs_load():
+    for name in ("configs/local.yaml", "configs/sd_cluster.yaml"):
+        cfg = load_config(name)
+        assert isinstance(cfg, FacegenConfig)
+    assert load_config("configs/local.yaml").generator.backend == "parametric"
+    assert load_config("configs/sd_cluster.yaml").train.arch == "iresnet50"
+
+
+def test_overrides_parse_yaml_values(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train: {epochs: 3}\n")
+    cfg = load_config(path, ["train.epochs=5", "train.lr_steps=[1, 2]", "generator.resources={generation: 0.5}", "run.name=x y"])
+    assert cfg.train.epochs == 5
+    assert cfg.train.lr_steps == [1, 2]
+    assert cfg.generator.resources == {"generation": 0.5}
+    assert cfg.run.name == "x y"
+    assert parse_override("a.b=") == ("a.b", "")
+
+
+def test_bad_value_names_file_and_field(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  lr: -1\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith(f"{path}: train.lr: ")
+
+
+def test_unknown_key_and_override_errors(tmp_path):
+    path = tmp_path / "typo.yaml"
+    path.write_text("generator:\n  backnd: diffusion\n")
+    with pytest.raises(ConfigError, match=r"typo.yaml: generator.backnd: Extra inputs are not permitted"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"generator.backend: Input should be 'parametric' or 'diffusion'"):
+        config_from_dict({}, "x.yaml", ["generator.backend=gan"])
+    with pytest.raises(ConfigError, match="expected key.path=value"):
+        config_from_dict({}, "x.yaml", ["train.epochs"])
+    with pytest.raises(ConfigError, match="is a value"):
+        config_from_dict({"train": {"epochs": 2}}, "x.yaml", ["train.epochs.x=1"])
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("train: [1,\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(broken)
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- 1\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(listed)
+
+
+def test_cross_field_checks():
+    with pytest.raises(ConfigError, match="clean.dbscan: Value error, t_min must not exceed t_max"):
+        config_from_dict({"clean": {"dbscan": {"t_min": 0.8, "t_max": 0.4}}}, "x.yaml")
+
+
+def test_digest_is_stable_and_sensitive():
+    a, b = FacegenConfig(), FacegenConfig()
+    assert a.digest() == b.digest()
+    b.train.epochs = 3
+    assert a.digest() != b.digest()
