@@ -77,9 +77,15 @@ def _column_array(field: pa.Field, values: Any) -> pa.Array:
             return pa.array([None if v is None else np.asarray(v, np.float32) for v in arr], field.type)
         arr = np.ascontiguousarray(arr, dtype=np.float32)
         size = field.type.list_size
+        if arr.ndim == 1 and np.isnan(arr).all():  # Ray Data turns an all-None column into NaN scalars
+            return pa.nulls(len(arr), field.type)
         if arr.ndim != 2 or arr.shape[1] != size:
             raise ValueError(f"column {field.name}: expected shape (n, {size}), got {arr.shape}")
-        return pa.FixedSizeListArray.from_arrays(pa.array(arr.reshape(-1)), size)
+        missing = np.isnan(arr).all(axis=1)  # an all-NaN row is a null (e.g. no embedding for an error row)
+        values = pa.array(arr.reshape(-1))
+        if not missing.any():
+            return pa.FixedSizeListArray.from_arrays(values, size)
+        return pa.FixedSizeListArray.from_arrays(values, size, mask=pa.array(missing))
     if pa.types.is_binary(field.type):
         return pa.array([None if v is None else bytes(v) for v in values], field.type)
     return pa.array(np.asarray(values).tolist() if isinstance(values, np.ndarray) else list(values), field.type)

@@ -20,6 +20,7 @@ from facegen.stages.generate import StageReport
 CLEAN_COUNTERS = [
     "identities_in", "identities_kept", "identities_dropped", "images_in", "images_error",
     "images_removed", "images_augmented", "images_out", "injected_wrong_in", "injected_wrong_removed",
+    "images_no_embedding", "images_dropped_with_identity", "images_trimmed", "augment_sources_unreadable",
 ]
 
 
@@ -43,7 +44,7 @@ class BlockCleaner:
         from facegen.clean.block import clean_block
 
         table = storage.read_table(blk.block_path(self.raw_dir, block_id))
-        cleaned, stats = clean_block(table, self.cfg.clean, self.cfg.run.seed, self.embed_fn)
+        cleaned, stats = clean_block(table, self.cfg.clean, self.cfg.run.seed, self.embed_fn, jpeg_quality=self.cfg.faces.jpeg_quality)
         return blk.commit_block(self.clean_dir, block_id, cleaned, stats)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -71,6 +72,7 @@ def run_clean(cfg: FacegenConfig, raw_dir: str | None = None, clean_dir: str | N
         raise FileNotFoundError(f"{raw_dir}: no finished raw blocks to clean (run `facegen generate` first)")
     if cfg.run.overwrite:
         blk.reset_blocks(clean_dir, available)
+    storage.remove_temp_files(clean_dir)
     pending = [b for b in available if not blk.is_done(clean_dir, b)]
     failures: list[str] = []
     if pending:

@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from facegen import blocks as blk
+from facegen import storage
 from facegen.config import FacegenConfig
 from facegen.schema import SAMPLE, STATUS_OK, table_from_batch
 
@@ -129,6 +130,7 @@ def run_generate(cfg: FacegenConfig, output_dir: str | None = None, progress: bo
     out = output_dir or cfg.stage_dir("raw")
     started = time.time()
     planned = blk.plan_blocks(cfg.identities)
+    storage.remove_temp_files(out)
     if cfg.run.overwrite:
         blk.reset_blocks(out, [b.block_id for b in planned])
     pending = [b for b in planned if not blk.is_done(out, b.block_id)]
