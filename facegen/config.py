@@ -29,7 +29,7 @@ class RunSettings(_Section):
 
     name: str = "facegen-run"
     output_dir: str = "outputs/run"
-    seed: int = 0
+    seed: int = Field(default=0, ge=0)
     overwrite: bool = False
 
 
@@ -71,6 +71,7 @@ class DiffusionSettings(_Section):
         "disfigured, multiple faces, cropped face, occluded face"
     )
     local_files_only: bool = False
+    micro_batch: int = Field(default=8, ge=1, description="images per pipeline call (one identity at a time)")
 
 
 class GeneratorSettings(_Section):

@@ -1,0 +1,73 @@
+"""Generator backends behind one protocol, and the per-sample seed they all share.
+
+A backend is a callable class for Ray Data ``map_batches``: ``__init__(settings: GeneratorSettings,
+seed: int)`` loads what it needs once; ``__call__(batch)`` takes identity rows (``identity_id``,
+``block_id``) and returns ``settings.images_per_identity`` rows per identity with exactly the
+columns of :data:`facegen.schema.GENERATED`. A sample that fails becomes a ``status="error"`` row.
+
+Backends are imported lazily, so using the parametric renderer never imports diffusers.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+
+#: Names accepted by ``generator.backend``.
+BACKENDS = ("parametric", "diffusion")
+
+_CLASSES = {
+    "parametric": ("facegen.generators.parametric", "ParametricGenerator"),
+    "diffusion": ("facegen.generators.diffusion", "DiffusionGenerator"),
+}
+
+#: Domain tag of per-sample seeds (distinct from every identity-level tag).
+SAMPLE_TAG = 0x5A4D
+#: Identity ids of real identities stay below this (``FacegenConfig`` enforces it).
+MAX_IDENTITY_ID = 2**62
+
+
+def generator_class(backend: str) -> type:
+    """The generator class of ``backend`` (imports its module only now)."""
+    if backend not in _CLASSES:
+        raise ValueError(f"generator.backend: unknown backend {backend!r}, expected one of {', '.join(BACKENDS)}")
+    module, name = _CLASSES[backend]
+    return getattr(importlib.import_module(module), name)
+
+
+def check_identity_id(identity_id: int) -> int:
+    """``identity_id`` as an int, or ``ValueError`` when it is outside ``[0, 2**62)``."""
+    value = int(identity_id)
+    if not 0 <= value < MAX_IDENTITY_ID:
+        raise ValueError(f"identity_id {value} is outside [0, 2**62)")
+    return value
+
+
+def sample_seed(seed: int, identity_id: int, sample_idx: int) -> int:
+    """The 63-bit seed of one sample, a pure function of ``(seed, identity_id, sample_idx)``.
+
+    It is stored in the row's ``seed`` column and seeds every sample-level draw (numpy or torch),
+    so one row can be regenerated from its own columns.
+    """
+    if int(seed) < 0:
+        raise ValueError(f"run.seed must be >= 0, got {seed}")
+    if int(sample_idx) < 0:
+        raise ValueError(f"sample_idx must be >= 0, got {sample_idx}")
+    state = np.random.SeedSequence([int(seed), check_identity_id(identity_id), int(sample_idx), SAMPLE_TAG])
+    high, low = (int(v) for v in state.generate_state(2, np.uint32))
+    return ((high & 0x7FFFFFFF) << 32) | low
+
+
+def identity_rows(batch: dict[str, np.ndarray]) -> list[tuple[object, object]]:
+    """The ``(identity_id, block_id)`` pairs of an input batch, unvalidated (bad ids become error rows)."""
+    missing = [name for name in ("identity_id", "block_id") if name not in batch]
+    if missing:
+        raise ValueError(f"generator input batch lacks columns {missing} (has {sorted(batch)})")
+    return list(zip(np.asarray(batch["identity_id"]).tolist(), np.asarray(batch["block_id"]).tolist()))
+
+
+def failure_reason(identity_id: object, sample_idx: object, exc: BaseException) -> str:
+    """A one-line error reason naming the sample: ``identity_id=7 sample_idx=3: ValueError: ...``."""
+    message = " ".join(str(exc).split())
+    return f"identity_id={identity_id} sample_idx={sample_idx}: {type(exc).__name__}: {message}"[:500]

@@ -1,0 +1,1 @@
+"""Identities: the deterministic seed stream and the attributes that describe each identity."""

@@ -1,0 +1,84 @@
+"""The Stable Diffusion backend on a tiny pipeline saved to disk and loaded through from_pretrained."""
+
+import json
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from facegen.config import DiffusionSettings, GeneratorSettings  # noqa: E402
+from facegen.faces.align import decode_image  # noqa: E402
+from facegen.generators import generator_class, sample_seed  # noqa: E402
+from facegen.identities.attributes import build_prompt, sample_attributes  # noqa: E402
+from facegen.schema import GENERATED, STATUS_ERROR, STATUS_OK, table_from_batch  # noqa: E402
+from tiny_sd import build_tiny_sd  # noqa: E402
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a few shared cores: more threads only contend (20x slower here)
+    yield build_tiny_sd(str(tmp_path_factory.mktemp("tiny_sd")))
+    torch.set_num_threads(threads)
+
+
+def _settings(model, per_identity=2, **diffusion):
+    options = dict(model=model, num_inference_steps=2, height=64, width=64, local_files_only=True) | diffusion
+    return GeneratorSettings(
+        backend="diffusion", images_per_identity=per_identity, diffusion=DiffusionSettings(**options)
+    )
+
+
+def _ids(*ids):
+    return {"identity_id": np.array(ids, np.int64), "block_id": np.zeros(len(ids), np.int64)}
+
+
+@pytest.fixture(scope="module")
+def generator(tiny_sd):
+    return generator_class("diffusion")(_settings(tiny_sd, per_identity=3), seed=0, micro_batch=2)
+
+
+def test_images_have_the_requested_size_and_metadata(generator, tiny_sd):
+    out = generator(_ids(4))
+    table_from_batch(out, GENERATED)
+    assert out["status"].tolist() == [STATUS_OK] * 3 and out["sample_idx"].tolist() == [0, 1, 2]
+    assert [decode_image(png).shape for png in out["image"]] == [(64, 64, 3)] * 3
+    assert out["seed"].tolist() == [sample_seed(0, 4, k) for k in range(3)]
+    assert set(out["source"]) == {f"diffusion:{tiny_sd}"} and (out["true_identity_id"] == -1).all()
+    assert np.isnan(out["landmarks"]).all()
+    meta = json.loads(out["meta"][0])
+    assert meta["attributes"] == sample_attributes(0, 4) and meta["prompt"] == build_prompt(meta["attributes"])
+    assert len(set(out["image"].tolist())) == 3  # each sample has its own seed
+
+
+def test_same_sample_same_bytes_in_any_batch(generator):
+    alone = generator(_ids(9))
+    mixed = generator(_ids(2, 9))
+    keep = mixed["identity_id"] == 9
+    assert alone["image"].tolist() == mixed["image"][keep].tolist()
+    others = set(mixed["image"][~keep].tolist())
+    assert not others & set(alone["image"].tolist())
+
+
+def test_bad_identity_and_failing_pipeline_calls_become_error_rows(generator, tiny_sd):
+    out = generator(_ids(-2, 3))
+    assert out["status"].tolist() == [STATUS_ERROR] * 3 + [STATUS_OK] * 3
+    assert "identity_id=-2 sample_idx=0" in out["reason"][0]
+    odd = generator_class("diffusion")(_settings(tiny_sd, per_identity=2, height=60), seed=0)
+    out = odd(_ids(1))  # SD needs sizes divisible by 8: every call fails, each sample is reported
+    assert out["status"].tolist() == [STATUS_ERROR] * 2
+    assert "identity_id=1 sample_idx=1" in out["reason"][1] and "divisible by 8" in out["reason"][1]
+
+
+def test_unloadable_model_is_one_clear_error(tmp_path):
+    missing = str(tmp_path / "no_such_model")
+    with pytest.raises(FileNotFoundError, match="no_such_model: no such directory"):
+        generator_class("diffusion")(_settings(missing), seed=0)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RuntimeError, match="empty: cannot load a Stable Diffusion pipeline"):
+        generator_class("diffusion")(_settings(str(tmp_path / "empty")), seed=0)
