@@ -1,0 +1,1 @@
+"""Validation: insightface .bin verification sets, K-fold accuracy."""

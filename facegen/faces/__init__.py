@@ -1,0 +1,1 @@
+"""Pixel-level face preparation, embedders and the faces stage (GENERATED -> SAMPLE rows)."""

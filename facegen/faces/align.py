@@ -1,0 +1,128 @@
+"""Pixel-level face preparation: decode, 5-point similarity alignment to the ArcFace template, encode.
+
+The alignment matches insightface ``utils.face_align.norm_crop``: a least-squares similarity
+transform (Umeyama 1991) from the five landmarks to the 112x112 ArcFace reference points, applied
+with ``cv2.warpAffine`` (bilinear, constant black border). Landmarks with no usable geometry are
+rejected with a ``ValueError`` that says what is wrong with them.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from facegen.schema import ALIGNED_SIZE
+
+#: The 112x112 ArcFace reference: left eye, right eye, nose tip, left and right mouth corners (x, y).
+ARCFACE_TEMPLATE = np.array(
+    [
+        [38.2946, 51.6963],
+        [73.5318, 51.5014],
+        [56.0252, 71.7366],
+        [41.5493, 92.3655],
+        [70.7299, 92.2041],
+    ],
+    dtype=np.float32,
+)
+
+
+def as_points(landmarks: np.ndarray, name: str = "landmarks") -> np.ndarray:
+    """Validate 5 landmarks given as ``(5, 2)`` or flat ``(10,)`` (x0, y0, .., x4, y4) -> float64 (5, 2)."""
+    pts = np.asarray(landmarks, dtype=np.float64)
+    if pts.shape == (10,):
+        pts = pts.reshape(5, 2)
+    if pts.shape != (5, 2):
+        raise ValueError(f"{name}: expected shape (5, 2) or (10,), got {np.shape(landmarks)}")
+    if not np.isfinite(pts).all():
+        raise ValueError(f"{name}: contain NaN or infinite values")
+    if np.ptp(pts, axis=0).max() == 0.0:
+        raise ValueError(f"{name}: degenerate, all five points are equal")
+    return pts
+
+
+def estimate_similarity(src_points: np.ndarray, dst_points: np.ndarray) -> np.ndarray:
+    """Least-squares similarity (rotation, uniform scale, translation) mapping ``src`` onto ``dst``.
+
+    Umeyama's closed form: SVD of the cross-covariance, with the sign of the last singular
+    direction chosen so the result is a rotation, never a reflection. Returns the (2, 3) matrix
+    ``M`` with ``dst ~= M @ [x, y, 1]``.
+    """
+    src = as_points(src_points, "src_points")
+    dst = as_points(dst_points, "dst_points")
+    src_mean, dst_mean = src.mean(axis=0), dst.mean(axis=0)
+    src_c, dst_c = src - src_mean, dst - dst_mean
+    cov = dst_c.T @ src_c / len(src)
+    u, sing, vt = np.linalg.svd(cov)
+    signs = np.ones(2)
+    if np.linalg.det(u) * np.linalg.det(vt) < 0:
+        signs[-1] = -1.0
+    rotation = u @ np.diag(signs) @ vt
+    scale = float(sing @ signs) / src_c.var(axis=0).sum()
+    matrix = np.empty((2, 3), dtype=np.float64)
+    matrix[:, :2] = scale * rotation
+    matrix[:, 2] = dst_mean - matrix[:, :2] @ src_mean
+    return matrix
+
+
+def _check_image(image_rgb: np.ndarray) -> None:
+    if not isinstance(image_rgb, np.ndarray) or image_rgb.dtype != np.uint8:
+        raise ValueError(f"image: expected a uint8 numpy array, got {getattr(image_rgb, 'dtype', type(image_rgb))}")
+    if image_rgb.ndim != 3 or image_rgb.shape[2] != 3 or min(image_rgb.shape[:2]) == 0:
+        raise ValueError(f"image: expected shape (H, W, 3), got {image_rgb.shape}")
+
+
+def align_face(image_rgb: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
+    """Warp a face so its 5 landmarks land on :data:`ARCFACE_TEMPLATE`; returns uint8 112x112x3."""
+    _check_image(image_rgb)
+    matrix = estimate_similarity(landmarks, ARCFACE_TEMPLATE)
+    return cv2.warpAffine(image_rgb, matrix, (ALIGNED_SIZE, ALIGNED_SIZE), borderValue=0.0)
+
+
+def center_crop(image_rgb: np.ndarray, size: int = ALIGNED_SIZE) -> np.ndarray:
+    """The central square of an image resized to ``size`` (used when no landmarks are known)."""
+    _check_image(image_rgb)
+    h, w = image_rgb.shape[:2]
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    square = image_rgb[top : top + side, left : left + side]
+    if side == size:
+        return np.ascontiguousarray(square)
+    interp = cv2.INTER_AREA if side > size else cv2.INTER_CUBIC
+    return cv2.resize(square, (size, size), interpolation=interp)
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """Encoded image bytes (PNG, JPEG, ...) -> uint8 RGB (H, W, 3); grey and alpha are converted."""
+    if data is None or len(data) == 0:
+        raise ValueError("empty image bytes")
+    bgr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise ValueError(f"cannot decode image ({len(data)} bytes)")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def encode_image(image_rgb: np.ndarray, image_format: str = "jpeg", jpeg_quality: int = 95) -> bytes:
+    """uint8 RGB (H, W, 3) -> JPEG or PNG bytes."""
+    _check_image(image_rgb)
+    bgr = cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR)
+    if image_format == "jpeg":
+        ok, buf = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, int(jpeg_quality)])
+    elif image_format == "png":
+        ok, buf = cv2.imencode(".png", bgr)
+    else:
+        raise ValueError(f"image_format: expected 'jpeg' or 'png', got {image_format!r}")
+    if not ok:
+        raise ValueError(f"image: {image_format} encoding failed")
+    return buf.tobytes()
+
+
+def sharpness(image_rgb: np.ndarray, scale: float = 100.0) -> float:
+    """Focus score in [0, 1): variance of the Laplacian of the grey image, squashed as v / (v + scale).
+
+    ``scale`` is the variance that scores 0.5; at 112x112, blurred faces sit well below 100 and
+    sharp ones well above, so the score separates them without being a calibrated quality model.
+    """
+    _check_image(image_rgb)
+    grey = cv2.cvtColor(image_rgb, cv2.COLOR_RGB2GRAY)
+    var = float(cv2.Laplacian(grey, cv2.CV_64F).var())
+    return var / (var + scale)
