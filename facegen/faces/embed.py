@@ -35,7 +35,7 @@ def check_crops(images: np.ndarray, name: str = "images") -> np.ndarray:
 def to_model_input(images_uint8: np.ndarray, device: torch.device) -> torch.Tensor:
     """uint8 NHWC RGB -> float NCHW in [-1, 1] on ``device`` (the arcface_torch preprocessing)."""
     x = torch.from_numpy(np.ascontiguousarray(images_uint8)).to(device)
-    x = x.permute(0, 3, 1, 2).float()
+    x = x.permute(0, 3, 1, 2).float().contiguous()  # channels-last input crashes torch 2.13 CPU kernels
     return (x / 255.0 - 0.5) / 0.5
 
 
