@@ -86,10 +86,21 @@ class BlockWriter:
         return {b: (self.received[b], self.expected[b]) for b in self.parts}
 
 
-def _pool(size: int):
+def map_with_actor_pool(ds, stage_class: type, constructor_kwargs: dict[str, Any], pool: Any):
+    """``ds.map_batches(stage_class)`` on an actor pool sized and placed by ``pool`` settings
+    (``batch_size``, ``concurrency``, ``num_gpus``, ``num_cpus``, ``resources``)."""
     from ray.data import ActorPoolStrategy
 
-    return ActorPoolStrategy(size=size)
+    return ds.map_batches(
+        stage_class,
+        fn_constructor_kwargs=constructor_kwargs,
+        batch_size=pool.batch_size,
+        batch_format="numpy",
+        compute=ActorPoolStrategy(size=pool.concurrency),
+        num_gpus=pool.num_gpus,
+        num_cpus=pool.num_cpus,
+        resources=pool.resources or None,
+    )
 
 
 def build_sample_dataset(cfg: FacegenConfig, pending: list[blk.Block]):
@@ -98,28 +109,9 @@ def build_sample_dataset(cfg: FacegenConfig, pending: list[blk.Block]):
     from facegen.generators import generator_class
     from facegen.identities.seeds import identity_dataset
 
-    gen, faces = cfg.generator, cfg.faces
     ds = identity_dataset(pending, cfg.identities.block_size)
-    ds = ds.map_batches(
-        generator_class(gen.backend),
-        fn_constructor_kwargs={"settings": gen, "seed": cfg.run.seed},
-        batch_size=gen.batch_size,
-        batch_format="numpy",
-        compute=_pool(gen.concurrency),
-        num_gpus=gen.num_gpus,
-        num_cpus=gen.num_cpus,
-        resources=gen.resources or None,
-    )
-    return ds.map_batches(
-        FaceStage,
-        fn_constructor_kwargs={"settings": faces},
-        batch_size=faces.batch_size,
-        batch_format="numpy",
-        compute=_pool(faces.concurrency),
-        num_gpus=faces.num_gpus,
-        num_cpus=faces.num_cpus,
-        resources=faces.resources or None,
-    )
+    ds = map_with_actor_pool(ds, generator_class(cfg.generator.backend), {"settings": cfg.generator, "seed": cfg.run.seed}, cfg.generator)
+    return map_with_actor_pool(ds, FaceStage, {"settings": cfg.faces}, cfg.faces)
 
 
 def run_generate(cfg: FacegenConfig, output_dir: str | None = None, progress: bool = True) -> StageReport:

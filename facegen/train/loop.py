@@ -179,6 +179,10 @@ def train_func(config: dict) -> None:
         if rank == 0 and bins:
             metrics.update(_verify(unwrap(backbone), bins, cfg, device))
         history.append(metrics)
+        if rank == 0:
+            shown = " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("val/") and not k.endswith("_std"))
+            print(f"[train {run_name}] epoch {epoch + 1}/{settings.epochs} loss {metrics['loss']:.3f} "
+                  f"acc {metrics['train_accuracy']:.3f} {metrics['throughput']:.0f} img/s {shown}", flush=True)
         if tracker is not None:
             tracker.log(metrics, step=epoch + 1)
 
