@@ -1,0 +1,84 @@
+"""`ray job submit` of a ray_jobs entrypoint against a real head node on loopback.
+
+The head runs with ``--block`` in its own process group, so the test stops exactly that cluster
+(``ray stop`` would also kill the session's local Ray).
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from facegen import blocks as blk
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_http(port: int, timeout: float) -> None:
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/api/version", timeout=2)
+            return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"dashboard on 127.0.0.1:{port} did not come up")
+
+
+@pytest.fixture
+def head_node(tmp_path):
+    bin_dir = Path(sys.executable).parent
+    gcs_port, dashboard_port = _free_port(), _free_port()
+    # the job's `python` must be this environment's interpreter, as on a cluster where facegen is installed
+    path = f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, "PATH": path, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen(
+        [str(bin_dir / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--num-cpus=2", "--include-dashboard=true",
+         "--disable-usage-stats"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        _wait_http(dashboard_port, 90)
+        yield dashboard_port, env
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_generate_job_submitted_to_a_running_cluster(head_node, tmp_path):
+    port, env = head_node
+    out = tmp_path / "run"
+    config = tmp_path / "job.yaml"
+    config.write_text(
+        f"run: {{output_dir: {out}}}\n"
+        "identities: {num_identities: 4, block_size: 2}\n"
+        "generator: {images_per_identity: 2, num_cpus: 0.25, parametric: {image_size: 64}}\n"
+        "faces: {num_cpus: 0.25}\n"
+    )
+    cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{port}",
+           "--working-dir", str(REPO), "--", "python", "ray_jobs/generate.py", "--config", str(config), "--no-progress"]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "succeeded" in result.stdout
+    assert blk.done_block_ids(str(out / "raw")) == [0, 1]
+    assert "blocks_written" in result.stdout
