@@ -88,13 +88,15 @@ def split_block_into_buckets(table: pa.Table, block_id: int, edges: np.ndarray, 
 
 
 def write_manifest(
-    records: list[dict[str, Any]], shards_dir: str, identity_ids: np.ndarray, edges: np.ndarray, config_digest: str
+    records: list[dict[str, Any]], shards_dir: str, identity_ids: np.ndarray, edges: np.ndarray, config_digest: str,
+    sources: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Write ``labels.parquet`` then ``manifest.json`` (last, so its presence marks completion).
 
     ``records`` are the shard records of every block in any order; they are listed in curriculum
     order (bucket ascending, then block id). ``identity_ids`` may repeat; labels are their sorted
-    unique values. Returns the manifest.
+    unique values. ``sources`` (source block id -> sha256) records what the set was built from, so
+    a later run can tell whether it is stale. Returns the manifest.
     """
     edges = np.asarray(edges, dtype=np.float64)
     if edges.ndim != 1 or len(edges) < 2 or not np.isfinite(edges).all() or np.any(np.diff(edges) <= 0):
@@ -112,6 +114,7 @@ def write_manifest(
         "num_buckets": int(len(edges) - 1),
         "labels_file": LABELS_FILE,
         "bucket_edges": [float(e) for e in edges],
+        "sources": dict(sources or {}),
         "shards": ordered,
     }
     storage.write_json_atomic(manifest, _join(shards_dir, MANIFEST_FILE))

@@ -26,6 +26,10 @@ def _ok_rows(table: pa.Table) -> pa.Table:
     return table.set_column(table.schema.get_field_index("difficulty"), "difficulty", difficulty)
 
 
+def _totals(manifest: dict) -> dict[str, int]:
+    return {"rows": manifest["num_rows"], "shards": len(manifest["shards"]), "identities": manifest["num_identities"]}
+
+
 def _split_block(source_dir: str, block_id: int, edges: np.ndarray, shards_dir: str) -> list[dict]:
     from facegen.shards import split_block_into_buckets
 
@@ -48,11 +52,15 @@ def run_shard(cfg: FacegenConfig, source_dir: str | None = None, shards_dir: str
     if not block_ids:
         raise FileNotFoundError(f"{source_dir}: no finished blocks to shard")
     manifest_path = f"{shards_dir.rstrip('/')}/manifest.json"
-    if storage.exists(manifest_path) and not cfg.run.overwrite:
-        manifest = storage.read_json(manifest_path)
-        return StageReport("shard", shards_dir, len(block_ids), len(block_ids), 0, 0.0,
-                           {"rows": manifest["num_rows"], "shards": len(manifest["shards"]), "identities": manifest["num_identities"]})
-    storage.remove(manifest_path)
+    sources = {str(r["block_id"]): r["sha256"] for r in blk.read_stats(source_dir)}
+    if storage.exists(manifest_path):
+        previous = storage.read_json(manifest_path)
+        if previous.get("sources") == sources and not cfg.run.overwrite:
+            return StageReport("shard", shards_dir, len(block_ids), len(block_ids), 0, 0.0, _totals(previous))
+        # the source blocks changed (or --overwrite): the old set goes, manifest first
+        storage.remove(manifest_path)
+        for shard in previous.get("shards", []):
+            storage.remove(f"{shards_dir.rstrip('/')}/{shard['path']}")
     difficulties, identity_ids = [], []
     for block_id in block_ids:
         table = _ok_rows(storage.read_table(blk.block_path(source_dir, block_id), columns=["identity_id", "difficulty", "status"]))
@@ -70,6 +78,5 @@ def run_shard(cfg: FacegenConfig, source_dir: str | None = None, shards_dir: str
             done, futures = ray.wait(futures, num_returns=1)
             records.extend(ray.get(done[0]))
             bar.update(1)
-    manifest = write_manifest(records, shards_dir, np.unique(np.concatenate(identity_ids)), edges, cfg.digest())
-    return StageReport("shard", shards_dir, len(block_ids), 0, len(block_ids), round(time.time() - started, 2),
-                       {"rows": manifest["num_rows"], "shards": len(manifest["shards"]), "identities": manifest["num_identities"]})
+    manifest = write_manifest(records, shards_dir, np.unique(np.concatenate(identity_ids)), edges, cfg.digest(), sources)
+    return StageReport("shard", shards_dir, len(block_ids), 0, len(block_ids), round(time.time() - started, 2), _totals(manifest))
