@@ -42,7 +42,7 @@ def _wait_http(port: int, timeout: float) -> None:
 @pytest.fixture
 def head_node(tmp_path):
     bin_dir = Path(sys.executable).parent
-    gcs_port, dashboard_port = _free_port(), _free_port()
+    gcs_port, dashboard_port, agent_port, client_port = (_free_port() for _ in range(4))
     # the job's `python` must be this environment's interpreter, as on a cluster where facegen is installed
     path = f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"
     env = {**os.environ, "PATH": path, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
@@ -50,6 +50,9 @@ def head_node(tmp_path):
     proc = subprocess.Popen(
         [str(bin_dir / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--num-cpus=2", "--include-dashboard=true",
+         # the session's local Ray already holds the fixed defaults (agent 52365, client 10001):
+         # without free ports here this head's job agent cannot start and submissions are refused
+         f"--dashboard-agent-listen-port={agent_port}", f"--ray-client-server-port={client_port}",
          "--disable-usage-stats"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
