@@ -15,7 +15,7 @@ import numpy as np
 from facegen import blocks as blk
 from facegen import storage
 from facegen.config import FacegenConfig
-from facegen.stages.generate import StageReport
+from facegen.stages import StageReport
 
 CLEAN_COUNTERS = [
     "identities_in", "identities_kept", "identities_dropped", "images_in", "images_error",

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -20,19 +19,7 @@ from facegen import blocks as blk
 from facegen import storage
 from facegen.config import FacegenConfig
 from facegen.schema import SAMPLE, STATUS_OK, table_from_batch
-
-
-@dataclass
-class StageReport:
-    """What a stage did: blocks planned/skipped/written and summed counters."""
-
-    stage: str
-    output_dir: str
-    blocks_total: int
-    blocks_skipped: int
-    blocks_written: int
-    seconds: float
-    totals: dict[str, int] = field(default_factory=dict)
+from facegen.stages import StageReport
 
 
 class BlockWriter:

@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 from facegen import blocks as blk
 from facegen import storage
 from facegen.config import FacegenConfig
-from facegen.stages.generate import StageReport
+from facegen.stages import StageReport
 
 
 def _ok_rows(table: pa.Table) -> pa.Table:
