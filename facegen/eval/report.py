@@ -6,7 +6,6 @@ files (raw or clean) with the SAMPLE schema.
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,6 +14,8 @@ import pyarrow.compute as pc
 
 from facegen import blocks as blk
 from facegen import storage
+from facegen.curriculum import l2_normalize
+from facegen.faces.align import decode_image
 
 
 def load_samples(stage_dir: str, columns: list[str] | None = None, max_blocks: int | None = None) -> pa.Table:
@@ -51,7 +52,7 @@ def similarity_stats(table: pa.Table, max_pairs: int = 20000, seed: int = 0) -> 
     embeddings = np.asarray(table.column("embedding").to_pylist(), np.float32)
     if embeddings.ndim != 2 or len(embeddings) < 2:
         raise ValueError("similarity_stats: needs at least two rows with embeddings")
-    embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True) + 1e-12
+    embeddings = l2_normalize(embeddings)
     ids = table.column("identity_id").to_numpy()
     rng = np.random.default_rng(seed)
     a, b = rng.integers(0, len(ids), (2, max_pairs * 4))
@@ -85,12 +86,6 @@ def plot_similarity_histograms(stats: SimilarityStats, title: str = "cosine simi
     return fig
 
 
-def _decode(image_bytes: bytes) -> np.ndarray:
-    from PIL import Image
-
-    return np.asarray(Image.open(io.BytesIO(image_bytes)).convert("RGB"))
-
-
 def plot_identity_grid(table: pa.Table, identities: int = 8, per_identity: int = 8, seed: int = 0):
     """One row per identity (random ``identities``), ``per_identity`` images each; augmented images
     are framed in orange and samples whose ground truth is another identity in red."""
@@ -115,7 +110,7 @@ def plot_identity_grid(table: pa.Table, identities: int = 8, per_identity: int =
                 ax.axis("off")
                 continue
             row = int(rows[c])
-            ax.imshow(_decode(table.column("image")[row].as_py()))
+            ax.imshow(decode_image(table.column("image")[row].as_py()))
             colour = None
             if has_truth and table.column("true_identity_id")[row].as_py() not in (None, -1, int(ident)):
                 colour = "red"

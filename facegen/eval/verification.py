@@ -24,7 +24,8 @@ from sklearn.model_selection import KFold
 from torch import nn
 
 from facegen.faces.align import decode_image, encode_image
-from facegen.faces.embed import Embedder, embed_with_model, l2_normalise
+from facegen.curriculum import l2_normalize
+from facegen.faces.embed import Embedder, embed_with_model
 from facegen.schema import ALIGNED_SIZE
 from facegen.storage import read_bytes, write_bytes_atomic
 
@@ -164,7 +165,7 @@ def evaluate_full(embeddings: np.ndarray, issame: Any, nrof_folds: int = 10) -> 
         raise ValueError(f"embeddings: expected shape [{2 * len(issame)}, d] for {len(issame)} pairs, got {emb.shape}")
     if not 2 <= nrof_folds <= len(issame):
         raise ValueError(f"nrof_folds: must be in [2, {len(issame)}] (the number of pairs), got {nrof_folds}")
-    emb = l2_normalise(emb)
+    emb = l2_normalize(emb)
     dist = np.sum(np.square(emb[0::2] - emb[1::2]), axis=1)
     accuracy = np.zeros(nrof_folds)
     best = np.zeros(nrof_folds)

@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from facegen.curriculum import l2_normalize
+
 from facegen.schema import ALIGNED_SIZE
 from facegen.train.checkpoint import load_backbone
 
@@ -37,14 +39,6 @@ def to_model_input(images_uint8: np.ndarray, device: torch.device) -> torch.Tens
     x = torch.from_numpy(np.ascontiguousarray(images_uint8)).to(device)
     x = x.permute(0, 3, 1, 2).float().contiguous()  # channels-last input crashes torch 2.13 CPU kernels
     return (x / 255.0 - 0.5) / 0.5
-
-
-def l2_normalise(x: np.ndarray) -> np.ndarray:
-    """Rows divided by their L2 norm; all-zero rows stay zero (as ``sklearn.preprocessing.normalize``)."""
-    x = np.asarray(x, dtype=np.float64)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    norms[norms == 0.0] = 1.0
-    return x / norms
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -83,7 +77,7 @@ def embed_with_model(
         if dim is None:
             dim = int(model(torch.zeros(1, 3, ALIGNED_SIZE, ALIGNED_SIZE, device=device)).shape[1])
         return np.zeros((0, int(dim)), np.float32)
-    return l2_normalise(np.concatenate(chunks)).astype(np.float32)
+    return l2_normalize(np.concatenate(chunks)).astype(np.float32)
 
 
 class Embedder:
