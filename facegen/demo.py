@@ -10,9 +10,7 @@
 from __future__ import annotations
 
 import numpy as np
-import pyarrow.compute as pc
 
-from facegen import blocks as blk
 from facegen import storage
 from facegen.config import FacegenConfig
 
@@ -78,6 +76,7 @@ def heldout_pairs(identity_ids: np.ndarray, num_pairs: int, seed: int) -> tuple[
 
 def write_heldout_bin(cfg: FacegenConfig, progress: bool = True) -> str:
     """Render unseen identities, align them, and write ``<output>/heldout/heldout.bin``."""
+    from facegen.eval.report import load_samples
     from facegen.eval.verification import write_bin
     from facegen.stages.generate import run_generate
 
@@ -86,13 +85,8 @@ def write_heldout_bin(cfg: FacegenConfig, progress: bool = True) -> str:
     if storage.exists(path):
         return path
     run_generate(side, progress=progress)
-    tables = [storage.read_table(blk.block_path(side.stage_dir("raw"), b), columns=["identity_id", "image", "status"])
-              for b in blk.done_block_ids(side.stage_dir("raw"))]
-    images, ids = [], []
-    for table in tables:
-        table = table.filter(pc.equal(table.column("status"), "ok"))
-        images.extend(table.column("image").to_pylist())
-        ids.append(table.column("identity_id").to_numpy())
-    pairs, issame = heldout_pairs(np.concatenate(ids), cfg.demo.heldout_pairs, cfg.run.seed)
+    table = load_samples(side.stage_dir("raw"), columns=["identity_id", "image"])
+    images = table.column("image").to_pylist()
+    pairs, issame = heldout_pairs(table.column("identity_id").to_numpy(), cfg.demo.heldout_pairs, cfg.run.seed)
     write_bin(path, [images[i] for pair in pairs for i in pair], issame)
     return path

@@ -48,11 +48,12 @@ def run_shard(cfg: FacegenConfig, source_dir: str | None = None, shards_dir: str
     source_dir = source_dir or cfg.stage_dir("clean")
     shards_dir = shards_dir or cfg.stage_dir("shards")
     started = time.time()
-    block_ids = blk.done_block_ids(source_dir)
-    if not block_ids:
+    source_stats = blk.read_stats(source_dir)
+    if not source_stats:
         raise FileNotFoundError(f"{source_dir}: no finished blocks to shard")
+    block_ids = [int(r["block_id"]) for r in source_stats]
     manifest_path = f"{shards_dir.rstrip('/')}/manifest.json"
-    sources = {str(r["block_id"]): r["sha256"] for r in blk.read_stats(source_dir)}
+    sources = {str(r["block_id"]): r["sha256"] for r in source_stats}
     if storage.exists(manifest_path):
         previous = storage.read_json(manifest_path)
         if previous.get("sources") == sources and not cfg.run.overwrite:
