@@ -7,6 +7,10 @@ STAMP := $(VENV)/.facegen-installed
 TORCH_SPEC ?= torch==2.13.0
 DEMO_CONFIG ?= configs/local.yaml
 PYTEST_ARGS ?=
+# Every local Ray started from here stays on 127.0.0.1 (Ray 2.60 otherwise moves a local node to the
+# machine's other address); facegen.ray_utils.init_ray sets it too. A cluster run is not affected.
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER = 0
+export RAY_USAGE_STATS_ENABLED = 0
 
 .PHONY: install demo test bench clean-demo
 
@@ -20,10 +24,10 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 demo: install
-	RAY_USAGE_STATS_ENABLED=0 $(VENV)/bin/facegen pipeline --config $(DEMO_CONFIG)
+	$(VENV)/bin/facegen pipeline --config $(DEMO_CONFIG)
 
 test: install
-	RAY_USAGE_STATS_ENABLED=0 $(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: install
 	$(PY) bench/run_all.py

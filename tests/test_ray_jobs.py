@@ -39,13 +39,15 @@ def _wait_http(port: int, timeout: float) -> None:
     raise TimeoutError(f"dashboard on 127.0.0.1:{port} did not come up")
 
 
-@pytest.fixture
-def head_node(tmp_path):
+@pytest.fixture(scope="module")
+def head_node():
     bin_dir = Path(sys.executable).parent
     gcs_port, dashboard_port, agent_port, client_port = (_free_port() for _ in range(4))
     # the job's `python` must be this environment's interpreter, as on a cluster where facegen is installed
     path = f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"
-    env = {**os.environ, "PATH": path, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 keeps this head, its GCS and its jobs on 127.0.0.1
+    env = {**os.environ, "PATH": path, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen(
         [str(bin_dir / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
@@ -58,7 +60,7 @@ def head_node(tmp_path):
     )
     try:
         _wait_http(dashboard_port, 90)
-        yield dashboard_port, env
+        yield dashboard_port, env, proc.pid
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -69,7 +71,7 @@ def head_node(tmp_path):
 
 
 def test_generate_job_submitted_to_a_running_cluster(head_node, tmp_path):
-    port, env = head_node
+    port, env, _ = head_node
     out = tmp_path / "run"
     config = tmp_path / "job.yaml"
     config.write_text(
@@ -92,3 +94,21 @@ def test_generate_job_submitted_to_a_running_cluster(head_node, tmp_path):
     assert "succeeded" in result.stdout
     assert blk.done_block_ids(str(out / "raw")) == [0, 1]
     assert "blocks_written" in result.stdout
+
+
+def test_head_node_listens_and_reports_only_loopback(head_node):
+    import psutil
+    from ray.util.state import list_nodes
+    from test_ray_loopback import is_loopback
+
+    port, _, pid = head_node
+    nodes = list_nodes(address=f"http://127.0.0.1:{port}")
+    assert nodes and all(is_loopback(n.node_ip) for n in nodes), nodes
+    listening = set()
+    for proc in [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]:
+        try:
+            listening.update(c.laddr.ip for c in proc.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    # the GCS, raylet, dashboard and job agent: none on 0.0.0.0 / "::" or the machine's other address
+    assert listening and all(is_loopback(ip) for ip in listening), listening
