@@ -49,8 +49,8 @@ def bench_embed(quick: bool, device: str) -> list[tuple[str, float, str]]:
     import tempfile
 
     from facegen.faces.embed import Embedder
-    from facegen.train.checkpoint import save_backbone
-    from facegen.train.iresnet import build_backbone
+    from facegen.models.iresnet_checkpoint import save_backbone
+    from facegen.models.iresnet import build_backbone
 
     n = 32 if quick else 128
     images = np.random.default_rng(0).integers(0, 255, (n, 112, 112, 3), dtype=np.uint8)
@@ -72,7 +72,7 @@ def bench_train_step(quick: bool, device: str) -> list[tuple[str, float, str]]:
 
     from facegen.config import TrainSettings
     from facegen.train.heads import build_head
-    from facegen.train.iresnet import build_backbone
+    from facegen.models.iresnet import build_backbone
 
     batch = 16 if quick else 64
     rows = []

@@ -13,8 +13,8 @@ from facegen.faces.align import ARCFACE_TEMPLATE, align_face, center_crop, decod
 from facegen.faces.embed import Embedder
 from facegen.faces.stage import FaceStage
 from facegen.schema import GENERATED, SAMPLE, error_row, rows_to_batch, table_from_batch
-from facegen.train.checkpoint import save_backbone
-from facegen.train.iresnet import build_backbone
+from facegen.models.iresnet_checkpoint import save_backbone
+from facegen.models.iresnet import build_backbone
 
 OK, CENTRE, CORRUPT, UPSTREAM, HALF_NAN, DEGENERATE, OK2 = range(7)
 

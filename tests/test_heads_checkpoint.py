@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from facegen.config import TrainSettings
-from facegen.train.checkpoint import load_backbone, load_training_state, save_backbone, save_training_state
+from facegen.models.iresnet_checkpoint import load_backbone, save_backbone
+from facegen.train.checkpoint import load_training_state, save_training_state
 from facegen.train.heads import ArcFace, CosFace, MarginClassifier, build_head
-from facegen.train.iresnet import build_backbone
+from facegen.models.iresnet import build_backbone
 
 
 # --- margins --------------------------------------------------------------------------------

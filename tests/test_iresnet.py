@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from facegen.train.iresnet import ARCH_DEPTHS, IResNet, build_backbone, iresnet18, iresnet50
+from facegen.models.iresnet import ARCH_DEPTHS, IResNet, build_backbone, iresnet18, iresnet50
 
 # Keys and shapes of insightface arcface_torch's iresnet50 state dict (width 64, 512-d).
 INSIGHTFACE_R50_KEYS = {

@@ -220,7 +220,7 @@ def _write_pairs_bin(path, uid_label_rng_seed: int = 5) -> None:
 @pytest.mark.slow
 def test_train_resume_and_export(tmp_path, ray_local):
     from facegen.tracking import read_offline_run
-    from facegen.train.checkpoint import load_backbone
+    from facegen.models.iresnet_checkpoint import load_backbone
     from facegen.train.loop import train
 
     shards = tmp_path / "shards"

@@ -20,8 +20,8 @@ from facegen.eval.verification import (
 )
 from facegen.faces.align import encode_image
 from facegen.faces.embed import Embedder
-from facegen.train.checkpoint import save_backbone
-from facegen.train.iresnet import build_backbone
+from facegen.models.iresnet_checkpoint import save_backbone
+from facegen.models.iresnet import build_backbone
 
 
 class _RunsShell:

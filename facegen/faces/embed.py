@@ -14,7 +14,7 @@ from torch import nn
 from facegen.curriculum import l2_normalize
 
 from facegen.schema import ALIGNED_SIZE
-from facegen.train.checkpoint import load_backbone
+from facegen.models.iresnet_checkpoint import load_backbone
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:

@@ -1,18 +1,13 @@
-"""Backbone and training-state checkpoints in safe formats only.
+"""Training-state checkpoints (resume) in safe formats only.
 
-A backbone directory (what every other stage loads, like a diffusers folder)::
-
-    backbone.safetensors   the IResNet state dict
-    backbone.json          {"arch", "width", "embedding_size", "format_version"}
-
-The JSON is written last, so a directory without it is incomplete. ``load_backbone`` also takes a
-public insightface ``.pth`` state dict (``arch=`` required) read with ``torch.load(weights_only=True)``.
-
-A training-state directory (resume)::
+A training-state directory::
 
     head.safetensors       the margin head's state dict
     optimizer.pt           optimizer state (tensors + plain containers; weights_only loadable)
     state.json             {"epoch", "extra", "format_version"}
+
+Backbone folders (``backbone.safetensors`` + ``backbone.json``) live in
+:mod:`facegen.models.iresnet_checkpoint`, shared with every stage that embeds faces.
 """
 
 from __future__ import annotations
@@ -21,106 +16,20 @@ import io
 import json
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 from torch import nn
 
-from facegen.storage import exists, read_bytes, read_json, write_bytes_atomic, write_json_atomic
-from facegen.train.iresnet import ARCH_DEPTHS, IResNet, build_backbone
+from facegen.models.iresnet_checkpoint import (
+    FORMAT_VERSION,
+    load_safetensors_file,
+    load_state_dict_strict,
+    read_required,
+    state_dict_bytes,
+)
+from facegen.storage import exists, read_json, write_bytes_atomic, write_json_atomic
 
-FORMAT_VERSION = 1
-BACKBONE_WEIGHTS = "backbone.safetensors"
-BACKBONE_META = "backbone.json"
 HEAD_WEIGHTS = "head.safetensors"
 OPTIMIZER_STATE = "optimizer.pt"
 TRAIN_STATE = "state.json"
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside a DistributedDataParallel / DataParallel wrapper (or the model itself)."""
-    return getattr(model, "module", model)
-
-
-def _state_bytes(model: nn.Module) -> bytes:
-    state = {k: v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}
-    return st_save(state)
-
-
-def _read(path: str, what: str) -> bytes:
-    if not exists(path):
-        raise FileNotFoundError(f"{path}: {what} not found")
-    return read_bytes(path)
-
-
-def _load_safetensors(path: str, what: str) -> dict[str, torch.Tensor]:
-    data = _read(path, what)
-    try:
-        return st_load(data)
-    except (SafetensorError, ValueError, RuntimeError) as exc:
-        raise ValueError(f"{path}: corrupt {what} ({exc})") from None
-
-
-def _load_state_dict(model: nn.Module, state: dict[str, torch.Tensor], path: str) -> None:
-    try:
-        unwrap(model).load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()
-        raise ValueError(f"{path}: weights do not match the model ({' '.join(first[:2])[:300]})") from None
-
-
-def save_backbone(directory: str, model: nn.Module, arch: str, width: int, embedding_size: int) -> str:
-    """Write ``backbone.safetensors`` then ``backbone.json`` into ``directory``; returns it."""
-    if arch not in ARCH_DEPTHS:
-        raise ValueError(f"save_backbone: unknown arch {arch!r}")
-    directory = str(directory).rstrip("/")
-    write_bytes_atomic(_state_bytes(model), f"{directory}/{BACKBONE_WEIGHTS}")
-    meta = {"arch": arch, "width": int(width), "embedding_size": int(embedding_size), "format_version": FORMAT_VERSION}
-    write_json_atomic(meta, f"{directory}/{BACKBONE_META}")
-    return directory
-
-
-def _strip_prefix(state: dict[str, torch.Tensor], prefix: str = "module.") -> dict[str, torch.Tensor]:
-    if state and all(k.startswith(prefix) for k in state):
-        return {k[len(prefix):]: v for k, v in state.items()}
-    return state
-
-
-def _load_pth(path: str, arch: str | None) -> IResNet:
-    if arch is None:
-        raise ValueError(f"{path}: an insightface .pth state dict needs arch= (one of {sorted(ARCH_DEPTHS)})")
-    data = _read(path, "insightface checkpoint")
-    try:
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle / zip errors vary by torch version; all mean "unreadable"
-        raise ValueError(f"{path}: not a readable weights-only torch checkpoint ({type(exc).__name__}: {exc})"[:400]) from None
-    if not isinstance(state, dict) or "conv1.weight" not in _strip_prefix(state):
-        raise ValueError(f"{path}: not an IResNet state dict (no conv1.weight)")
-    state = _strip_prefix(state)
-    # Width and embedding size are read off the weights, so any insightface variant loads by arch alone.
-    model = build_backbone(arch, width=int(state["conv1.weight"].shape[0]), embedding_size=int(state["fc.weight"].shape[0]))
-    _load_state_dict(model, state, path)
-    return model
-
-
-def load_backbone(path: str, device: str | torch.device = "cpu", arch: str | None = None) -> IResNet:
-    """Load a backbone in eval mode from a facegen directory or an insightface ``.pth`` file."""
-    path = str(path).rstrip("/")
-    if path.endswith((".pth", ".pt")):
-        model = _load_pth(path, arch)
-    else:
-        meta_path = f"{path}/{BACKBONE_META}"
-        if not exists(meta_path):
-            raise FileNotFoundError(f"{path}: not a backbone directory ({BACKBONE_META} not found)")
-        meta = read_json(meta_path)
-        try:
-            model = build_backbone(meta["arch"], width=int(meta["width"]), embedding_size=int(meta["embedding_size"]))
-        except (KeyError, TypeError) as exc:
-            raise ValueError(f"{meta_path}: missing or bad field {exc}") from None
-        if arch is not None and arch != meta["arch"]:
-            raise ValueError(f"{meta_path}: arch is {meta['arch']!r}, expected {arch!r}")
-        _load_state_dict(model, _load_safetensors(f"{path}/{BACKBONE_WEIGHTS}", "backbone weights"), f"{path}/{BACKBONE_WEIGHTS}")
-    return model.to(device).eval()
 
 
 def save_training_state(
@@ -133,7 +42,7 @@ def save_training_state(
         json.dumps(state)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"save_training_state: extra must be JSON-serialisable ({exc})") from None
-    write_bytes_atomic(_state_bytes(head), f"{directory}/{HEAD_WEIGHTS}")
+    write_bytes_atomic(state_dict_bytes(head), f"{directory}/{HEAD_WEIGHTS}")
     buf = io.BytesIO()
     torch.save(optimizer.state_dict(), buf)
     write_bytes_atomic(buf.getvalue(), f"{directory}/{OPTIMIZER_STATE}")
@@ -151,10 +60,10 @@ def load_training_state(directory: str, head: nn.Module, optimizer: torch.optim.
     if not isinstance(state, dict) or "epoch" not in state:
         raise ValueError(f"{state_path}: missing field 'epoch'")
     head_path = f"{directory}/{HEAD_WEIGHTS}"
-    _load_state_dict(head, _load_safetensors(head_path, "head weights"), head_path)
+    load_state_dict_strict(head, load_safetensors_file(head_path, "head weights"), head_path)
     if optimizer is not None:
         opt_path = f"{directory}/{OPTIMIZER_STATE}"
-        data = _read(opt_path, "optimizer state")
+        data = read_required(opt_path, "optimizer state")
         try:
             opt_state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
             optimizer.load_state_dict(opt_state)

@@ -24,10 +24,11 @@ import torch.distributed as dist
 
 from facegen.config import FacegenConfig, TrainSettings
 from facegen.storage import exists, read_json, write_json_atomic
-from facegen.train.checkpoint import load_backbone, load_training_state, save_backbone, save_training_state, unwrap
+from facegen.models.iresnet_checkpoint import load_backbone, save_backbone, unwrap
+from facegen.train.checkpoint import load_training_state, save_training_state
 from facegen.train.data import CurriculumReader, prefetch
 from facegen.train.heads import build_head
-from facegen.train.iresnet import build_backbone
+from facegen.models.iresnet import build_backbone
 
 logger = logging.getLogger(__name__)
 
