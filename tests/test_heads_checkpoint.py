@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from facegen.config import TrainSettings
 from facegen.models.iresnet_checkpoint import load_backbone, save_backbone
 from facegen.train.checkpoint import load_training_state, save_training_state
-from facegen.train.heads import ArcFace, CosFace, MarginClassifier, build_head
+from facegen.train.heads import ArcFace, CombinedMargin, CosFace, MarginClassifier, build_head
 from facegen.models.iresnet import build_backbone
 
 
@@ -171,3 +171,29 @@ def test_training_state_roundtrip(tmp_path):
         save_training_state(str(tmp_path / "bad"), head, opt, epoch=1, extra={"x": object()})
     with pytest.raises(FileNotFoundError, match="nothing-here"):
         load_training_state(str(tmp_path / "nothing-here"), fresh, fresh_opt)
+
+
+def test_margins_leave_rows_without_a_local_target_alone():
+    cosine = torch.tensor([[0.8, 0.1, -0.3], [0.2, 0.5, 0.0]])
+    labels = torch.tensor([-1, 1])  # row 0's class centre lives on another worker (Partial FC)
+    for margin in (ArcFace(s=10.0, m=0.5), CosFace(s=10.0, m=0.3), CombinedMargin(s=10.0, m1=1.0, m2=0.2, m3=0.1)):
+        out = margin(cosine, labels)
+        torch.testing.assert_close(out[0], 10 * cosine[0])
+        assert out[1, 1].item() < 10 * 0.5
+    assert torch.equal(ArcFace(s=2.0)(cosine, torch.tensor([-1, -1])), 2 * cosine)
+
+
+def test_combined_margin_reduces_to_arcface_and_cosface():
+    cosine = torch.tensor([[0.9, -0.2, 0.3], [0.1, 0.6, -0.4], [-0.5, 0.2, 0.35]])
+    labels = torch.tensor([0, 1, 2])
+    torch.testing.assert_close(CombinedMargin(s=64.0, m1=1.0, m2=0.5, m3=0.0)(cosine, labels), ArcFace(s=64.0, m=0.5)(cosine, labels))
+    torch.testing.assert_close(CombinedMargin(s=64.0, m1=1.0, m2=0.0, m3=0.35)(cosine, labels), CosFace(s=64.0, m=0.35)(cosine, labels))
+    sphere = CombinedMargin(s=1.0, m1=2.0, m2=0.0, m3=0.0)(cosine, labels)
+    assert sphere[0, 0].item() == pytest.approx(math.cos(2 * math.acos(0.9)), rel=1e-5)
+    with pytest.raises(ValueError, match="m1"):
+        CombinedMargin(m1=0.5)
+
+
+def test_build_combined_head_from_settings():
+    head = build_head(TrainSettings(head="combined", combined_margins=(1.0, 0.3, 0.2), scale=32.0, embedding_size=16), num_classes=4)
+    assert isinstance(head.margin, CombinedMargin) and (head.margin.m2, head.margin.m3, head.margin.s) == (0.3, 0.2, 32.0)

@@ -75,9 +75,11 @@ class IResNet(nn.Module):
         num_features: int = 512,
         dropout: float = 0.0,
         fp16: bool = False,
+        amp_dtype: torch.dtype = torch.float16,
     ):
         super().__init__()
         self.fp16 = fp16
+        self.amp_dtype = amp_dtype  # the autocast dtype when fp16 is on (bfloat16 on GPUs that have it)
         self.num_features = num_features
         self.inplanes = width
         self.conv1 = nn.Conv2d(3, width, kernel_size=3, stride=1, padding=1, bias=False)
@@ -112,7 +114,7 @@ class IResNet(nn.Module):
         return nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device_type=x.device.type, enabled=self.fp16):
+        with torch.autocast(device_type=x.device.type, dtype=self.amp_dtype, enabled=self.fp16):
             x = self.conv1(x)
             x = self.bn1(x)
             x = self.prelu(x)

@@ -1,30 +1,49 @@
-"""Margin-based softmax heads: ArcFace, CosFace and the classifier that applies them.
+"""Margin-based softmax heads: ArcFace, CosFace, the combined margin, and a full-softmax classifier.
 
 As in insightface ``arcface_torch/losses.py`` a margin is a tiny module mapping cosine logits
 ``cos(theta_j)`` (between normalised embeddings and normalised class centres) plus labels to scaled
-logits for cross-entropy. ``MarginClassifier`` owns the class-centre matrix; a Partial FC classifier
-can later replace it behind the same ``forward(embeddings, labels) -> loss`` call.
+logits for cross-entropy. A label of ``-1`` marks a row whose class centre is not among the
+columns (Partial FC: the centre lives on another worker); such rows are only scaled.
+
+``MarginClassifier`` is the single-process full softmax over every class, the reference that
+:class:`facegen.train.partial_fc.PartialFC` (what training uses) equals at sample rate 1.0.
 """
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from facegen.config import TrainSettings
+if TYPE_CHECKING:  # settings are duck-typed so that GPU benchmarks run without pydantic
+    from facegen.config import TrainSettings
 
-_COS_EPS = 1e-7  # keeps sqrt(1 - cos^2) differentiable at cos = +-1
-
-
-def _with_target(logits: torch.Tensor, labels: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """``logits`` with the label column of each row replaced by ``target`` (out of place)."""
-    return logits.scatter(1, labels.view(-1, 1), target.view(-1, 1).to(logits.dtype))
+_COS_EPS = 1e-7  # keeps sqrt(1 - cos^2) and acos differentiable at cos = +-1
 
 
-class ArcFace(nn.Module):
+class Margin(nn.Module):
+    """Base: ``forward(cosine, labels)`` replaces each labelled row's target logit and scales by ``s``."""
+
+    s: float
+
+    def target(self, cos_t: torch.Tensor) -> torch.Tensor:
+        """The margin-adjusted target cosine for target cosines ``cos_t`` ``[K]``."""
+        raise NotImplementedError
+
+    def forward(self, cosine: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Cosine logits ``[B, C]`` and labels ``[B]`` (``-1`` = no target column here) -> ``[B, C]``."""
+        rows = torch.nonzero(labels >= 0, as_tuple=True)[0]
+        if rows.numel() == 0:
+            return cosine * self.s
+        cols = labels[rows]
+        new = self.target(cosine[rows, cols]).to(cosine.dtype)
+        return cosine.index_put((rows, cols), new) * self.s
+
+
+class ArcFace(Margin):
     """Additive angular margin: the target logit becomes ``s * cos(theta + m)``.
 
     Past ``theta + m > pi`` the cosine would rise again, so there (``cos(theta) <= cos(pi - m)``)
@@ -40,19 +59,16 @@ class ArcFace(nn.Module):
         self.threshold = math.cos(math.pi - m)
         self.mm = math.sin(math.pi - m) * m
 
-    def forward(self, cosine: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Cosine logits ``[B, C]`` and labels ``[B]`` -> scaled logits ``[B, C]``."""
-        cos_t = cosine.gather(1, labels.view(-1, 1)).view(-1).clamp(-1 + _COS_EPS, 1 - _COS_EPS)
+    def target(self, cos_t: torch.Tensor) -> torch.Tensor:
+        cos_t = cos_t.clamp(-1 + _COS_EPS, 1 - _COS_EPS)
         sin_t = torch.sqrt(1.0 - cos_t * cos_t)
-        cos_t_m = cos_t * self.cos_m - sin_t * self.sin_m
-        target = torch.where(cos_t > self.threshold, cos_t_m, cos_t - self.mm)
-        return _with_target(cosine, labels, target) * self.s
+        return torch.where(cos_t > self.threshold, cos_t * self.cos_m - sin_t * self.sin_m, cos_t - self.mm)
 
     def extra_repr(self) -> str:
         return f"s={self.s}, m={self.m}"
 
 
-class CosFace(nn.Module):
+class CosFace(Margin):
     """Additive cosine margin: the target logit becomes ``s * (cos(theta) - m)``."""
 
     def __init__(self, s: float = 64.0, m: float = 0.35):
@@ -60,13 +76,32 @@ class CosFace(nn.Module):
         self.s = s
         self.m = m
 
-    def forward(self, cosine: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Cosine logits ``[B, C]`` and labels ``[B]`` -> scaled logits ``[B, C]``."""
-        target = cosine.gather(1, labels.view(-1, 1)).view(-1) - self.m
-        return _with_target(cosine, labels, target) * self.s
+    def target(self, cos_t: torch.Tensor) -> torch.Tensor:
+        return cos_t - self.m
 
     def extra_repr(self) -> str:
         return f"s={self.s}, m={self.m}"
+
+
+class CombinedMargin(Margin):
+    """insightface's combined margin: the target logit becomes ``s * (cos(m1 * theta + m2) - m3)``.
+
+    ``(1, m, 0)`` is ArcFace, ``(1, 0, m)`` CosFace, ``(m1, 0, 0)`` SphereFace's multiplicative
+    margin; the angle is clamped at pi so the target never rises as theta grows.
+    """
+
+    def __init__(self, s: float = 64.0, m1: float = 1.0, m2: float = 0.5, m3: float = 0.0):
+        super().__init__()
+        if m1 < 1.0 or m2 < 0.0 or m3 < 0.0:
+            raise ValueError(f"CombinedMargin: need m1 >= 1, m2 >= 0, m3 >= 0 (got {m1}, {m2}, {m3})")
+        self.s, self.m1, self.m2, self.m3 = s, m1, m2, m3
+
+    def target(self, cos_t: torch.Tensor) -> torch.Tensor:
+        theta = torch.acos(cos_t.clamp(-1 + _COS_EPS, 1 - _COS_EPS))
+        return torch.cos((self.m1 * theta + self.m2).clamp(max=math.pi)) - self.m3
+
+    def extra_repr(self) -> str:
+        return f"s={self.s}, m1={self.m1}, m2={self.m2}, m3={self.m3}"
 
 
 class MarginClassifier(nn.Module):
@@ -89,7 +124,7 @@ class MarginClassifier(nn.Module):
 
     def cosine(self, embeddings: torch.Tensor) -> torch.Tensor:
         """``cos(theta)`` between each embedding and each class centre, ``[B, num_classes]``."""
-        return F.linear(F.normalize(embeddings.float()), F.normalize(self.weight.float()))
+        return F.linear(F.normalize(embeddings.float()), F.normalize(self.weight.float())).clamp(-1, 1)
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy of the margin logits."""
@@ -108,12 +143,18 @@ class MarginClassifier(nn.Module):
         return (self.last_logits.argmax(dim=1) == labels).sum()
 
 
-def build_head(settings: TrainSettings, num_classes: int) -> MarginClassifier:
-    """The classifier of ``settings.head`` (arcface | cosface) with ``settings.scale/margin``."""
+def build_margin(settings: "TrainSettings") -> Margin:
+    """The margin of ``settings.head`` (arcface | cosface | combined) with ``settings.scale/margin``."""
     if settings.head == "arcface":
-        margin: nn.Module = ArcFace(s=settings.scale, m=settings.margin)
-    elif settings.head == "cosface":
-        margin = CosFace(s=settings.scale, m=settings.margin)
-    else:
-        raise ValueError(f"train.head: unknown margin head {settings.head!r}")
-    return MarginClassifier(settings.embedding_size, num_classes, margin)
+        return ArcFace(s=settings.scale, m=settings.margin)
+    if settings.head == "cosface":
+        return CosFace(s=settings.scale, m=settings.margin)
+    if settings.head == "combined":
+        m1, m2, m3 = settings.combined_margins
+        return CombinedMargin(s=settings.scale, m1=m1, m2=m2, m3=m3)
+    raise ValueError(f"train.head: unknown margin head {settings.head!r}")
+
+
+def build_head(settings: "TrainSettings", num_classes: int) -> MarginClassifier:
+    """The single-process full-softmax classifier of ``settings`` (reference and small runs)."""
+    return MarginClassifier(settings.embedding_size, num_classes, build_margin(settings))

@@ -99,12 +99,12 @@ def train_func(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    use_amp = settings.fp16 and device.type == "cuda"
+    use_amp = settings.amp != "off" and device.type == "cuda"
     torch.manual_seed(cfg.run.seed)
 
     reader = CurriculumReader(
-        config["shards_dir"], rank, world_size, settings.batch_size, cfg.run.seed,
-        mode=settings.curriculum, total_epochs=settings.epochs, decode_threads=settings.dataloader_workers,
+        config["shards_dir"], rank, world_size, settings.batch_size // world_size, cfg.run.seed,
+        mode=settings.curriculum, total_epochs=settings.epochs, decode_threads=settings.data.decode_threads,
     )
     backbone = build_backbone(settings.arch, settings.width, settings.embedding_size, fp16=use_amp)
     head = build_head(settings, reader.num_classes)
@@ -244,7 +244,7 @@ def train(cfg: FacegenConfig, shards_dir: str, eval_bins: list[str] | None = Non
         return finished
 
     # Fail here, not inside a worker, when an epoch would have no full batch on some rank.
-    probe = CurriculumReader(shards_dir, 0, settings.num_workers, settings.batch_size, cfg.run.seed,
+    probe = CurriculumReader(shards_dir, 0, settings.num_workers, settings.batch_size // settings.num_workers, cfg.run.seed,
                              mode=settings.curriculum, total_epochs=settings.epochs)
     for epoch in range(settings.epochs):
         if probe.steps_per_epoch(epoch) == 0:
