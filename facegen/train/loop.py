@@ -103,8 +103,8 @@ def train_func(config: dict) -> None:
     torch.manual_seed(cfg.run.seed)
 
     reader = CurriculumReader(
-        config["shards_dir"], rank, world_size, settings.batch_size // world_size, cfg.run.seed,
-        mode=settings.curriculum, total_epochs=settings.epochs, decode_threads=settings.data.decode_threads,
+        config["shards_dir"], rank, world_size, settings.batch_size, cfg.run.seed,
+        mode=settings.curriculum, total_epochs=settings.epochs, data=settings.data, augment=settings.augment,
     )
     backbone = build_backbone(settings.arch, settings.width, settings.embedding_size, fp16=use_amp)
     head = build_head(settings, reader.num_classes)
@@ -138,7 +138,8 @@ def train_func(config: dict) -> None:
         seen = 0
         started = time.perf_counter()
         skipped_before = reader.skipped
-        for step, (images, labels) in enumerate(prefetch(reader.batches(epoch), depth=2)):
+        for step, batch in enumerate(prefetch(reader.batches(epoch), depth=2)):
+            images, labels = batch.images, batch.labels
             lr = lr_at(settings, epoch + step / max(steps, 1))
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -244,8 +245,8 @@ def train(cfg: FacegenConfig, shards_dir: str, eval_bins: list[str] | None = Non
         return finished
 
     # Fail here, not inside a worker, when an epoch would have no full batch on some rank.
-    probe = CurriculumReader(shards_dir, 0, settings.num_workers, settings.batch_size // settings.num_workers, cfg.run.seed,
-                             mode=settings.curriculum, total_epochs=settings.epochs)
+    probe = CurriculumReader(shards_dir, 0, settings.num_workers, settings.batch_size, cfg.run.seed,
+                             mode=settings.curriculum, total_epochs=settings.epochs, data=settings.data)
     for epoch in range(settings.epochs):
         if probe.steps_per_epoch(epoch) == 0:
             raise ValueError(f"{shards_dir}: epoch {epoch + 1} has no full batch of train.batch_size="
