@@ -240,6 +240,7 @@ class TrainSettings(_Section):
     run_name: str | None = Field(default=None, description="defaults to run.name; same name resumes")
     max_failures: int = Field(default=0, ge=-1, description="worker-group restarts from the latest checkpoint (-1 = unlimited)")
     checkpoint_every_steps: int = Field(default=0, ge=0, description="also checkpoint every N steps (0 = per epoch only)")
+    max_steps: int = Field(default=0, ge=0, description="stop (with a checkpoint) after this many steps; 0 = all epochs")
     checkpoints_to_keep: int = Field(default=2, ge=1)
     eval_every_steps: int = Field(default=0, ge=0, description="validate every N steps (0 = after each epoch)")
     partial_fc: PartialFCSettings = PartialFCSettings()

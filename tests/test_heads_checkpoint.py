@@ -1,4 +1,4 @@
-"""Margin heads (ArcFace, CosFace, classifier) and safe checkpoints of backbones and training state."""
+"""Margin heads (ArcFace, CosFace, combined, classifier) and safe backbone checkpoints."""
 
 import json
 import math
@@ -11,7 +11,6 @@ import torch.nn.functional as F
 
 from facegen.config import TrainSettings
 from facegen.models.iresnet_checkpoint import load_backbone, save_backbone
-from facegen.train.checkpoint import load_training_state, save_training_state
 from facegen.train.heads import ArcFace, CombinedMargin, CosFace, MarginClassifier, build_head
 from facegen.models.iresnet import build_backbone
 
@@ -144,33 +143,7 @@ def test_missing_and_corrupt_backbone_name_the_path(tmp_path):
         load_backbone(directory)
 
 
-# --- training state ---------------------------------------------------------------------------
-
-
-def test_training_state_roundtrip(tmp_path):
-    torch.manual_seed(2)
-    head = MarginClassifier(8, 4, ArcFace())
-    opt = torch.optim.SGD(head.parameters(), lr=0.1, momentum=0.9)
-    for _ in range(2):
-        loss = head(torch.randn(6, 8), torch.randint(0, 4, (6,)))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    save_training_state(str(tmp_path / "state"), head, opt, epoch=3, extra={"history": [{"loss": 1.5}]})
-    assert sorted(os.listdir(tmp_path / "state")) == ["head.safetensors", "optimizer.pt", "state.json"]
-
-    fresh = MarginClassifier(8, 4, ArcFace())
-    fresh_opt = torch.optim.SGD(fresh.parameters(), lr=0.1, momentum=0.9)
-    epoch, extra = load_training_state(str(tmp_path / "state"), fresh, fresh_opt)
-    assert epoch == 3 and extra == {"history": [{"loss": 1.5}]}
-    torch.testing.assert_close(fresh.weight, head.weight)
-    momentum = opt.state_dict()["state"][0]["momentum_buffer"]
-    torch.testing.assert_close(fresh_opt.state_dict()["state"][0]["momentum_buffer"], momentum)
-
-    with pytest.raises(ValueError, match="JSON"):
-        save_training_state(str(tmp_path / "bad"), head, opt, epoch=1, extra={"x": object()})
-    with pytest.raises(FileNotFoundError, match="nothing-here"):
-        load_training_state(str(tmp_path / "nothing-here"), fresh, fresh_opt)
+# --- margins with Partial FC labels --------------------------------------------------------
 
 
 def test_margins_leave_rows_without_a_local_target_alone():

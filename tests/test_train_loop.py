@@ -1,32 +1,39 @@
-"""The Ray Train loop end to end (train, resume) and the learning-rate schedule."""
+"""Ray Train end to end: 2 CPU workers, a worker killed mid-run, FailureConfig restart from the latest
+step checkpoint, validation, W&B, the finished-run shortcut and the shard-set guard."""
 
+import json
 import os
+import signal
+import socket
+import threading
+import time
 
 import numpy as np
+import psutil
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
 
-from facegen.config import TrainSettings, config_from_dict
-from facegen.train.loop import lr_at
+from facegen.config import config_from_dict
+from facegen.train.checkpoint import read_state
+from facegen.train.fit import LocalSession, fit
+from facegen.train.loop import check_run_against_shards, train
 from train_shards import class_image, make_shard_set
 
 NUM_CLASSES = 6
+SETTINGS = {"arch": "iresnet18", "width": 8, "embedding_size": 32, "batch_size": 8, "epochs": 2, "lr": 0.05,
+            "lr_steps": [1], "scale": 16.0, "margin": 0.2, "amp": "off", "num_workers": 2,
+            "cpus_per_worker": 0.5, "data": {"streams": 2, "decode_threads": 1}, "checkpoint_every_steps": 2,
+            "max_failures": 1, "checkpoints_to_keep": 3}
 
 
-def test_lr_schedule_steps_and_warmup():
-    s = TrainSettings(lr=0.1, lr_steps=[12, 20, 24], epochs=26)
-    assert [round(lr_at(s, e), 6) for e in (0, 11.9, 12, 20, 25)] == [0.1, 0.1, 0.01, 0.001, 0.0001]
-    w = TrainSettings(lr=0.1, lr_steps=[3], warmup_epochs=2, epochs=4)
-    assert lr_at(w, 0.0) < lr_at(w, 1.0) < lr_at(w, 1.99) <= 0.1 and lr_at(w, 2.0) == pytest.approx(0.1)
-
-
-# --- Ray Train end to end ----------------------------------------------------------------------
-
-
-def _write_pairs_bin(path, uid_label_rng_seed: int = 5) -> None:
+def write_pairs_bin(path, seed: int = 5) -> None:
+    """20 pairs of the shard set's classes (half genuine), as an insightface .bin."""
     from facegen.eval.verification import write_bin
 
-    rng = np.random.default_rng(uid_label_rng_seed)
+    rng = np.random.default_rng(seed)
     images, issame = [], []
     for k in range(20):
         a = int(rng.integers(NUM_CLASSES))
@@ -36,49 +43,112 @@ def _write_pairs_bin(path, uid_label_rng_seed: int = 5) -> None:
     write_bin(str(path), np.stack(images), issame)
 
 
+def _cfg(tmp_path, **train):
+    return config_from_dict({"run": {"name": "tiny-train", "output_dir": str(tmp_path / "out"), "seed": 0},
+                             "train": {**SETTINGS, **train}, "eval": {"batch_size": 16, "nrof_folds": 5},
+                             "tracking": {"mode": "offline"}})
+
+
+def _my_train_workers() -> list[psutil.Process]:
+    """Ray Train worker processes started by this test process (its descendants only)."""
+    found = []
+    for proc in psutil.Process(os.getpid()).children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(proc.cmdline()):
+                found.append(proc)
+        except psutil.Error:
+            pass
+    return found
+
+
+def _registered_checkpoint(run_dir: str) -> str | None:
+    """The latest checkpoint Ray Train has registered for the run (what a restart resumes from)."""
+    try:
+        with open(f"{run_dir}/checkpoint_manager_snapshot.json") as f:
+            latest = json.load(f).get("latest_checkpoint_result") or {}
+    except (OSError, ValueError):
+        return None
+    return latest.get("checkpoint_dir_name")
+
+
+def _params(checkpoint_dir: str) -> dict[str, torch.Tensor]:
+    out = {f"backbone.{k}": v for k, v in load_file(f"{checkpoint_dir}/backbone/backbone.safetensors").items()}
+    state = read_state(checkpoint_dir)
+    out["head"] = torch.cat([load_file(f"{checkpoint_dir}/{s['file']}")["weight"] for s in state["head_shards"]])
+    return {k: v for k, v in out.items() if "running" not in k and "num_batches" not in k}
+
+
+def _local_worker(rank: int, port: int, tmp: str, shards: str) -> None:
+    from pathlib import Path
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.set_num_threads(1)  # as Ray sets OMP_NUM_THREADS for a worker with 0.5 CPU
+    try:
+        fit(LocalSession(f"{tmp}/local"), _cfg(Path(tmp), max_failures=0), shards, [], "local")
+    finally:
+        dist.destroy_process_group()
+
+
 @pytest.mark.slow
-def test_train_resume_and_export(tmp_path, ray_local):
+def test_killed_worker_resumes_and_matches_an_uninterrupted_run(tmp_path, ray_local):
     from facegen.tracking import read_offline_run
-    from facegen.models.iresnet_checkpoint import load_backbone
-    from facegen.train.loop import train
 
     shards = tmp_path / "shards"
-    make_shard_set(shards, per_class=8)
+    make_shard_set(shards, per_class=8)  # 48 rows: 6 global batches of 8 per epoch
     bin_path = tmp_path / "pairs.bin"
-    _write_pairs_bin(bin_path)
-    settings = {
-        "run": {"name": "tiny-train", "output_dir": str(tmp_path / "out"), "seed": 0},
-        "train": {"arch": "iresnet18", "width": 8, "embedding_size": 64, "batch_size": 8, "epochs": 2,
-                  "lr": 0.05, "lr_steps": [10], "num_workers": 1, "cpus_per_worker": 0.5, "curriculum": "ordered"},
-        "eval": {"batch_size": 16, "nrof_folds": 5},
-        "tracking": {"mode": "offline"},
-    }
-    cfg = config_from_dict(settings)
-    result = train(cfg, str(shards), eval_bins=[str(bin_path)])
-
+    write_pairs_bin(bin_path)
+    cfg = _cfg(tmp_path)
     run_dir = os.path.abspath(str(tmp_path / "out" / "train" / "tiny-train"))
-    assert result.run_dir == run_dir and result.epochs_completed == 2 and result.resumed_from_epoch == 0
+
+    outcome: dict = {}
+    worker = threading.Thread(target=lambda: outcome.update(result=train(cfg, str(shards), eval_bins=[str(bin_path)])))
+    worker.start()
+    killed = None
+    deadline = time.time() + 300
+    while killed is None and worker.is_alive() and time.time() < deadline:
+        if _registered_checkpoint(run_dir) and _my_train_workers():
+            killed = _my_train_workers()[-1]
+            os.kill(killed.pid, signal.SIGKILL)
+        time.sleep(0.05)
+    worker.join(timeout=600)
+    assert killed is not None, "training ended before a worker could be killed"
+    result = outcome["result"]
+
+    assert result.epochs_completed == 2 and result.global_step == 12
+    assert len(result.resumes) == 1 and 2 <= result.resumes[0]["global_step"] < 12  # restarted from a step checkpoint
+    assert result.resumes[0]["world_size"] == result.resumes[0]["from_world_size"] == 2
     assert [h["epoch"] for h in result.history] == [1, 2]
     for row in result.history:
-        assert np.isfinite(row["loss"]) and row["throughput"] > 0 and 0 <= row["train_accuracy"] <= 1
-        assert 0.0 <= row["val/pairs"] <= 1.0 and row["lr"] == pytest.approx(0.05) and row["skipped_rows"] == 0
-    assert result.history[0]["images"] == 48  # a 2-epoch run uses every bucket from the first epoch
-    for name in ("backbone/backbone.safetensors", "epoch-0002/backbone/backbone.json", "epoch-0002/state/state.json",
-                 "epoch-0002/state/optimizer.pt", "result.json"):
-        assert os.path.exists(os.path.join(run_dir, name)), name
-    model = load_backbone(result.backbone_dir)
-    assert model(torch.zeros(1, 3, 112, 112)).shape == (1, 64)
-
-    # Same run name, one more epoch: continues after epoch 2, runs only epoch 3.
-    cfg3 = config_from_dict({**settings, "train": {**settings["train"], "epochs": 3}})
-    resumed = train(cfg3, str(shards), eval_bins=[str(bin_path)])
-    assert resumed.resumed_from_epoch == 2 and resumed.epochs_completed == 3
-    assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
-    assert resumed.history[:2] == result.history
+        assert np.isfinite(row["loss"]) and row["throughput"] > 0 and row["skipped_rows"] == 0
+        assert {"val/pairs", "val/pairs_std", "val/mean", "val/best_mean"} <= set(row)
+    final = f"{run_dir}/step-000000012"
+    state = read_state(final)
+    assert state["best"]["val/mean"] == max(h["val/mean"] for h in result.history) == result.best["val/mean"]
+    assert state["validation"]["val/pairs"] == result.history[-1]["val/pairs"]
+    assert len(state["head_shards"]) == 2 and os.path.exists(f"{final}/head/shard-00001.safetensors")
+    assert os.path.exists(f"{run_dir}/backbone/backbone.safetensors")
     tracked = read_offline_run(str(tmp_path / "out" / "wandb"))
-    assert [row["epoch"] for row in tracked.history] == [1, 2, 3]  # one W&B run across both calls
-    assert tracked.config["train"]["arch"] == "iresnet18"
+    assert [row["epoch"] for row in tracked.history if "epoch" in row][-2:] == [1, 2]
 
-    # Everything done: returns the recorded result without starting Ray Train.
-    again = train(cfg3, str(shards), eval_bins=[str(bin_path)])
-    assert again.epochs_completed == 3 and again.history == resumed.history
+    # The same training by two plain-PyTorch workers (gloo), uninterrupted: the same parameters.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_local_worker, args=(port, str(tmp_path), str(shards)), nprocs=2, join=True)
+    got, want = _params(final), _params(str(tmp_path / "local" / "step-000000012"))
+    for key, value in want.items():
+        torch.testing.assert_close(got[key], value, rtol=1e-6, atol=1e-7, msg=key)
+
+    # Done: returns the recorded result without starting Ray Train.
+    again = train(cfg, str(shards), eval_bins=[str(bin_path)])
+    assert again.global_step == 12 and again.history == result.history
+
+    # Another shard set under the same run name is refused in one line, before any work.
+    other = tmp_path / "other"
+    make_shard_set(other, per_class=9)
+    with pytest.raises(ValueError, match="another shard set.*run.overwrite") as err:
+        train(cfg, str(other), eval_bins=[])
+    assert "\n" not in str(err.value)
+    # run.overwrite starts afresh: the old run goes.
+    assert check_run_against_shards(run_dir, "0" * 16, overwrite=True) is None and not os.path.exists(run_dir)

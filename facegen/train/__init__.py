@@ -1,10 +1,7 @@
-"""Face-recognition training: margin heads, training-state checkpoints, curriculum data, Ray Train loop.
+"""Face-recognition training: Partial FC margin heads, curriculum data, checkpoints, the loop, export.
 
-Backbones and their checkpoint formats live in :mod:`facegen.models`. ``facegen.train.loop``
-(Ray Train) is imported on demand so that importing this package never imports Ray.
+Modules: ``heads`` (margins, full softmax), ``partial_fc`` (sharded centres), ``data`` and
+``augment`` (batches), ``checkpoint``, ``validation``, ``fit`` (one worker's loop, no Ray),
+``loop`` (Ray Train), ``export`` (ONNX, arcface_torch). Nothing is imported here, so that
+``facegen.train.partial_fc`` loads with torch alone (GPU benchmarks) and nothing imports Ray.
 """
-
-from facegen.train.checkpoint import load_training_state, save_training_state
-from facegen.train.heads import ArcFace, CosFace, MarginClassifier, build_head
-
-__all__ = ["ArcFace", "CosFace", "MarginClassifier", "build_head", "load_training_state", "save_training_state"]
