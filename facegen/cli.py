@@ -123,6 +123,22 @@ def eval_(
 
 @app.command()
 @_one_line_errors
+def export(
+    checkpoint: str = typer.Option(..., "--checkpoint", help="backbone directory, training checkpoint (step-*) or run directory"),
+    fmt: str = typer.Option("onnx", "--format", help="onnx (insightface model zoo) or arcface_torch (.pth state dict)"),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="file to write (default: next to the backbone)"),
+) -> None:
+    """Export a trained backbone as ONNX (insightface) or an arcface_torch state dict."""
+    from facegen.train.export import export_backbone
+
+    result = export_backbone(checkpoint, fmt, output)
+    _print_pairs("facegen export", [("file", result.path), ("format", result.format), ("arch", result.arch),
+                                    ("embedding size", str(result.embedding_size)),
+                                    ("max |export - torch|", f"{result.max_abs_diff:.2e}")])
+
+
+@app.command()
+@_one_line_errors
 def pipeline(config: Optional[str] = ConfigOption, set_: Optional[list[str]] = SetOption, progress: bool = ProgressOption) -> None:
     """Run generate -> clean -> shard -> train -> eval; prints one summary table."""
     from facegen.pipeline import run_pipeline, summary_rows

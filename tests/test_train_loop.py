@@ -20,27 +20,12 @@ from facegen.config import config_from_dict
 from facegen.train.checkpoint import read_state
 from facegen.train.fit import LocalSession, fit
 from facegen.train.loop import check_run_against_shards, train
-from train_shards import class_image, make_shard_set
+from train_shards import make_shard_set, write_pairs_bin
 
-NUM_CLASSES = 6
 SETTINGS = {"arch": "iresnet18", "width": 8, "embedding_size": 32, "batch_size": 8, "epochs": 2, "lr": 0.05,
             "lr_steps": [1], "scale": 16.0, "margin": 0.2, "amp": "off", "num_workers": 2,
             "cpus_per_worker": 0.5, "data": {"streams": 2, "decode_threads": 1}, "checkpoint_every_steps": 2,
             "max_failures": 1, "checkpoints_to_keep": 3}
-
-
-def write_pairs_bin(path, seed: int = 5) -> None:
-    """20 pairs of the shard set's classes (half genuine), as an insightface .bin."""
-    from facegen.eval.verification import write_bin
-
-    rng = np.random.default_rng(seed)
-    images, issame = [], []
-    for k in range(20):
-        a = int(rng.integers(NUM_CLASSES))
-        b = a if k % 2 == 0 else int((a + 1 + rng.integers(NUM_CLASSES - 1)) % NUM_CLASSES)
-        images += [class_image(a, 0, False, rng), class_image(b, 0, False, rng)]
-        issame.append(a == b)
-    write_bin(str(path), np.stack(images), issame)
 
 
 def _cfg(tmp_path, **train):

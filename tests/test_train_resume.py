@@ -20,7 +20,7 @@ from facegen.train.checkpoint import load_checkpoint, read_state, save_checkpoin
 from facegen.train.fit import LocalSession, build_optimizer, fit, lr_at, resolve_amp
 from facegen.train.heads import ArcFace
 from facegen.train.partial_fc import PartialFC, init_centres
-from train_shards import make_shard_set
+from train_shards import make_shard_set, write_pairs_bin
 
 
 def _cfg(tmp_path, **train):
@@ -162,3 +162,20 @@ def _continue_on_one_worker(tmp_path, shards) -> None:
     distance = torch.sqrt(sum(((got[k] - want[k]) ** 2).sum() for k in keys))
     moved = torch.sqrt(sum(((want[k] - start[k]) ** 2).sum() for k in keys))
     assert float(moved) > 1.0 and float(distance) <= 1e-3 * float(moved)  # measured here: 3e-5
+
+
+def test_validation_every_n_steps_keeps_the_best(tmp_path, shards):
+    write_pairs_bin(tmp_path / "a.bin")
+    write_pairs_bin(tmp_path / "b.bin", seed=6)
+    session = LocalSession(str(tmp_path / "v"))
+    fit(session, _cfg(tmp_path, epochs=1, eval_every_steps=2, checkpoint_every_steps=4),
+        shards, [str(tmp_path / "a.bin"), str(tmp_path / "b.bin")], "v")
+    validated = [r for r in session.reports if "val/mean" in r]
+    assert [r["step"] for r in validated] == [2, 4, 6]
+    for row in validated:
+        assert row["val/mean"] == pytest.approx((row["val/a"] + row["val/b"]) / 2)
+        assert "val/a_std" in row and row["val/best_mean"] == max(r["val/mean"] for r in validated if r["step"] <= row["step"])
+    state = read_state(f"{tmp_path}/v/step-000000006")
+    assert state["best"]["val/mean"] == max(r["val/mean"] for r in validated)
+    assert state["best"]["step"] in (2, 4, 6) and state["validation"]["val/mean"] == validated[-1]["val/mean"]
+    assert read_state(f"{tmp_path}/v/step-000000004")["validation"]["val/mean"] == validated[1]["val/mean"]

@@ -67,3 +67,17 @@ def read_markers(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     high = (pixels[:, 0, 2, :].mean(dim=1) / 2).round().long()
     hard = (pixels[:, 0, 0, :].mean(dim=1) > 127).numpy()
     return (low + 128 * high).numpy(), hard
+
+
+def write_pairs_bin(path, num_classes: int = 6, pairs: int = 20, seed: int = 5) -> None:
+    """Pairs of the shard set's classes (half genuine), as an insightface .bin."""
+    from facegen.eval.verification import write_bin
+
+    rng = np.random.default_rng(seed)
+    images, issame = [], []
+    for k in range(pairs):
+        a = int(rng.integers(num_classes))
+        b = a if k % 2 == 0 else int((a + 1 + rng.integers(num_classes - 1)) % num_classes)
+        images += [class_image(a, 0, False, rng), class_image(b, 0, False, rng)]
+        issame.append(a == b)
+    write_bin(str(path), np.stack(images), issame)
