@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from facegen.faces.align import encode_image
-from facegen.schema import SAMPLE, rows_to_batch, table_from_batch
+from facegen.schema import rows_to_batch, sample_schema, table_from_batch
 from facegen.shards import split_block_into_buckets, write_manifest
 
 FIRST_ID = 1000
@@ -53,7 +53,8 @@ def make_shard_set(root, per_class: int = 7, blocks: int = 2, ids_per_block: int
                 })
                 uid_label[uid] = label
                 uid += 1
-        table = table_from_batch(rows_to_batch(rows, SAMPLE), SAMPLE)
+        schema = sample_schema()
+        table = table_from_batch(rows_to_batch(rows, schema), schema)
         records += split_block_into_buckets(table, block, edges, str(root))
     ids = FIRST_ID + ID_STRIDE * np.arange(blocks * ids_per_block)
     write_manifest(records, str(root), ids, edges, "test")

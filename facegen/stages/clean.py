@@ -33,18 +33,17 @@ class BlockCleaner:
         self.cfg = FacegenConfig.model_validate_json(cfg_json)
         self.raw_dir, self.clean_dir = raw_dir, clean_dir
         self.embed_fn = None
-        checkpoint = self.cfg.faces.embedder.checkpoint
-        if checkpoint:
-            from facegen.faces.embed import Embedder
+        if self.cfg.faces.embedder.enabled:
+            from facegen.faces.embed import build_embedder
 
-            embedder = Embedder(checkpoint, device=self.cfg.faces.embedder.device, batch_size=self.cfg.faces.embedder.batch_size)
-            self.embed_fn = embedder.embed
+            self.embed_fn = build_embedder(self.cfg.faces.embedder).embed
 
     def clean_one(self, block_id: int) -> dict[str, Any]:
         from facegen.clean.block import clean_block
 
         table = storage.read_table(blk.block_path(self.raw_dir, block_id))
         cleaned, stats = clean_block(table, self.cfg.clean, self.cfg.run.seed, self.embed_fn, jpeg_quality=self.cfg.faces.jpeg_quality)
+        stats["embedder"] = storage.read_json(blk.stats_path(self.raw_dir, block_id)).get("embedder")
         return blk.commit_block(self.clean_dir, block_id, cleaned, stats)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
