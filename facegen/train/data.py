@@ -3,10 +3,10 @@
 The rows of an epoch's shards (its curriculum stage) are read by ``data.streams`` independent
 streams, a number fixed by the settings and not by the worker count:
 
-- the epoch's rows, listed shard after shard, are cut into near-equal pieces (at most
-  ``chunk_rows`` rows, at least 4 per stream) dealt round-robin to the streams; a stream reads
-  only the shards under its pieces, and worker ``r`` of ``w`` serves streams ``r, r + w, ...``, so
-  no worker reads the whole set;
+- the epoch's rows, listed shard after shard, are cut into pieces of at most ``chunk_rows`` rows
+  (every stream gets the same number of rows, +-1) dealt round-robin to the streams; a stream
+  reads only the shards under its pieces (a shard cut by a piece boundary is read twice), and
+  worker ``r`` of ``w`` serves streams ``r, r + w, ...``, so no worker reads the whole set;
 - each stream shuffles its rows in windows of ``shuffle_rows`` (its shuffle buffer, drawing from
   every shard under those rows); a global batch takes ``batch_size / streams`` rows from every
   stream, so it mixes rows (and identities) of many shards;
@@ -49,7 +49,6 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _COLUMNS = ["image", "identity_id", "status"]
-MIN_PIECES_PER_STREAM = 4
 
 
 def buckets_in_use(epoch: int, total_epochs: int, num_buckets: int) -> int:
@@ -264,7 +263,7 @@ class CurriculumReader:
             counts = np.asarray([int(self.shards[i]["rows"]) for i in order], np.int64)
             total = int(counts.sum())
             streams = self.data.streams
-            pieces_per_stream = max(MIN_PIECES_PER_STREAM, math.ceil(total / (streams * self.data.chunk_rows)))
+            pieces_per_stream = max(1, math.ceil(total / (streams * self.data.chunk_rows)))
             # Stream v gets exactly its share of the rows, in pieces_per_stream near-equal pieces; pieces
             # are laid out round by round (stream 0, 1, .., V-1, then again), so streams advance together.
             share = total // streams + (np.arange(streams) < total % streams)

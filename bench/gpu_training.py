@@ -1,0 +1,148 @@
+"""GPU training benchmark, plain PyTorch (no Ray, no pydantic): the figures issue 12 asks for.
+
+    python bench/gpu_training.py --device cuda            # about 2-4 minutes on one H100
+    python bench/gpu_training.py --device cuda --compile  # adds torch.compile'd backbones
+    python bench/gpu_training.py --device cpu --quick     # a smoke run of the same code
+
+1. IResNet-50 (width 64, 512-d) training images/s at batch 128 and 256: a full step of the training
+   loop (``facegen.train.fit.train_step``'s work: forward under autocast, Partial FC ArcFace loss over
+   10k classes, backward with loss scaling when fp16, clipping, two SGD steps), synthetic inputs
+   already on the GPU, channels-last; AMP bf16 where the GPU has it, else fp16.
+2. Partial FC at 1M classes on one GPU: the same step with 1,000,000 class centres (512-d) at
+   sample rate 1.0 and 0.1, batch 128: step time and peak GPU memory.
+
+Imports only torch and facegen modules that need nothing else (models.iresnet, train.partial_fc,
+train.heads).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from facegen.models.iresnet import build_backbone  # noqa: E402
+from facegen.train.heads import ArcFace  # noqa: E402
+from facegen.train.partial_fc import PartialFC  # noqa: E402
+
+
+def amp_dtype(device: torch.device) -> torch.dtype | None:
+    """bf16 on GPUs that have it, else fp16; None on CPU (no autocast)."""
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(device: torch.device, arch: str, width: int, batch: int, classes: int, sample_rate: float,
+            warmup: int, steps: int, channels_last: bool, compile_backbone: bool = False) -> dict:
+    """Images/s, ms/step and peak memory of full training steps on synthetic data."""
+    dtype = amp_dtype(device)
+    torch.manual_seed(0)
+    model = build_backbone(arch, width=width, embedding_size=512, fp16=dtype is not None)
+    model.amp_dtype = dtype or torch.float16
+    model = model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer_params = [p for p in model.parameters() if p.requires_grad]
+    if compile_backbone:
+        model = torch.compile(model)
+    head = PartialFC(ArcFace(s=64.0, m=0.5), 512, classes, sample_rate=sample_rate, amp_dtype=dtype).to(device)
+    optimizers = [torch.optim.SGD(optimizer_params, lr=0.1, momentum=0.9, weight_decay=5e-4),
+                  torch.optim.SGD([head.weight], lr=0.1, momentum=0.9, weight_decay=5e-4)]
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    x = torch.randn(batch, 3, 112, 112, device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, classes, (batch,), device=device)
+
+    def step(i: int) -> None:
+        loss = head(model(x), y, i)
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            for opt in optimizers:
+                scaler.unscale_(opt)
+        else:
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        for opt in optimizers:
+            scaler.step(opt) if scaler is not None else opt.step()
+        if scaler is not None:
+            scaler.update()
+
+    for i in range(warmup):
+        step(i)
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    for i in range(steps):
+        step(warmup + i)
+    sync(device)
+    seconds = time.perf_counter() - started
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    del model, head, optimizers, x, y
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {"img_s": steps * batch / seconds, "ms_per_step": 1000 * seconds / steps, "peak_gib": peak,
+            "dtype": str(dtype).replace("torch.", "") if dtype else "fp32"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke run on CPU)")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--no-channels-last", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile'd backbones (adds 1-3 min of compiling)")
+    args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: torch sees no CUDA device")
+    if args.compile and args.device != "cuda":
+        sys.exit("--compile: for --device cuda only (the CPU inductor build here crashes)")
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        name = torch.cuda.get_device_name(0)
+    else:
+        name = f"CPU x{os.cpu_count()}"
+    channels_last = device.type == "cuda" and not args.no_channels_last
+    print(f"device {name}, torch {torch.__version__}, AMP {amp_dtype(device) or 'off'}, channels_last {channels_last}", flush=True)
+    arch, width, batches, million = ("iresnet18", 8, (8, 16), 20_000) if args.quick else ("iresnet50", 64, (128, 256), 1_000_000)
+    steps, warmup = (3, 1) if args.quick else (args.steps, 10)
+
+    rows = []
+    for batch in batches:
+        r = measure(device, arch, width, batch, 10_000, 1.0, warmup, steps, channels_last)
+        rows.append((f"{arch} w{width}, batch {batch}, Partial FC 10k classes", r))
+        print(f"{rows[-1][0]}: {r['img_s']:.0f} img/s, {r['ms_per_step']:.1f} ms/step, peak {r['peak_gib']:.2f} GiB ({r['dtype']})", flush=True)
+    if args.compile:
+        for batch in batches:
+            r = measure(device, arch, width, batch, 10_000, 1.0, warmup, steps, channels_last, compile_backbone=True)
+            rows.append((f"{arch} w{width}, batch {batch}, Partial FC 10k classes, torch.compile", r))
+            print(f"{rows[-1][0]}: {r['img_s']:.0f} img/s, {r['ms_per_step']:.1f} ms/step, peak {r['peak_gib']:.2f} GiB", flush=True)
+    for rate in (1.0, 0.1):
+        r = measure(device, arch, width, batches[0], million, rate, warmup, steps, channels_last)
+        rows.append((f"{arch} w{width}, batch {batches[0]}, Partial FC {million:,} classes, sample rate {rate}", r))
+        print(f"{rows[-1][0]}: {r['img_s']:.0f} img/s, {r['ms_per_step']:.1f} ms/step, peak {r['peak_gib']:.2f} GiB ({r['dtype']})", flush=True)
+
+    print("\n| configuration | img/s | ms/step | peak GiB |\n|---|---:|---:|---:|")
+    for label, r in rows:
+        print(f"| {label} | {r['img_s']:.0f} | {r['ms_per_step']:.1f} | {r['peak_gib']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

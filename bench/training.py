@@ -1,0 +1,255 @@
+"""Training benchmarks on the parametric renderer, measured side by side in one run.
+
+    python bench/training.py [--quick] [--seeds 3] [--json bench/training_results.json]
+
+1. Ray Train loop versus the plain PyTorch loop: the same ``fit`` (model, data, threads) run by a
+   1-worker ``TorchTrainer`` and by :class:`facegen.train.fit.LocalSession` in this process,
+   interleaved; epoch images/s from the loop's own clock (target ratio >= 0.95).
+2. Ingest alone (read, decode, augment; 0 / 1 / 2 decode threads, flip only and the DataCV
+   augmentations) versus the train step alone on one decoded batch: ingest must outrun the step.
+3. Identities per batch and read amplification of the stream reader on 4 simulated workers.
+4. Curriculum (ordered pacing) versus shuffled on cleaned data, and cleaned versus raw data
+   (shuffled; raw blocks have no difficulty score, so no curriculum): every condition
+   trained with several seeds (the seed moves initialisation, data order and augmentation; the
+   data set is the same), scored on held-out identities (insightface .bin protocol, 10 folds);
+   accuracy mean and spread side by side.
+
+Needs Ray (data generation through the pipeline stages, and item 1). Record the printed figures
+in bench/RESULTS.md with the machine named.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import torch  # noqa: E402
+
+from facegen.config import FacegenConfig, config_from_dict  # noqa: E402
+
+THREADS = 2  # the CPUs of this machine: the Ray worker gets cpus_per_worker = 2, the plain loop 2 threads
+
+
+def settings(root: str, quick: bool) -> FacegenConfig:
+    """The benchmark's data and model: the local demo's recipe at a size that fits 2 cores."""
+    ids, images = (24, 12) if quick else (100, 24)
+    return config_from_dict({
+        "run": {"name": "bench-train", "output_dir": root, "seed": 0},
+        "ray": {"num_cpus": 4},
+        "identities": {"num_identities": ids, "block_size": 20},
+        "generator": {"backend": "parametric", "images_per_identity": images, "batch_size": 4, "num_cpus": 0.5,
+                      "parametric": {"image_size": 128, "wrong_identity_rate": 0.1}},
+        "faces": {"batch_size": 96, "num_cpus": 0.5},
+        "clean": {"min_images": 6 if quick else 10, "target_images": images, "num_cpus": 0.5},
+        "shards": {"num_buckets": 3},
+        "train": {"arch": "iresnet18", "width": 8, "embedding_size": 128, "head": "arcface", "scale": 32.0,
+                  "margin": 0.3, "lr": 0.1, "batch_size": 64, "epochs": 2 if quick else 4, "lr_steps": [3],
+                  "num_workers": 1, "cpus_per_worker": float(THREADS), "amp": "off",
+                  "data": {"streams": 8, "decode_threads": 1}},
+        "eval": {"batch_size": 128},
+        "tracking": {"mode": "disabled"},
+        "demo": {"bootstrap_identities": 24 if quick else 80, "bootstrap_images_per_identity": 12 if quick else 16,
+                 "bootstrap_epochs": 2 if quick else 3, "heldout_identities": 30 if quick else 100,
+                 "heldout_pairs": 200 if quick else 1000},
+    })
+
+
+def prepare_data(cfg: FacegenConfig) -> dict[str, str]:
+    """Bootstrap embedder, held-out .bin, generated/cleaned blocks, clean and raw shard sets."""
+    from facegen.demo import bootstrap_embedder, write_heldout_bin
+    from facegen.stages.clean import run_clean
+    from facegen.stages.generate import run_generate
+    from facegen.stages.shard import run_shard
+
+    laps = {}
+    clock = time.perf_counter()
+    cfg.faces.embedder.kind, cfg.faces.embedder.path = "facegen", bootstrap_embedder(cfg, progress=False)
+    laps["bootstrap embedder"] = time.perf_counter() - clock
+    heldout = write_heldout_bin(cfg, progress=False)
+    gen = run_generate(cfg, progress=False)
+    clean = run_clean(cfg, progress=False)
+    run_shard(cfg, progress=False)
+    raw_shards = f"{cfg.run.output_dir}/shards-raw"
+    run_shard(cfg, source_dir=cfg.stage_dir("raw"), shards_dir=raw_shards, progress=False)
+    laps["data"] = time.perf_counter() - clock - laps["bootstrap embedder"]
+    print(f"data: {gen.totals.get('images')} generated images ({gen.totals.get('injected_wrong')} wrong-identity), "
+          f"cleaning kept {clean.totals.get('images_out')} (removed {clean.totals.get('injected_wrong_removed')} of the "
+          f"wrong ones); bootstrap {laps['bootstrap embedder']:.0f} s, data {laps['data']:.0f} s", flush=True)
+    return {"clean": cfg.stage_dir("shards"), "raw": raw_shards, "heldout": heldout}
+
+
+def ray_vs_plain(cfg: FacegenConfig, shards: str, reps: int) -> dict:
+    """Epoch images/s of the same fit() under Ray Train (1 worker) and in this process, interleaved."""
+    from facegen.train.fit import LocalSession, fit
+    from facegen.train.loop import train
+
+    run = cfg.model_copy(deep=True)
+    run.train.epochs, run.train.curriculum = 1, "shuffled"
+    out: dict[str, list[float]] = {"ray": [], "plain": []}
+    for rep in range(reps):
+        with tempfile.TemporaryDirectory() as tmp:
+            torch.set_num_threads(THREADS)
+            history = fit(LocalSession(f"{tmp}/plain"), run, shards, [], f"plain-{rep}")
+            out["plain"].append(history[-1]["throughput"])
+            ray_cfg = run.model_copy(deep=True)
+            ray_cfg.run.output_dir, ray_cfg.train.run_name = f"{tmp}/ray", f"ray-{rep}"
+            out["ray"].append(train(ray_cfg, shards, eval_bins=[]).history[-1]["throughput"])
+        print(f"  rep {rep}: plain {out['plain'][-1]:.1f} img/s, Ray Train {out['ray'][-1]:.1f} img/s", flush=True)
+    ray_rate, plain_rate = statistics.median(out["ray"]), statistics.median(out["plain"])
+    return {"ray_img_s": out["ray"], "plain_img_s": out["plain"], "ratio": ray_rate / plain_rate}
+
+
+def ingest_vs_step(cfg: FacegenConfig, shards: str, quick: bool) -> dict:
+    """Reader images/s (decode + augment, by threads) against the train step alone on one batch."""
+    from facegen.config import TrainAugmentSettings
+    from facegen.models.iresnet import build_backbone
+    from facegen.train.data import CurriculumReader
+    from facegen.train.fit import build_optimizer, train_step
+    from facegen.train.heads import build_margin
+    from facegen.train.partial_fc import PartialFC
+
+    s = cfg.train
+    recipe = TrainAugmentSettings(hflip_p=0.5, crop_p=0.2, low_res_p=0.2, photometric_p=0.2, erase_p=0.1)
+    out: dict = {"ingest_img_s": {}}
+    for augment_name, augment in (("flip", s.augment), ("datacv", recipe)):
+        for threads in (0, 1, 2):
+            data = s.data.model_copy(update={"decode_threads": threads})
+            reader = CurriculumReader(shards, batch_size=s.batch_size, seed=0, mode="shuffled", data=data, augment=augment)
+            started, images = time.perf_counter(), 0
+            for batch in reader.batches(0):
+                images += len(batch.labels)
+            out["ingest_img_s"][f"{augment_name}, {threads} decode threads"] = images / (time.perf_counter() - started)
+    torch.set_num_threads(THREADS)
+    torch.manual_seed(0)
+    model = build_backbone(s.arch, s.width, s.embedding_size)
+    head = PartialFC(build_margin(s), s.embedding_size, reader.num_classes)
+    optimizers = [build_optimizer(s, list(model.parameters())), build_optimizer(s, [head.weight])]
+    batch = next(iter(reader.batches(0)))
+    steps = 3 if quick else 10
+    train_step(model, head, optimizers, None, batch.images, batch.labels, 0, 5.0)  # warm-up
+    started = time.perf_counter()
+    for step in range(steps):
+        train_step(model, head, optimizers, None, batch.images, batch.labels, step, 5.0)
+    out["step_img_s"] = steps * len(batch.labels) / (time.perf_counter() - started)
+    return out
+
+
+def mixing_and_amplification(cfg: FacegenConfig, shards: str) -> dict:
+    """Distinct identities per 64-row batch, and rows read per row used by 4 workers."""
+    from facegen.train.data import CurriculumReader
+
+    s = cfg.train
+    one = CurriculumReader(shards, batch_size=s.batch_size, seed=0, mode="shuffled", data=s.data)
+    per_batch = [len(set(b.labels.tolist())) for b in one.batches(0)]
+    shard_ids = [len(np.unique(one.shard(i)[1][one.shard(i)[1] >= 0])) for i in range(len(one.shards))]
+    readers = [CurriculumReader(shards, rank=r, world_size=4, batch_size=s.batch_size, seed=0, mode="shuffled", data=s.data)
+               for r in range(4)]
+    for reader in readers:
+        for _ in reader.batches(0):
+            pass
+    read = sum(r.stats.rows_read for r in readers)
+    used = sum(r.stats.rows_used for r in readers)
+    total = sum(int(x["rows"]) for x in one.shards)
+    return {"identities_per_batch_mean": float(np.mean(per_batch)), "identities_per_batch_min": int(min(per_batch)),
+            "batch": s.batch_size, "identities_per_shard_max": int(max(shard_ids)), "classes": one.num_classes,
+            "rows_read_4_workers": read, "rows_used_4_workers": used, "rows_in_set": total,
+            "read_per_row_in_set": read / total}
+
+
+def conditions(cfg: FacegenConfig, data: dict[str, str], seeds: int) -> dict:
+    """Held-out accuracy of ordered/clean, shuffled/clean and shuffled/raw training, ``seeds`` runs each."""
+    from facegen.eval.verification import verify_bin
+    from facegen.models.iresnet_checkpoint import load_backbone
+    from facegen.train.fit import LocalSession, fit
+
+    torch.set_num_threads(THREADS)
+    # Raw blocks carry no difficulty score (cleaning computes it), so the raw set has one bucket and
+    # trains unpaced: cleaning is compared on shuffled runs, the curriculum on cleaned data.
+    plan = [("ordered", "clean"), ("shuffled", "clean"), ("shuffled", "raw")]
+    out: dict = {}
+    for seed in range(seeds):  # seed-major, so a cut-short run still has every condition
+        for curriculum, source in plan:
+            run = cfg.model_copy(deep=True)
+            run.run.seed, run.train.curriculum = seed, curriculum
+            started = time.perf_counter()
+            with tempfile.TemporaryDirectory() as tmp:
+                history = fit(LocalSession(tmp), run, data[source], [], f"{curriculum}-{source}-{seed}")
+                session = LocalSession(tmp)
+                with session.latest_checkpoint() as ckpt:
+                    model = load_backbone(f"{ckpt}/backbone")
+            result = verify_bin(model, data["heldout"], cfg.eval.batch_size, cfg.eval.nrof_folds)
+            key = f"{curriculum} / {source}"
+            row = {"seed": seed, "accuracy": result.accuracy_mean, "fold_std": result.accuracy_std,
+                   "images_seen": sum(h["images"] for h in history), "seconds": time.perf_counter() - started}
+            out.setdefault(key, []).append(row)
+            print(f"  {key:<18} seed {seed}: held-out accuracy {100 * result.accuracy_mean:.2f}% "
+                  f"({row['images_seen']} images, {row['seconds']:.0f} s)", flush=True)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run)")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=2, help="Ray / plain repetitions")
+    parser.add_argument("--json", default=None, help="also write the figures here")
+    parser.add_argument("--workdir", default=None, help="keep data here (default: a temporary folder)")
+    args = parser.parse_args()
+    from facegen.ray_utils import init_ray
+
+    where = f"{platform.processor() or platform.machine()} x{os.cpu_count()}"
+    print(f"training benchmarks on {where}, torch {torch.__version__}", flush=True)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = settings(args.workdir or tmp, args.quick)
+        init_ray(cfg.ray)
+        data = prepare_data(cfg)
+        figures: dict = {"machine": where, "torch": torch.__version__}
+        print("1. Ray Train loop vs plain PyTorch loop (iresnet18 w8, batch 64, same data, 2 threads)", flush=True)
+        figures["ray_vs_plain"] = ray_vs_plain(cfg, data["clean"], 1 if args.quick else args.reps)
+        print("2. ingest alone vs train step alone", flush=True)
+        figures["ingest"] = ingest_vs_step(cfg, data["clean"], args.quick)
+        figures["mixing"] = mixing_and_amplification(cfg, data["clean"])
+        print(f"4. curriculum x cleaning, {args.seeds} seeds, {cfg.train.epochs} epochs each", flush=True)
+        figures["conditions"] = conditions(cfg, data, 1 if args.quick else args.seeds)
+    figures["seconds"] = time.perf_counter() - started
+
+    rv = figures["ray_vs_plain"]
+    print("\n== results ==")
+    print(f"Ray Train / plain loop: {rv['ratio']:.3f}  (Ray {rv['ray_img_s']}, plain {rv['plain_img_s']} img/s)")
+    step = figures["ingest"]["step_img_s"]
+    print(f"train step alone: {step:.1f} img/s")
+    for name, rate in figures["ingest"]["ingest_img_s"].items():
+        print(f"ingest alone, {name}: {rate:.1f} img/s  ({rate / step:.1f}x the step)")
+    m = figures["mixing"]
+    print(f"identities per batch of {m['batch']}: mean {m['identities_per_batch_mean']:.1f}, min "
+          f"{m['identities_per_batch_min']} (a shard holds at most {m['identities_per_shard_max']}); rows read by 4 "
+          f"workers per row of the set: {m['read_per_row_in_set']:.2f}")
+    print(f"{'condition':<18} {'held-out accuracy % (mean +- sd over seeds)':<44} runs")
+    for key, rows in figures["conditions"].items():
+        accs = [100 * r["accuracy"] for r in rows]
+        sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        print(f"{key:<18} {statistics.mean(accs):6.2f} +- {sd:4.2f}  (min {min(accs):.2f}, max {max(accs):.2f})"
+              f"{'':<8} {len(accs)}")
+    print(f"total {figures['seconds']:.0f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(figures, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
