@@ -116,9 +116,10 @@ def test_mid_epoch_resume_reaches_the_uninterrupted_parameters(tmp_path, shards)
 
 
 # A resumed run differs from an uninterrupted one only by float summation order when the worker
-# count changes; training amplifies that (a width-8 net at batch 8, as much as changing the thread
-# count does), so parameters are compared by distance relative to how far training moved them.
-HANDOVER = {"sync_bn": True, "epochs": 1, "lr": 0.05, "scale": 16.0, "margin": 0.2}
+# count changes; training amplifies that (a width-8 net at batch 8 is chaotic; clipping at 1 tames
+# it), so parameters are compared by distance relative to how far training moved them. Measured
+# here: 1e-4 of the movement; a resume that restarts the epoch's data instead lands at 3e-2.
+HANDOVER = {"sync_bn": True, "epochs": 1, "lr": 0.05, "scale": 16.0, "margin": 0.2, "grad_clip_norm": 1.0}
 
 
 def _two_workers(rank: int, port: int, tmp: str, shards: str) -> None:
@@ -161,7 +162,7 @@ def _continue_on_one_worker(tmp_path, shards) -> None:
     keys = [k for k in want if "running" not in k and "num_batches" not in k]
     distance = torch.sqrt(sum(((got[k] - want[k]) ** 2).sum() for k in keys))
     moved = torch.sqrt(sum(((want[k] - start[k]) ** 2).sum() for k in keys))
-    assert float(moved) > 1.0 and float(distance) <= 1e-3 * float(moved)  # measured here: 3e-5
+    assert float(moved) > 1.0 and float(distance) <= 5e-3 * float(moved)
 
 
 def test_validation_every_n_steps_keeps_the_best(tmp_path, shards):
