@@ -268,7 +268,8 @@ def fit(session: Session, cfg: FacegenConfig, shards_dir: str, eval_bins: list[s
         state["history"] = list(state["history"]) + [metrics]
         state.update(epoch=epoch + 1, step_in_epoch=0)
         if rank == 0:
-            shown = " ".join(f"{k[4:]} {v:.4f}" for k, v in metrics.items() if k.startswith("val/") and "_" not in k[4:])
+            shown = " ".join(f"{k[4:]} {v:.4f}" for k, v in metrics.items()
+                             if k.startswith("val/") and not k.endswith("_std") and not k.startswith("val/best"))
             print(f"[train {run_name}] epoch {epoch + 1}/{settings.epochs} loss {metrics['loss']:.3f} "
                   f"acc {metrics['train_accuracy']:.3f} {metrics['throughput']:.0f} img/s {shown}", flush=True)
         if tracker is not None:
