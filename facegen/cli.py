@@ -72,6 +72,28 @@ def generate(config: Optional[str] = ConfigOption, set_: Optional[list[str]] = S
 
 @app.command()
 @_one_line_errors
+def ingest(
+    images: Optional[str] = typer.Option(None, "--images", help="image folder DIR/<identity>/<image> (or ingest.images_dir)"),
+    config: Optional[str] = ConfigOption,
+    set_: Optional[list[str]] = SetOption,
+    progress: bool = ProgressOption,
+) -> None:
+    """Detect, align and embed the faces of an image folder into raw blocks (then clean/shard/train)."""
+    from facegen.ray_utils import init_ray
+    from facegen.stages.ingest import run_ingest, scan_image_folder
+
+    cfg = load_config(config, set_ or [])
+    if images is not None:
+        cfg.ingest.images_dir = images
+    if not cfg.ingest.images_dir:
+        raise ValueError("ingest.images_dir: no image folder given (facegen ingest --images DIR)")
+    plan = scan_image_folder(cfg.ingest.images_dir, cfg.ingest.extensions, cfg.identities.first_id, cfg.identities.block_size)
+    init_ray(cfg.ray)
+    _print_report(run_ingest(cfg, plan, progress=progress))
+
+
+@app.command()
+@_one_line_errors
 def clean(config: Optional[str] = ConfigOption, set_: Optional[list[str]] = SetOption, progress: bool = ProgressOption) -> None:
     """Clean every generated block (consistency clusters, minimum size, top-up)."""
     from facegen.stages.clean import run_clean

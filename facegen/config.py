@@ -171,6 +171,13 @@ class FaceSettings(_Section):
     resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources, e.g. {generation: 1}")
 
 
+class IngestSettings(_Section):
+    """``facegen ingest``: an image folder ``images_dir/<identity>/<image>`` as raw blocks."""
+
+    images_dir: str | None = Field(default=None, description="set here or with facegen ingest --images DIR")
+    extensions: list[str] = [".jpg", ".jpeg", ".png", ".bmp", ".webp"]
+
+
 class DbscanSettings(_Section):
     """Adaptive per-identity DBSCAN (ALGORITHMS.md 1.2): ``eps = 1 - t``, cosine metric."""
 
@@ -291,6 +298,7 @@ class FacegenConfig(_Section):
     identities: IdentitySettings = IdentitySettings()
     generator: GeneratorSettings = GeneratorSettings()
     faces: FaceSettings = FaceSettings()
+    ingest: IngestSettings = IngestSettings()
     clean: CleanSettings = CleanSettings()
     shards: ShardSettings = ShardSettings()
     train: TrainSettings = TrainSettings()
