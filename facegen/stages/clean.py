@@ -57,6 +57,21 @@ class BlockCleaner:
         return {"block_id": batch["block_id"], "record": np.array(results, dtype=object)}
 
 
+def check_same_embedder(cfg: FacegenConfig, raw_dir: str) -> None:
+    """Cleaning embeds its augmented images with ``faces.embedder``: it must be the embedder that
+    embedded the raw blocks, or one identity would mix two embedding spaces."""
+    from facegen.faces.embed import describe_embedder
+
+    wanted = describe_embedder(cfg.faces.embedder)
+    for record in blk.read_stats(raw_dir):
+        used = record.get("embedder")
+        if wanted and used and used.get("sha256") != wanted["sha256"]:
+            raise ValueError(
+                f"faces.embedder: {raw_dir} block {record['block_id']} was embedded by {used['kind']} {used['file']} "
+                f"({used['sha256'][:12]}), the config names {wanted['kind']} {wanted['file']} ({wanted['sha256'][:12]})"
+            )
+
+
 def run_clean(cfg: FacegenConfig, raw_dir: str | None = None, clean_dir: str | None = None, progress: bool = True) -> StageReport:
     """Clean every finished raw block that has no cleaned counterpart yet."""
     import ray
@@ -69,6 +84,7 @@ def run_clean(cfg: FacegenConfig, raw_dir: str | None = None, clean_dir: str | N
     available = blk.done_block_ids(raw_dir)
     if not available:
         raise FileNotFoundError(f"{raw_dir}: no finished raw blocks to clean (run `facegen generate` first)")
+    check_same_embedder(cfg, raw_dir)
     if cfg.run.overwrite:
         blk.reset_blocks(clean_dir, available)
     storage.remove_temp_files(clean_dir)
