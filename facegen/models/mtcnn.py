@@ -207,6 +207,7 @@ class Candidates:
     landmarks: np.ndarray | None = None
 
     def take(self, keep: np.ndarray) -> "Candidates":
+        """The candidates selected by ``keep`` (a mask or indices)."""
         lm = None if self.landmarks is None else self.landmarks[keep]
         return Candidates(self.image[keep], self.boxes[keep], self.scores[keep], lm)
 
@@ -228,6 +229,7 @@ def nms(boxes: np.ndarray, scores: np.ndarray, threshold: float, mode: str = "un
 
 
 def nms_per_image(c: Candidates, threshold: float, mode: str = "union") -> Candidates:
+    """:func:`nms` within each image's candidates (``landmarks`` ride along: offsets or points)."""
     keep = [np.flatnonzero(c.image == i)[nms(c.boxes[c.image == i], c.scores[c.image == i], threshold, mode)] for i in np.unique(c.image)]
     return c.take(np.sort(np.concatenate(keep))) if keep else c
 
