@@ -107,3 +107,10 @@ def test_clean_refuses_raw_blocks_of_another_embedder(seeded_r18, tmp_path):
     with pytest.raises(ValueError, match=r"faces.embedder: .*raw block 0 was embedded by dlib dlib_face_recognition_resnet_model_v1.dat \(.*\), the config names facegen backbone.safetensors"):
         check_same_embedder(cfg, raw)
     check_same_embedder(config_from_dict({"faces": {"embedder": {"kind": "dlib"}}}), raw)  # the same one passes
+
+
+def test_detector_settings_fail_with_one_line_naming_the_field():
+    with pytest.raises(ConfigError, match="faces.detector: .*path: the insightface detector needs a model folder"):
+        config_from_dict({"faces": {"detector": {"kind": "insightface"}}}, "run.yaml")
+    with pytest.raises(ConfigError, match="faces.detector.kind: Input should be 'mtcnn', 'dlib', 'insightface' or 'none'"):
+        config_from_dict({"faces": {"detector": {"kind": "yolo"}}}, "run.yaml")
