@@ -126,7 +126,7 @@ def train(config: Optional[str] = ConfigOption, set_: Optional[list[str]] = SetO
 @app.command("eval")
 @_one_line_errors
 def eval_(
-    checkpoint: str = typer.Option(..., "--checkpoint", help="embedder weights: facegen backbone directory, .pth, .onnx"),
+    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="embedder weights: facegen backbone directory, .pth, .onnx (dlib: optional)"),
     kind: str = typer.Option("facegen", "--kind", help="embedder kind: facegen | arcface_torch | onnx | dlib"),
     arch: Optional[str] = typer.Option(None, "--arch", help="arcface_torch only: iresnet18/34/50/100"),
     bins: list[str] = typer.Option(..., "--bin", help="insightface .bin verification set (repeatable)"),
@@ -137,7 +137,7 @@ def eval_(
     """10-fold verification accuracy on LFW / CFP-FP / AgeDB-30 style ``.bin`` files."""
     from facegen.pipeline import run_eval
 
-    table = Table(title=f"verification: {checkpoint}", title_justify="left")
+    table = Table(title=f"verification: {kind} {checkpoint or 'packaged model'}", title_justify="left")
     for column in ("set", "pairs", "accuracy", "std"):
         table.add_column(column)
     for r in run_eval(checkpoint, bins, batch_size, folds, device, kind=kind, arch=arch):

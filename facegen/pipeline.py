@@ -29,15 +29,17 @@ class PipelineSummary:
 
 
 def run_eval(
-    checkpoint: str, bins: list[str], batch_size: int = 64, nrof_folds: int = 10, device: str = "auto",
+    checkpoint: str | None, bins: list[str], batch_size: int = 64, nrof_folds: int = 10, device: str = "auto",
     kind: str = "facegen", arch: str | None = None,
 ) -> list[dict[str, Any]]:
     """10-fold verification accuracy of an embedder (any ``faces.embedder.kind``) on ``.bin`` sets."""
-    from facegen.config import EmbedderSettings
+    from facegen.config import config_from_dict
     from facegen.eval.verification import verify_bins
     from facegen.faces.embed import build_embedder
 
-    embedder = build_embedder(EmbedderSettings(kind=kind, path=checkpoint, arch=arch, device=device, batch_size=batch_size))
+    embedder_fields = {"kind": kind, "path": checkpoint, "arch": arch, "device": device, "batch_size": batch_size}
+    settings = config_from_dict({"faces": {"embedder": embedder_fields}}, "facegen eval").faces.embedder
+    embedder = build_embedder(settings)
     results = verify_bins(embedder, bins, batch_size=batch_size, nrof_folds=nrof_folds)
     return [asdict(r) for r in results]
 
