@@ -56,9 +56,14 @@ def _print_pairs(title: str, rows: list[tuple[str, str]]) -> None:
 
 def _print_report(report: Any) -> None:
     data = asdict(report)
-    rows = [(k, str(v)) for k, v in data.items() if k != "totals"]
+    rows = [(k, str(v)) for k, v in data.items() if k not in ("totals", "histograms")]
     rows += [(k, str(v)) for k, v in data.get("totals", {}).items()]
     _print_pairs(f"facegen {data['stage']}", rows)
+    if data.get("histograms"):
+        from facegen.identities.expansion import format_histograms
+
+        console.print("similarity to the identity feature (requested vs realised):", highlight=False)
+        console.print(format_histograms(data["histograms"]), highlight=False, markup=False)
 
 
 @app.command()

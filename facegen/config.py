@@ -72,12 +72,118 @@ class DiffusionSettings(_Section):
     )
     local_files_only: bool = False
     micro_batch: int = Field(default=8, ge=1, description="images per pipeline call (one identity at a time)")
+    half_dtype: Literal["float16", "bfloat16"] = Field(default="float16", description="the dtype of fp16 on GPU")
+    lcm_lora: str | None = Field(default=None, description="LCM-LoRA folder or hub id: LCMScheduler, few steps")
+    compile_unet: bool = Field(default=False, description="torch.compile the UNet (GPU)")
+    variation_phrases: bool = Field(default=False, description="append a per-sample pose/expression/light phrase")
+
+
+class ExpansionSettings(_Section):
+    """How each expanded sample's conditioning feature derives from its identity feature
+    (``facegen.identities.expansion``): Vec2Face noise or a CemiFace similarity band."""
+
+    mode: Literal["noise", "band"] = "noise"
+    sigmas: list[float] = Field(default=[0.3, 0.5, 0.7], description="noise mode: per-dimension sigmas (HSFace)")
+    shares: list[float] = Field(default=[0.4, 0.4, 0.2], description="noise mode: share of samples per sigma")
+    band: tuple[float, float] = Field(default=(0.55, 0.8), description="band mode: target cosine range")
+    feature_norm: float = Field(
+        default=25.0, gt=0.0,
+        description="norm the unit identity feature is scaled to before perturbing: the sigmas and Vec2Face "
+        "assume raw ArcFace features (order 20-30); Arc2Face re-normalises",
+    )
+    histogram_bins: int = Field(default=40, ge=2, description="bins of the per-run similarity histograms on [-1, 1]")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ExpansionSettings":
+        if not self.sigmas or len(self.sigmas) != len(self.shares):
+            raise ValueError(f"sigmas and shares need the same non-zero length (got {len(self.sigmas)} and {len(self.shares)})")
+        if any(s < 0 for s in self.sigmas) or any(s < 0 for s in self.shares):
+            raise ValueError("sigmas and shares must be >= 0")
+        if abs(sum(self.shares) - 1.0) > 1e-6:
+            raise ValueError(f"shares must sum to 1 (got {sum(self.shares):g})")
+        low, high = self.band
+        if not -1.0 <= low <= high <= 1.0:
+            raise ValueError(f"band must satisfy -1 <= low <= high <= 1 (got [{low}, {high}])")
+        return self
+
+
+class ReferenceSettings(_Section):
+    """Step 1 of ``hybrid``: one reference image per identity, kept only when the detector finds
+    exactly one face of at least ``min_face_size`` pixels; otherwise the next seed, up to
+    ``max_attempts``, then the identity is recorded as failed."""
+
+    backend: str = Field(default="text_to_image", description="text_to_image, photos, or any generator backend")
+    text_to_image: DiffusionSettings = DiffusionSettings(
+        model="stabilityai/stable-diffusion-xl-base-1.0", height=1024, width=1024, micro_batch=1
+    )
+    photos_dir: str | None = Field(default=None, description="backend photos: a folder of face photos")
+    max_attempts: int = Field(default=5, ge=1)
+    min_face_size: float = Field(default=64.0, ge=0.0, description="shorter side of the face box, pixels")
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, v: str) -> str:
+        from facegen.generators import BACKENDS
+
+        allowed = ("text_to_image", "photos") + tuple(b for b in BACKENDS if b != "hybrid")
+        if v not in allowed:
+            raise ValueError(f"unknown reference backend {v!r}, expected one of {', '.join(allowed)}")
+        return v
+
+
+class Arc2FaceSettings(_Section):
+    """Arc2Face through diffusers: its UNet and ID encoder with the VAE, tokenizer and scheduler of
+    the base SD 1.5 model (folders or hub ids; ``*_subfolder`` as in the public model repository)."""
+
+    unet: str = "FoivosPar/Arc2Face"
+    unet_subfolder: str | None = "arc2face"
+    encoder: str = "FoivosPar/Arc2Face"
+    encoder_subfolder: str | None = "encoder"
+    base_model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    id_prompt: str = "photo of a id person"
+    id_token: str = "id"
+    scheduler: Literal["dpm_multistep", "ddim", "base"] = "dpm_multistep"
+    num_inference_steps: int = Field(default=25, ge=1)
+    guidance_scale: float = Field(default=3.0, ge=0.0)
+    height: int = Field(default=512, ge=8)
+    width: int = Field(default=512, ge=8)
+    fp16: bool = True
+    half_dtype: Literal["float16", "bfloat16"] = "float16"
+    lcm_lora: str | None = Field(default=None, description="LCM-LoRA for SD 1.5: LCMScheduler, 2-4 steps, guidance 1")
+    compile_unet: bool = False
+    micro_batch: int = Field(default=8, ge=1, description="images per pipeline call (one identity at a time)")
+    local_files_only: bool = False
+
+
+class Vec2FaceSettings(_Section):
+    """Vec2Face (facegen.models.vec2face): a ``.pth`` holding ``model_vec2face``, 112 px output."""
+
+    checkpoint: str | None = None
+    arch: Literal["vec2face_vit_base_patch16"] = "vec2face_vit_base_patch16"
+    mask_ratio_min: float = Field(default=0.1, ge=0.0, le=1.0)
+    mask_ratio_max: float = Field(default=1.0, ge=0.0, le=1.0)
+    mask_ratio_mu: float = Field(default=0.15, ge=0.0, le=1.0)
+    mask_ratio_std: float = Field(default=0.25, gt=0.0)
+    fp16: bool = True
+    micro_batch: int = Field(default=64, ge=1, description="images per forward pass (one identity at a time)")
+
+
+class HybridSettings(_Section):
+    """``generator.backend: hybrid``: references -> identity feature -> K expanded images."""
+
+    reference: ReferenceSettings = ReferenceSettings()
+    embedder: EmbedderSettings = Field(default_factory=lambda: EmbedderSettings(), description="identity feature")
+    expander: Literal["arc2face", "vec2face"] = "arc2face"
+    arc2face: Arc2FaceSettings = Arc2FaceSettings()
+    vec2face: Vec2FaceSettings = Vec2FaceSettings()
+    expansion: ExpansionSettings = ExpansionSettings()
+    measure_similarity: bool = Field(default=True, description="embed each expanded image: realised similarity")
 
 
 class GeneratorSettings(_Section):
     """Which backend renders images and how its Ray Data actor pool is sized."""
 
-    backend: Literal["parametric", "diffusion"] = "parametric"
+    backend: Literal["parametric", "diffusion", "hybrid"] = "parametric"
     images_per_identity: int = Field(default=20, ge=1)
     batch_size: int = Field(default=8, ge=1, description="identities per map_batches call")
     concurrency: int = Field(default=1, ge=1, description="actors in the pool")
@@ -86,6 +192,7 @@ class GeneratorSettings(_Section):
     resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources, e.g. {generation: 1}")
     parametric: ParametricSettings = ParametricSettings()
     diffusion: DiffusionSettings = DiffusionSettings()
+    hybrid: HybridSettings = Field(default_factory=lambda: HybridSettings())
 
 
 class EmbedderSettings(_Section):

@@ -27,16 +27,25 @@ from facegen.config import FaceSettings
 from facegen.faces.align import ARCFACE_CROP, center_crop, decode_image, encode_image, sharpness
 from facegen.faces.detect import Detection, FaceRejected, build_detector, choose_face
 from facegen.faces.embed import build_embedder
-from facegen.schema import DEFAULT_EMBEDDING_DIM, GENERATED, STATUS_ERROR, STATUS_OK, rows_to_batch, sample_schema
+from facegen.schema import (
+    DEFAULT_EMBEDDING_DIM,
+    GENERATED,
+    OPTIONAL_DEFAULTS,
+    SIMILARITY_COLUMNS,
+    STATUS_ERROR,
+    STATUS_OK,
+    rows_to_batch,
+    sample_schema,
+)
 
 ORIGIN_GENERATED = "generated"
 #: Decoded pixels detected in one go (about 200 MB of RGB): large photos are detected in several calls.
 DETECT_PIXELS = 64_000_000
-_PASS_THROUGH = ("identity_id", "block_id", "sample_idx", "seed", "source", "true_identity_id", "meta")
+_PASS_THROUGH = ("identity_id", "block_id", "sample_idx", "seed", "source", "true_identity_id", "meta") + SIMILARITY_COLUMNS
 
 
 def _row(batch: dict[str, np.ndarray], i: int) -> dict[str, Any]:
-    return {name: batch[name][i] for name in batch}
+    return OPTIONAL_DEFAULTS | {name: batch[name][i] for name in batch}
 
 
 def _one_line(text: str, limit: int = 500) -> str:
@@ -142,7 +151,7 @@ class FaceStage:
                 rows[i] = _failed(row, f"{type(exc).__name__}: {exc}", self.origin)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        missing = [f.name for f in GENERATED if f.name not in batch]
+        missing = [f.name for f in GENERATED if f.name not in batch and f.name not in OPTIONAL_DEFAULTS]
         if missing:
             raise ValueError(f"faces: input batch lacks GENERATED columns {missing}")
         n = len(batch["identity_id"])

@@ -16,3 +16,4 @@ class StageReport:
     blocks_written: int
     seconds: float
     totals: dict[str, int] = field(default_factory=dict)
+    histograms: dict[str, dict] = field(default_factory=dict)  # e.g. similarity to the identity feature

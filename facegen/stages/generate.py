@@ -41,8 +41,10 @@ class BlockWriter:
     def __init__(
         self, stage_dir: str, pending: list[blk.Block], images_per_identity: int,
         expected_rows: dict[int, int] | None = None, embedder: dict[str, Any] | None = None,
+        histogram_bins: int = 40,
     ):
         self.stage_dir = stage_dir
+        self.histogram_bins = histogram_bins
         self.expected = expected_rows or {b.block_id: b.num_identities * images_per_identity for b in pending}
         self.embedder = embedder
         self.identities = {b.block_id: b.num_identities for b in pending}
@@ -84,11 +86,54 @@ class BlockWriter:
             "embedder": self.embedder,
             "seconds_since_start": round(time.time() - self.started, 2),
         }
+        histograms = block_similarity_histograms(table, self.histogram_bins)
+        if histograms:
+            stats["similarity_histograms"] = histograms
         self.written.append(blk.commit_block(self.stage_dir, block_id, table, stats))
 
     def unfinished(self) -> dict[int, tuple[int, int]]:
         """Blocks still missing rows: ``{block_id: (received, expected)}``."""
         return {b: (self.received[b], self.expected[b]) for b in self.parts}
+
+
+def block_similarity_histograms(table: pa.Table, bins: int) -> dict[str, dict]:
+    """Histograms of the requested and realised similarity columns of one block (those that hold
+    any value; empty when the generator does not control similarity)."""
+    from facegen.identities.expansion import similarity_histogram
+
+    out = {}
+    for name in ("requested_similarity", "realised_similarity"):
+        column = table.column(name)
+        if column.null_count < table.num_rows:
+            out[name.split("_")[0]] = similarity_histogram(column.to_numpy(zero_copy_only=False), bins)
+    return out
+
+
+def run_similarity_histograms(records: list[dict[str, Any]]) -> dict[str, dict]:
+    """The per-run similarity histograms: the sum of the blocks' histograms."""
+    from facegen.identities.expansion import merge_histograms
+
+    out = {}
+    for name in ("requested", "realised"):
+        merged = merge_histograms([r.get("similarity_histograms", {}).get(name) for r in records])
+        if merged:
+            out[name] = merged
+    return out
+
+
+def log_similarity_histograms(cfg: FacegenConfig, histograms: dict[str, dict]) -> None:
+    """Send the run's similarity histograms to W&B (job type ``generate``)."""
+    from facegen.tracking import start_run
+
+    tracker = start_run(cfg, "generate", run_dir=cfg.stage_dir("wandb"))
+    if tracker.enabled:
+        import wandb
+
+        for name, hist in histograms.items():
+            bins = np.asarray(hist["edges"], np.float64)
+            tracker.log({f"similarity/{name}": wandb.Histogram(np_histogram=(hist["counts"], bins))})
+        tracker.summary({f"similarity/{name}_count": int(sum(h["counts"])) for name, h in histograms.items()})
+    tracker.finish()
 
 
 def map_with_actor_pool(ds, stage_class: type, constructor_kwargs: dict[str, Any], pool: Any):
@@ -136,7 +181,8 @@ def run_generate(cfg: FacegenConfig, output_dir: str | None = None, progress: bo
         from facegen.faces.embed import describe_embedder
 
         per_id = cfg.generator.images_per_identity
-        writer = BlockWriter(out, pending, per_id, embedder=describe_embedder(cfg.faces.embedder))
+        writer = BlockWriter(out, pending, per_id, embedder=describe_embedder(cfg.faces.embedder),
+                             histogram_bins=cfg.generator.hybrid.expansion.histogram_bins)
         ds = build_sample_dataset(cfg, pending)
         context = ray.data.DataContext.get_current()
         keep_order, context.execution_options.preserve_order = context.execution_options.preserve_order, True
@@ -154,5 +200,8 @@ def run_generate(cfg: FacegenConfig, output_dir: str | None = None, progress: bo
         report.blocks_written = len(writer.written)
     records = blk.read_stats(out)
     report.totals = blk.sum_stats(records, ["identities", "images", "images_ok", "images_error", "injected_wrong"])
+    report.histograms = run_similarity_histograms(records)
+    if report.histograms and pending:
+        log_similarity_histograms(cfg, report.histograms)
     report.seconds = round(time.time() - started, 2)
     return report
