@@ -152,6 +152,7 @@ class Arc2FaceSettings(_Section):
     lcm_lora: str | None = Field(default=None, description="LCM-LoRA for SD 1.5: LCMScheduler, 2-4 steps, guidance 1")
     compile_unet: bool = False
     micro_batch: int = Field(default=8, ge=1, description="images per pipeline call (one identity at a time)")
+    variation_phrases: bool = Field(default=False, description="append a per-sample phrase to the ID prompt")
     local_files_only: bool = False
 
 
