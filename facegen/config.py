@@ -108,9 +108,9 @@ class ExpansionSettings(_Section):
 
 
 class ReferenceSettings(_Section):
-    """Step 1 of ``hybrid``: one reference image per identity, kept only when the detector finds
-    exactly one face of at least ``min_face_size`` pixels; otherwise the next seed, up to
-    ``max_attempts``, then the identity is recorded as failed."""
+    """Step 1 of ``hybrid``: one reference image per identity, kept only when the detector
+    (``generator.hybrid.detector``, the faces stage's one-face rule) accepts it; otherwise the next
+    seed, up to ``max_attempts``, then the identity is recorded as failed."""
 
     backend: str = Field(default="text_to_image", description="text_to_image, photos, or any generator backend")
     text_to_image: DiffusionSettings = DiffusionSettings(
@@ -118,7 +118,6 @@ class ReferenceSettings(_Section):
     )
     photos_dir: str | None = Field(default=None, description="backend photos: a folder of face photos")
     max_attempts: int = Field(default=5, ge=1)
-    min_face_size: float = Field(default=64.0, ge=0.0, description="shorter side of the face box, pixels")
 
     @field_validator("backend")
     @classmethod
@@ -173,7 +172,12 @@ class HybridSettings(_Section):
     """``generator.backend: hybrid``: references -> identity feature -> K expanded images."""
 
     reference: ReferenceSettings = ReferenceSettings()
-    embedder: EmbedderSettings = Field(default_factory=lambda: EmbedderSettings(), description="identity feature")
+    detector: DetectorSettings = Field(
+        default_factory=lambda: DetectorSettings(), description="references (and expanded images when measured)"
+    )
+    embedder: EmbedderSettings = Field(
+        default_factory=lambda: EmbedderSettings(), description="identity feature: the one the expander was trained on"
+    )
     expander: Literal["arc2face", "vec2face"] = "arc2face"
     arc2face: Arc2FaceSettings = Arc2FaceSettings()
     vec2face: Vec2FaceSettings = Vec2FaceSettings()

@@ -15,11 +15,12 @@ import importlib
 import numpy as np
 
 #: Names accepted by ``generator.backend``.
-BACKENDS = ("parametric", "diffusion")
+BACKENDS = ("parametric", "diffusion", "hybrid")
 
 _CLASSES = {
     "parametric": ("facegen.generators.parametric", "ParametricGenerator"),
     "diffusion": ("facegen.generators.diffusion", "DiffusionGenerator"),
+    "hybrid": ("facegen.generators.hybrid", "HybridGenerator"),
 }
 
 #: Domain tag of per-sample seeds (distinct from every identity-level tag).
