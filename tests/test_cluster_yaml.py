@@ -21,6 +21,11 @@ def test_cluster_config_resources_match_node_types():
     from facegen.config import load_config
 
     types = yaml.safe_load(open("cluster.yaml"))["available_node_types"]
-    cfg = load_config("configs/sd_cluster.yaml")
-    assert set(cfg.generator.resources) <= set(types["gpu_generation"]["resources"])
-    assert set(cfg.train.resources) <= set(types["gpu_training"]["resources"])
+    for name in ("configs/sd_cluster.yaml", "configs/hybrid.yaml"):
+        cfg = load_config(name)
+        assert set(cfg.generator.resources) <= set(types["gpu_generation"]["resources"]), name
+        assert set(cfg.train.resources) <= set(types["gpu_training"]["resources"]), name
+    hybrid = load_config("configs/hybrid.yaml")
+    assert hybrid.generator.backend == "hybrid" and hybrid.generator.hybrid.expander == "arc2face"
+    # one hybrid actor and one faces actor share each generation GPU
+    assert hybrid.generator.num_gpus + hybrid.faces.num_gpus <= types["gpu_generation"]["resources"]["GPU"]
