@@ -13,7 +13,7 @@ from facegen.faces.align import decode_image  # noqa: E402
 from facegen.generators import generator_class, sample_seed  # noqa: E402
 from facegen.identities.attributes import build_prompt, sample_attributes  # noqa: E402
 from facegen.schema import GENERATED, STATUS_ERROR, STATUS_OK, table_from_batch  # noqa: E402
-from tiny_sd import build_tiny_sd, build_tiny_sdxl  # noqa: E402
+from tiny_sd import build_tiny_lora, build_tiny_sd, build_tiny_sdxl  # noqa: E402
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
@@ -127,3 +127,18 @@ def test_out_of_memory_batches_are_split_and_other_failures_retried_alone():
     assert out == [0, 10, 20, 30, 40, "error 5: NaN latents", 60]
     assert calls[:3] == [[0, 1, 2, 3, 4, 5, 6], [0, 1, 2, 3], [0, 1]]  # halves, not singles, after OOM
     assert [5] in calls and [4] in calls  # the failing pair [4, 5] retried one by one
+
+
+def test_an_lcm_lora_is_fused_and_switches_to_the_lcm_scheduler(tiny_sd, tmp_path):
+    lora = build_tiny_lora(tiny_sd, str(tmp_path / "lora"))
+    plain = generator_class("diffusion")(_settings(tiny_sd, per_identity=1, guidance_scale=1.0), seed=0)
+    fast = generator_class("diffusion")(_settings(tiny_sd, per_identity=1, guidance_scale=1.0, lcm_lora=lora), seed=0)
+    assert type(fast.pipeline.scheduler).__name__ == "LCMScheduler"
+    assert type(plain.pipeline.scheduler).__name__ == "DDIMScheduler"
+    name = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.weight"
+    fused, base = fast.pipeline.unet.state_dict()[name], plain.pipeline.unet.state_dict()[name]
+    assert fused.shape == base.shape and not torch.equal(fused, base)  # merged into the weights
+    out = fast(_ids(3))
+    assert out["status"].tolist() == [STATUS_OK] and decode_image(out["image"][0]).shape == (64, 64, 3)
+    with pytest.raises(FileNotFoundError, match=r"lcm_lora: .*nowhere: no such directory"):
+        generator_class("diffusion")(_settings(tiny_sd, lcm_lora=str(tmp_path / "nowhere")), seed=0)

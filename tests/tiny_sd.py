@@ -175,3 +175,23 @@ def build_tiny_arc2face(directory: str, seed: int = 0, width: int = 512) -> dict
     _unet(cross_attention_dim=width).save_pretrained(f"{directory}/models/arc2face")
     CLIPTextModel(_text_config(tokenizer, vocab_size, hidden=width, layers=1)).save_pretrained(f"{directory}/models/encoder")
     return {"models": f"{directory}/models", "base": base}
+
+
+def build_tiny_lora(sd_directory: str, directory: str, seed: int = 0) -> str:
+    """A LoRA for the UNet of :func:`build_tiny_sd` (rank 4 on the attention projections, random
+    up and down matrices), written with ``save_lora_weights`` as LCM-LoRAs are published."""
+    import torch
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_pretrained(sd_directory, subfolder="unet")
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                init_lora_weights="gaussian"))
+    for name, param in unet.named_parameters():
+        if "lora_B" in name:  # gaussian init leaves B at zero: give the adapter an effect
+            torch.nn.init.normal_(param, std=0.05)
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    StableDiffusionPipeline.save_lora_weights(os.fspath(directory), unet_lora_layers=layers)
+    return os.fspath(directory)

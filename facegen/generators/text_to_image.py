@@ -115,7 +115,8 @@ def finish_pipeline(pipeline: Any, settings: Any, device: str, field: str) -> An
         lora = resolve_model(settings.lcm_lora, f"{field}.lcm_lora")
         try:
             pipeline.load_lora_weights(lora, local_files_only=settings.local_files_only)
-            pipeline.fuse_lora()
+            pipeline.fuse_lora()  # merged into the weights: no LoRA branch at sampling time
+            pipeline.unload_lora_weights()
         except Exception as exc:
             raise load_error(f"{field}.lcm_lora", settings.lcm_lora, "an LCM-LoRA", exc) from None
         pipeline.scheduler = LCMScheduler.from_config(pipeline.scheduler.config)
