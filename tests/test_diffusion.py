@@ -98,7 +98,7 @@ def test_the_pipeline_class_follows_the_model_folder(tmp_path):
 
 
 def test_variation_phrases_give_each_sample_its_own_prompt(tiny_sd):
-    from facegen.identities.variations import CATEGORIES, variation_phrase
+    from facegen.identities.phrases import CATEGORIES, variation_phrase
 
     varied = generator_class("diffusion")(_settings(tiny_sd, per_identity=3, variation_phrases=True), seed=0)
     out = varied(_ids(4))

@@ -27,7 +27,7 @@ from facegen.config import DiffusionSettings, GeneratorSettings
 from facegen.generators import check_identity_id, failure_reason, identity_rows, run_with_splitting, sample_seed
 from facegen.generators.text_to_image import load_text_to_image, render_text
 from facegen.identities.attributes import build_prompt, sample_attributes
-from facegen.identities.variations import with_variation
+from facegen.identities.phrases import with_variation
 from facegen.schema import GENERATED, LANDMARK_DIM, STATUS_OK, error_row, rows_to_batch
 
 #: Samples per pipeline call (times two with classifier-free guidance).

@@ -35,7 +35,7 @@ from facegen.faces.align import align_face
 from facegen.generators import check_identity_id, failure_reason, identity_rows, run_with_splitting, sample_seed
 from facegen.generators.references import Reference, build_reference_source, find_reference
 from facegen.identities.expansion import Conditioning, cosine, sample_conditioning
-from facegen.identities.variations import variation_phrase
+from facegen.identities.phrases import variation_phrase
 from facegen.schema import GENERATED, LANDMARK_DIM, STATUS_OK, error_row, rows_to_batch
 
 
