@@ -28,7 +28,7 @@ from facegen.config import (  # noqa: E402
 from facegen.generators import sample_seed  # noqa: E402
 from facegen.identities.expansion import cosine, sample_conditioning  # noqa: E402
 from facegen.schema import GENERATED, STATUS_ERROR, STATUS_OK, table_from_batch  # noqa: E402
-from tiny_sd import build_tiny_arc2face, build_tiny_sd  # noqa: E402
+from tiny_sd import build_tiny_arc2face, build_tiny_sd, build_tiny_sdxl  # noqa: E402
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
@@ -53,7 +53,8 @@ def models(tmp_path_factory):
     t1 = insightface.data.get_image("t1")  # six people: "more than one large face"
     cv2.imwrite(str(photos / "b_group.jpg"), cv2.resize(t1, (640, 443), interpolation=cv2.INTER_AREA))
     cv2.imwrite(str(photos / "c_wall.png"), np.full((128, 128, 3), 90, np.uint8))  # no face
-    yield {"photos": str(photos), "arc2face": build_tiny_arc2face(str(root / "a2f")), "sd": build_tiny_sd(str(root / "sd"))}
+    yield {"photos": str(photos), "arc2face": build_tiny_arc2face(str(root / "a2f")), "sd": build_tiny_sd(str(root / "sd")),
+           "sdxl": build_tiny_sdxl(str(root / "sdxl"))}
     torch.set_num_threads(threads)
 
 
@@ -226,3 +227,14 @@ def test_the_ray_data_pool_gives_the_loops_bytes_and_the_run_its_histograms(ray_
     table = storage.read_table(blk.block_path(cfg.stage_dir("raw"), 1))
     assert table.column("band_low").to_pylist() == [0.550000011920929] * 4
     assert table.column("realised_similarity").null_count == 4
+
+    # SDXL references (the pipeline class follows the folder) in the pool: no faces, so every
+    # identity retries each seed and ends as error rows that say so
+    sdxl = DiffusionSettings(model=models["sdxl"], num_inference_steps=2, height=64, width=64, local_files_only=True,
+                             micro_batch=2)
+    xl = hybrid_settings(models, per_identity=2, reference=ReferenceSettings(
+        backend="text_to_image", text_to_image=sdxl, max_attempts=2)).model_copy(update={"batch_size": 2, "num_cpus": 0.5})
+    ds = map_with_actor_pool(identity_dataset(pending[:1], 2), HybridGenerator, {"settings": xl, "seed": 0}, xl)
+    rows = [r for b in ds.iter_batches(batch_size=None, batch_format="numpy") for r in zip(b["status"], b["reason"])]
+    assert [s for s, _ in rows] == [STATUS_ERROR] * 4
+    assert all("attempt 0: no face" in r and "attempt 1: no face" in r for _, r in rows)
