@@ -15,7 +15,8 @@ The loop runs in this process with one torch thread; the pool runs ``--actors`` 
 each (Ray sets their ``OMP_NUM_THREADS`` to 1). Both clocks start when the generator has finished
 loading (in the actor, for the pool: actor start-up and model loading are excluded on both sides)
 and stop when the last batch is done, so the pool's figure includes Ray Data's per-batch work
-between calls. ``ratio per core`` = pool rate / (actors x loop rate): the target is >= 0.9.
+between calls. Loop and pool alternate for ``--rounds`` and the medians are compared, so load from
+other processes favours neither. ``ratio per core`` = pool rate / (actors x loop rate): target >= 0.9.
 """
 
 from __future__ import annotations
@@ -129,32 +130,45 @@ def main() -> None:
     parser.add_argument("--backends", default="parametric,diffusion,hybrid")
     parser.add_argument("--identities", type=int, default=24)
     parser.add_argument("--images", type=int, default=4, help="images per identity")
-    parser.add_argument("--batch", type=int, default=2, help="identities per map_batches call")
+    parser.add_argument("--batch", default="parametric=16,diffusion=2,hybrid=2",
+                        help="identities per map_batches call, per backend (the same in the pool and the loop)")
     parser.add_argument("--actors", type=int, default=1, help="pool actors (one CPU each)")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating loop/pool measurements (medians)")
     args = parser.parse_args()
 
     import ray
     import torch
 
+    batch_of = {name: int(value) for name, value in (item.split("=") for item in args.batch.split(","))}
     print(f"facegen generation benchmark: {platform.machine()} x{os.cpu_count()}, torch {torch.__version__}, "
-          f"ray {ray.__version__}; {args.identities} identities x {args.images} images, batch {args.batch}, "
+          f"ray {ray.__version__}; {args.identities} identities x {args.images} images, "
           f"pool {args.actors} actor(s) x 1 CPU vs loop on 1 thread")
     ray.init(address="local", num_cpus=args.actors + 1, include_dashboard=False, log_to_driver=False,
-             object_store_memory=1 << 30)
+             object_store_memory=1 << 30, logging_level="ERROR")
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
     results = []
     try:
         with tempfile.TemporaryDirectory() as workdir:
             for backend in args.backends.split(","):
-                settings = settings_for(backend, workdir, args.images, args.batch)
-                loop, n_loop = loop_rate(backend, settings, args.identities)
-                pool, n_pool = pool_rate(backend, settings, args.identities, args.actors)
-                assert n_loop == n_pool == args.identities * args.images, (n_loop, n_pool)
-                results.append((backend, loop, pool, pool / (args.actors * loop)))
+                settings = settings_for(backend, workdir, args.images, batch_of[backend])
+                # loop and pool alternate for --rounds; medians, so a busy moment on a shared
+                # machine favours neither side
+                loops, pools = [], []
+                for _ in range(args.rounds):
+                    rate_loop, n_loop = loop_rate(backend, settings, args.identities)
+                    rate_pool, n_pool = pool_rate(backend, settings, args.identities, args.actors)
+                    assert n_loop == n_pool == args.identities * args.images, (n_loop, n_pool)
+                    loops.append(rate_loop)
+                    pools.append(rate_pool)
+                loop, pool = float(np.median(loops)), float(np.median(pools))
+                results.append((backend, batch_of[backend], loop, pool, pool / (args.actors * loop)))
     finally:
         ray.shutdown()
-    print(f"{'backend':<11} {'loop img/s':>11} {'pool img/s':>11} {'ratio per core':>15}")
-    for backend, loop, pool, ratio in results:
-        print(f"{backend:<11} {loop:>11.2f} {pool:>11.2f} {ratio:>15.2f}")
+    print(f"{'backend':<11} {'ids/batch':>9} {'loop img/s':>11} {'pool img/s':>11} {'ratio per core':>15}")
+    for backend, batch, loop, pool, ratio in results:
+        print(f"{backend:<11} {batch:>9} {loop:>11.2f} {pool:>11.2f} {ratio:>15.2f}")
 
 
 if __name__ == "__main__":

@@ -127,7 +127,7 @@ def main() -> None:
     import torch
     from diffusers import DPMSolverMultistepScheduler, LCMScheduler
 
-    from facegen.generators.text_to_image import load_text_to_image, quiet_loading, render_text
+    from facegen.generators.text_to_image import load_text_to_image, quiet_hf, render_text
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     where = torch.cuda.get_device_name(0) if args.device == "cuda" else "CPU"
@@ -140,7 +140,7 @@ def main() -> None:
     prompts = ["a close-up portrait photo of a 30-year-old woman, face exposed and clearly visible"] * b
     with tempfile.TemporaryDirectory() as root:
         t0 = time.perf_counter()
-        with quiet_loading():
+        with quiet_hf():
             folders = build_sd15_folders(root, SHAPES["tiny" if args.tiny else "sd15"])
         print(f"built and saved {'tiny' if args.tiny else 'SD 1.5'}-shaped random models in {time.perf_counter() - t0:.0f} s")
         sd = SimpleNamespace(model=folders["base"], local_files_only=True, fp16=True, half_dtype="float16",

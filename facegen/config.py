@@ -178,11 +178,20 @@ class HybridSettings(_Section):
     embedder: EmbedderSettings = Field(
         default_factory=lambda: EmbedderSettings(), description="identity feature: the one the expander was trained on"
     )
-    expander: Literal["arc2face", "vec2face"] = "arc2face"
+    expander: Literal["arc2face", "vec2face", "gan"] = Field(
+        default="arc2face", description="gan: perturb the latent of a dcgan/stylegan2 reference"
+    )
     arc2face: Arc2FaceSettings = Arc2FaceSettings()
     vec2face: Vec2FaceSettings = Vec2FaceSettings()
     expansion: ExpansionSettings = ExpansionSettings()
     measure_similarity: bool = Field(default=True, description="embed each expanded image: realised similarity")
+
+    @model_validator(mode="after")
+    def _gan_needs_gan_references(self) -> "HybridSettings":
+        if self.expander == "gan" and self.reference.backend not in ("dcgan", "stylegan2"):
+            raise ValueError(f"expander gan perturbs a GAN reference's latent: reference.backend must be dcgan or "
+                             f"stylegan2 (got {self.reference.backend})")
+        return self
 
 
 class GeneratorSettings(_Section):

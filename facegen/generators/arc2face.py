@@ -22,7 +22,7 @@ from facegen.generators.text_to_image import (
     finish_pipeline,
     load_error,
     pipeline_class_name,
-    quiet_loading,
+    quiet_hf,
     resolve_model,
     to_uint8,
 )
@@ -98,7 +98,7 @@ def encode_id_prompts(text_encoder: Any, input_ids, token_embeds):
 
 def load_arc2face(settings: Any, device: str) -> Any:
     """A ``StableDiffusionPipeline``: Arc2Face's UNet and encoder on the base SD 1.5 components."""
-    with quiet_loading():
+    with quiet_hf():
         return _load_arc2face(settings, device)
 
 
@@ -167,13 +167,14 @@ class Arc2FaceExpander:
         s = self.settings
         if len(features) != len(sample_seeds):
             raise ValueError(f"{len(features)} features for {len(sample_seeds)} sample seeds")
-        result = self.pipeline(
-            prompt_embeds=self.prompt_embeds(features, phrases),
-            num_inference_steps=s.num_inference_steps,
-            guidance_scale=s.guidance_scale,
-            height=s.height,
-            width=s.width,
-            generator=[torch.Generator("cpu").manual_seed(int(seed)) for seed in sample_seeds],
-            output_type="pil",
-        )
+        with quiet_hf():
+            result = self.pipeline(
+                prompt_embeds=self.prompt_embeds(features, phrases),
+                num_inference_steps=s.num_inference_steps,
+                guidance_scale=s.guidance_scale,
+                height=s.height,
+                width=s.width,
+                generator=[torch.Generator("cpu").manual_seed(int(seed)) for seed in sample_seeds],
+                output_type="pil",
+            )
         return to_uint8(result.images, s.width, s.height)

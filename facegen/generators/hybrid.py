@@ -8,7 +8,8 @@ HybridGen's generation (ALGORITHMS.md 1.5-1.6) with CemiFace's similarity contro
    accepted reference after ``max_attempts`` becomes K error rows that say why.
 2. **Expansion**: sample ``k`` gets a conditioning feature from the unit identity feature scaled to
    ``expansion.feature_norm`` (:func:`facegen.identities.expansion.sample_conditioning`: Vec2Face
-   noise or a CemiFace band) and is drawn by the expander (``arc2face`` or ``vec2face``). With
+   noise or a CemiFace band) and is drawn by the expander (``arc2face`` or ``vec2face``; with
+   ``gan`` the reference's own GAN latent is perturbed instead, :mod:`facegen.generators.latent`). With
    ``measure_similarity`` each image is detected, aligned and embedded again, and the cosine of that
    embedding to the identity feature is the row's ``realised_similarity``.
 
@@ -39,6 +40,10 @@ from facegen.identities.phrases import variation_phrase
 from facegen.schema import GENERATED, LANDMARK_DIM, STATUS_OK, error_row, rows_to_batch
 
 
+#: Latents rendered per GAN call in ``expander: gan``.
+GAN_MICRO_BATCH = 32
+
+
 @dataclass(frozen=True)
 class _Sample:
     identity_id: int
@@ -49,16 +54,27 @@ class _Sample:
     phrase: str
 
 
-def build_expander(settings: GeneratorSettings, device: str):
-    """The Arc2Face or Vec2Face expander ``settings.hybrid.expander`` names."""
+def build_sources(settings: GeneratorSettings, seed: int, device: str, expander: Any = None) -> tuple[Any, Any]:
+    """The reference source and the expander ``settings.hybrid`` names (``expander`` overrides the
+    latter, e.g. a model built in memory)."""
     h = settings.hybrid
+    if h.expander == "gan":  # references and expansions from one GAN, in its latent space
+        from facegen.generators.latent import LatentExpander, LatentSource, load_gan
+
+        gan = load_gan(settings, device)
+        backend = h.reference.backend
+        fixed_crop = getattr(settings, backend).crop.kind == "fixed"
+        return LatentSource(gan, seed, h.reference.max_attempts, backend), expander or LatentExpander(gan, fixed_crop)
+    references = build_reference_source(settings, seed, device)
+    if expander is not None:
+        return references, expander
     if h.expander == "arc2face":
         from facegen.generators.arc2face import Arc2FaceExpander
 
-        return Arc2FaceExpander(h.arc2face, device)
+        return references, Arc2FaceExpander(h.arc2face, device)
     from facegen.generators.vec2face import Vec2FaceExpander
 
-    return Vec2FaceExpander(h.vec2face, device)
+    return references, Vec2FaceExpander(h.vec2face, device)
 
 
 def _png(image: np.ndarray) -> bytes:
@@ -86,9 +102,10 @@ class HybridGenerator:
         if not self.hybrid.embedder.enabled:
             raise ValueError("generator.hybrid.embedder.path: the hybrid backend needs an embedder for the identity feature")
         self.embedder = build_embedder(self.hybrid.embedder)
-        self.references = build_reference_source(settings, self.seed, device)
-        self.expander = expander if expander is not None else build_expander(settings, device)
-        self.micro_batch = getattr(self.hybrid, self.hybrid.expander).micro_batch
+        self.references, self.expander = build_sources(settings, self.seed, device, expander)
+        self.micro_batch = {"arc2face": self.hybrid.arc2face.micro_batch, "vec2face": self.hybrid.vec2face.micro_batch}.get(
+            self.hybrid.expander, GAN_MICRO_BATCH)
+        self.latent_space = getattr(self.expander, "conditioning", "feature") == "latent"
         self.source = f"hybrid:{self.hybrid.reference.backend}+{self.expander.source}"
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -146,12 +163,15 @@ class HybridGenerator:
     def _plan(self, identity_id: int, block_id: int, reference: Reference) -> list[_Sample]:
         h = self.hybrid
         per_identity = self.settings.images_per_identity
-        feature = reference.feature.astype(np.float64)
-        feature = feature / np.linalg.norm(feature) * h.expansion.feature_norm
+        if self.latent_space:  # the GAN's own latent of the reference, as it is
+            base = np.asarray(reference.candidate.latent, np.float64)
+        else:
+            base = reference.feature.astype(np.float64)
+            base = base / np.linalg.norm(base) * h.expansion.feature_norm
         samples = []
         for k in range(per_identity):
             seed = sample_seed(self.seed, identity_id, k)
-            cond = sample_conditioning(feature, h.expansion, self.seed, identity_id, k, per_identity, seed)
+            cond = sample_conditioning(base, h.expansion, self.seed, identity_id, k, per_identity, seed)
             phrase = variation_phrase(seed) if self.expander.takes_text else ""
             samples.append(_Sample(identity_id, block_id, k, seed, cond, phrase))
         return samples
@@ -171,9 +191,9 @@ class HybridGenerator:
     def _measure(self, images: list[np.ndarray], feature: np.ndarray) -> list[tuple[np.ndarray, float, str]]:
         """(landmarks [10], realised similarity, face note) per image; NaN where not measured."""
         nan_points = np.full(LANDMARK_DIM, np.nan, np.float32)
-        aligned = getattr(self.expander, "aligned_landmarks", None)
-        if aligned is not None:  # the expander draws aligned crops: no detection needed
-            points = [np.asarray(aligned, np.float32).reshape(-1)] * len(images)
+        known = getattr(self.expander, "known_landmarks", None)
+        if known is not None:  # the expander puts every face at the same place: no detection needed
+            points = [np.asarray(known, np.float32).reshape(-1)] * len(images)
             if not self.hybrid.measure_similarity:
                 return [(p, float("nan"), "") for p in points]
             emb = self._embed(np.stack([align_face(im, p) for im, p in zip(images, points)]))
@@ -199,7 +219,9 @@ class HybridGenerator:
     def _row(self, s: _Sample, reference: dict[str, Any], image: np.ndarray, landmarks: np.ndarray, realised: float,
              face_note: str) -> dict[str, Any]:
         c = s.conditioning
-        expansion = {"mode": c.mode, "feature_norm": self.hybrid.expansion.feature_norm}
+        expansion = {"mode": c.mode, "space": "latent" if self.latent_space else "feature"}
+        if not self.latent_space:
+            expansion["feature_norm"] = self.hybrid.expansion.feature_norm
         if c.mode == "noise":
             expansion["sigma"] = c.sigma
         meta = {"reference": reference, "expansion": expansion}

@@ -14,7 +14,8 @@ Sources (``generator.hybrid.reference.backend``):
 * ``photos``: the face photos of a folder (sorted by name); attempt ``a`` of identity ``i`` is photo
   ``(i + a) mod n``: real references, e.g. for expanding given people or for CPU tests.
 * any generator backend (``parametric``, ``diffusion``, the GAN backends, ...): the backend's own
-  sample ``a`` is attempt ``a``; all ``max_attempts`` candidates come from one call (cheap backends).
+  sample ``a`` is attempt ``a``; all ``max_attempts`` candidates come from one call (cheap backends);
+* with ``expander: gan`` the GAN's references keep their latents (:mod:`facegen.generators.latent`).
 
 Everything is a pure function of ``(run seed, identity id, attempt)``, so a reference is found again
 identically on any actor.
@@ -52,6 +53,7 @@ class Candidate:
     image: np.ndarray | None
     meta: dict[str, Any] = field(default_factory=dict)
     error: str = ""
+    latent: np.ndarray | None = None  # the generator's latent, when it has one (GAN references)
 
 
 @dataclass

@@ -27,8 +27,9 @@ TEXT_TO_IMAGE_CLASSES = {
 
 
 @contextlib.contextmanager
-def quiet_loading() -> Iterator[None]:
-    """diffusers/transformers loading without their progress bars and warnings (restored after)."""
+def quiet_hf() -> Iterator[None]:
+    """diffusers/transformers without their progress bars and warnings (restored after): loading
+    prints per-file bars, sampling warns about every prompt CLIP truncates to 77 tokens."""
     import diffusers.utils.logging as dlog
     import transformers.utils.logging as tlog
 
@@ -135,7 +136,7 @@ def load_text_to_image(settings: Any, device: str, field: str = "generator.diffu
     model = resolve_model(settings.model, field)
     class_name = pipeline_class_name(model, settings.local_files_only, field)
     extra = {"safety_checker": None, "requires_safety_checker": False} if class_name == "StableDiffusionPipeline" else {}
-    with quiet_loading():
+    with quiet_hf():
         try:
             pipeline = getattr(diffusers, class_name).from_pretrained(
                 model, local_files_only=settings.local_files_only, **extra
@@ -159,16 +160,17 @@ def render_text(pipeline: Any, settings: Any, prompts: list[str], seeds: list[in
     """One image per prompt, each from its own seeded CPU generator; uint8 RGB arrays."""
     import torch
 
-    result = pipeline(
-        prompt=prompts,
-        negative_prompt=[settings.negative_prompt] * len(prompts),
-        generator=[torch.Generator("cpu").manual_seed(int(s)) for s in seeds],
-        num_inference_steps=settings.num_inference_steps,
-        guidance_scale=settings.guidance_scale,
-        height=settings.height,
-        width=settings.width,
-        output_type="pil",
-    )
+    with quiet_hf():
+        result = pipeline(
+            prompt=prompts,
+            negative_prompt=[settings.negative_prompt] * len(prompts),
+            generator=[torch.Generator("cpu").manual_seed(int(s)) for s in seeds],
+            num_inference_steps=settings.num_inference_steps,
+            guidance_scale=settings.guidance_scale,
+            height=settings.height,
+            width=settings.width,
+            output_type="pil",
+        )
     if len(result.images) != len(prompts):
         raise ValueError(f"pipeline returned {len(result.images)} images for {len(prompts)} prompts")
     return to_uint8(result.images, settings.width, settings.height)

@@ -34,8 +34,8 @@ class Vec2FaceExpander:
 
     source = "vec2face"
     takes_text = False
-    #: Vec2Face draws ArcFace-aligned crops, so no detection is needed to embed them.
-    aligned_landmarks = LANDMARKS
+    #: Vec2Face draws ArcFace-aligned crops: the landmarks of every image are known, no detection.
+    known_landmarks = LANDMARKS
 
     def __init__(self, settings, device: str | None = None, model: Vec2Face | None = None):
         if model is None and not settings.checkpoint:
