@@ -35,7 +35,7 @@ def run_config(root: str, mode: str, args):
     from facegen.config import config_from_dict
 
     expansion = {"mode": mode, "band": list(args.band), "sigmas": list(args.sigmas), "shares": list(args.shares),
-                 "histogram_bins": 20}
+                 "histogram_bins": 40}
     return config_from_dict({
         "run": {"name": f"semihard-{mode}", "output_dir": f"{root}/{mode}", "seed": args.seed},
         "ray": {"num_cpus": 4},
@@ -86,7 +86,7 @@ def main() -> None:
           f"{args.images} images; band {args.band[0]}-{args.band[1]} vs noise sigmas {list(args.sigmas)} "
           f"at {list(args.shares)}")
     order = ["band requested", "band realised", "noise requested", "noise realised"]
-    print(format_histograms({name: histograms[name] for name in order if name in histograms}, width=22))
+    print(format_histograms({name: histograms[name] for name in order if name in histograms}, width=22, trim=True))
     for mode, totals, realised in summary:
         inside = np.mean((realised >= args.band[0]) & (realised <= args.band[1])) if len(realised) else float("nan")
         print(f"{mode:>5}: {totals['images_ok']}/{totals['images']} images ok; realised similarity "

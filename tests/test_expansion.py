@@ -90,6 +90,8 @@ def test_histograms_merge_and_print_side_by_side():
     text = format_histograms({"band": a, "noise": b})
     assert text.splitlines()[0].split() == ["cosine", "bin", "band", "noise"]
     assert "[+0.50,+0.75)      3" in text
+    only = format_histograms({"band": a}, trim=True).splitlines()
+    assert len(only) == 2 and only[1].startswith("[+0.50,+0.75)")  # the empty bins around it are gone
 
 
 def test_block_stats_carry_similarity_histograms_that_sum_per_run():

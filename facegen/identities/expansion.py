@@ -166,8 +166,9 @@ def merge_histograms(histograms: Sequence[dict]) -> dict | None:
     return {"edges": edges, "counts": np.sum([h["counts"] for h in histograms], axis=0).tolist()}
 
 
-def format_histograms(histograms: dict[str, dict], width: int = 30) -> str:
-    """Histograms with the same edges as one text table, one bar column per name, side by side."""
+def format_histograms(histograms: dict[str, dict], width: int = 30, trim: bool = False) -> str:
+    """Histograms with the same edges as one text table, one bar column per name, side by side
+    (``trim``: without the empty bins below the first and above the last count)."""
     names = list(histograms)
     if not names:
         return ""
@@ -176,7 +177,11 @@ def format_histograms(histograms: dict[str, dict], width: int = 30) -> str:
         raise ValueError("histograms to print side by side need identical edges")
     totals = {n: max(1, sum(histograms[n]["counts"])) for n in names}
     lines = ["cosine bin     " + "".join(f"{n[:width - 7]:<{width}}" for n in names)]
-    for i in range(len(edges) - 1):
+    rows = range(len(edges) - 1)
+    if trim:
+        used = [i for i in rows if any(histograms[n]["counts"][i] for n in names)] or [0]
+        rows = range(used[0], used[-1] + 1)
+    for i in rows:
         cells = []
         for n in names:
             count = histograms[n]["counts"][i]
