@@ -32,6 +32,8 @@ from __future__ import annotations
 import argparse
 import io
 import math
+import os
+import uuid
 from statistics import NormalDist
 
 import numpy as np
@@ -267,13 +269,17 @@ def draw_token_masks(rng: np.random.Generator, num_dropped: int, ratio_min: floa
     return rng.permutation(NUM_TOKENS).astype(np.float32) / NUM_TOKENS, num_masked
 
 
-def read_state_dict(data: bytes, source: str) -> dict[str, torch.Tensor]:
-    """The ``model_vec2face`` state dict of a checkpoint's bytes, unpickled with
-    ``weights_only=True`` (a training checkpoint's ``argparse.Namespace`` of arguments is allowed
-    as plain data; nothing else outside tensors and containers is)."""
+def read_state_dict(data: bytes | str, source: str) -> dict[str, torch.Tensor]:
+    """The ``model_vec2face`` state dict of a checkpoint (its bytes, or a local path, which is
+    memory-mapped), unpickled with ``weights_only=True`` (a training checkpoint's
+    ``argparse.Namespace`` of arguments is allowed as plain data; nothing else outside tensors and
+    containers is)."""
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
-            checkpoint = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            if isinstance(data, str):
+                checkpoint = torch.load(data, map_location="cpu", weights_only=True, mmap=True)
+            else:
+                checkpoint = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:
         message = " ".join(str(exc).split())[:200]
         raise ValueError(f"{source}: not a readable Vec2Face checkpoint ({type(exc).__name__}: {message})") from None
@@ -285,11 +291,12 @@ def read_state_dict(data: bytes, source: str) -> dict[str, torch.Tensor]:
 
 def load_vec2face(path: str, device: str | torch.device = "cpu") -> Vec2Face:
     """The base Vec2Face with the weights of ``path`` (strict: every name and shape must match)."""
-    from facegen.storage import exists, read_bytes
+    from facegen.storage import exists, is_remote, read_bytes
 
     if not exists(path):
         raise FileNotFoundError(f"{path}: Vec2Face checkpoint not found")
-    state = read_state_dict(read_bytes(path), path)
+    local = str(path).removeprefix("file://")
+    state = read_state_dict(read_bytes(path) if is_remote(path) else local, path)
     with torch.device("meta"):  # no random initialisation of weights that are replaced next
         model = vec2face_vit_base_patch16()
     try:
@@ -302,9 +309,21 @@ def load_vec2face(path: str, device: str | torch.device = "cpu") -> Vec2Face:
 
 def save_vec2face(path: str, model: Vec2Face) -> str:
     """Write ``{"model_vec2face": state_dict}`` (the release's layout) atomically; returns ``path``."""
-    from facegen.storage import write_bytes_atomic
+    from facegen.storage import is_remote, write_bytes_atomic
 
-    buffer = io.BytesIO()
-    torch.save({CHECKPOINT_KEY: {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}}, buffer)
-    write_bytes_atomic(buffer.getvalue(), path)
+    checkpoint = {CHECKPOINT_KEY: {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}}
+    if is_remote(path):
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        write_bytes_atomic(buffer.getvalue(), path)
+        return path
+    local = str(path).removeprefix("file://")  # straight to a temporary sibling: no second copy in memory
+    os.makedirs(os.path.dirname(os.path.abspath(local)), exist_ok=True)
+    tmp = f"{local}.tmp-{uuid.uuid4().hex}"
+    try:
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, local)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return path
