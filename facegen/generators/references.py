@@ -90,15 +90,21 @@ class TextToImageSource:
         from facegen.generators.text_to_image import render_text
         from facegen.identities.attributes import build_prompt, sample_attributes
 
+        from facegen.generators import run_with_splitting
+
         attributes = sample_attributes(self.seed, identity_id)
         prompt = build_prompt(attributes)
-        seeds = [reference_seed(self.seed, identity_id, a) for a in attempts]
         meta = {"prompt": prompt, "attributes": attributes}
-        try:
-            images = render_text(self.pipeline, self.settings, [prompt] * len(attempts), seeds)
-        except Exception as exc:  # a failed call rejects its attempts; the next ones still run
-            return [Candidate(a, s, None, meta, f"{type(exc).__name__}: {exc}") for a, s in zip(attempts, seeds)]
-        return [Candidate(a, s, image, meta) for a, s, image in zip(attempts, seeds, images)]
+        items = [(a, reference_seed(self.seed, identity_id, a)) for a in attempts]
+
+        def compute(part: list[tuple[int, int]]) -> list[Candidate]:
+            images = render_text(self.pipeline, self.settings, [prompt] * len(part), [s for _, s in part])
+            return [Candidate(a, s, image, meta) for (a, s), image in zip(part, images)]
+
+        def failed(item: tuple[int, int], exc: BaseException) -> Candidate:  # rejected; later attempts still run
+            return Candidate(item[0], item[1], None, meta, f"{type(exc).__name__}: {exc}")
+
+        return run_with_splitting(items, compute, failed)  # an out-of-memory call is split in halves
 
 
 class PhotoSource:
