@@ -63,7 +63,7 @@ def _print_report(report: Any) -> None:
         from facegen.identities.expansion import format_histograms
 
         console.print("similarity to the identity feature (requested vs realised):", highlight=False)
-        console.print(format_histograms(data["histograms"]), highlight=False, markup=False)
+        console.print(format_histograms(data["histograms"], trim=True), highlight=False, markup=False)
 
 
 @app.command()
