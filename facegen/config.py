@@ -208,6 +208,21 @@ class GeneratorSettings(_Section):
     diffusion: DiffusionSettings = DiffusionSettings()
     hybrid: HybridSettings = Field(default_factory=lambda: HybridSettings())
 
+    @model_validator(mode="after")
+    def _hybrid_complete(self) -> "GeneratorSettings":
+        if self.backend != "hybrid":
+            return self
+        h = self.hybrid
+        if not h.embedder.enabled:
+            raise ValueError("hybrid.embedder: the identity feature needs an embedder (kind and path)")
+        if h.detector.kind == "none":
+            raise ValueError("hybrid.detector.kind: references must go through a face detector, not 'none'")
+        if h.expander == "vec2face" and not h.vec2face.checkpoint:
+            raise ValueError("hybrid.vec2face.checkpoint: the vec2face expander needs its .pth")
+        if h.reference.backend == "photos" and not h.reference.photos_dir:
+            raise ValueError("hybrid.reference.photos_dir: the photos reference backend needs a folder")
+        return self
+
 
 class EmbedderSettings(_Section):
     """The face embedder (``facegen.faces.embed.build_embedder``); no ``path`` skips embedding.

@@ -131,3 +131,17 @@ def test_run_histograms_go_to_wandb(tmp_path, monkeypatch):
     logged = run.history[0]["similarity/requested"]
     assert logged["_type"] == "histogram" and logged["values"] == [0, 0, 3, 0] and logged["bins"] == hist["edges"]
     assert run.summary["similarity/requested_count"] == 3
+
+
+def test_hybrid_settings_are_checked_when_the_config_loads():
+    base = {"backend": "hybrid", "hybrid": {"embedder": {"kind": "dlib"}}}
+    config_from_dict({"generator": base})
+    with pytest.raises(ConfigError, match=r"generator: Value error, hybrid.embedder: the identity feature needs an embedder"):
+        config_from_dict({"generator": {"backend": "hybrid"}})
+    with pytest.raises(ConfigError, match=r"hybrid.vec2face.checkpoint: the vec2face expander needs its .pth"):
+        config_from_dict({"generator": base | {"hybrid": {"embedder": {"kind": "dlib"}, "expander": "vec2face"}}})
+    with pytest.raises(ConfigError, match=r"hybrid.detector.kind: references must go through a face detector"):
+        config_from_dict({"generator": base | {"hybrid": {"embedder": {"kind": "dlib"}, "detector": {"kind": "none"}}}})
+    with pytest.raises(ConfigError, match=r"expander gan perturbs a GAN reference's latent"):
+        config_from_dict({"generator": {"hybrid": {"expander": "gan"}}})
+    config_from_dict({"generator": {"backend": "parametric", "hybrid": {"expander": "vec2face"}}})  # not used: not checked
