@@ -176,7 +176,9 @@ def test_vec2face_expansion_measures_the_realised_similarity(models):
     torch.manual_seed(0)
     small = Vec2Face(embed_dim=64, depth=1, num_heads=4, decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=4,
                      decoder_ch=32, feature_dim=128)  # a random network the size of a test; dlib features are 128-d
-    settings = hybrid_settings(models, expander="vec2face", vec2face=Vec2FaceSettings(micro_batch=2))
+    base = hybrid_settings(models)  # the expander is built here, so no checkpoint path is needed (or validated)
+    hybrid = base.hybrid.model_copy(update={"expander": "vec2face", "vec2face": Vec2FaceSettings(micro_batch=2)})
+    settings = base.model_copy(update={"hybrid": hybrid})
     gen = HybridGenerator(settings, seed=0, expander=Vec2FaceExpander(settings.hybrid.vec2face, model=small))
     out = gen(_ids(0))
     assert out["status"].tolist() == [STATUS_OK] * 3 and set(out["source"]) == {"hybrid:photos+vec2face"}
