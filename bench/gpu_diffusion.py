@@ -120,6 +120,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--skip-compile", action="store_true")
+    parser.add_argument("--compile-mode", default="default", help="torch.compile mode (max-autotune takes minutes)")
     parser.add_argument("--skip-vec2face", action="store_true")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes: a smoke run of this script on CPU")
     args = parser.parse_args()
@@ -157,10 +158,11 @@ def main() -> None:
         pipe.scheduler = dpm
         if not args.skip_compile and args.device == "cuda":
             t0 = time.perf_counter()
-            pipe.unet = torch.compile(pipe.unet, mode="max-autotune-no-cudagraphs")
+            pipe.unet = torch.compile(pipe.unet, mode=args.compile_mode)
             run(sd)
             print(f"torch.compile warm-up {time.perf_counter() - t0:.0f} s")
-            rows.append((f"SD 1.5 {args.size}px {args.steps} steps fp16+SDPA+compile", timed(lambda: run(sd), b, args.repeat, args.device)))
+            rows.append((f"SD 1.5 {args.size}px {args.steps} steps fp16+SDPA+compile ({args.compile_mode})",
+                         timed(lambda: run(sd), b, args.repeat, args.device)))
         del pipe
         torch.cuda.empty_cache() if args.device == "cuda" else None
 
