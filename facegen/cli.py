@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from facegen.config import ConfigError, FacegenConfig, load_config
+from facegen.stages import StageError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Synthetic face-recognition datasets on Ray.")
 console = Console()
@@ -30,7 +31,7 @@ def _one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except (ConfigError, FileNotFoundError, ValueError) as exc:
+        except (ConfigError, FileNotFoundError, ValueError, StageError) as exc:
             console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 

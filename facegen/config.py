@@ -31,6 +31,8 @@ class RunSettings(_Section):
     output_dir: str = "outputs/run"
     seed: int = Field(default=0, ge=0)
     overwrite: bool = False
+    verify: Literal["sha256", "size"] = Field(
+        default="sha256", description="how finished blocks are checked before a stage trusts them")
 
 
 class RaySettings(_Section):
@@ -60,7 +62,7 @@ class ParametricSettings(_Section):
 class DiffusionSettings(_Section):
     """Stable Diffusion text-to-image through diffusers ``from_pretrained``."""
 
-    model: str = "stabilityai/stable-diffusion-2-1-base"
+    model: str = Field(default="stabilityai/stable-diffusion-2-1-base", json_schema_extra={"input_path": "local_or_hub"})
     num_inference_steps: int = Field(default=30, ge=1)
     guidance_scale: float = Field(default=7.5, ge=0.0)
     height: int = Field(default=512, ge=8)
@@ -91,7 +93,7 @@ class GeneratorSettings(_Section):
 class EmbedderSettings(_Section):
     """A facegen IResNet checkpoint directory; ``None`` skips embedding (e.g. to bootstrap one)."""
 
-    checkpoint: str | None = None
+    checkpoint: str | None = Field(default=None, json_schema_extra={"input_path": "required"})
     batch_size: int = Field(default=64, ge=1)
     device: str = "auto"
 
@@ -198,7 +200,7 @@ class TrainSettings(_Section):
 class EvalSettings(_Section):
     """Verification sets in insightface ``.bin`` format, 10-fold accuracy."""
 
-    bins: list[str] = []
+    bins: list[str] = Field(default=[], json_schema_extra={"input_path": "required"})
     batch_size: int = Field(default=64, ge=1)
     nrof_folds: int = Field(default=10, ge=2)
 
@@ -209,6 +211,18 @@ class TrackingSettings(_Section):
     mode: Literal["auto", "online", "offline", "disabled"] = "auto"
     project: str = "facegen"
     entity: str | None = None
+
+
+class StorageSettings(_Section):
+    """Object-store access for ``s3://`` paths; credentials come from the usual AWS variables.
+
+    ``s3_endpoint`` (an S3-compatible server, e.g. ``http://127.0.0.1:9000``) is handed to the
+    driver and every Ray worker as ``AWS_ENDPOINT_URL``, which pyarrow reads; left empty, an
+    ``AWS_ENDPOINT_URL`` already in the environment (or AWS itself) is used.
+    """
+
+    s3_endpoint: str | None = None
+    s3_region: str | None = None
 
 
 class DemoSettings(_Section):
@@ -235,6 +249,7 @@ class FacegenConfig(_Section):
     eval: EvalSettings = EvalSettings()
     tracking: TrackingSettings = TrackingSettings()
     demo: DemoSettings = DemoSettings()
+    storage: StorageSettings = StorageSettings()
 
     @field_validator("identities")
     @classmethod

@@ -91,6 +91,7 @@ def start_run(cfg: FacegenConfig, job_type: str, run_dir: str | None = None, nam
         project=cfg.tracking.project,
         entity=cfg.tracking.entity,
         name=name,
+        group=cfg.run.name,  # every stage of a run and its training share one W&B group
         job_type=job_type,
         id=run_id(name, job_type),
         resume="allow",
@@ -100,6 +101,54 @@ def start_run(cfg: FacegenConfig, job_type: str, run_dir: str | None = None, nam
         settings=wandb.Settings(silent=True, console="off", x_disable_stats=True, save_code=False),
     )
     return Tracker(run)
+
+
+class StageTracker:
+    """Per-block statistics of a data stage (generate, clean, shard) as W&B rows, totals as summary.
+
+    Numeric fields of a block's stats record become columns; ``error_kinds`` / ``removed_by``
+    counters become ``errors/<kind>`` / ``removed/<reason>`` columns; a ``difficulty_histogram``
+    (``counts`` over ``bin_edges``) becomes a W&B histogram.
+    """
+
+    SKIP = frozenset({"bytes", "sha256", "config_digest", "source_sha256"})
+
+    def __init__(self, tracker: Tracker):
+        self.tracker = tracker
+
+    def log_block(self, record: dict) -> None:
+        """One W&B row for one finished block."""
+        if not self.tracker.enabled:
+            return
+        row: dict[str, Any] = {}
+        for key, value in record.items():
+            if key in self.SKIP:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                if key in ("error_kinds", "removed_by") and isinstance(value, dict):
+                    prefix = "errors" if key == "error_kinds" else "removed"
+                    row.update({f"{prefix}/{k}": int(v) for k, v in value.items()})
+                elif key == "difficulty_histogram" and isinstance(value, dict) and value.get("counts"):
+                    import wandb
+
+                    row["difficulty"] = wandb.Histogram(np_histogram=(value["counts"], value["bin_edges"]))
+                continue
+            row[key] = value
+        self.tracker.log(row)
+
+    def finish_stage(self, report: Any) -> None:
+        """The stage's totals and block counts as the run summary; closes the run."""
+        if self.tracker.enabled:
+            values = dict(getattr(report, "totals", {}) or {})
+            for key in ("blocks_total", "blocks_skipped", "blocks_written", "blocks_redone", "seconds"):
+                values[key] = getattr(report, key, None)
+            self.tracker.summary(values)
+        self.tracker.finish()
+
+
+def start_stage_tracker(cfg: FacegenConfig, stage: str) -> StageTracker:
+    """The W&B run of a data stage (job type ``stage``) in the run's project and group."""
+    return StageTracker(start_run(cfg, stage))
 
 
 # --- reading offline runs -------------------------------------------------------------------
