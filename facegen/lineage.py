@@ -111,6 +111,16 @@ def manifest_digest(shards: list[dict[str, Any]], labels_sha256: str, edges: lis
     return _short(json.dumps(body, sort_keys=True).encode())
 
 
+def shard_set_digest(shards_dir: str) -> str:
+    """The ``digest`` of the shard set in ``shards_dir`` (computed for manifests older than it)."""
+    from facegen.shards import load_manifest
+
+    manifest = load_manifest(shards_dir)
+    if manifest.get("digest"):
+        return str(manifest["digest"])
+    return manifest_digest(manifest["shards"], "", manifest["bucket_edges"], str(manifest.get("config_digest", "")))
+
+
 def check_training_input(run_dir: str, shards_dir: str, digest: str, overwrite: bool) -> bool:
     """Refuse (one line) to resume ``run_dir`` on a shard set other than the one it started on.
 
