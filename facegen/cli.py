@@ -24,6 +24,7 @@ console = Console()
 ConfigOption = typer.Option(None, "--config", "-c", help="YAML settings file")
 SetOption = typer.Option(None, "--set", "-s", help="override, e.g. --set train.epochs=2 (repeatable)")
 ProgressOption = typer.Option(True, "--progress/--no-progress", help="progress bars")
+VerboseOption = typer.Option(False, "--verbose", "-v", help="also show Ray's own logs (off by default)")
 
 
 def _one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -38,11 +39,15 @@ def _one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def _load(config: Optional[str], overrides: Optional[list[str]]) -> FacegenConfig:
+def _load(config: Optional[str], overrides: Optional[list[str]], verbose: bool = False) -> FacegenConfig:
+    """Settings, every input path they name checked, then Ray (quiet unless ``verbose``)."""
     cfg = load_config(config, overrides or [])
+    from facegen.preflight import check_input_paths
+
+    check_input_paths(cfg, config or "settings")
     from facegen.ray_utils import init_ray
 
-    init_ray(cfg.ray)
+    init_ray(cfg.ray, cfg.storage, verbose=verbose)
     return cfg
 
 
@@ -57,45 +62,49 @@ def _print_pairs(title: str, rows: list[tuple[str, str]]) -> None:
 
 def _print_report(report: Any) -> None:
     data = asdict(report)
-    rows = [(k, str(v)) for k, v in data.items() if k != "totals"]
+    rows = [(k, str(v)) for k, v in data.items() if k not in ("totals", "notes")]
     rows += [(k, str(v)) for k, v in data.get("totals", {}).items()]
+    rows += [("note", note) for note in data.get("notes", [])]
     _print_pairs(f"facegen {data['stage']}", rows)
 
 
 @app.command()
 @_one_line_errors
-def generate(config: Optional[str] = ConfigOption, set_: Optional[list[str]] = SetOption, progress: bool = ProgressOption) -> None:
+def generate(config: Optional[str] = ConfigOption, set_: Optional[list[str]] = SetOption, progress: bool = ProgressOption,
+             verbose: bool = VerboseOption) -> None:
     """Generate, align and embed images for every identity block not done yet."""
     from facegen.stages.generate import run_generate
 
-    _print_report(run_generate(_load(config, set_), progress=progress))
+    _print_report(run_generate(_load(config, set_, verbose), progress=progress))
 
 
 @app.command()
 @_one_line_errors
-def clean(config: Optional[str] = ConfigOption, set_: Optional[list[str]] = SetOption, progress: bool = ProgressOption) -> None:
+def clean(config: Optional[str] = ConfigOption, set_: Optional[list[str]] = SetOption, progress: bool = ProgressOption,
+          verbose: bool = VerboseOption) -> None:
     """Clean every generated block (consistency clusters, minimum size, top-up)."""
     from facegen.stages.clean import run_clean
 
-    _print_report(run_clean(_load(config, set_), progress=progress))
+    _print_report(run_clean(_load(config, set_, verbose), progress=progress))
 
 
 @app.command()
 @_one_line_errors
-def shard(config: Optional[str] = ConfigOption, set_: Optional[list[str]] = SetOption, progress: bool = ProgressOption) -> None:
+def shard(config: Optional[str] = ConfigOption, set_: Optional[list[str]] = SetOption, progress: bool = ProgressOption,
+          verbose: bool = VerboseOption) -> None:
     """Write curriculum-ordered (easy to hard) shards with a manifest and checksums."""
     from facegen.stages.shard import run_shard
 
-    _print_report(run_shard(_load(config, set_), progress=progress))
+    _print_report(run_shard(_load(config, set_, verbose), progress=progress))
 
 
 @app.command()
 @_one_line_errors
-def train(config: Optional[str] = ConfigOption, set_: Optional[list[str]] = SetOption) -> None:
+def train(config: Optional[str] = ConfigOption, set_: Optional[list[str]] = SetOption, verbose: bool = VerboseOption) -> None:
     """Train IResNet + margin head with Ray Train on the shards (same run name resumes)."""
     from facegen.train.loop import train as run_train
 
-    cfg = _load(config, set_)
+    cfg = _load(config, set_, verbose)
     result = run_train(cfg, cfg.stage_dir("shards"), eval_bins=list(cfg.eval.bins))
     last = result.history[-1] if result.history else {}
     _print_pairs("facegen train", [("run", result.run_dir), ("backbone", result.backbone_dir),
@@ -124,11 +133,12 @@ def eval_(
 
 @app.command()
 @_one_line_errors
-def pipeline(config: Optional[str] = ConfigOption, set_: Optional[list[str]] = SetOption, progress: bool = ProgressOption) -> None:
+def pipeline(config: Optional[str] = ConfigOption, set_: Optional[list[str]] = SetOption, progress: bool = ProgressOption,
+             verbose: bool = VerboseOption) -> None:
     """Run generate -> clean -> shard -> train -> eval; prints one summary table."""
     from facegen.pipeline import run_pipeline, summary_rows
 
-    summary = run_pipeline(_load(config, set_), progress=progress)
+    summary = run_pipeline(_load(config, set_, verbose), progress=progress)
     _print_pairs("facegen pipeline summary", summary_rows(summary))
 
 

@@ -1,8 +1,8 @@
 """Running per-block work on a Ray cluster with the driver holding only small records.
 
-- :func:`map_blocks`: a callable class (one actor per pool slot, model loaded once) that receives
-  one block per call, writes the block's files itself and returns a JSON record; the driver
-  streams the records in completion order (no global ordering, nothing large in the driver).
+- :func:`map_blocks`: a :class:`BlockWorker` class (one actor per pool slot, models loaded once)
+  that makes one block per call, writes the block's files itself and returns its stats record;
+  the driver receives the records in completion order (no global ordering, nothing large).
 - :func:`map_tasks`: a function over many items as Ray tasks, at most ``max_in_flight`` at a time,
   results handled as they finish (each ``ray.wait`` looks at the bounded window only, so the
   bookkeeping is O(n) in the number of items).
@@ -25,18 +25,59 @@ def _record_batch(block_ids: np.ndarray, records: list[dict[str, Any]]) -> dict[
             "record": np.array([json.dumps(r, default=float) for r in records], dtype=object)}
 
 
-def run_each_block(batch: dict[str, np.ndarray], make: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, np.ndarray]:
-    """Call ``make(row)`` for every block row of a batch; an exception becomes an error record,
-    so one bad block never stops the others (the driver reports it)."""
-    rows = [{k: (v[i].item() if hasattr(v[i], "item") else v[i]) for k, v in batch.items()} for i in range(len(batch["block_id"]))]
-    records = []
-    for row in rows:
+def _one_line(exc: BaseException, limit: int = 500) -> str:
+    return " ".join(f"{type(exc).__name__}: {exc}".split())[:limit]
+
+
+class BlockWorker:
+    """Base of the per-block callable classes: ``make(row) -> stats record`` does one block.
+
+    :meth:`make_record` turns an exception into an error record, so one bad block never stops the
+    others (the driver reports it); ``__call__`` offers the same on a Ray Data batch of block rows.
+    """
+
+    def make(self, row: dict[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def make_record(self, row: dict[str, Any]) -> dict[str, Any]:
+        """``make(row)``, or ``{"block_id", "error"}`` when it raised."""
         try:
-            records.append(make(row))
+            return self.make(row)
         except Exception as exc:  # noqa: BLE001 - reported per block, the pool goes on
-            message = " ".join(f"{type(exc).__name__}: {exc}".split())[:500]
-            records.append({"block_id": int(row["block_id"]), "error": f"block {int(row['block_id'])}: {message}"})
-    return _record_batch(batch["block_id"], records)
+            return {"block_id": int(row["block_id"]), "error": f"block {int(row['block_id'])}: {_one_line(exc)}"}
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = [{k: (v[i].item() if hasattr(v[i], "item") else v[i]) for k, v in batch.items()}
+                for i in range(len(batch["block_id"]))]
+        return _record_batch(batch["block_id"], [self.make_record(r) for r in rows])
+
+
+class _GuardedWorker:
+    """The actor behind :func:`map_blocks`: builds the worker and remembers why it could not.
+
+    A constructor that raises inside Ray is logged as a multi-page traceback and retried; caught
+    here, it becomes one ``fatal`` record that the driver turns into one line.
+    """
+
+    def __init__(self, worker_class: type, kwargs: dict[str, Any]):
+        self.failure: str | None = None
+        try:
+            self.worker = worker_class(**kwargs)
+        except Exception as exc:  # noqa: BLE001 - reported to the driver as one line
+            self.worker, self.failure = None, _one_line(exc)
+
+    def make_record(self, row: dict[str, Any]) -> dict[str, Any]:
+        if self.worker is None:
+            return {"block_id": int(row["block_id"]), "fatal": self.failure}
+        return self.worker.make_record(row)
+
+
+def _creation_error(exc: BaseException) -> str:
+    """The one-line cause of an actor that could not be created (its constructor raised)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    causes = [ln for ln in lines if ": " in ln and ln.split(":", 1)[0].replace(".", "").isidentifier()
+              and ln.split(":", 1)[0].endswith(("Error", "Exception"))]
+    return (causes[-1] if causes else (lines[-1] if lines else type(exc).__name__))[:500]
 
 
 def map_blocks(
@@ -48,26 +89,53 @@ def map_blocks(
     num_cpus: float,
     num_gpus: float = 0.0,
     resources: dict[str, float] | None = None,
+    max_restarts: int = 3,
 ) -> Iterator[dict[str, Any]]:
-    """Records of ``actor_class(**constructor_kwargs)(batch of one block row)``, as blocks finish."""
+    """Stats records of ``actor_class(**constructor_kwargs).make_record(row)`` for every block row,
+    as blocks finish, on a pool of ``pool_size`` actors.
+
+    Each actor has two blocks queued at most (no idle gap between blocks); the driver waits on
+    that bounded set only, so handling n blocks costs O(n). An actor lost with its node is
+    restarted and its block retried (``max_restarts``); an actor whose constructor raises stops
+    the stage at once with that error in one line (:class:`~facegen.stages.StageError`).
+    """
     import ray
-    from ray.data import ActorPoolStrategy
+    from ray.exceptions import RayActorError
+
+    from facegen.stages import StageError
 
     if not blocks:
         return
-    ds = ray.data.from_items(blocks, override_num_blocks=len(blocks))
-    ds = ds.map_batches(
-        actor_class,
-        fn_constructor_kwargs=constructor_kwargs,
-        batch_size=1,
-        batch_format="numpy",
-        compute=ActorPoolStrategy(size=max(1, min(pool_size, len(blocks)))),
-        num_cpus=num_cpus,
-        num_gpus=num_gpus,
-        resources=resources or None,
-    )
-    for row in ds.iter_rows():
-        yield json.loads(row["record"])
+    remote = ray.remote(_GuardedWorker).options(num_cpus=num_cpus, num_gpus=num_gpus, resources=resources or None,
+                                                max_restarts=max_restarts, max_task_retries=max_restarts)
+    actors = [remote.remote(actor_class, constructor_kwargs) for _ in range(max(1, min(pool_size, len(blocks))))]
+    queue = iter(blocks)
+    in_flight: dict[Any, Any] = {}
+
+    def submit(actor: Any) -> None:
+        row = next(queue, None)
+        if row is not None:
+            in_flight[actor.make_record.remote(row)] = actor
+
+    try:
+        for _ in range(2):
+            for actor in actors:
+                submit(actor)
+        while in_flight:
+            [ref], _ = ray.wait(list(in_flight), num_returns=1)
+            actor = in_flight.pop(ref)
+            try:
+                record = ray.get(ref)
+            except RayActorError as exc:
+                what = "could not start" if "creation task" in str(exc) else "died (restarts used up)"
+                raise StageError(f"{actor_class.__name__} {what}: {_creation_error(exc)}") from None
+            if "fatal" in record:
+                raise StageError(f"{actor_class.__name__} could not start: {record['fatal']}")
+            submit(actor)
+            yield record
+    finally:
+        for actor in actors:
+            ray.kill(actor)
 
 
 def map_tasks(fn: Callable[..., Any], items: list[Any], *, max_in_flight: int = 64, num_cpus: float = 0.25,

@@ -15,7 +15,7 @@ from facegen import blocks as blk
 from facegen.claims import StageClaim
 from facegen.config import FacegenConfig
 from facegen.stages import StageError, StageReport
-from facegen.stages.blockpool import map_blocks, run_each_block
+from facegen.stages.blockpool import BlockWorker, map_blocks
 
 CLEAN_COUNTERS = [
     "identities_in", "identities_kept", "identities_dropped", "images_in", "images_error",
@@ -33,7 +33,7 @@ def difficulty_histogram_of(table) -> dict[str, Any]:
     return difficulty_histogram(difficulty)
 
 
-class BlockCleaner:
+class BlockCleaner(BlockWorker):
     """Callable class for ``map_batches``: cleans the blocks named in a batch, returns their stats.
 
     Each raw block is read with its recorded sha256 checked; the clean block's stats record keeps
@@ -64,8 +64,9 @@ class BlockCleaner:
                      difficulty_histogram=difficulty_histogram_of(cleaned))
         return blk.commit_block(self.clean_dir, block_id, cleaned, stats)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return run_each_block(batch, lambda row: self.clean_one(int(row["block_id"]), row.get("source_sha256")))
+    def make(self, row: dict[str, Any]) -> dict[str, Any]:
+        """Clean the block of a ``{"block_id", "source_sha256"}`` row."""
+        return self.clean_one(int(row["block_id"]), row.get("source_sha256"))
 
 
 def run_clean(cfg: FacegenConfig, raw_dir: str | None = None, clean_dir: str | None = None, progress: bool = True) -> StageReport:

@@ -26,7 +26,7 @@ from facegen.claims import StageClaim
 from facegen.config import FacegenConfig
 from facegen.schema import SAMPLE, STATUS_OK, table_from_batch
 from facegen.stages import StageError, StageReport
-from facegen.stages.blockpool import cluster_checksums, map_blocks, run_each_block
+from facegen.stages.blockpool import BlockWorker, cluster_checksums, map_blocks
 
 GENERATE_COUNTERS = ["identities", "images", "images_ok", "images_error", "faces_rejected", "injected_wrong"]
 _SAMPLE_PREFIX = re.compile(r"^(faces: )?(identity[_ ]?(id)?[= ]?-?\d+ sample[_ ]?(idx)?[= ]?-?\d+: )")
@@ -93,7 +93,7 @@ def block_stats(table: pa.Table, block: blk.Block) -> dict[str, Any]:
     }
 
 
-class BlockGenerator:
+class BlockGenerator(BlockWorker):
     """Callable class for ``map_batches``: makes and commits whole blocks, returns one record each.
 
     The source of GENERATED rows is :meth:`build_source` (a generator backend); a stage that starts
@@ -122,9 +122,6 @@ class BlockGenerator:
         stats = block_stats(table, block)
         stats.update(config_digest=self.config_digest, seconds=round(time.time() - started, 2))
         return blk.commit_block(self.stage_dir, block.block_id, table, stats)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return run_each_block(batch, self.make)
 
 
 def pool_resources(cfg: FacegenConfig) -> dict[str, Any]:
