@@ -38,6 +38,25 @@ def run_eval(checkpoint: str, bins: list[str], batch_size: int = 64, nrof_folds:
     return [asdict(r) for r in results]
 
 
+def _eval_task(checkpoint: str, bins: list[str], batch_size: int, nrof_folds: int) -> list[dict[str, Any]]:
+    import os
+
+    return [{**r, "worker_pid": os.getpid()} for r in run_eval(checkpoint, bins, batch_size, nrof_folds)]
+
+
+def run_eval_on_cluster(cfg: FacegenConfig, checkpoint: str, bins: list[str]) -> list[dict[str, Any]]:
+    """:func:`run_eval` as a Ray task with one training worker's resources (a GPU on a cluster),
+    so the final evaluation never runs in the driver on the CPU-only head node."""
+    import os
+
+    import ray
+
+    absolute = [b if "://" in b else os.path.abspath(b) for b in [checkpoint, *bins]]
+    task = ray.remote(num_cpus=cfg.train.cpus_per_worker, num_gpus=1 if cfg.train.use_gpu else 0,
+                      resources=cfg.train.resources or None)(_eval_task)
+    return ray.get(task.remote(absolute[0], absolute[1:], cfg.eval.batch_size, cfg.eval.nrof_folds))
+
+
 def run_pipeline(cfg: FacegenConfig, progress: bool = True) -> PipelineSummary:
     """Run every stage of ``cfg`` in order on the connected Ray cluster."""
     from facegen.demo import bootstrap_embedder, write_heldout_bin
@@ -81,7 +100,7 @@ def run_pipeline(cfg: FacegenConfig, progress: bool = True) -> PipelineSummary:
     }
     lap("train")
     if bins:
-        summary.verification = run_eval(result.backbone_dir, bins, cfg.eval.batch_size, cfg.eval.nrof_folds)
+        summary.verification = run_eval_on_cluster(cfg, result.backbone_dir, bins)
         lap("eval")
     summary.outputs = {
         "raw blocks": cfg.stage_dir("raw"),

@@ -55,6 +55,27 @@ def quiet_ray_logs() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def forward_worker_stdout_only() -> None:
+    """Show what workers print to stdout (training progress lines), not their stderr.
+
+    Workers' stderr carries Ray's own messages: C++ core-worker warnings, Ray Train's and Ray
+    Data's log lines, retried-task tracebacks; they stay in the session's log files. Ray offers
+    no setting for this, so the driver's log handler is swapped (a private Ray API: if it moves,
+    all worker output is shown as before).
+    """
+    import functools
+
+    try:
+        from ray._private import worker as ray_worker
+
+        dispatcher = ray_worker.global_worker_stdstream_dispatcher
+        printer = functools.partial(ray_worker.print_to_stdstream, ignore_prefix=False)
+        dispatcher.remove_handler("ray_print_logs")
+    except (ImportError, AttributeError, KeyError, ValueError):
+        return
+    dispatcher.add_handler("ray_print_logs", lambda data: None if data.get("is_err") else printer(data))
+
+
 def init_ray(settings: RaySettings, storage: StorageSettings | None = None, verbose: bool = True) -> str:
     """Initialise Ray once; returns how it connected ("existing", "address", "cluster", "local").
 
@@ -70,29 +91,28 @@ def init_ray(settings: RaySettings, storage: StorageSettings | None = None, verb
         keep_local_ray_on_loopback()
     env = storage_env(storage)
     os.environ.update(env)
-    if not verbose:
-        # the driver's C++ core worker prints its warnings to stderr; they stay in Ray's log files
-        pass
     import ray
 
     if ray.is_initialized():
         return "existing"
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    common = {"runtime_env": {"env_vars": env}} if env else {}
+    common: dict = {"runtime_env": {"env_vars": env}} if env else {}
     if not verbose:
         common.update(logging_level=logging.ERROR, logging_config=ray.LoggingConfig(log_level="ERROR"))
         quiet_ray_logs()
     if settings.address:
         ray.init(address=settings.address, log_to_driver=True, **common)
-        return "address"
-    if os.environ.get("RAY_ADDRESS"):
+        how = "address"
+    elif os.environ.get("RAY_ADDRESS"):
         ray.init(**common)
-        return "cluster"
-    kwargs = {}
-    if settings.num_cpus:
-        kwargs["num_cpus"] = settings.num_cpus
-    if settings.object_store_memory_gb:
-        kwargs["object_store_memory"] = int(settings.object_store_memory_gb * (1 << 30))
-    ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=True, dashboard_host="127.0.0.1",
-             **kwargs, **common)
-    return "local"
+        how = "cluster"
+    else:
+        if settings.num_cpus:
+            common["num_cpus"] = settings.num_cpus
+        if settings.object_store_memory_gb:
+            common["object_store_memory"] = int(settings.object_store_memory_gb * (1 << 30))
+        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=True, dashboard_host="127.0.0.1", **common)
+        how = "local"
+    if not verbose:
+        forward_worker_stdout_only()
+    return how
