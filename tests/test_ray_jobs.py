@@ -70,30 +70,44 @@ def head_node():
             proc.wait()
 
 
-def test_generate_job_submitted_to_a_running_cluster(head_node, tmp_path):
-    port, env, _ = head_node
-    out = tmp_path / "run"
-    config = tmp_path / "job.yaml"
-    config.write_text(
-        f"run: {{output_dir: {out}}}\n"
-        "identities: {num_identities: 4, block_size: 2}\n"
-        "generator: {images_per_identity: 2, num_cpus: 0.25, parametric: {image_size: 64}}\n"
-        "faces: {num_cpus: 0.25}\n"
-    )
+def _submit(port: int, env: dict, args: list[str]) -> subprocess.CompletedProcess:
     cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{port}",
-           "--working-dir", str(REPO), "--", "python", "ray_jobs/generate.py", "--config", str(config), "--no-progress"]
+           "--working-dir", str(REPO), "--", "python", *args]
     deadline = time.time() + 120
     while True:
-        result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+        result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=540)
         # the dashboard answers before the node's job agent has registered: a refused submission
         # ("No available agent") is transient at start-up, so it is retried within the deadline
         if result.returncode == 0 or "No available agent" not in result.stdout + result.stderr or time.time() > deadline:
-            break
+            return result
         time.sleep(2)
+
+
+def test_whole_pipeline_job_submitted_to_a_running_cluster(head_node, tmp_path):
+    import yaml
+
+    from facegen import storage
+    from facegen.shards import load_manifest, verify_shards
+    from tiny_pipeline import tiny_embedder, tiny_settings
+
+    port, env, _ = head_node
+    out = tmp_path / "run"
+    settings = tiny_settings(str(out), tiny_embedder(tmp_path), name="job-tiny")
+    settings["tracking"] = {"mode": "disabled"}
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump(settings))
+    result = _submit(port, env, ["ray_jobs/pipeline.py", "--config", str(config), "--no-progress"])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "succeeded" in result.stdout
-    assert blk.done_block_ids(str(out / "raw")) == [0, 1]
-    assert "blocks_written" in result.stdout
+    assert "succeeded" in result.stdout and "facegen pipeline summary" in result.stdout
+    assert "Traceback" not in result.stdout
+
+    assert blk.done_block_ids(str(out / "raw")) == [0, 1] == blk.done_block_ids(str(out / "clean"))
+    assert verify_shards(str(out / "shards")) == [] and load_manifest(str(out / "shards"))["num_rows"] > 0
+    trained = storage.read_json(str(out / "train" / "job-tiny" / "result.json"))
+    assert trained["epochs_completed"] == 1
+    assert (Path(trained["backbone_dir"]) / "backbone.safetensors").is_file()
+    summary = storage.read_json(str(out / "summary.json"))
+    assert summary["verification"][0]["pairs"] == 40
 
 
 def test_head_node_listens_and_reports_only_loopback(head_node):
