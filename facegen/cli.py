@@ -142,6 +142,24 @@ def pipeline(config: Optional[str] = ConfigOption, set_: Optional[list[str]] = S
     _print_pairs("facegen pipeline summary", summary_rows(summary))
 
 
+@app.command()
+@_one_line_errors
+def report(
+    config: Optional[str] = ConfigOption,
+    set_: Optional[list[str]] = SetOption,
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="where to write (default <run.output_dir>/report.html)"),
+) -> None:
+    """Write one self-contained HTML page about the dataset (no Ray needed)."""
+    from facegen.eval.html_report import write_report
+    from facegen.ray_utils import storage_env
+
+    cfg = load_config(config, set_ or [])
+    import os
+
+    os.environ.update(storage_env(cfg.storage))
+    console.print(f"report: {write_report(cfg, output)}", highlight=False, soft_wrap=True)
+
+
 def main() -> None:
     """Entry point for ``python -m facegen``."""
     app(prog_name="facegen")

@@ -168,6 +168,8 @@ class OfflineRun:
     history: list[dict] = field(default_factory=list)
     summary: dict = field(default_factory=dict)
     run_id: str | None = None
+    group: str | None = None
+    job_type: str | None = None
 
 
 def _records(path: str) -> list[bytes]:
@@ -238,6 +240,8 @@ def _read_file(path: str, run: OfflineRun) -> None:
         kind = record.WhichOneof("record_type")
         if kind == "run":
             run.run_id = record.run.run_id or run.run_id
+            run.group = record.run.run_group or run.group
+            run.job_type = record.run.job_type or run.job_type
             _apply_items(run.config, record.run.config.update, record.run.config.remove)
         elif kind == "config":
             _apply_items(run.config, record.config.update, record.config.remove)
