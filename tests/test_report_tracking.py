@@ -50,6 +50,7 @@ def test_every_stage_logs_per_block_statistics_to_the_training_group(tiny_run):
     histogram = [row["difficulty"] for row in runs["shard"].history if "difficulty" in row]
     assert len(histogram) == 1 and sum(histogram[0]["values"]) == summary.shard["totals"]["rows"]
     assert runs["train"].history and "loss" in runs["train"].history[-1]
+    assert summary.verification[0]["worker_pid"] != os.getpid()  # the final evaluation ran in a Ray worker
 
 
 def _chromium():
