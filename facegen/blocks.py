@@ -159,11 +159,11 @@ class BlockCheck:
     valid: dict[int, dict[str, Any]] = field(default_factory=dict)
     invalid: dict[int, str] = field(default_factory=dict)
 
-    def notes(self, stage: str, limit: int = 5) -> list[str]:
+    def notes(self, stage: str, outcome: str = "redone", limit: int = 5) -> list[str]:
         """One line per bad block (at most ``limit``, then a count): what the report shows."""
-        lines = [f"{stage}: block {b} redone: {why}" for b, why in sorted(self.invalid.items())[:limit]]
+        lines = [f"{stage}: block {b} {outcome}: {why}" for b, why in sorted(self.invalid.items())[:limit]]
         if len(self.invalid) > limit:
-            lines.append(f"{stage}: {len(self.invalid) - limit} more blocks redone")
+            lines.append(f"{stage}: {len(self.invalid) - limit} more blocks {outcome}")
         return lines
 
 

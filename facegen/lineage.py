@@ -90,8 +90,15 @@ def settings_digest(*parts: Any) -> str:
 
 
 def raw_digest(cfg: FacegenConfig) -> str:
-    """What shapes a raw block: seed, block size, generator and face settings (embedder by content)."""
-    return settings_digest(cfg.run.seed, cfg.identities.block_size, cfg.generator, cfg.faces)
+    """What shapes a raw block: seed, block size, the chosen generator backend's settings and the
+    face settings (embedder by content). Other backends' sections are left out."""
+    from facegen.generators import BACKENDS
+
+    generator = _digestible(cfg.generator)
+    for backend in BACKENDS:
+        if backend != cfg.generator.backend:
+            generator.pop(backend, None)
+    return settings_digest(cfg.run.seed, cfg.identities.block_size, generator, cfg.faces)
 
 
 def clean_digest(cfg: FacegenConfig) -> str:

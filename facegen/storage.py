@@ -197,17 +197,3 @@ def size_of(path: str) -> int:
     """Size of a file in bytes."""
     fs, p = _resolve(path)
     return fs.get_file_info(p).size
-
-
-def remove_temp_files(directory: str) -> int:
-    """Delete ``.tmp-*`` leftovers of writes a crash interrupted; returns how many went.
-
-    Only for a stage's own output directory at start-up, when no other writer uses it.
-    """
-    fs, p = _resolve(directory)
-    if fs.get_file_info(p).type != pafs.FileType.Directory:
-        return 0
-    stale = [i.path for i in fs.get_file_info(pafs.FileSelector(p, recursive=False)) if i.base_name.startswith(".tmp-")]
-    for path in stale:
-        fs.delete_file(path)
-    return len(stale)

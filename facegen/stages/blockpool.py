@@ -143,8 +143,11 @@ def map_tasks(fn: Callable[..., Any], items: list[Any], *, max_in_flight: int = 
     """``fn(item)`` for every item as Ray tasks, at most ``max_in_flight`` at once; yields results
     in completion order."""
     import ray
+    from ray.exceptions import RayTaskError
 
-    remote = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, resources=resources or None)(fn)
+    from facegen.stages import StageError
+
+    remote = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, resources=resources or None, max_retries=2)(fn)
     pending = iter(items)
     in_flight = []
     for item in pending:
@@ -156,7 +159,12 @@ def map_tasks(fn: Callable[..., Any], items: list[Any], *, max_in_flight: int = 
         for item in pending:
             in_flight.append(remote.remote(item))
             break
-        yield ray.get(done[0])
+        try:
+            result = ray.get(done[0])
+        except RayTaskError as exc:  # the task's own exception, without Ray's wrapping traceback
+            cause = exc.cause if getattr(exc, "cause", None) is not None else exc
+            raise StageError(f"{getattr(fn, '__name__', 'task')}: {_one_line(cause)}") from None
+        yield result
 
 
 def _checksum_chunk(paths: list[str]) -> list[tuple[str, str | None]]:

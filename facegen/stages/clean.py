@@ -94,7 +94,7 @@ def run_clean(cfg: FacegenConfig, raw_dir: str | None = None, clean_dir: str | N
         blk.reset_blocks(clean_dir, check.invalid)
         pending = [b for b in available if b not in check.valid]
         report = StageReport("clean", clean_dir, len(available), len(available) - len(pending), 0, 0.0,
-                             blocks_redone=len(check.invalid), notes=raw.notes("raw (not cleaned)") + check.notes("clean"))
+                             blocks_redone=len(check.invalid), notes=raw.notes("raw", "not cleaned") + check.notes("clean"))
         records = list(check.valid.values())
         failures: list[str] = []
         tracker = start_stage_tracker(cfg, "clean")

@@ -116,11 +116,12 @@ class BlockGenerator(BlockWorker):
 
     def make(self, row: dict[str, Any]) -> dict[str, Any]:
         """Generate, align, embed and commit one block; returns its stats record."""
-        started = time.time()
+        started, cpu_started = time.time(), time.process_time()
         block = blk.Block(int(row["block_id"]), int(row["first_id"]), int(row["end_id"]))
         table = generate_block_table(self.source, self.faces, block, self.cfg.generator.batch_size, self.cfg.faces.batch_size)
         stats = block_stats(table, block)
-        stats.update(config_digest=self.config_digest, seconds=round(time.time() - started, 2))
+        stats.update(config_digest=self.config_digest, seconds=round(time.time() - started, 2),
+                     cpu_seconds=round(time.process_time() - cpu_started, 2))
         return blk.commit_block(self.stage_dir, block.block_id, table, stats)
 
 

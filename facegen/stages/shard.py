@@ -78,7 +78,7 @@ def run_shard(cfg: FacegenConfig, source_dir: str | None = None, shards_dir: str
     if not source.valid:
         raise FileNotFoundError(f"{source_dir}: no finished blocks to shard")
     block_ids = sorted(source.valid)
-    notes = source.notes("shard source (left out)")
+    notes = source.notes(source_dir.rstrip("/").rsplit("/", 1)[-1], "left out of the shard set")
     manifest_path = f"{shards_dir.rstrip('/')}/manifest.json"
     sources = {str(b): source.valid[b]["sha256"] for b in block_ids}
     settings = shards_digest(cfg)
