@@ -112,8 +112,12 @@ def run_pipeline(cfg: FacegenConfig, progress: bool = True) -> PipelineSummary:
         "verification sets": ", ".join(bins),
         "wandb": cfg.stage_dir("wandb"),
         "summary": f"{cfg.run.output_dir.rstrip('/')}/summary.json",
+        "report": f"{cfg.run.output_dir.rstrip('/')}/report.html",
     }
     storage.write_json_atomic(asdict(summary), summary.outputs["summary"])
+    from facegen.eval.html_report import write_report
+
+    write_report(cfg, summary.outputs["report"])  # last: it shows the verification results
     return summary
 
 
@@ -135,6 +139,8 @@ def summary_rows(summary: PipelineSummary) -> list[tuple[str, str]]:
     ]
     for v in summary.verification:
         rows.append((f"verification accuracy: {v['name']}", f"{100 * v['accuracy_mean']:.2f}% +- {100 * v['accuracy_std']:.2f} ({v['pairs']} pairs, chance 50%)"))
+    for stage in (summary.generate, summary.clean, summary.shard):
+        rows.extend(("note", note) for note in stage.get("notes", []))  # blocks found bad and redone
     rows.extend((f"output: {k}", str(v)) for k, v in summary.outputs.items())
     rows.append(("wall time per step (s)", ", ".join(f"{k} {v}" for k, v in summary.seconds.items())))
     return rows
