@@ -80,6 +80,32 @@ def generate(config: Optional[str] = ConfigOption, set_: Optional[list[str]] = S
 
 @app.command()
 @_one_line_errors
+def ingest(
+    images: Optional[str] = typer.Option(None, "--images", help="image folder DIR/<identity>/<image> (or ingest.images_dir)"),
+    config: Optional[str] = ConfigOption,
+    set_: Optional[list[str]] = SetOption,
+    progress: bool = ProgressOption,
+    verbose: bool = VerboseOption,
+) -> None:
+    """Detect, align and embed the faces of an image folder into raw blocks (then clean/shard/train)."""
+    from facegen.ray_utils import init_ray
+    from facegen.stages.ingest import run_ingest, scan_image_folder
+
+    cfg = load_config(config, set_ or [])
+    if images is not None:
+        cfg.ingest.images_dir = images
+    if not cfg.ingest.images_dir:
+        raise ValueError("ingest.images_dir: no image folder given (facegen ingest --images DIR)")
+    plan = scan_image_folder(cfg.ingest.images_dir, cfg.ingest.extensions, cfg.identities.first_id, cfg.identities.block_size)
+    from facegen.preflight import check_input_paths
+
+    check_input_paths(cfg, config or "settings")
+    init_ray(cfg.ray, cfg.storage, verbose=verbose)
+    _print_report(run_ingest(cfg, plan, progress=progress))
+
+
+@app.command()
+@_one_line_errors
 def clean(config: Optional[str] = ConfigOption, set_: Optional[list[str]] = SetOption, progress: bool = ProgressOption,
           verbose: bool = VerboseOption) -> None:
     """Clean every generated block (consistency clusters, minimum size, top-up)."""
@@ -114,7 +140,9 @@ def train(config: Optional[str] = ConfigOption, set_: Optional[list[str]] = SetO
 @app.command("eval")
 @_one_line_errors
 def eval_(
-    checkpoint: str = typer.Option(..., "--checkpoint", help="facegen backbone directory"),
+    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="embedder weights: facegen backbone directory, .pth, .onnx (dlib: optional)"),
+    kind: str = typer.Option("facegen", "--kind", help="embedder kind: facegen | arcface_torch | onnx | dlib"),
+    arch: Optional[str] = typer.Option(None, "--arch", help="arcface_torch only: iresnet18/34/50/100"),
     bins: list[str] = typer.Option(..., "--bin", help="insightface .bin verification set (repeatable)"),
     batch_size: int = typer.Option(64, "--batch-size"),
     folds: int = typer.Option(10, "--folds"),
@@ -123,10 +151,10 @@ def eval_(
     """10-fold verification accuracy on LFW / CFP-FP / AgeDB-30 style ``.bin`` files."""
     from facegen.pipeline import run_eval
 
-    table = Table(title=f"verification: {checkpoint}", title_justify="left")
+    table = Table(title=f"verification: {kind} {checkpoint or 'packaged model'}", title_justify="left")
     for column in ("set", "pairs", "accuracy", "std"):
         table.add_column(column)
-    for r in run_eval(checkpoint, bins, batch_size, folds, device):
+    for r in run_eval(checkpoint, bins, batch_size, folds, device, kind=kind, arch=arch):
         table.add_row(r["name"], str(r["pairs"]), f"{100 * r['accuracy_mean']:.2f}%", f"{100 * r['accuracy_std']:.2f}")
     console.print(table)
 

@@ -9,7 +9,8 @@ Layout of ``shards_dir``::
     manifest.json                     written last: its presence means the set is complete
 
 ``manifest.json`` = ``{"format_version": 1, "facegen_version", "config_digest", "created",
-"num_rows", "num_identities", "num_buckets", "labels_file", "bucket_edges", "shards": [...]}``;
+"num_rows", "num_identities", "num_buckets", "labels_file", "bucket_edges", "sources",
+"embedder" ({"kind", "file", "sha256", "dim"} or null), "shards": [...]}``;
 each shard record is ``{"path" (relative), "bucket", "block", "rows", "bytes", "sha256",
 "difficulty_min", "difficulty_max"}``, listed in curriculum order (bucket, then block).
 A training label is ``searchsorted(labels, identity_id)``.
@@ -89,16 +90,17 @@ def split_block_into_buckets(table: pa.Table, block_id: int, edges: np.ndarray, 
 
 def write_manifest(
     records: list[dict[str, Any]], shards_dir: str, identity_ids: np.ndarray, edges: np.ndarray, config_digest: str,
-    sources: dict[str, str] | None = None, settings_digest: str = "",
+    sources: dict[str, str] | None = None, embedder: dict[str, Any] | None = None, settings_digest: str = "",
 ) -> dict[str, Any]:
     """Write ``labels.parquet`` then ``manifest.json`` (last, so its presence marks completion).
 
     ``records`` are the shard records of every block in any order; they are listed in curriculum
     order (bucket ascending, then block id). ``identity_ids`` may repeat; labels are their sorted
     unique values. ``sources`` (source block id -> sha256) records what the set was built from, so
-    a later run can tell whether it is stale; ``settings_digest`` records the shard settings for
-    the same purpose. ``digest`` identifies the set's content (shards, labels, edges, settings):
-    a training run records it and refuses to resume on a set with another. Returns the manifest.
+    a later run can tell whether it is stale; ``embedder`` (kind, file, sha256, dim) what embedded
+    the rows; ``settings_digest`` the shard settings. ``digest`` identifies the set's content
+    (shards, labels, edges, settings): a training run records it and refuses to resume on a set
+    with another. Returns the manifest.
     """
     from facegen.lineage import manifest_digest
 
@@ -119,6 +121,7 @@ def write_manifest(
         "labels_file": LABELS_FILE,
         "bucket_edges": [float(e) for e in edges],
         "sources": dict(sources or {}),
+        "embedder": embedder,
         "settings_digest": settings_digest,
         "digest": manifest_digest(ordered, labels_written.sha256, [float(e) for e in edges], settings_digest),
         "shards": ordered,

@@ -106,7 +106,7 @@ def start_run(cfg: FacegenConfig, job_type: str, run_dir: str | None = None, nam
 class StageTracker:
     """Per-block statistics of a data stage (generate, clean, shard) as W&B rows, totals as summary.
 
-    Numeric fields of a block's stats record become columns; ``error_kinds`` / ``removed_by``
+    Numeric fields of a block's stats record become columns; ``error_reasons`` / ``removed_by``
     counters become ``errors/<kind>`` / ``removed/<reason>`` columns; a ``difficulty_histogram``
     (``counts`` over ``bin_edges``) becomes a W&B histogram.
     """
@@ -125,8 +125,8 @@ class StageTracker:
             if key in self.SKIP:
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)):
-                if key in ("error_kinds", "removed_by") and isinstance(value, dict):
-                    prefix = "errors" if key == "error_kinds" else "removed"
+                if key in ("error_reasons", "removed_by") and isinstance(value, dict):
+                    prefix = "errors" if key == "error_reasons" else "removed"
                     row.update({f"{prefix}/{k}": int(v) for k, v in value.items()})
                 elif key == "difficulty_histogram" and isinstance(value, dict) and value.get("counts"):
                     import wandb

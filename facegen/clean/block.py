@@ -22,7 +22,7 @@ from facegen.clean.cluster import ClusterDecision, adaptive_dbscan_keep
 from facegen.config import CleanSettings
 from facegen.curriculum import identity_centre, l2_normalize
 from facegen.faces.align import decode_image, encode_image
-from facegen.schema import EMBEDDING_DIM, SAMPLE, STATUS_OK, batch_from_table, rows_to_batch, table_from_batch
+from facegen.schema import SAMPLE_NAMES, STATUS_OK, batch_from_table, embedding_dim, rows_to_batch, sample_schema, table_from_batch
 
 EmbedFn = Callable[[np.ndarray], np.ndarray]
 
@@ -43,14 +43,14 @@ def _try_decode(data: bytes | None) -> np.ndarray | None:
         return None
 
 
-def _embed(images: list[np.ndarray], embed_fn: EmbedFn) -> np.ndarray:
-    """Embed in chunks; returns L2-normalised float32 ``[N, 512]`` (non-finite rows stay NaN)."""
+def _embed(images: list[np.ndarray], embed_fn: EmbedFn, dim: int) -> np.ndarray:
+    """Embed in chunks; returns L2-normalised float32 ``[N, dim]`` (non-finite rows stay NaN)."""
     out = []
     for start in range(0, len(images), EMBED_CHUNK):
         chunk = np.stack(images[start : start + EMBED_CHUNK])
         emb = np.asarray(embed_fn(chunk), dtype=np.float32)
-        if emb.shape != (len(chunk), EMBEDDING_DIM):
-            raise ValueError(f"embed_fn returned shape {emb.shape} for {len(chunk)} images, expected ({len(chunk)}, {EMBEDDING_DIM})")
+        if emb.shape != (len(chunk), dim):
+            raise ValueError(f"embed_fn returned shape {emb.shape} for {len(chunk)} images, expected ({len(chunk)}, {dim}): the block was embedded by another embedder")
         out.append(emb)
     return l2_normalize(np.concatenate(out))
 
@@ -104,17 +104,20 @@ def clean_block(
     source's ``seed``/``source``/``true_identity_id``, ``quality`` NaN, the source image's format
     (PNG stays PNG, anything else JPEG at ``jpeg_quality``) and ``meta`` JSON
     ``{"augmented_from": <source sample_idx>, "embedding": "embedder" | "copied_from_source"}``;
-    their embedding comes from ``embed_fn`` (RGB uint8 ``[N, 112, 112, 3]`` -> ``[N, 512]``) or,
+    their embedding comes from ``embed_fn`` (RGB uint8 ``[N, 112, 112, 3]`` -> ``[N, D]``, D the
+    table's embedding width) or,
     without one (or where it returns non-finite values), is the source's. Augmentation for an
     identity draws from ``np.random.default_rng([seed, identity_id, 0xA06])``, so a block cleans
     identically wherever and whenever it runs. The output is sorted by (identity_id, sample_idx).
     """
-    missing = [name for name in SAMPLE.names if name not in table.column_names]
+    missing = [name for name in SAMPLE_NAMES if name not in table.column_names]
     if missing:
         raise ValueError(f"clean_block: table lacks SAMPLE columns {missing}")
     if seed < 0:
         raise ValueError(f"clean_block: seed must be >= 0 (it seeds numpy's SeedSequence), got {seed}")
-    table = table.select(SAMPLE.names).cast(SAMPLE)
+    dim = embedding_dim(table.schema)
+    schema = sample_schema(dim)
+    table = table.select(list(SAMPLE_NAMES)).cast(schema)
     cols = batch_from_table(table.select(["identity_id", "sample_idx", "status", "embedding"]))
     ids, sample_idx = cols["identity_id"].astype(np.int64), cols["sample_idx"].astype(np.int64)
     emb = cols["embedding"].astype(np.float64)
@@ -174,14 +177,14 @@ def clean_block(
     keep_idx = np.asarray(keep_rows, dtype=np.int64)
     difficulty = np.asarray([1.0 - unit[r] @ centres[int(ids[r])] for r in keep_idx], dtype=np.float32)
     out = table.take(pa.array(keep_idx, pa.int64()))
-    column = SAMPLE.get_field_index("difficulty")
-    out = out.set_column(column, SAMPLE.field("difficulty"), pa.array(difficulty, pa.float32()))
+    column = schema.get_field_index("difficulty")
+    out = out.set_column(column, schema.field("difficulty"), pa.array(difficulty, pa.float32()))
 
     if augmented:
         if embed_fn is not None:  # embed what was stored (after JPEG), which is what training sees
-            aug_emb = _embed([decode_image(row["image"]) for row in augmented], embed_fn)
+            aug_emb = _embed([decode_image(row["image"]) for row in augmented], embed_fn, dim)
         else:
-            aug_emb = np.full((len(augmented), EMBEDDING_DIM), np.nan)
+            aug_emb = np.full((len(augmented), dim), np.nan)
         for row, e in zip(augmented, aug_emb):
             r = row.pop("_source_row")
             how = "embedder" if np.isfinite(e).all() else "copied_from_source"
@@ -189,7 +192,7 @@ def clean_block(
             row["embedding"] = np.asarray(e, np.float32)
             row["difficulty"] = np.float32(1.0 - float(e @ centres[row["identity_id"]]))
             row["meta"] = json.dumps({"augmented_from": int(sample_idx[r]), "embedding": how})
-        out = pa.concat_tables([out, table_from_batch(rows_to_batch(augmented, SAMPLE), SAMPLE)])
+        out = pa.concat_tables([out, table_from_batch(rows_to_batch(augmented, schema), schema)])
     out = out.sort_by([("identity_id", "ascending"), ("sample_idx", "ascending")])
 
     kept_mask = np.zeros(len(ids), dtype=bool)

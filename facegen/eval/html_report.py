@@ -185,7 +185,7 @@ def build_report(cfg: FacegenConfig, identities: int = 8, per_identity: int = 8,
 
     errors: dict[str, int] = {}
     for record in raw_stats:
-        for kind, n in (record.get("error_kinds") or record.get("error_reasons") or {}).items():
+        for kind, n in (record.get("error_reasons") or {}).items():
             errors[kind] = errors.get(kind, 0) + int(n)
     sections.append("<h2>Generation errors by kind</h2>" + (_table(sorted(errors.items(), key=lambda kv: -kv[1]), ("kind", "images"))
                                                             if errors else '<p class="muted">none</p>'))

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from facegen import blocks as blk
+from facegen import storage
 from facegen.claims import StageClaim
 from facegen.config import FacegenConfig
 from facegen.stages import StageError, StageReport
@@ -47,12 +48,10 @@ class BlockCleaner(BlockWorker):
         self.cfg = FacegenConfig.model_validate_json(cfg_json)
         self.raw_dir, self.clean_dir, self.config_digest = raw_dir, clean_dir, config_digest
         self.embed_fn = None
-        checkpoint = self.cfg.faces.embedder.checkpoint
-        if checkpoint:
-            from facegen.faces.embed import Embedder
+        if self.cfg.faces.embedder.enabled:
+            from facegen.faces.embed import build_embedder
 
-            embedder = Embedder(checkpoint, device=self.cfg.faces.embedder.device, batch_size=self.cfg.faces.embedder.batch_size)
-            self.embed_fn = embedder.embed
+            self.embed_fn = build_embedder(self.cfg.faces.embedder).embed
 
     def clean_one(self, block_id: int, source_sha256: str | None = None) -> dict[str, Any]:
         """Clean one raw block (checked against ``source_sha256`` when given) and commit it."""
@@ -61,12 +60,28 @@ class BlockCleaner(BlockWorker):
         table = blk.read_block(self.raw_dir, block_id, sha256=source_sha256)
         cleaned, stats = clean_block(table, self.cfg.clean, self.cfg.run.seed, self.embed_fn, jpeg_quality=self.cfg.faces.jpeg_quality)
         stats.update(source_sha256=source_sha256, config_digest=self.config_digest,
-                     difficulty_histogram=difficulty_histogram_of(cleaned))
+                     difficulty_histogram=difficulty_histogram_of(cleaned),
+                     embedder=storage.read_json(blk.stats_path(self.raw_dir, block_id)).get("embedder"))
         return blk.commit_block(self.clean_dir, block_id, cleaned, stats)
 
     def make(self, row: dict[str, Any]) -> dict[str, Any]:
         """Clean the block of a ``{"block_id", "source_sha256"}`` row."""
         return self.clean_one(int(row["block_id"]), row.get("source_sha256"))
+
+
+def check_same_embedder(cfg: FacegenConfig, raw_dir: str) -> None:
+    """Cleaning embeds its augmented images with ``faces.embedder``: it must be the embedder that
+    embedded the raw blocks, or one identity would mix two embedding spaces."""
+    from facegen.faces.embed import describe_embedder
+
+    wanted = describe_embedder(cfg.faces.embedder)
+    for record in blk.read_stats(raw_dir):
+        used = record.get("embedder")
+        if wanted and used and used.get("sha256") != wanted["sha256"]:
+            raise ValueError(
+                f"faces.embedder: {raw_dir} block {record['block_id']} was embedded by {used['kind']} {used['file']} "
+                f"({used['sha256'][:12]}), the config names {wanted['kind']} {wanted['file']} ({wanted['sha256'][:12]})"
+            )
 
 
 def run_clean(cfg: FacegenConfig, raw_dir: str | None = None, clean_dir: str | None = None, progress: bool = True) -> StageReport:
@@ -83,6 +98,7 @@ def run_clean(cfg: FacegenConfig, raw_dir: str | None = None, clean_dir: str | N
     raw = blk.check_blocks(raw_dir)  # sizes only here: each raw block's sha256 is checked as it is read
     if not raw.valid:
         raise FileNotFoundError(f"{raw_dir}: no finished raw blocks to clean (run `facegen generate` first)")
+    check_same_embedder(cfg, raw_dir)
     available = sorted(raw.valid)
     sources = {b: raw.valid[b]["sha256"] for b in available}
     digest = clean_digest(cfg)

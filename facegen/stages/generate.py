@@ -24,25 +24,18 @@ import pyarrow as pa
 from facegen import blocks as blk
 from facegen.claims import StageClaim
 from facegen.config import FacegenConfig
-from facegen.schema import SAMPLE, STATUS_OK, table_from_batch
+from facegen.schema import STATUS_OK, batch_embedding_dim, sample_schema, table_from_batch
 from facegen.stages import StageError, StageReport
 from facegen.stages.blockpool import BlockWorker, cluster_checksums, map_blocks
 
 GENERATE_COUNTERS = ["identities", "images", "images_ok", "images_error", "faces_rejected", "injected_wrong"]
-_SAMPLE_PREFIX = re.compile(r"^(faces: )?(identity[_ ]?(id)?[= ]?-?\d+ sample[_ ]?(idx)?[= ]?-?\d+: )")
 
 
-def reason_kind(reason: str) -> str:
-    """A short class of an error reason for counting: ``"faces: ValueError"``, ``"OSError"``.
-
-    The identity/sample prefix is dropped and only the exception name (or the first words) kept,
-    so reasons that differ only in ids count together.
-    """
-    text = str(reason or "unknown").strip()
-    stage = "faces: " if text.startswith("faces:") else ""
-    text = _SAMPLE_PREFIX.sub("", text.removeprefix("faces: ") if stage else text)
-    head = text.split(":", 1)[0].strip() if ":" in text else " ".join(text.split()[:4])
-    return f"{stage}{head[:60]}" or "unknown"
+def reason_kind(reason: str | None) -> str:
+    """An error reason without the sample it names and its details: what the stats count."""
+    text = re.sub(r"^faces: identity -?\d+ sample -?\d+: ", "", reason or "")
+    text = re.sub(r"^identity_id=-?\d+ sample_idx=-?\d+: ", "", text)
+    return text.split(" (")[0][:120]
 
 
 def _slice(batch: dict[str, np.ndarray], start: int, stop: int) -> dict[str, np.ndarray]:
@@ -69,13 +62,15 @@ def generate_block_table(
         generated = source({"identity_id": chunk, "block_id": np.full(len(chunk), block.block_id, np.int64)})
         rows = len(generated["identity_id"])
         for first in range(0, rows, rows_per_face_call):
-            parts.append(table_from_batch(faces(_slice(generated, first, first + rows_per_face_call)), SAMPLE))
-    table = pa.concat_tables(parts) if parts else SAMPLE.empty_table()
+            out = faces(_slice(generated, first, first + rows_per_face_call))
+            parts.append(table_from_batch(out, sample_schema(batch_embedding_dim(out))))
+    table = pa.concat_tables(parts) if parts else sample_schema().empty_table()
     return table.sort_by([("identity_id", "ascending"), ("sample_idx", "ascending")])
 
 
-def block_stats(table: pa.Table, block: blk.Block) -> dict[str, Any]:
-    """The counters of a raw block's stats record (and of its W&B row)."""
+def block_stats(table: pa.Table, block: blk.Block, embedder: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The counters of a raw block's stats record (and of its W&B row); ``embedder`` is the
+    embedder's record (:func:`facegen.faces.embed.describe_embedder`)."""
     status = np.array(table.column("status").to_pylist(), dtype=object)
     reasons = np.array(table.column("reason").to_pylist(), dtype=object)
     failed = status != STATUS_OK
@@ -87,9 +82,10 @@ def block_stats(table: pa.Table, block: blk.Block) -> dict[str, Any]:
         "images": table.num_rows,
         "images_ok": int((~failed).sum()),
         "images_error": int(failed.sum()),
-        "faces_rejected": int(sum(n for k, n in kinds.items() if k.startswith("faces:"))),
+        "faces_rejected": int(sum(str(r).startswith("faces:") for r in reasons[failed])),
         "injected_wrong": int(((true_ids >= 0) & (true_ids != ids)).sum()),
-        "error_kinds": dict(kinds.most_common(10)),
+        "error_reasons": dict(kinds.most_common(10)),
+        "embedder": embedder,
     }
 
 
@@ -100,26 +96,34 @@ class BlockGenerator(BlockWorker):
     from existing images overrides it and keeps everything else (alignment, embedding, commit).
     """
 
-    def __init__(self, cfg_json: str, stage_dir: str, config_digest: str):
-        from facegen.faces.stage import FaceStage
-
+    def __init__(self, cfg_json: str, stage_dir: str, config_digest: str, embedder: dict[str, Any] | None = None):
         self.cfg = FacegenConfig.model_validate_json(cfg_json)
-        self.stage_dir, self.config_digest = stage_dir, config_digest
+        self.stage_dir, self.config_digest, self.embedder = stage_dir, config_digest, embedder
         self.source = self.build_source(self.cfg)
-        self.faces = FaceStage(self.cfg.faces)
+        self.faces = self.build_faces(self.cfg)
 
-    def build_source(self, cfg: FacegenConfig) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+    def build_source(self, cfg: FacegenConfig) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None:
         """The callable turning identity rows into GENERATED rows: the configured generator."""
         from facegen.generators import generator_class
 
         return generator_class(cfg.generator.backend)(cfg.generator, cfg.run.seed)
 
+    def build_faces(self, cfg: FacegenConfig) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+        """The face stage (detection, alignment, embedding) the GENERATED rows go through."""
+        from facegen.faces.stage import FaceStage
+
+        return FaceStage(cfg.faces)
+
+    def source_for(self, row: dict[str, Any]) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+        """The source of one block's GENERATED rows (a stage whose rows carry their inputs overrides it)."""
+        return self.source
+
     def make(self, row: dict[str, Any]) -> dict[str, Any]:
         """Generate, align, embed and commit one block; returns its stats record."""
         started, cpu_started = time.time(), time.process_time()
         block = blk.Block(int(row["block_id"]), int(row["first_id"]), int(row["end_id"]))
-        table = generate_block_table(self.source, self.faces, block, self.cfg.generator.batch_size, self.cfg.faces.batch_size)
-        stats = block_stats(table, block)
+        table = generate_block_table(self.source_for(row), self.faces, block, self.cfg.generator.batch_size, self.cfg.faces.batch_size)
+        stats = block_stats(table, block, self.embedder)
         stats.update(config_digest=self.config_digest, seconds=round(time.time() - started, 2),
                      cpu_seconds=round(time.process_time() - cpu_started, 2))
         return blk.commit_block(self.stage_dir, block.block_id, table, stats)
@@ -138,19 +142,24 @@ def checksum_fn(cfg: FacegenConfig) -> Callable[[list[str]], list[str | None]] |
     return cluster_checksums if cfg.run.verify == "sha256" else None
 
 
-def run_generate(cfg: FacegenConfig, output_dir: str | None = None, progress: bool = True,
-                 actor_class: type = BlockGenerator, stage: str = "generate") -> StageReport:
-    """Generate every block of ``cfg.identities`` that is not done (or no longer valid) into ``output_dir``."""
+def run_blocks(
+    cfg: FacegenConfig, stage: str, out: str, planned: list[blk.Block], digest: str, actor_class: type,
+    pool_size: int, extra_kwargs: dict[str, Any] | None = None, row_inputs: Callable[[blk.Block], dict[str, Any]] | None = None,
+    images_of: Callable[[blk.Block], int] | None = None, progress: bool = True,
+) -> StageReport:
+    """Make every block of ``planned`` that is not done (or no longer valid) in ``out`` with a pool
+    of ``actor_class`` block actors; the driver keeps one small record per block.
+
+    ``row_inputs(block)`` adds a block's own inputs to its work row (an ingested folder's files);
+    ``images_of(block)`` is how many images it will hold (for the progress bar).
+    """
     from tqdm.auto import tqdm
 
-    from facegen.lineage import raw_digest
+    from facegen.faces.embed import describe_embedder
     from facegen.tracking import start_stage_tracker
 
-    out = output_dir or cfg.stage_dir("raw")
     started = time.time()
-    planned = blk.plan_blocks(cfg.identities)
-    digest = raw_digest(cfg)
-    per_id = cfg.generator.images_per_identity
+    embedder = describe_embedder(cfg.faces.embedder)
     with StageClaim(out) as claim:
         claim.remove_stale_temp_files()
         if cfg.run.overwrite:
@@ -163,11 +172,13 @@ def run_generate(cfg: FacegenConfig, output_dir: str | None = None, progress: bo
         records = list(check.valid.values())
         failures: list[str] = []
         tracker = start_stage_tracker(cfg, stage)
-        rows = [{"block_id": b.block_id, "first_id": b.first_id, "end_id": b.end_id} for b in pending]
-        total = sum(b.num_identities for b in pending) * per_id
+        rows = [{"block_id": b.block_id, "first_id": b.first_id, "end_id": b.end_id, **(row_inputs(b) if row_inputs else {})}
+                for b in pending]
+        total = sum(images_of(b) if images_of else 0 for b in pending)
+        kwargs = {"cfg_json": cfg.model_dump_json(), "stage_dir": out, "config_digest": digest, "embedder": embedder,
+                  **(extra_kwargs or {})}
         with tqdm(total=total, unit="img", desc=f"{stage} ({len(pending)} blocks)", disable=not progress or not pending) as bar:
-            for record in map_blocks(actor_class, {"cfg_json": cfg.model_dump_json(), "stage_dir": out, "config_digest": digest},
-                                     rows, pool_size=cfg.generator.concurrency, **pool_resources(cfg)):
+            for record in map_blocks(actor_class, kwargs, rows, pool_size=pool_size, **pool_resources(cfg)):
                 if "error" in record:
                     failures.append(record["error"])
                     continue
@@ -181,3 +192,13 @@ def run_generate(cfg: FacegenConfig, output_dir: str | None = None, progress: bo
     if failures:
         raise StageError(f"{stage}: {len(failures)} block(s) failed (re-run to retry them); first: {failures[0]}")
     return report
+
+
+def run_generate(cfg: FacegenConfig, output_dir: str | None = None, progress: bool = True) -> StageReport:
+    """Generate every block of ``cfg.identities`` that is not done (or no longer valid) into ``output_dir``."""
+    from facegen.lineage import raw_digest
+
+    per_id = cfg.generator.images_per_identity
+    return run_blocks(cfg, "generate", output_dir or cfg.stage_dir("raw"), blk.plan_blocks(cfg.identities), raw_digest(cfg),
+                      BlockGenerator, cfg.generator.concurrency, images_of=lambda b: b.num_identities * per_id,
+                      progress=progress)

@@ -10,6 +10,7 @@ sha256 and the shard settings' digest, and the set is rebuilt when either change
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -77,6 +78,9 @@ def run_shard(cfg: FacegenConfig, source_dir: str | None = None, shards_dir: str
     source = blk.check_blocks(source_dir)  # sizes here; pass 2 checks each block's sha256 as it reads it
     if not source.valid:
         raise FileNotFoundError(f"{source_dir}: no finished blocks to shard")
+    embedders = {json.dumps(r.get("embedder"), sort_keys=True) for r in source.valid.values()}
+    if len(embedders) > 1:
+        raise ValueError(f"{source_dir}: blocks were embedded by different embedders ({len(embedders)}): re-run generate/ingest with one")
     block_ids = sorted(source.valid)
     notes = source.notes(source_dir.rstrip("/").rsplit("/", 1)[-1], "left out of the shard set")
     manifest_path = f"{shards_dir.rstrip('/')}/manifest.json"
@@ -110,7 +114,8 @@ def run_shard(cfg: FacegenConfig, source_dir: str | None = None, shards_dir: str
                 tracker.log_block({"block_id": block_records[0]["block"] if block_records else -1,
                                    "rows": sum(r["rows"] for r in block_records), "shards": len(block_records)})
                 bar.update(1)
-        manifest = write_manifest(records, shards_dir, identity_ids, edges, cfg.digest(), sources, settings)
+        manifest = write_manifest(records, shards_dir, identity_ids, edges, cfg.digest(), sources,
+                                  embedder=source.valid[block_ids[0]].get("embedder"), settings_digest=settings)
     report = StageReport("shard", shards_dir, len(block_ids), 0, len(block_ids), round(time.time() - started, 2),
                          _totals(manifest), notes=notes)
     counts = np.asarray(sketch["counts"])
