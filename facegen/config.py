@@ -31,6 +31,8 @@ class RunSettings(_Section):
     output_dir: str = "outputs/run"
     seed: int = Field(default=0, ge=0)
     overwrite: bool = False
+    verify: Literal["sha256", "size"] = Field(
+        default="sha256", description="how finished blocks are checked before a stage trusts them")
 
 
 class RaySettings(_Section):
@@ -60,7 +62,7 @@ class ParametricSettings(_Section):
 class DiffusionSettings(_Section):
     """Stable Diffusion text-to-image through diffusers ``from_pretrained``."""
 
-    model: str = "stabilityai/stable-diffusion-2-1-base"
+    model: str = Field(default="stabilityai/stable-diffusion-2-1-base", json_schema_extra={"input_path": "local_or_hub"})
     num_inference_steps: int = Field(default=30, ge=1)
     guidance_scale: float = Field(default=7.5, ge=0.0)
     height: int = Field(default=512, ge=8)
@@ -234,7 +236,7 @@ class EmbedderSettings(_Section):
     """
 
     kind: Literal["facegen", "arcface_torch", "onnx", "dlib"] = "facegen"
-    path: str | None = None
+    path: str | None = Field(default=None, json_schema_extra={"input_path": "required"})
     arch: Literal["iresnet18", "iresnet34", "iresnet50", "iresnet100"] | None = Field(
         default=None, description="arcface_torch only: the network the .pth belongs to"
     )
@@ -403,7 +405,7 @@ class TrainSettings(_Section):
 class EvalSettings(_Section):
     """Verification sets in insightface ``.bin`` format, 10-fold accuracy."""
 
-    bins: list[str] = []
+    bins: list[str] = Field(default=[], json_schema_extra={"input_path": "required"})
     batch_size: int = Field(default=64, ge=1)
     nrof_folds: int = Field(default=10, ge=2)
 
@@ -414,6 +416,18 @@ class TrackingSettings(_Section):
     mode: Literal["auto", "online", "offline", "disabled"] = "auto"
     project: str = "facegen"
     entity: str | None = None
+
+
+class StorageSettings(_Section):
+    """Object-store access for ``s3://`` paths; credentials come from the usual AWS variables.
+
+    ``s3_endpoint`` (an S3-compatible server, e.g. ``http://127.0.0.1:9000``) is handed to the
+    driver and every Ray worker as ``AWS_ENDPOINT_URL``, which pyarrow reads; left empty, an
+    ``AWS_ENDPOINT_URL`` already in the environment (or AWS itself) is used.
+    """
+
+    s3_endpoint: str | None = None
+    s3_region: str | None = None
 
 
 class DemoSettings(_Section):
@@ -441,6 +455,7 @@ class FacegenConfig(_Section):
     eval: EvalSettings = EvalSettings()
     tracking: TrackingSettings = TrackingSettings()
     demo: DemoSettings = DemoSettings()
+    storage: StorageSettings = StorageSettings()
 
     @field_validator("identities")
     @classmethod

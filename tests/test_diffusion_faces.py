@@ -24,7 +24,8 @@ def test_diffusion_images_without_faces_are_error_rows(ray_local, tmp_path):
         "faces": {"detector": {"kind": "mtcnn", "device": "cpu"}, "embedder": {"kind": "dlib"}, "num_cpus": 0.25},
     })
     report = run_generate(cfg, progress=False)
-    assert report.blocks_written == 2 and report.totals == {"identities": 3, "images": 6, "images_ok": 0, "images_error": 6, "injected_wrong": 0}
+    assert report.blocks_written == 2 and report.totals == {"identities": 3, "images": 6, "images_ok": 0, "images_error": 6,
+                                                                  "faces_rejected": 6, "injected_wrong": 0}  # all six: no face
     raw = cfg.stage_dir("raw")
     table = storage.read_table(blk.block_path(raw, 0))
     reasons = table.column("reason").to_pylist()

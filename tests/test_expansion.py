@@ -119,15 +119,16 @@ def test_block_stats_carry_similarity_histograms_that_sum_per_run():
 
 def test_run_histograms_go_to_wandb(tmp_path, monkeypatch):
     from facegen.config import config_from_dict
-    from facegen.stages.generate import log_similarity_histograms
-    from facegen.tracking import read_offline_run
+    from facegen.tracking import read_offline_run, start_stage_tracker
 
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     cfg = config_from_dict({"run": {"output_dir": str(tmp_path), "name": "bands"}, "tracking": {"mode": "offline"}})
     hist = similarity_histogram([0.6, 0.7, 0.72], bins=4, low=0.0, high=1.0)
-    log_similarity_histograms(cfg, {"requested": hist})
-    run = read_offline_run(cfg.stage_dir("wandb"))
+    tracker = start_stage_tracker(cfg, "generate")
+    tracker.log_histograms({"requested": hist}, "similarity")
+    tracker.tracker.finish()
+    run = read_offline_run(str(tmp_path))
     logged = run.history[0]["similarity/requested"]
     assert logged["_type"] == "histogram" and logged["values"] == [0, 0, 3, 0] and logged["bins"] == hist["edges"]
     assert run.summary["similarity/requested_count"] == 3

@@ -192,6 +192,18 @@ def test_vec2face_expansion_measures_the_realised_similarity(models):
         assert out["realised_similarity"][k] == pytest.approx(cosine(emb, feature), abs=1e-6)
 
 
+def _actor_pool(ds, settings):
+    """``ds.map_batches(HybridGenerator)`` on an actor pool sized by the generator settings."""
+    from ray.data import ActorPoolStrategy
+
+    from facegen.generators.hybrid import HybridGenerator
+
+    return ds.map_batches(HybridGenerator, fn_constructor_kwargs={"settings": settings, "seed": 0},
+                          batch_size=settings.batch_size, batch_format="numpy",
+                          compute=ActorPoolStrategy(size=settings.concurrency), num_cpus=settings.num_cpus,
+                          num_gpus=settings.num_gpus)
+
+
 @pytest.mark.slow
 def test_the_ray_data_pool_gives_the_loops_bytes_and_the_run_its_histograms(ray_local, models, tmp_path):
     from facegen import blocks as blk
@@ -199,7 +211,7 @@ def test_the_ray_data_pool_gives_the_loops_bytes_and_the_run_its_histograms(ray_
     from facegen.config import FaceSettings, FacegenConfig, IdentitySettings, RunSettings, TrackingSettings
     from facegen.generators.hybrid import HybridGenerator
     from facegen.identities.seeds import identity_dataset
-    from facegen.stages.generate import map_with_actor_pool, run_generate
+    from facegen.stages.generate import run_generate
 
     generator = hybrid_settings(models, per_identity=2).model_copy(update={"batch_size": 2, "num_cpus": 0.5})
     cfg = FacegenConfig(
@@ -211,7 +223,7 @@ def test_the_ray_data_pool_gives_the_loops_bytes_and_the_run_its_histograms(ray_
         tracking=TrackingSettings(mode="disabled"),
     )
     pending = blk.plan_blocks(cfg.identities)
-    ds = map_with_actor_pool(identity_dataset(pending, 2), HybridGenerator, {"settings": generator, "seed": 0}, generator)
+    ds = _actor_pool(identity_dataset(pending, 2), generator)
     pooled = {}
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         for i in range(len(batch["identity_id"])):
@@ -236,7 +248,7 @@ def test_the_ray_data_pool_gives_the_loops_bytes_and_the_run_its_histograms(ray_
                              micro_batch=2)
     xl = hybrid_settings(models, per_identity=2, reference=ReferenceSettings(
         backend="text_to_image", text_to_image=sdxl, max_attempts=2)).model_copy(update={"batch_size": 2, "num_cpus": 0.5})
-    ds = map_with_actor_pool(identity_dataset(pending[:1], 2), HybridGenerator, {"settings": xl, "seed": 0}, xl)
+    ds = _actor_pool(identity_dataset(pending[:1], 2), xl)
     rows = [r for b in ds.iter_batches(batch_size=None, batch_format="numpy") for r in zip(b["status"], b["reason"])]
     assert [s for s, _ in rows] == [STATUS_ERROR] * 4
     assert all("attempt 0: no face" in r and "attempt 1: no face" in r for _, r in rows)

@@ -6,7 +6,6 @@ block like generation. The embedder (for augmented images) is loaded once per ac
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
@@ -14,8 +13,10 @@ import numpy as np
 
 from facegen import blocks as blk
 from facegen import storage
+from facegen.claims import StageClaim
 from facegen.config import FacegenConfig
-from facegen.stages import StageReport
+from facegen.stages import StageError, StageReport
+from facegen.stages.blockpool import BlockWorker, map_blocks
 
 CLEAN_COUNTERS = [
     "identities_in", "identities_kept", "identities_dropped", "images_in", "images_error",
@@ -24,37 +25,48 @@ CLEAN_COUNTERS = [
 ]
 
 
-class BlockCleaner:
-    """Callable class for ``map_batches``: cleans the blocks named in a batch, returns their stats."""
+def difficulty_histogram_of(table) -> dict[str, Any]:
+    """The difficulty histogram of a block's ok rows (for W&B, the report and the shard stage)."""
+    from facegen.curriculum import difficulty_histogram
 
-    def __init__(self, cfg_json: str, raw_dir: str, clean_dir: str):
+    ok = np.array(table.column("status").to_pylist(), dtype=object) == "ok"
+    difficulty = table.column("difficulty").to_numpy(zero_copy_only=False).astype(np.float64)[ok]
+    return difficulty_histogram(difficulty)
+
+
+class BlockCleaner(BlockWorker):
+    """Callable class for ``map_batches``: cleans the blocks named in a batch, returns their stats.
+
+    Each raw block is read with its recorded sha256 checked; the clean block's stats record keeps
+    that sha256 (``source_sha256``) and the cleaning settings' digest, so a later run can tell that
+    the raw block or the settings changed and clean it again.
+    """
+
+    def __init__(self, cfg_json: str, raw_dir: str, clean_dir: str, config_digest: str = ""):
         from facegen.config import FacegenConfig
 
         self.cfg = FacegenConfig.model_validate_json(cfg_json)
-        self.raw_dir, self.clean_dir = raw_dir, clean_dir
+        self.raw_dir, self.clean_dir, self.config_digest = raw_dir, clean_dir, config_digest
         self.embed_fn = None
         if self.cfg.faces.embedder.enabled:
             from facegen.faces.embed import build_embedder
 
             self.embed_fn = build_embedder(self.cfg.faces.embedder).embed
 
-    def clean_one(self, block_id: int) -> dict[str, Any]:
+    def clean_one(self, block_id: int, source_sha256: str | None = None) -> dict[str, Any]:
+        """Clean one raw block (checked against ``source_sha256`` when given) and commit it."""
         from facegen.clean.block import clean_block
 
-        table = storage.read_table(blk.block_path(self.raw_dir, block_id))
+        table = blk.read_block(self.raw_dir, block_id, sha256=source_sha256)
         cleaned, stats = clean_block(table, self.cfg.clean, self.cfg.run.seed, self.embed_fn, jpeg_quality=self.cfg.faces.jpeg_quality)
-        stats["embedder"] = storage.read_json(blk.stats_path(self.raw_dir, block_id)).get("embedder")
+        stats.update(source_sha256=source_sha256, config_digest=self.config_digest,
+                     difficulty_histogram=difficulty_histogram_of(cleaned),
+                     embedder=storage.read_json(blk.stats_path(self.raw_dir, block_id)).get("embedder"))
         return blk.commit_block(self.clean_dir, block_id, cleaned, stats)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        results = []
-        for block_id in batch["block_id"]:
-            try:
-                record = self.clean_one(int(block_id))
-            except Exception as exc:  # one unreadable block must not stop the others
-                record = {"block_id": int(block_id), "error": f"block {int(block_id)}: {type(exc).__name__}: {exc}"}
-            results.append(json.dumps(record, default=float))
-        return {"block_id": batch["block_id"], "record": np.array(results, dtype=object)}
+    def make(self, row: dict[str, Any]) -> dict[str, Any]:
+        """Clean the block of a ``{"block_id", "source_sha256"}`` row."""
+        return self.clean_one(int(row["block_id"]), row.get("source_sha256"))
 
 
 def check_same_embedder(cfg: FacegenConfig, raw_dir: str) -> None:
@@ -73,43 +85,50 @@ def check_same_embedder(cfg: FacegenConfig, raw_dir: str) -> None:
 
 
 def run_clean(cfg: FacegenConfig, raw_dir: str | None = None, clean_dir: str | None = None, progress: bool = True) -> StageReport:
-    """Clean every finished raw block that has no cleaned counterpart yet."""
-    import ray
-    from ray.data import ActorPoolStrategy
+    """Clean every finished raw block whose clean block is missing, bad or stale."""
     from tqdm.auto import tqdm
+
+    from facegen.lineage import clean_digest
+    from facegen.stages.generate import checksum_fn
+    from facegen.tracking import start_stage_tracker
 
     raw_dir = raw_dir or cfg.stage_dir("raw")
     clean_dir = clean_dir or cfg.stage_dir("clean")
     started = time.time()
-    available = blk.done_block_ids(raw_dir)
-    if not available:
+    raw = blk.check_blocks(raw_dir)  # sizes only here: each raw block's sha256 is checked as it is read
+    if not raw.valid:
         raise FileNotFoundError(f"{raw_dir}: no finished raw blocks to clean (run `facegen generate` first)")
     check_same_embedder(cfg, raw_dir)
-    if cfg.run.overwrite:
-        blk.reset_blocks(clean_dir, available)
-    storage.remove_temp_files(clean_dir)
-    pending = [b for b in available if not blk.is_done(clean_dir, b)]
-    failures: list[str] = []
-    if pending:
-        ds = ray.data.from_items([{"block_id": b} for b in pending], override_num_blocks=len(pending))
-        ds = ds.map_batches(
-            BlockCleaner,
-            fn_constructor_kwargs={"cfg_json": cfg.model_dump_json(), "raw_dir": raw_dir, "clean_dir": clean_dir},
-            batch_size=1,
-            batch_format="numpy",
-            compute=ActorPoolStrategy(size=min(cfg.clean.concurrency, len(pending))),
-            num_cpus=cfg.clean.num_cpus,
-            num_gpus=cfg.clean.num_gpus,
-            resources=cfg.clean.resources or None,
-        )
-        with tqdm(total=len(pending), unit="block", desc="clean", disable=not progress) as bar:
-            for row in ds.iter_rows():
-                record = json.loads(row["record"])
+    available = sorted(raw.valid)
+    sources = {b: raw.valid[b]["sha256"] for b in available}
+    digest = clean_digest(cfg)
+    with StageClaim(clean_dir) as claim:
+        claim.remove_stale_temp_files()
+        if cfg.run.overwrite:
+            blk.reset_blocks(clean_dir, available)
+        check = blk.check_blocks(clean_dir, available, config_digest=digest, sources=sources, checksum=checksum_fn(cfg))
+        blk.reset_blocks(clean_dir, check.invalid)
+        pending = [b for b in available if b not in check.valid]
+        report = StageReport("clean", clean_dir, len(available), len(available) - len(pending), 0, 0.0,
+                             blocks_redone=len(check.invalid), notes=raw.notes("raw", "not cleaned") + check.notes("clean"))
+        records = list(check.valid.values())
+        failures: list[str] = []
+        tracker = start_stage_tracker(cfg, "clean")
+        rows = [{"block_id": b, "source_sha256": sources[b]} for b in pending]
+        kwargs = {"cfg_json": cfg.model_dump_json(), "raw_dir": raw_dir, "clean_dir": clean_dir, "config_digest": digest}
+        with tqdm(total=len(pending), unit="block", desc="clean", disable=not progress or not pending) as bar:
+            for record in map_blocks(BlockCleaner, kwargs, rows, pool_size=cfg.clean.concurrency, num_cpus=cfg.clean.num_cpus,
+                                     num_gpus=cfg.clean.num_gpus, resources=cfg.clean.resources):
                 if "error" in record:
                     failures.append(record["error"])
+                else:
+                    records.append(record)
+                    report.blocks_written += 1
+                    tracker.log_block(record)
                 bar.update(1)
+    report.totals = blk.sum_stats(records, CLEAN_COUNTERS)
+    report.seconds = round(time.time() - started, 2)
+    tracker.finish_stage(report)
     if failures:
-        raise RuntimeError(f"clean: {len(failures)} block(s) failed; first: {failures[0]}")
-    records = blk.read_stats(clean_dir)
-    return StageReport("clean", clean_dir, len(available), len(available) - len(pending), len(pending),
-                       round(time.time() - started, 2), blk.sum_stats(records, CLEAN_COUNTERS))
+        raise StageError(f"clean: {len(failures)} block(s) failed; first: {failures[0]}")
+    return report

@@ -4,15 +4,15 @@ The layout of HSFace, CASIA-WebFace exports and most released synthetic sets. Id
 positions of the sorted folder names (plus ``identities.first_id``), images are taken in sorted
 name order (``sample_idx``), and each row keeps its file as ``source``. Blocks of
 ``identities.block_size`` consecutive ids are the resumable work units, as in generation; the
-files go through the same faces stage (detection, alignment, embedding) on a Ray Data actor pool,
-so ``facegen clean``, ``shard`` and ``train`` work on the result unchanged. An unreadable file
+files go through the same faces stage (detection, alignment, embedding) in the same block actors
+as generation (each reads, processes and writes whole blocks), so ``facegen clean``, ``shard`` and
+``train`` work on the result unchanged. An unreadable file
 becomes an error row; the job goes on.
 """
 
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +23,7 @@ from facegen import storage
 from facegen.config import FacegenConfig
 from facegen.schema import GENERATED, LANDMARK_DIM, STATUS_ERROR, STATUS_OK, rows_to_batch
 from facegen.stages import StageReport
+from facegen.stages.generate import BlockGenerator, run_blocks
 
 ORIGIN_INGESTED = "ingested"
 #: ``seed`` of ingested rows: they were not generated from one.
@@ -93,55 +94,56 @@ def _image_row(identity_id: int, block_id: int, sample_idx: int, path: str, name
 
 
 def read_images(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Ray Data task: file rows (identity_id, block_id, sample_idx, path, name) -> GENERATED rows."""
+    """File rows (identity_id, block_id, sample_idx, path, name) -> GENERATED rows."""
     rows = [_image_row(int(i), int(b), int(k), str(p), str(n))
             for i, b, k, p, n in zip(batch["identity_id"], batch["block_id"], batch["sample_idx"], batch["path"], batch["name"])]
     return rows_to_batch(rows, GENERATED)
 
 
-def run_ingest(cfg: FacegenConfig, plan: IngestPlan | None = None, output_dir: str | None = None, progress: bool = True) -> StageReport:
-    """Ingest ``cfg.ingest.images_dir`` into raw blocks (``<run.output_dir>/raw``); resumable by block."""
-    import ray
-    from tqdm.auto import tqdm
+class IngestBlocks(BlockGenerator):
+    """Block actor of ingestion: a block's work row carries its identities' files and names; the
+    face stage and the block commit are generation's."""
 
-    from facegen.faces.embed import describe_embedder
-    from facegen.faces.stage import FaceStage
-    from facegen.stages.generate import BlockWriter, map_with_actor_pool
+    def build_source(self, cfg: FacegenConfig) -> None:
+        return None
+
+    def build_faces(self, cfg: FacegenConfig):
+        from facegen.faces.stage import FaceStage
+
+        return FaceStage(cfg.faces, origin=ORIGIN_INGESTED)
+
+    def source_for(self, row: dict[str, Any]):
+        files = {int(i): paths for i, paths in row["files"].items()}
+        names = {int(i): name for i, name in row["names"].items()}
+
+        def source(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            rows = [_image_row(int(i), int(b), k, path, names[int(i)])
+                    for i, b in zip(batch["identity_id"], batch["block_id"]) for k, path in enumerate(files[int(i)])]
+            return rows_to_batch(rows, GENERATED)
+
+        return source
+
+
+def run_ingest(cfg: FacegenConfig, plan: IngestPlan | None = None, output_dir: str | None = None, progress: bool = True) -> StageReport:
+    """Ingest ``cfg.ingest.images_dir`` into raw blocks (``<run.output_dir>/raw``); resumable by block.
+
+    Each block is read, detected, aligned, embedded and written by one actor of a pool of
+    ``faces.concurrency`` (see :func:`facegen.stages.generate.run_blocks`).
+    """
+    from facegen.lineage import settings_digest
 
     if plan is None:
         if not cfg.ingest.images_dir:
             raise ValueError("ingest.images_dir: no image folder given (facegen ingest --images DIR)")
         plan = scan_image_folder(cfg.ingest.images_dir, cfg.ingest.extensions, cfg.identities.first_id, cfg.identities.block_size)
-    embedder = describe_embedder(cfg.faces.embedder)
-    out = output_dir or cfg.stage_dir("raw")
-    started = time.time()
-    storage.remove_temp_files(out)
-    if cfg.run.overwrite:
-        blk.reset_blocks(out, [b.block_id for b in plan.blocks])
-    pending = [b for b in plan.blocks if not blk.is_done(out, b.block_id)]
-    report = StageReport("ingest", out, len(plan.blocks), len(plan.blocks) - len(pending), 0, 0.0)
-    if pending:
-        expected = plan.expected_rows(pending)
-        writer = BlockWriter(out, pending, 0, expected_rows=expected, embedder=embedder)
-        items = [{"identity_id": i, "block_id": b.block_id, "sample_idx": k, "path": path, "name": plan.names[i]}
-                 for b in pending for i in range(b.first_id, b.end_id) for k, path in enumerate(plan.files[i])]
-        ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // cfg.faces.batch_size, 200)))
-        ds = ds.map_batches(read_images, batch_format="numpy", batch_size=cfg.faces.batch_size, num_cpus=cfg.faces.num_cpus)
-        ds = map_with_actor_pool(ds, FaceStage, {"settings": cfg.faces, "origin": ORIGIN_INGESTED}, cfg.faces)
-        context = ray.data.DataContext.get_current()
-        keep_order, context.execution_options.preserve_order = context.execution_options.preserve_order, True
-        bar = tqdm(total=len(items), unit="img", desc=f"ingest ({len(pending)} blocks)", disable=not progress)
-        try:
-            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                bar.update(writer.add(batch))
-        finally:
-            context.execution_options.preserve_order = keep_order
-            bar.close()
-        missing = writer.unfinished()
-        if missing:
-            raise RuntimeError(f"ingest: blocks ended incomplete {missing} (received, expected)")
-        report.blocks_written = len(writer.written)
-    records = blk.read_stats(out)
-    report.totals = blk.sum_stats(records, ["identities", "images", "images_ok", "images_error"])
-    report.seconds = round(time.time() - started, 2)
+    digest = settings_digest("ingest", cfg.identities.block_size, cfg.ingest, cfg.faces)
+
+    def inputs(block: blk.Block) -> dict[str, Any]:
+        ids = range(block.first_id, block.end_id)
+        return {"files": {str(i): plan.files[i] for i in ids}, "names": {str(i): plan.names[i] for i in ids}}
+
+    report = run_blocks(cfg, "ingest", output_dir or cfg.stage_dir("raw"), plan.blocks, digest, IngestBlocks,
+                        cfg.faces.concurrency, row_inputs=inputs, images_of=lambda b: plan.expected_rows([b])[b.block_id],
+                        progress=progress)
+    report.totals = {k: v for k, v in report.totals.items() if k in ("identities", "images", "images_ok", "images_error", "faces_rejected")}
     return report
