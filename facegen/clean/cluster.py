@@ -18,10 +18,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from facegen.config import DbscanSettings
+
+if TYPE_CHECKING:
+    from facegen.clean.view import BlockView
+    from facegen.clean.votes import ExpertVotes
 
 # Thresholds move in steps of 0.02; rounding keeps repeated steps from drifting (0.6 - 5 * 0.02
 # must be the same t as 0.5), which matters for detecting a revisited t.
@@ -226,3 +231,40 @@ def adaptive_dbscan_keep(embeddings: np.ndarray, settings: DbscanSettings) -> Cl
     earlier value: DBSCAN is deterministic, so further rounds could only repeat results already seen.
     """
     return adaptive_dbscan_keep_many([embeddings], settings)[0]
+
+
+def cluster_votes(view: BlockView, settings: DbscanSettings) -> ExpertVotes:
+    """The cluster expert over a block: keep the rows of each identity's chosen cluster, drop the rest.
+
+    Confidence grows with the distance of a row's cosine to its kept cluster's centre from the
+    chosen ``t`` (0 at ``t``, 1 at 0.2 away); identities where no cluster formed drop with 0.5.
+    """
+    from facegen.clean.votes import DROP, KEEP, ExpertVotes
+
+    votes = ExpertVotes.abstaining("cluster", view.num_rows)
+    identities = [i for i, rows in view.groups.items() if len(rows)]
+    decisions = adaptive_dbscan_keep_many([view.unit[view.groups[i]] for i in identities], settings)
+    thresholds, landed = [], 0
+    for ident, decision in zip(identities, decisions):
+        rows = view.groups[ident]
+        if decision.rounds == 0 or not decision.keep.any():
+            votes.set(rows, DROP, 0.5, "cluster: no cluster formed")
+            continue
+        thresholds.append(decision.threshold)
+        landed += decision.landed_in_band
+        centre = view.unit[rows[decision.keep]].mean(axis=0)
+        cos = view.unit[rows] @ (centre / np.linalg.norm(centre))
+        confidence = np.abs(cos - decision.threshold) / 0.2
+        t = f"t={decision.threshold:.2f}, {decision.kept_fraction:.0%} kept"
+        kept, dropped = rows[decision.keep], rows[~decision.keep]
+        votes.set(kept, KEEP, confidence[decision.keep], f"cluster: in the largest cluster ({t})")
+        votes.set(dropped, DROP, confidence[~decision.keep], f"cluster: outside the largest cluster ({t})")
+    votes.info = {
+        "identities": len(thresholds),
+        "t_mean": float(np.mean(thresholds)) if thresholds else None,
+        "t_min": float(np.min(thresholds)) if thresholds else None,
+        "t_max": float(np.max(thresholds)) if thresholds else None,
+        "rounds_mean": float(np.mean([d.rounds for d in decisions])) if decisions else None,
+        "landed_in_band_fraction": landed / len(thresholds) if thresholds else None,
+    }
+    return votes
