@@ -11,10 +11,7 @@ reaches the threshold against any reference is leaked and removed.
 
 from __future__ import annotations
 
-import base64
-import html
-import io
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -187,12 +184,9 @@ def leakage_threshold(settings: LeakageSettings) -> tuple[float, dict[str, Any]]
 def audit(queries: ChunkSource, references: ReferenceSet, settings: LeakageSettings, search: SearchSettings) -> LeakageResult:
     """Search every query vector against the references; keep the histogram and the nearest pairs."""
     threshold, calibration = leakage_threshold(settings)
-    best: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # first query id of a chunk -> (ids, refs, sims)
+    best: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # query chunk number -> (ids, refs, sims)
 
-    def on_best(ids: np.ndarray, base_ids: np.ndarray, sims: np.ndarray) -> None:
-        if not len(ids):
-            return
-        key = int(ids[0])  # the query chunks come in the same order for every base part
+    def on_best(key: int, ids: np.ndarray, base_ids: np.ndarray, sims: np.ndarray) -> None:
         if key in best:
             _, refs, old = best[key]
             better = sims > old

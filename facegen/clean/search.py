@@ -186,7 +186,7 @@ def _train_ivf(base: ChunkSource, plan: SearchPlan, settings: SearchSettings):
     return index
 
 
-def _search_chunk(index, ids: np.ndarray, vecs: np.ndarray, threshold: float, k: int, size: int) -> tuple[list, np.ndarray, np.ndarray]:
+def _search_chunk(index, ids: np.ndarray, vecs: np.ndarray, threshold: float, k: int, size: int, self_join: bool) -> tuple[list, np.ndarray, np.ndarray]:
     """Pairs above ``threshold`` for one query chunk, k grown while needed; and each query's best
     (id, cosine) excluding itself."""
     found = []
@@ -196,8 +196,9 @@ def _search_chunk(index, ids: np.ndarray, vecs: np.ndarray, threshold: float, k:
     k = min(k, size)
     while rows.size:
         sims, hits = index.search(vecs[rows], k)
-        self_hit = hits == ids[rows, None]
-        valid = (hits >= 0) & ~self_hit
+        valid = hits >= 0
+        if self_join:
+            valid &= hits != ids[rows, None]
         masked = np.where(valid, sims, -np.inf)
         top = masked.argmax(axis=1)
         top_sim = masked[np.arange(len(rows)), top]
@@ -222,13 +223,14 @@ def search_pairs(
     settings: SearchSettings,
     *,
     self_join: bool = False,
-    on_best: Callable[[np.ndarray, np.ndarray, np.ndarray], None] | None = None,
+    on_best: Callable[[int, np.ndarray, np.ndarray, np.ndarray], None] | None = None,
 ) -> tuple[pa.Table, SearchPlan]:
     """Every (query, base) pair with cosine >= ``threshold`` (PAIRS schema), and the plan used.
 
     ``self_join``: queries and base are the same set; a vector never pairs with itself and each
-    pair is reported once as (smaller id, larger id). ``on_best(query_ids, best_base_ids, cosines)``
-    is called per query chunk with each query's nearest base vector in the part just searched.
+    pair is reported once as (smaller id, larger id). ``on_best(chunk_number, query_ids,
+    best_base_ids, cosines)`` is called per query chunk (numbered from 0 in every base part) with
+    each query's nearest base vector in the part just searched (-1 / -inf when none).
     """
     if queries.dim != base.dim:
         raise ValueError(f"search: query vectors have {queries.dim} dimensions, base vectors {base.dim}")
@@ -253,10 +255,10 @@ def search_pairs(
             pending = (ids[take:], vecs[take:]) if take < len(ids) else None
         if size == 0:
             continue
-        for ids, vecs in queries.chunks():
-            found, best_id, best_sim = _search_chunk(index, ids, vecs, threshold, settings.knn, size)
+        for number, (ids, vecs) in enumerate(queries.chunks()):
+            found, best_id, best_sim = _search_chunk(index, ids, vecs, threshold, settings.knn, size, self_join)
             if on_best is not None:
-                on_best(ids, best_id, best_sim)
+                on_best(number, ids, best_id, best_sim)
             for q, b, s in found:
                 if len(q):
                     parts.append(pa.table({"query_id": q, "base_id": b, "cosine": s.astype(np.float32)}, schema=PAIRS))
