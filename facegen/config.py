@@ -214,14 +214,19 @@ class SelectionSettings(_Section):
 
 
 class SearchSettings(_Section):
-    """faiss search over identity centres: exact up to a size, IVF above, GPU when present."""
+    """faiss search over identity centres: exact up to a size, a graph (CPU) or IVF (GPU) index above."""
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     exact_max_cpu: int = Field(default=50_000, ge=0, description="exact search up to this many vectors on CPU")
     exact_max_gpu: int = Field(default=4_000_000, ge=0)
+    approximate_cpu: Literal["hnsw", "ivf"] = Field(default="hnsw", description="index above exact_max_cpu on CPU")
+    hnsw_m: int = Field(default=32, ge=4)
+    hnsw_ef_construction: int = Field(default=64, ge=8)
+    hnsw_ef_search: int = Field(default=32, ge=8)
     vectors_per_list: int = Field(default=1024, ge=16, description="IVF: lists = vectors / this")
     nprobe: int = Field(default=16, ge=1)
-    train_per_list: int = Field(default=40, ge=8, description="IVF k-means training points per list")
+    train_per_list: int = Field(default=32, ge=4, description="IVF k-means training points per list")
+    train_iterations: int = Field(default=10, ge=1, description="IVF k-means iterations")
     query_chunk: int = Field(default=8192, ge=1)
     knn: int = Field(default=16, ge=1, description="first k per query; grown while the k-th is above threshold")
     max_vectors_per_part: int = Field(default=2_000_000, ge=1, description="bounds the memory of one index")

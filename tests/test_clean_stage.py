@@ -69,6 +69,17 @@ def test_stage_dedups_audits_and_finishes_blocks(ray_local, tmp_path):
     kept = [r for r in rows if r["status"] == "ok"]
     assert len(kept) == 8 * totals["identities_kept"] == totals["images_out"]
 
+    summary = storage.read_json(str(tmp_path / "run" / "clean_global" / "clean_summary.json"))
+    sims = summary["similarity_to_centre"]
+    assert sims["after_selection"]["count"] == totals["images_out"] - totals["images_augmented"]
+    assert sum(sims["before_selection"]["histogram"]) == sims["before_selection"]["count"] >= sims["after_selection"]["count"]
+    assert summary["expert_votes"]["cluster"]["keep"] > 0 and summary["global"]["dedup"]["identities_removed"] == 1
+    from facegen.tracking import read_offline_run, run_id
+
+    logged = read_offline_run(str(tmp_path / "run" / "wandb"), run_id=run_id(cfg.run.name, "clean"))
+    assert logged.summary["clean/images_out"] == totals["images_out"]
+    assert "clean/cos_to_centre_after_selection/in_band" in logged.summary
+
     again = run_clean(cfg, progress=False)  # everything is current: nothing redone
     assert again.blocks_written == 0 and again.totals == totals
     merged_cfg = config(tmp_path, dedup={"threshold": 0.9, "action": "merge"})

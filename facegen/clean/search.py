@@ -2,11 +2,13 @@
 
 The base set is indexed in parts of at most ``max_vectors_per_part`` vectors (one part in memory at
 a time); query vectors stream through each part in chunks. A part is searched exactly (flat inner
-product) up to ``exact_max_cpu`` / ``exact_max_gpu`` base vectors, with an IVF index above (lists of
-about ``vectors_per_list`` vectors, a coarse quantizer trained once on a sample of the base,
-``nprobe`` lists visited per query). Each query asks for ``knn`` neighbours first and again with 4x
-as many while its last neighbour is still above the threshold, so no pair above it is cut off by k.
-On a machine with a faiss GPU build and a GPU the index moves to the GPU (``device: auto``).
+product) up to ``exact_max_cpu`` / ``exact_max_gpu`` base vectors. Above that, on CPU, an HNSW graph
+(default) or IVF; on a GPU (faiss GPU build, ``device: auto``) IVF. Identity centres are nearly
+orthogonal to each other apart from a weak cluster structure, which makes IVF's coarse cells poor
+at keeping near-duplicate pairs together (recall 0.95-0.97 at cosine >= 0.7 in bench/cleaning.py's
+data) while a graph finds such clear nearest neighbours (recall 1.0 there). Each query asks for
+``knn`` neighbours first and again with 4x as many while its last neighbour is still above the
+threshold, so no pair above it is cut off by k.
 
 Vectors arrive as chunks ``(ids int64 [k], vectors float32 [k, d])`` from a :class:`ChunkSource`.
 """
@@ -22,6 +24,7 @@ import pyarrow.compute as pc
 
 from facegen.config import SearchSettings
 
+HNSW_QUANTIZER_LISTS = 1024  # from this many IVF lists on, centroids are found through an HNSW graph
 PAIRS = pa.schema([pa.field("query_id", pa.int64()), pa.field("base_id", pa.int64()), pa.field("cosine", pa.float32())])
 
 
@@ -149,6 +152,8 @@ def build_plan(total: int, settings: SearchSettings) -> SearchPlan:
     per_part = -(-total // parts)
     if total <= exact_max:
         return SearchPlan("flat", gpu, 0, parts)
+    if not gpu and settings.approximate_cpu == "hnsw":
+        return SearchPlan("hnsw", gpu, 0, parts)
     return SearchPlan("ivf", gpu, max(1, per_part // settings.vectors_per_list), parts)
 
 
@@ -160,11 +165,18 @@ def _training_sample(base: ChunkSource, size: int, seed: int = 0) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate(picked), dtype=np.float32)
 
 
-def _new_index(plan: SearchPlan, dim: int, trained: "object | None"):
+def _new_index(plan: SearchPlan, dim: int, trained: "object | None", settings: SearchSettings):
     import faiss
 
     if plan.kind == "flat":
         index = faiss.IndexIDMap(faiss.IndexFlatIP(dim))
+    elif plan.kind == "hnsw":
+        graph = faiss.IndexHNSWFlat(dim, settings.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        graph.hnsw.efConstruction = settings.hnsw_ef_construction
+        graph.hnsw.efSearch = settings.hnsw_ef_search
+        index = faiss.IndexIDMap(graph)
+        index.own_fields = True
+        graph.this.disown()
     else:
         index = faiss.clone_index(trained)
     if plan.gpu:
@@ -175,15 +187,33 @@ def _new_index(plan: SearchPlan, dim: int, trained: "object | None"):
 def _train_ivf(base: ChunkSource, plan: SearchPlan, settings: SearchSettings):
     import faiss
 
-    quantizer = faiss.IndexHNSWFlat(base.dim, 32, faiss.METRIC_INNER_PRODUCT) if plan.nlist >= 4096 else faiss.IndexFlatIP(base.dim)
+    large = plan.nlist >= HNSW_QUANTIZER_LISTS
+    quantizer = faiss.IndexHNSWFlat(base.dim, 32, faiss.METRIC_INNER_PRODUCT) if large else faiss.IndexFlatIP(base.dim)
     index = faiss.IndexIVFFlat(quantizer, base.dim, plan.nlist, faiss.METRIC_INNER_PRODUCT)
     index.cp.seed = 1234
+    index.cp.niter = settings.train_iterations
+    index.cp.min_points_per_centroid = 1  # the sample size is ours to choose (train_per_list)
+    assign = faiss.IndexHNSWFlat(base.dim, 32, faiss.METRIC_INNER_PRODUCT) if large else None
+    if assign is not None:  # k-means assignment through a graph over the centroids: training stays near-linear in N
+        index.clustering_index = assign
     sample = _training_sample(base, plan.nlist * settings.train_per_list)
     index.train(sample)
+    if assign is not None:
+        index.clustering_index = None
     index.nprobe = min(settings.nprobe, plan.nlist)
+    if large:
+        faiss.downcast_index(index.quantizer).hnsw.efSearch = max(64, 4 * index.nprobe)
     index.own_fields = True
     quantizer.this.disown()
     return index
+
+
+def _graph_of(index):
+    """The HNSW index inside an ID map, or None."""
+    import faiss
+
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else None
+    return inner if isinstance(inner, faiss.IndexHNSWFlat) else None
 
 
 def _search_chunk(index, ids: np.ndarray, vecs: np.ndarray, threshold: float, k: int, size: int, self_join: bool) -> tuple[list, np.ndarray, np.ndarray]:
@@ -194,7 +224,10 @@ def _search_chunk(index, ids: np.ndarray, vecs: np.ndarray, threshold: float, k:
     best_id = np.full(len(ids), -1, np.int64)
     rows = np.arange(len(ids))
     k = min(k, size)
+    graph = _graph_of(index)
     while rows.size:
+        if graph is not None:  # the graph search must look at least at k candidates
+            graph.hnsw.efSearch = max(graph.hnsw.efSearch, k)
         sims, hits = index.search(vecs[rows], k)
         valid = hits >= 0
         if self_join:
@@ -241,7 +274,7 @@ def search_pairs(
     base_iter = base.chunks()
     pending: tuple[np.ndarray, np.ndarray] | None = None
     for _ in range(plan.parts):
-        index = _new_index(plan, base.dim, trained)
+        index = _new_index(plan, base.dim, trained, settings)
         size = 0
         while size < per_part:
             if pending is None:

@@ -142,6 +142,21 @@ def _run_pool(cfg: FacegenConfig, task: type, kwargs: dict[str, Any], block_ids:
         raise RuntimeError(f"{desc}: {len(failures)} block(s) failed; first: {failures[0]}")
 
 
+def _record_summary(cfg: FacegenConfig, global_dir: str, totals: dict[str, int], records: list[dict[str, Any]],
+                    global_summary: dict[str, Any]) -> None:
+    """``clean_summary.json`` (distributions, votes, global steps) and the same figures in W&B."""
+    from facegen.clean.summary import clean_summary, log_to_wandb
+    from facegen.tracking import start_run
+
+    summary = {"totals": totals, **clean_summary(records), "global": global_summary}
+    storage.write_json_atomic(summary, f"{global_dir}/clean_summary.json")
+    tracker = start_run(cfg, "clean")
+    try:
+        log_to_wandb(tracker, totals, summary)
+    finally:
+        tracker.finish()
+
+
 def _final_is_current(clean_dir: str, block_id: int, digest: str) -> bool:
     return blk.is_done(clean_dir, block_id) and storage.read_json(blk.stats_path(clean_dir, block_id)).get("plan_digest") == digest
 
@@ -175,4 +190,6 @@ def run_clean(cfg: FacegenConfig, raw_dir: str | None = None, clean_dir: str | N
               final, "clean: finish", progress)
     records = blk.read_stats(clean_dir)
     totals = blk.sum_stats(records, CLEAN_COUNTERS)
+    if final or not storage.exists(f"{global_dir}/clean_summary.json"):
+        _record_summary(cfg, global_dir, totals, records, summary)
     return StageReport("clean", clean_dir, len(available), len(available) - len(final), len(final), round(time.time() - started, 2), totals)
