@@ -90,3 +90,34 @@ def test_stage_dedups_audits_and_finishes_blocks(ray_local, tmp_path):
     assert survivor and len({r["identity_id"] for r in survivor}) == 1
     ids = [(r["identity_id"], r["sample_idx"]) for r in rows]
     assert len(ids) == len(set(ids))
+
+
+def test_removed_identities_are_replaced_by_new_ones_from_the_generator(ray_local, tmp_path):
+    import torch
+
+    from facegen.models.iresnet import iresnet18
+    from facegen.models.iresnet_checkpoint import save_backbone
+    from facegen.stages.clean import run_clean
+    from facegen.stages.generate import run_generate
+
+    torch.manual_seed(0)
+    embedder = save_backbone(str(tmp_path / "embedder"), iresnet18(width=8).eval(), "iresnet18", 8, 512)
+    cfg = config_from_dict({
+        "run": {"output_dir": str(tmp_path / "run"), "seed": 2},
+        "identities": {"num_identities": 6, "block_size": 4},
+        "generator": {"images_per_identity": 8, "batch_size": 3, "num_cpus": 0.25, "parametric": {"image_size": 96, "wrong_identity_rate": 0.2}},
+        "faces": {"batch_size": 32, "num_cpus": 0.25, "embedder": {"checkpoint": embedder}},
+        "clean": {"min_images": 6, "target_images": 8, "num_cpus": 0.25, "replace_dropped": True, "dedup": {"enabled": False}},
+        "tracking": {"mode": "disabled"},
+    }, "test")
+    run_generate(cfg, progress=False)
+    report = run_clean(cfg, progress=False)
+    plan = storage.read_json(str(tmp_path / "run" / "clean_global" / "replacements.json"))
+    assert plan["first_id"] == 8 and plan["count"] >= 1  # after the last planned block (ids 0-7)
+    raw_ids = sorted({i for b in blk.done_block_ids(cfg.stage_dir("raw"))
+                      for i in storage.read_table(blk.block_path(cfg.stage_dir("raw"), b), columns=["identity_id"]).column("identity_id").to_pylist()})
+    assert raw_ids == list(range(6)) + list(range(8, 8 + plan["count"]))
+    assert report.totals["identities_in"] == 6 + plan["count"]
+    again = run_clean(cfg, progress=False)  # resumes: the same replacements, nothing generated or redone
+    assert again.blocks_written == 0 and again.totals == report.totals
+    assert storage.read_json(str(tmp_path / "run" / "clean_global" / "replacements.json")) == plan

@@ -161,21 +161,46 @@ def _final_is_current(clean_dir: str, block_id: int, digest: str) -> bool:
     return blk.is_done(clean_dir, block_id) and storage.read_json(blk.stats_path(clean_dir, block_id)).get("plan_digest") == digest
 
 
-def run_clean(cfg: FacegenConfig, raw_dir: str | None = None, clean_dir: str | None = None, progress: bool = True) -> StageReport:
-    """Clean every finished raw block: expert pass, global steps, final pass (each resumable)."""
+def replacement_config(cfg: FacegenConfig, first_id: int, count: int) -> FacegenConfig:
+    """The run's settings for generating ``count`` new identities from ``first_id`` into the same raw blocks."""
+    side = cfg.model_copy(deep=True)
+    side.identities.first_id, side.identities.num_identities = first_id, count
+    side.run.overwrite = False
+    return side
+
+
+def _replace_dropped(cfg: FacegenConfig, global_dir: str, totals: dict[str, int], progress: bool) -> bool:
+    """HybridGen step 5: new identities from the configured generator for the ones cleaning removed.
+
+    One round: the plan (first id, count) is recorded in ``replacements.json`` before generating,
+    so a re-run resumes the same identities and never replaces replacements. Returns whether new
+    raw blocks were generated.
+    """
+    from facegen.stages.generate import run_generate
+
+    path = f"{global_dir}/replacements.json"
+    if storage.exists(path):
+        plan = storage.read_json(path)
+    else:
+        removed = totals["identities_dropped"] + totals["identities_removed_dedup"] + totals["identities_removed_leakage"]
+        ids, size = cfg.identities, cfg.identities.block_size
+        first = -(-(ids.first_id + ids.num_identities) // size) * size  # the next free block
+        plan = {"first_id": first, "count": removed, "replaces": removed}
+        storage.write_json_atomic(plan, path)
+    if plan["count"] == 0:
+        return False
+    report = run_generate(replacement_config(cfg, plan["first_id"], plan["count"]), progress=progress)
+    return report.blocks_written > 0
+
+
+def _clean_blocks(cfg: FacegenConfig, raw_dir: str, clean_dir: str, progress: bool) -> StageReport:
     from facegen.clean.global_steps import run_global
 
-    raw_dir = raw_dir or cfg.stage_dir("raw")
-    clean_dir = clean_dir or cfg.stage_dir("clean")
     votes_dir, global_dir = f"{clean_dir.rstrip('/')}_votes", f"{clean_dir.rstrip('/')}_global"
     started = time.time()
     available = blk.done_block_ids(raw_dir)
     if not available:
         raise FileNotFoundError(f"{raw_dir}: no finished raw blocks to clean (run `facegen generate` first)")
-    if cfg.clean.leakage.references:  # fail before any expensive work
-        from facegen.clean.leakage import ReferenceSet
-
-        ReferenceSet(cfg.clean.leakage.references)
     if cfg.run.overwrite:
         blk.reset_blocks(votes_dir, available)
         blk.reset_blocks(clean_dir, available)
@@ -193,3 +218,22 @@ def run_clean(cfg: FacegenConfig, raw_dir: str | None = None, clean_dir: str | N
     if final or not storage.exists(f"{global_dir}/clean_summary.json"):
         _record_summary(cfg, global_dir, totals, records, summary)
     return StageReport("clean", clean_dir, len(available), len(available) - len(final), len(final), round(time.time() - started, 2), totals)
+
+
+def run_clean(cfg: FacegenConfig, raw_dir: str | None = None, clean_dir: str | None = None, progress: bool = True) -> StageReport:
+    """Clean every finished raw block: expert pass, global steps, final pass (each resumable);
+    with ``clean.replace_dropped``, then generate replacements for the removed identities and clean again."""
+    raw_dir = raw_dir or cfg.stage_dir("raw")
+    clean_dir = clean_dir or cfg.stage_dir("clean")
+    if cfg.clean.leakage.references:  # fail before any expensive work
+        from facegen.clean.leakage import ReferenceSet
+
+        ReferenceSet(cfg.clean.leakage.references)
+    if cfg.clean.replace_dropped and raw_dir != cfg.stage_dir("raw"):
+        raise ValueError("clean.replace_dropped: replacements are generated into the run's raw directory; do not pass another raw_dir")
+    report = _clean_blocks(cfg, raw_dir, clean_dir, progress)
+    if cfg.clean.replace_dropped and _replace_dropped(cfg, f"{clean_dir.rstrip('/')}_global", report.totals, progress):
+        first = report
+        report = _clean_blocks(cfg, raw_dir, clean_dir, progress)
+        report.seconds = round(report.seconds + first.seconds, 2)
+    return report
