@@ -104,7 +104,9 @@ def train(config: Optional[str] = ConfigOption, set_: Optional[list[str]] = SetO
 @app.command("eval")
 @_one_line_errors
 def eval_(
-    checkpoint: str = typer.Option(..., "--checkpoint", help="facegen backbone directory"),
+    checkpoint: str = typer.Option(..., "--checkpoint", help="embedder weights: facegen backbone directory, .pth, .onnx"),
+    kind: str = typer.Option("facegen", "--kind", help="embedder kind: facegen | arcface_torch | onnx | dlib"),
+    arch: Optional[str] = typer.Option(None, "--arch", help="arcface_torch only: iresnet18/34/50/100"),
     bins: list[str] = typer.Option(..., "--bin", help="insightface .bin verification set (repeatable)"),
     batch_size: int = typer.Option(64, "--batch-size"),
     folds: int = typer.Option(10, "--folds"),
@@ -116,7 +118,7 @@ def eval_(
     table = Table(title=f"verification: {checkpoint}", title_justify="left")
     for column in ("set", "pairs", "accuracy", "std"):
         table.add_column(column)
-    for r in run_eval(checkpoint, bins, batch_size, folds, device):
+    for r in run_eval(checkpoint, bins, batch_size, folds, device, kind=kind, arch=arch):
         table.add_row(r["name"], str(r["pairs"]), f"{100 * r['accuracy_mean']:.2f}%", f"{100 * r['accuracy_std']:.2f}")
     console.print(table)
 

@@ -27,7 +27,7 @@ def _side_config(cfg: FacegenConfig, name: str, first_id: int, num_identities: i
     side.identities.num_identities = num_identities
     side.generator.images_per_identity = images_per_identity
     side.generator.parametric.wrong_identity_rate = 0.0
-    side.faces.embedder.checkpoint = None
+    side.faces.embedder.kind, side.faces.embedder.path = "facegen", None
     return side
 
 

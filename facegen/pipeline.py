@@ -28,12 +28,16 @@ class PipelineSummary:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def run_eval(checkpoint: str, bins: list[str], batch_size: int = 64, nrof_folds: int = 10, device: str = "auto") -> list[dict[str, Any]]:
-    """10-fold verification accuracy of a backbone on insightface ``.bin`` sets."""
+def run_eval(
+    checkpoint: str, bins: list[str], batch_size: int = 64, nrof_folds: int = 10, device: str = "auto",
+    kind: str = "facegen", arch: str | None = None,
+) -> list[dict[str, Any]]:
+    """10-fold verification accuracy of an embedder (any ``faces.embedder.kind``) on ``.bin`` sets."""
+    from facegen.config import EmbedderSettings
     from facegen.eval.verification import verify_bins
-    from facegen.faces.embed import Embedder
+    from facegen.faces.embed import build_embedder
 
-    embedder = Embedder(checkpoint, device=device, batch_size=batch_size)
+    embedder = build_embedder(EmbedderSettings(kind=kind, path=checkpoint, arch=arch, device=device, batch_size=batch_size))
     results = verify_bins(embedder, bins, batch_size=batch_size, nrof_folds=nrof_folds)
     return [asdict(r) for r in results]
 
@@ -55,11 +59,11 @@ def run_pipeline(cfg: FacegenConfig, progress: bool = True) -> PipelineSummary:
         summary.seconds[name] = round(time.time() - clock, 1)
         clock = time.time()
 
-    if cfg.demo.bootstrap_identities and not cfg.faces.embedder.checkpoint:
-        cfg.faces.embedder.checkpoint = bootstrap_embedder(cfg, progress=progress)
+    if cfg.demo.bootstrap_identities and not cfg.faces.embedder.enabled:
+        cfg.faces.embedder.kind, cfg.faces.embedder.path = "facegen", bootstrap_embedder(cfg, progress=progress)
         lap("bootstrap_embedder")
-    if not cfg.faces.embedder.checkpoint:
-        raise ValueError("faces.embedder.checkpoint: the pipeline needs an embedder (or demo.bootstrap_identities > 0)")
+    if not cfg.faces.embedder.enabled:
+        raise ValueError("faces.embedder.path: the pipeline needs an embedder (or demo.bootstrap_identities > 0)")
     bins = list(cfg.eval.bins)
     if cfg.demo.heldout_identities:
         bins.insert(0, write_heldout_bin(cfg, progress=progress))
@@ -89,7 +93,7 @@ def run_pipeline(cfg: FacegenConfig, progress: bool = True) -> PipelineSummary:
         "curriculum shards": cfg.stage_dir("shards"),
         "training run": result.run_dir,
         "backbone": result.backbone_dir,
-        "embedder": cfg.faces.embedder.checkpoint,
+        "embedder": f"{cfg.faces.embedder.kind}: {cfg.faces.embedder.path or 'packaged model'}",
         "verification sets": ", ".join(bins),
         "wandb": cfg.stage_dir("wandb"),
         "summary": f"{cfg.run.output_dir.rstrip('/')}/summary.json",

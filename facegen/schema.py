@@ -11,11 +11,17 @@ Two row shapes travel through a run:
 
 ``SAMPLE`` (faces -> raw shards -> clean -> curriculum shards -> training)
     the same identity columns, image:binary (112x112 aligned, JPEG or PNG), embedding:
-    fixed_size_list<float32>[512] (L2-normalised; null before an embedder exists), quality:float32,
-    difficulty:float32 (1 - cos to the identity centre; NaN until cleaning), status, reason,
-    origin:string ("generated" | "augmented").
+    fixed_size_list<float32>[D] (L2-normalised; null before an embedder exists), quality:float32
+    (detector score x sharpness), difficulty:float32 (1 - cos to the identity centre; NaN until
+    cleaning), status, reason, origin:string ("generated" | "augmented" | "ingested").
 
-``CLEAN`` (clean stage -> curriculum shards): ``SAMPLE`` plus the cleaning decision of every sample,
+The embedding width ``D`` belongs to the embedder, not to the schema: 512 for ArcFace IResNets,
+128 for dlib's ResNet. Each SAMPLE table carries its own width, so the schema is built per table
+with :func:`sample_schema` (``D`` = :data:`DEFAULT_EMBEDDING_DIM` when nothing was embedded) and
+read back with :func:`embedding_dim`. All tables of one run share one width; block stats and the
+shard manifest record which embedder produced it.
+
+``CLEAN`` (clean stage -> curriculum shards, :func:`clean_schema`): ``SAMPLE`` plus the cleaning decision of every sample,
     kept or not: votes:list<struct<expert, vote ("keep" | "drop" | "abstain"), confidence:float32,
     reason>> (one entry per expert that ran), decided_by:string (the fusion rule or later step that
     settled the row). status is "ok" (kept), "dropped" (reason says why) or "error" (from upstream).
@@ -31,7 +37,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-EMBEDDING_DIM = 512
+#: Width of the (all-null) embedding column of tables that no embedder has seen.
+DEFAULT_EMBEDDING_DIM = 512
 LANDMARK_DIM = 10
 ALIGNED_SIZE = 112
 
@@ -59,19 +66,48 @@ GENERATED = pa.schema(
     ]
 )
 
-SAMPLE = pa.schema(
-    _IDENTITY_FIELDS
-    + [
-        pa.field("true_identity_id", pa.int64()),
-        pa.field("meta", pa.string()),
-        pa.field("embedding", pa.list_(pa.float32(), EMBEDDING_DIM)),
-        pa.field("quality", pa.float32()),
-        pa.field("difficulty", pa.float32()),
-        pa.field("status", pa.string()),
-        pa.field("reason", pa.string()),
-        pa.field("origin", pa.string()),
-    ]
-)
+
+
+def sample_schema(embedding_dim: int = DEFAULT_EMBEDDING_DIM) -> pa.Schema:
+    """The SAMPLE schema with an embedding column ``embedding_dim`` floats wide."""
+    if int(embedding_dim) < 1:
+        raise ValueError(f"embedding width must be >= 1, got {embedding_dim}")
+    return pa.schema(
+        _IDENTITY_FIELDS
+        + [
+            pa.field("true_identity_id", pa.int64()),
+            pa.field("meta", pa.string()),
+            pa.field("embedding", pa.list_(pa.float32(), int(embedding_dim))),
+            pa.field("quality", pa.float32()),
+            pa.field("difficulty", pa.float32()),
+            pa.field("status", pa.string()),
+            pa.field("reason", pa.string()),
+            pa.field("origin", pa.string()),
+        ]
+    )
+
+
+#: Column names of every SAMPLE table, in order (whatever its embedding width).
+SAMPLE_NAMES: tuple[str, ...] = tuple(sample_schema().names)
+
+
+def embedding_dim(schema: pa.Schema) -> int:
+    """The embedding width of a SAMPLE schema (or of a table's ``.schema``)."""
+    field = schema.field("embedding")
+    if not pa.types.is_fixed_size_list(field.type):
+        raise ValueError(f"embedding column: expected a fixed-size list, got {field.type}")
+    return int(field.type.list_size)
+
+
+def batch_embedding_dim(batch: dict[str, Any]) -> int:
+    """The embedding width of a numpy SAMPLE batch: the matrix width, or the default when all null."""
+    values = np.asarray(batch["embedding"]) if not isinstance(batch["embedding"], np.ndarray) else batch["embedding"]
+    if values.dtype != object and values.ndim == 2:
+        return int(values.shape[1])
+    widths = {len(v) for v in values if v is not None and np.ndim(v) == 1}
+    if len(widths) > 1:
+        raise ValueError(f"embedding column: rows of different widths {sorted(widths)}")
+    return widths.pop() if widths else DEFAULT_EMBEDDING_DIM
 
 
 VOTE = pa.struct([
@@ -81,7 +117,13 @@ VOTE = pa.struct([
     pa.field("reason", pa.string()),
 ])
 
-CLEAN = pa.schema(list(SAMPLE) + [pa.field("votes", pa.list_(VOTE)), pa.field("decided_by", pa.string())])
+def clean_schema(embedding_dim: int = DEFAULT_EMBEDDING_DIM) -> pa.Schema:
+    """The CLEAN schema: :func:`sample_schema` plus ``votes`` and ``decided_by``."""
+    return pa.schema(list(sample_schema(embedding_dim)) + [pa.field("votes", pa.list_(VOTE)), pa.field("decided_by", pa.string())])
+
+
+#: Column names of every CLEAN table, in order.
+CLEAN_NAMES: tuple[str, ...] = tuple(clean_schema().names)
 
 
 def _column_array(field: pa.Field, values: Any) -> pa.Array:

@@ -9,7 +9,8 @@ Layout of ``shards_dir``::
     manifest.json                     written last: its presence means the set is complete
 
 ``manifest.json`` = ``{"format_version": 1, "facegen_version", "config_digest", "created",
-"num_rows", "num_identities", "num_buckets", "labels_file", "bucket_edges", "shards": [...]}``;
+"num_rows", "num_identities", "num_buckets", "labels_file", "bucket_edges", "sources",
+"embedder" ({"kind", "file", "sha256", "dim"} or null), "shards": [...]}``;
 each shard record is ``{"path" (relative), "bucket", "block", "rows", "bytes", "sha256",
 "difficulty_min", "difficulty_max"}``, listed in curriculum order (bucket, then block).
 A training label is ``searchsorted(labels, identity_id)``.
@@ -89,14 +90,15 @@ def split_block_into_buckets(table: pa.Table, block_id: int, edges: np.ndarray, 
 
 def write_manifest(
     records: list[dict[str, Any]], shards_dir: str, identity_ids: np.ndarray, edges: np.ndarray, config_digest: str,
-    sources: dict[str, str] | None = None,
+    sources: dict[str, str] | None = None, embedder: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write ``labels.parquet`` then ``manifest.json`` (last, so its presence marks completion).
 
     ``records`` are the shard records of every block in any order; they are listed in curriculum
     order (bucket ascending, then block id). ``identity_ids`` may repeat; labels are their sorted
     unique values. ``sources`` (source block id -> sha256) records what the set was built from, so
-    a later run can tell whether it is stale. Returns the manifest.
+    a later run can tell whether it is stale; ``embedder`` (kind, file, sha256, dim) what embedded
+    the rows. Returns the manifest.
     """
     edges = np.asarray(edges, dtype=np.float64)
     if edges.ndim != 1 or len(edges) < 2 or not np.isfinite(edges).all() or np.any(np.diff(edges) <= 0):
@@ -115,6 +117,7 @@ def write_manifest(
         "labels_file": LABELS_FILE,
         "bucket_edges": [float(e) for e in edges],
         "sources": dict(sources or {}),
+        "embedder": embedder,
         "shards": ordered,
     }
     storage.write_json_atomic(manifest, _join(shards_dir, MANIFEST_FILE))

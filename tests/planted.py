@@ -20,7 +20,9 @@ import numpy as np
 
 from facegen.clean.vlm import LABEL_HEIGHT
 from facegen.faces.align import decode_image, encode_image
-from facegen.schema import SAMPLE, rows_to_batch, table_from_batch
+from facegen.schema import rows_to_batch, sample_schema, table_from_batch
+
+SAMPLE = sample_schema(512)
 
 SMALL = 16
 

@@ -15,7 +15,10 @@ import pytest
 from facegen.clean.block import clean_block
 from facegen.faces.align import decode_image, encode_image
 from facegen.config import CleanSettings
-from facegen.schema import CLEAN, SAMPLE, rows_to_batch, table_from_batch
+from facegen.schema import clean_schema, rows_to_batch, sample_schema, table_from_batch
+
+SAMPLE = sample_schema(512)
+CLEAN = clean_schema(512)
 
 SMALL = 16  # images are embedded from a 16x16 thumbnail
 

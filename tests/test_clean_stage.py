@@ -106,7 +106,7 @@ def test_removed_identities_are_replaced_by_new_ones_from_the_generator(ray_loca
         "run": {"output_dir": str(tmp_path / "run"), "seed": 2},
         "identities": {"num_identities": 6, "block_size": 4},
         "generator": {"images_per_identity": 8, "batch_size": 3, "num_cpus": 0.25, "parametric": {"image_size": 96, "wrong_identity_rate": 0.2}},
-        "faces": {"batch_size": 32, "num_cpus": 0.25, "embedder": {"checkpoint": embedder}},
+        "faces": {"batch_size": 32, "num_cpus": 0.25, "embedder": {"path": embedder}},
         "clean": {"min_images": 6, "target_images": 8, "num_cpus": 0.25, "replace_dropped": True, "dedup": {"enabled": False}},
         "tracking": {"mode": "disabled"},
     }, "test")

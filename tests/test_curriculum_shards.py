@@ -14,7 +14,9 @@ from facegen.curriculum import (
     difficulty_to_centre,
     semi_hard_mask,
 )
-from facegen.schema import SAMPLE, rows_to_batch, table_from_batch
+from facegen.schema import rows_to_batch, sample_schema, table_from_batch
+
+SAMPLE = sample_schema(512)
 from facegen.shards import (
     ShardSetError,
     load_manifest,

@@ -8,13 +8,20 @@ import pytest
 import torch
 from insightface.data import get_image
 
-from facegen.config import EmbedderSettings, FaceSettings
+from facegen.config import DetectorSettings, EmbedderSettings, FaceSettings
 from facegen.faces.align import ARCFACE_TEMPLATE, align_face, center_crop, decode_image, encode_image
-from facegen.faces.embed import Embedder
+from facegen.faces.embed import IResNetEmbedder
 from facegen.faces.stage import FaceStage
-from facegen.schema import GENERATED, SAMPLE, error_row, rows_to_batch, table_from_batch
+from facegen.schema import GENERATED, error_row, sample_schema, rows_to_batch, table_from_batch
 from facegen.models.iresnet_checkpoint import save_backbone
 from facegen.models.iresnet import build_backbone
+
+SAMPLE = sample_schema(512)
+
+
+def _settings(**fields) -> FaceSettings:
+    """Face settings without a detector: rows without landmarks are centre-cropped (as before detection)."""
+    return FaceSettings(detector=DetectorSettings(kind="none"), **fields)
 
 OK, CENTRE, CORRUPT, UPSTREAM, HALF_NAN, DEGENERATE, OK2 = range(7)
 
@@ -94,7 +101,7 @@ def _check_rows(out: dict) -> None:
 
 
 def test_stage_without_embedder_aligns_and_isolates_bad_rows(generated_batch, photo):
-    stage = FaceStage(FaceSettings(image_format="png"))
+    stage = FaceStage(_settings(image_format="png"))
     out = stage(generated_batch)
     _check_rows(out)
     np.testing.assert_array_equal(decode_image(out["image"][OK]), align_face(photo, _landmarks()))
@@ -104,8 +111,8 @@ def test_stage_without_embedder_aligns_and_isolates_bad_rows(generated_batch, ph
 
 
 def test_stage_with_tiny_checkpoint_embeds_ok_rows(generated_batch, photo, tiny_checkpoint):
-    embedder = EmbedderSettings(checkpoint=tiny_checkpoint, batch_size=2)
-    settings = FaceSettings(image_format="jpeg", jpeg_quality=90, embedder=embedder)
+    embedder = EmbedderSettings(path=tiny_checkpoint, batch_size=2)
+    settings = _settings(image_format="jpeg", jpeg_quality=90, embedder=embedder)
     out = FaceStage(settings)(generated_batch)
     _check_rows(out)
     aligned = decode_image(out["image"][OK])
@@ -120,7 +127,7 @@ def test_stage_with_tiny_checkpoint_embeds_ok_rows(generated_batch, photo, tiny_
     # the stage embeds the exact crops it aligned (before encoding), with the flip-sum
     mirrored = np.ascontiguousarray(photo[:, ::-1])
     crops = np.stack([align_face(photo, _landmarks()), center_crop(photo), align_face(mirrored, _landmarks())])
-    expected = Embedder(tiny_checkpoint, device="cpu").embed(crops)
+    expected = IResNetEmbedder(tiny_checkpoint, device="cpu").embed(crops)
     np.testing.assert_allclose(np.stack([embeddings[i] for i in ok]), expected, atol=1e-5)
     assert table_from_batch(out, SAMPLE).column("embedding").null_count == 4
 
@@ -128,9 +135,9 @@ def test_stage_with_tiny_checkpoint_embeds_ok_rows(generated_batch, photo, tiny_
 def test_stage_all_ok_batch_gives_a_float_embedding_matrix(generated_batch, tiny_checkpoint):
     keep = [OK, CENTRE, OK2]
     batch = {name: col[keep] for name, col in generated_batch.items()}
-    out = FaceStage(FaceSettings(embedder=EmbedderSettings(checkpoint=tiny_checkpoint)))(batch)
+    out = FaceStage(_settings(embedder=EmbedderSettings(path=tiny_checkpoint)))(batch)
     assert out["embedding"].dtype == np.float32 and out["embedding"].shape == (3, 512)
-    empty = FaceStage(FaceSettings())({name: col[:0] for name, col in generated_batch.items()})
+    empty = FaceStage(_settings())({name: col[:0] for name, col in generated_batch.items()})
     assert list(empty) == SAMPLE.names and len(empty["image"]) == 0
 
 
@@ -139,17 +146,19 @@ def test_non_finite_embeddings_become_error_rows(generated_batch, tmp_path):
     with torch.no_grad():
         model.fc.weight.fill_(float("nan"))
     path = save_backbone(str(tmp_path / "broken"), model, "iresnet18", 8, 512)
-    out = FaceStage(FaceSettings(embedder=EmbedderSettings(checkpoint=path)))(generated_batch)
+    out = FaceStage(_settings(embedder=EmbedderSettings(path=path)))(generated_batch)
     assert set(out["status"]) == {"error"}
     assert out["reason"][OK] == f"faces: identity 41 sample {OK}: embedding is not finite"
     assert np.isnan(out["embedding"]).all() and out["image"][CENTRE] == b""
 
 
-def test_stage_rejects_a_checkpoint_of_the_wrong_width(tmp_path):
+def test_the_embedding_width_is_the_embedders(generated_batch, tmp_path):
     model = build_backbone("iresnet18", width=8, embedding_size=64)
     path = save_backbone(str(tmp_path / "small"), model, "iresnet18", 8, 64)
-    with pytest.raises(ValueError, match="embeds to 64 dimensions"):
-        FaceStage(FaceSettings(embedder=EmbedderSettings(checkpoint=path)))
+    stage = FaceStage(_settings(embedder=EmbedderSettings(path=path)))
+    out = stage(generated_batch)
+    assert out["embedding"].shape == (7, 64) and stage.schema.field("embedding").type.list_size == 64
+    assert table_from_batch(out, sample_schema(64)).column("embedding").null_count == 4
 
 
 @pytest.mark.slow
@@ -157,7 +166,7 @@ def test_stage_in_ray_data_keeps_the_sample_schema_across_batches(ray_local, gen
     """An all-ok batch and batches with errors concatenate into one SAMPLE-typed dataset."""
     order = [OK, CENTRE, OK2, CORRUPT, UPSTREAM, HALF_NAN, DEGENERATE]
     table = table_from_batch({name: col[order] for name, col in generated_batch.items()}, GENERATED)
-    settings = FaceSettings(embedder=EmbedderSettings(checkpoint=tiny_checkpoint))
+    settings = _settings(embedder=EmbedderSettings(path=tiny_checkpoint))
     ds = ray_local.data.from_arrow(table).map_batches(
         FaceStage,
         fn_constructor_kwargs={"settings": settings},

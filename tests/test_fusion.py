@@ -58,7 +58,7 @@ def second_model(tmp_path_factory):
     torch.manual_seed(0)  # an untrained IResNet still maps equal patterns close together
     folder = tmp_path_factory.mktemp("independent")
     save_backbone(str(folder), iresnet18(width=8).eval(), "iresnet18", 8, 512)
-    return IndependentExpert(load_embedder(EmbedderSettings(checkpoint=str(folder))), IndependentSettings(enabled=True, percentile=10))
+    return IndependentExpert(load_embedder(EmbedderSettings(path=str(folder))), IndependentSettings(enabled=True, percentile=10))
 
 
 def test_planted_noise_cluster_alone_and_fusion(second_model, tmp_path):

@@ -64,7 +64,9 @@ def test_generate_writes_one_file_per_block_and_skips_done(ray_local, tmp_path):
 
 def test_failing_samples_become_error_rows_and_the_job_goes_on(ray_local, tmp_path):
     from facegen.blocks import Block
-    from facegen.schema import SAMPLE, table_from_batch
+    from facegen.schema import sample_schema, table_from_batch
+
+    SAMPLE = sample_schema(512)
     from facegen.stages.generate import build_sample_dataset
 
     cfg = _config(tmp_path)

@@ -8,7 +8,9 @@ import torch
 
 from facegen.config import config_from_dict
 from facegen.faces.align import encode_image
-from facegen.schema import SAMPLE, rows_to_batch, table_from_batch
+from facegen.schema import rows_to_batch, sample_schema, table_from_batch
+
+SAMPLE = sample_schema(512)
 from facegen.shards import split_block_into_buckets, write_manifest
 from facegen.config import TrainSettings
 from facegen.train.data import CurriculumReader, buckets_in_use, prefetch

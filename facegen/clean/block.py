@@ -21,16 +21,18 @@ from facegen.clean.view import BlockView, block_view
 from facegen.clean.votes import DROP, ExpertVotes, votes_column
 from facegen.config import CleanSettings
 from facegen.curriculum import identity_centre
-from facegen.schema import CLEAN, EMBEDDING_DIM, STATUS_DROPPED, STATUS_OK
+from facegen.schema import STATUS_DROPPED, STATUS_OK, clean_schema, embedding_dim
 
 EmbedFn = Callable[[np.ndarray], np.ndarray]
 
-CENTRES = pa.schema([
-    pa.field("identity_id", pa.int64(), nullable=False),
-    pa.field("block_id", pa.int64(), nullable=False),
-    pa.field("num_kept", pa.int32(), nullable=False),
-    pa.field("centre", pa.list_(pa.float32(), EMBEDDING_DIM)),
-])
+def centres_schema(dim: int) -> pa.Schema:
+    """One row per identity with kept images: its unit centre (``dim`` = the block's embedding width)."""
+    return pa.schema([
+        pa.field("identity_id", pa.int64(), nullable=False),
+        pa.field("block_id", pa.int64(), nullable=False),
+        pa.field("num_kept", pa.int32(), nullable=False),
+        pa.field("centre", pa.list_(pa.float32(), dim)),
+    ])
 
 
 class Expert(Protocol):
@@ -60,7 +62,7 @@ def _drop_reason(votes: dict[str, ExpertVotes], row: int) -> str:
 
 
 def vote_block(table: pa.Table, block_id: int, settings: CleanSettings, experts: Experts | None = None) -> tuple[pa.Table, pa.Table, dict[str, Any]]:
-    """Run the experts and the fusion on one block; returns (CLEAN rows, CENTRES rows, stats)."""
+    """Run the experts and the fusion on one block; returns (CLEAN rows, centres rows, stats)."""
     experts = experts or Experts()
     view = block_view(table)
     n = view.num_rows
@@ -98,9 +100,11 @@ def vote_block(table: pa.Table, block_id: int, settings: CleanSettings, experts:
     out = view.table
     out = out.set_column(out.schema.get_field_index("status"), "status", pa.array(status, pa.string()))
     out = out.set_column(out.schema.get_field_index("reason"), "reason", pa.array(reason, pa.string()))
-    out = out.append_column(CLEAN.field("votes"), pa.array(votes_column(list(votes.values()), n), CLEAN.field("votes").type))
-    out = out.append_column(CLEAN.field("decided_by"), pa.array(decided_by, pa.string()))
-    out = out.cast(CLEAN).sort_by([("identity_id", "ascending"), ("sample_idx", "ascending")])
+    dim = embedding_dim(view.table.schema)
+    schema = clean_schema(dim)
+    out = out.append_column(schema.field("votes"), pa.array(votes_column(list(votes.values()), n), schema.field("votes").type))
+    out = out.append_column(schema.field("decided_by"), pa.array(decided_by, pa.string()))
+    out = out.cast(schema).sort_by([("identity_id", "ascending"), ("sample_idx", "ascending")])
 
     centre_rows = []
     for ident, rows in view.groups.items():
@@ -111,8 +115,8 @@ def vote_block(table: pa.Table, block_id: int, settings: CleanSettings, experts:
         pa.array([c[0] for c in centre_rows], pa.int64()),
         pa.array([block_id] * len(centre_rows), pa.int64()),
         pa.array([c[1] for c in centre_rows], pa.int32()),
-        pa.FixedSizeListArray.from_arrays(pa.array(np.concatenate([c[2] for c in centre_rows]) if centre_rows else np.zeros(0, np.float32)), EMBEDDING_DIM),
-    ], schema=CENTRES)
+        pa.FixedSizeListArray.from_arrays(pa.array(np.concatenate([c[2] for c in centre_rows]) if centre_rows else np.zeros(0, np.float32)), dim),
+    ], schema=centres_schema(dim))
 
     wrong = (view.true_identity >= 0) & (view.true_identity != view.identity)
     stats: dict[str, Any] = {

@@ -23,7 +23,7 @@ from facegen.clean.selection import band_summary, select
 from facegen.config import CleanSettings
 from facegen.curriculum import identity_centre, l2_normalize
 from facegen.faces.align import decode_image, encode_image
-from facegen.schema import CLEAN, EMBEDDING_DIM, STATUS_DROPPED, STATUS_OK, batch_from_table, rows_to_batch, table_from_batch
+from facegen.schema import CLEAN_NAMES, STATUS_DROPPED, STATUS_OK, batch_from_table, clean_schema, embedding_dim, rows_to_batch, table_from_batch
 
 EmbedFn = Callable[[np.ndarray], np.ndarray]
 
@@ -44,14 +44,14 @@ def _try_decode(data: bytes | None) -> np.ndarray | None:
         return None
 
 
-def _embed(images: list[np.ndarray], embed_fn: EmbedFn) -> np.ndarray:
-    """Embed in chunks; returns L2-normalised float32 ``[N, 512]`` (non-finite rows stay NaN)."""
+def _embed(images: list[np.ndarray], embed_fn: EmbedFn, dim: int) -> np.ndarray:
+    """Embed in chunks; returns L2-normalised float32 ``[N, dim]`` (non-finite rows stay NaN)."""
     out = []
     for start in range(0, len(images), EMBED_CHUNK):
         chunk = np.stack(images[start : start + EMBED_CHUNK])
         emb = np.asarray(embed_fn(chunk), dtype=np.float32)
-        if emb.shape != (len(chunk), EMBEDDING_DIM):
-            raise ValueError(f"embed_fn returned shape {emb.shape} for {len(chunk)} images, expected ({len(chunk)}, {EMBEDDING_DIM})")
+        if emb.shape != (len(chunk), dim):
+            raise ValueError(f"embed_fn returned shape {emb.shape} for {len(chunk)} images, expected ({len(chunk)}, {dim}): the block was embedded by another embedder")
         out.append(emb)
     return l2_normalize(np.concatenate(out))
 
@@ -105,9 +105,11 @@ def finish_block(
     """
     if seed < 0:
         raise ValueError(f"clean: seed must be >= 0 (it seeds numpy's SeedSequence), got {seed}")
-    table = table.select(CLEAN.names).cast(CLEAN)
+    dim = embedding_dim(table.schema)
+    schema = clean_schema(dim)
+    table = table.select(list(CLEAN_NAMES)).cast(schema)
     if merged_in is not None and merged_in.num_rows:
-        table = pa.concat_tables([table, merged_in.select(CLEAN.names).cast(CLEAN)])
+        table = pa.concat_tables([table, merged_in.select(list(CLEAN_NAMES)).cast(schema)])
     table = table.sort_by([("identity_id", "ascending"), ("sample_idx", "ascending")])
     cols = batch_from_table(table.select(["identity_id", "sample_idx", "status", "embedding", "origin"]))
     ids, sample_idx = cols["identity_id"].astype(np.int64), cols["sample_idx"].astype(np.int64)
@@ -167,13 +169,13 @@ def finish_block(
     out = table
     for name, values, kind in (("status", status, pa.string()), ("reason", reason, pa.string()),
                                ("decided_by", decided_by, pa.string()), ("difficulty", difficulty, pa.float32())):
-        out = out.set_column(out.schema.get_field_index(name), CLEAN.field(name), pa.array(list(values) if kind == pa.string() else values, kind))
+        out = out.set_column(out.schema.get_field_index(name), schema.field(name), pa.array(list(values) if kind == pa.string() else values, kind))
 
     if augmented:
         if embed_fn is not None:  # embed what was stored (after JPEG), which is what training sees
-            aug_emb = _embed([decode_image(row["image"]) for row in augmented], embed_fn)
+            aug_emb = _embed([decode_image(row["image"]) for row in augmented], embed_fn, dim)
         else:
-            aug_emb = np.full((len(augmented), EMBEDDING_DIM), np.nan)
+            aug_emb = np.full((len(augmented), dim), np.nan)
         for row, e in zip(augmented, aug_emb):
             r = row.pop("_source_row")
             how = "embedder" if np.isfinite(e).all() else "copied_from_source"
@@ -181,7 +183,7 @@ def finish_block(
             row["embedding"] = np.asarray(e, np.float32)
             row["difficulty"] = np.float32(1.0 - float(e @ centres[row["identity_id"]]))
             row["meta"] = json.dumps({"augmented_from": int(sample_idx[r]), "embedding": how})
-        out = pa.concat_tables([out, table_from_batch(rows_to_batch(augmented, CLEAN), CLEAN)])
+        out = pa.concat_tables([out, table_from_batch(rows_to_batch(augmented, schema), schema)])
     out = out.sort_by([("identity_id", "ascending"), ("sample_idx", "ascending")])
 
     true_ids = pc.fill_null(out.column("true_identity_id"), -1).to_numpy()

@@ -24,15 +24,11 @@ EMBED_CHUNK = 128
 
 
 def load_embedder(settings: EmbedderSettings) -> EmbedFn:
-    """The second model's embed function, built by the faces module's ``build_embedder``."""
-    if not settings.checkpoint:
-        raise ValueError("clean.independent.embedder.checkpoint: the independent expert needs a second FR model")
-    try:
-        from facegen.faces.embed import build_embedder
-    except ImportError:  # until the faces issue lands: facegen IResNet folders only
-        from facegen.faces.embed import Embedder
+    """The second model's embed function (any ``kind`` of :func:`facegen.faces.embed.build_embedder`)."""
+    from facegen.faces.embed import build_embedder
 
-        return Embedder(settings.checkpoint, device=settings.device, batch_size=settings.batch_size).embed
+    if not settings.enabled:
+        raise ValueError("clean.independent.embedder.path: the independent expert needs a second FR model (or kind: dlib)")
     return build_embedder(settings).embed
 
 

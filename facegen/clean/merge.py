@@ -10,7 +10,7 @@ import pyarrow.compute as pc
 
 from facegen import blocks as blk
 from facegen import storage
-from facegen.schema import CLEAN, STATUS_OK
+from facegen.schema import STATUS_OK
 
 
 def merged_rows(votes_dir: str, target_table: pa.Table, incoming: list[tuple[int, int, int]]) -> pa.Table:
@@ -37,5 +37,5 @@ def merged_rows(votes_dir: str, target_table: pa.Table, incoming: list[tuple[int
             row.update(identity_id=target, sample_idx=start + k, meta=json.dumps(meta))
             if row["status"] == STATUS_OK:
                 row["decided_by"] = f"{row['decided_by']}; dedup: merged from identity {source}"
-        parts.append(pa.Table.from_pylist(rows, schema=CLEAN))
-    return pa.concat_tables(parts) if parts else CLEAN.empty_table()
+        parts.append(pa.Table.from_pylist(rows, schema=target_table.schema))
+    return pa.concat_tables(parts) if parts else target_table.schema.empty_table()

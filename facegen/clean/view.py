@@ -10,7 +10,7 @@ import pyarrow.compute as pc
 
 from facegen.curriculum import l2_normalize
 from facegen.faces.align import decode_image
-from facegen.schema import SAMPLE, STATUS_OK, batch_from_table
+from facegen.schema import SAMPLE_NAMES, STATUS_OK, batch_from_table, embedding_dim, sample_schema
 
 
 @dataclass
@@ -47,10 +47,10 @@ class BlockView:
 
 def block_view(table: pa.Table) -> BlockView:
     """Validate a SAMPLE table and group its usable rows by identity (rows stay in file order)."""
-    missing = [name for name in SAMPLE.names if name not in table.column_names]
+    missing = [name for name in SAMPLE_NAMES if name not in table.column_names]
     if missing:
         raise ValueError(f"clean: table lacks SAMPLE columns {missing}")
-    table = table.select(SAMPLE.names).cast(SAMPLE)
+    table = table.select(list(SAMPLE_NAMES)).cast(sample_schema(embedding_dim(table.schema)))
     cols = batch_from_table(table.select(["identity_id", "sample_idx", "status", "embedding"]))
     identity = cols["identity_id"].astype(np.int64)
     sample_idx = cols["sample_idx"].astype(np.int64)

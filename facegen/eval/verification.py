@@ -212,18 +212,20 @@ def verify_bin(
 ) -> VerificationResult:
     """Load a ``.bin`` set, embed it (flip-sum) and score it with K-fold verification."""
     images, issame = load_bin(path)
-    if isinstance(embedder_or_model, Embedder):
-        model, device = embedder_or_model.model, embedder_or_model.device
-    elif isinstance(embedder_or_model, nn.Module):
-        model, device = embedder_or_model, None
+    if isinstance(embedder_or_model, nn.Module):
+        model = embedder_or_model
+        was_training = model.training
+        model.eval()
+        try:
+            embeddings = embed_with_model(model, images, batch_size, None, flip=True)
+        finally:
+            model.train(was_training)
+    elif callable(getattr(embedder_or_model, "embed", None)):  # any facegen.faces.embed embedder
+        embeddings = np.concatenate(
+            [embedder_or_model.embed(images[s : s + batch_size], flip=True) for s in range(0, len(images), batch_size)]
+        )
     else:
         raise TypeError(f"verify_bin: expected an Embedder or torch.nn.Module, got {type(embedder_or_model).__name__}")
-    was_training = model.training
-    model.eval()
-    try:
-        embeddings = embed_with_model(model, images, batch_size, device, flip=True)
-    finally:
-        model.train(was_training)
     mean, std = evaluate(embeddings, issame, nrof_folds)
     return VerificationResult(_set_name(path), int(len(issame)), mean, std)
 

