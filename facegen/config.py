@@ -284,7 +284,7 @@ class SearchSettings(_Section):
     approximate_cpu: Literal["hnsw", "ivf"] = Field(default="hnsw", description="index above exact_max_cpu on CPU")
     hnsw_m: int = Field(default=32, ge=4)
     hnsw_ef_construction: int = Field(default=64, ge=8)
-    hnsw_ef_search: int = Field(default=32, ge=8)
+    hnsw_ef_search: int = Field(default=64, ge=8)
     vectors_per_list: int = Field(default=1024, ge=16, description="IVF: lists = vectors / this")
     nprobe: int = Field(default=16, ge=1)
     train_per_list: int = Field(default=32, ge=4, description="IVF k-means training points per list")
