@@ -27,6 +27,17 @@ HISTOGRAM_BINS = 100  # of the best cosine per synthetic vector, over [-1, 1]
 MAX_VERIFICATION = 20_000  # embeddings used for impostor pairs (about 2e8 pairs)
 
 
+def _vectors(column: pa.ChunkedArray) -> np.ndarray:
+    """A list column of equal-length float lists as float32 ``[k, d]`` (no Python objects per value)."""
+    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if len(column) == 0:
+        return np.zeros((0, 0), np.float32)
+    if column.null_count:
+        raise ValueError("reference embeddings: null rows are not allowed")
+    flat = pc.list_flatten(column).to_numpy(zero_copy_only=False).astype(np.float32)
+    return flat.reshape(len(column), -1)
+
+
 class ReferenceSet(ChunkSource):
     """Reference embeddings from several files, numbered 0.. in file order."""
 
@@ -61,10 +72,10 @@ class ReferenceSet(ChunkSource):
 
     @staticmethod
     def _parquet_vectors(path: str, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of a Parquet file's ``embedding`` column as float32 ``[k, d]``."""
         from facegen.storage import read_table
 
-        col = read_table(path, columns=["embedding"]).column("embedding").slice(start, stop - start)
-        return np.array(col.to_pylist(), dtype=np.float32)
+        return _vectors(read_table(path, columns=["embedding"]).column("embedding").slice(start, stop - start))
 
     def chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         offset = 0
@@ -79,7 +90,7 @@ class ReferenceSet(ChunkSource):
 
                 col = read_table(path, columns=["embedding"]).column("embedding")
                 for s in range(0, n, self.chunk):
-                    vec = l2_normalize(np.array(col.slice(s, self.chunk).to_pylist(), np.float32))
+                    vec = l2_normalize(_vectors(col.slice(s, self.chunk)))
                     yield np.arange(offset + s, offset + s + len(vec), dtype=np.int64), vec
             offset += n
 
@@ -129,7 +140,7 @@ def load_verification(path: str) -> tuple[np.ndarray, np.ndarray]:
         table = storage.read_table(path)
         if "embedding" not in table.column_names or "label" not in table.column_names:
             raise ValueError(f"{path}: needs columns 'embedding' and 'label'")
-        emb = np.array(table.column("embedding").to_pylist(), np.float32)
+        emb = _vectors(table.column("embedding"))
         labels = table.column("label").to_numpy(zero_copy_only=False)
     else:
         raise ValueError(f"{path}: the verification set must be .npz or .parquet")
