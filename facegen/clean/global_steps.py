@@ -47,13 +47,19 @@ class GlobalPlan:
     removed: dict[int, tuple[str, str]] = field(default_factory=dict)
     merges: dict[int, tuple[int, int]] = field(default_factory=dict)
     block_of: dict[int, int] = field(default_factory=dict)
+    _by_block: dict | None = field(default=None, repr=False)
 
     def for_block(self, block_id: int) -> tuple[dict[int, tuple[str, str]], set[int], list[tuple[int, int, int]]]:
         """(removed identities of this block, identities merged away from it, merges into it as
-        (source id, source block, target id))."""
-        removed = {i: v for i, v in self.removed.items() if self.block_of.get(i) == block_id}
-        leaving = {i for i in self.merges if self.block_of.get(i) == block_id}
-        incoming = [(i, self.block_of[i], t) for i, (t, tb) in self.merges.items() if tb == block_id]
+        (source id, source block, target id)); indexed by block on first use."""
+        if self._by_block is None:
+            self._by_block = {}
+            for i, why in self.removed.items():
+                self._by_block.setdefault(self.block_of.get(i), ({}, set(), []))[0][i] = why
+            for i, (target, target_block) in self.merges.items():
+                self._by_block.setdefault(self.block_of.get(i), ({}, set(), []))[1].add(i)
+                self._by_block.setdefault(target_block, ({}, set(), []))[2].append((i, self.block_of[i], target))
+        removed, leaving, incoming = self._by_block.get(block_id, ({}, set(), []))
         return removed, leaving, sorted(incoming)
 
     def table(self) -> pa.Table:
