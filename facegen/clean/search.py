@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 
 from facegen.config import SearchSettings
 
+GPU_MAX_K = 2048  # faiss GPU k-NN limit: a query with more neighbours above the threshold is cut there
 HNSW_QUANTIZER_LISTS = 1024  # from this many IVF lists on, centroids are found through an HNSW graph
 PAIRS = pa.schema([pa.field("query_id", pa.int64()), pa.field("base_id", pa.int64()), pa.field("cosine", pa.float32())])
 
@@ -180,14 +181,16 @@ def _new_index(plan: SearchPlan, dim: int, trained: "object | None", settings: S
     else:
         index = faiss.clone_index(trained)
     if plan.gpu:
-        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+        resources = faiss.StandardGpuResources()
+        index = faiss.index_cpu_to_gpu(resources, 0, index)
+        index.gpu_resources = resources  # must outlive the index
     return index
 
 
 def _train_ivf(base: ChunkSource, plan: SearchPlan, settings: SearchSettings):
     import faiss
 
-    large = plan.nlist >= HNSW_QUANTIZER_LISTS
+    large = plan.nlist >= HNSW_QUANTIZER_LISTS and not plan.gpu  # a GPU index needs a flat quantizer
     quantizer = faiss.IndexHNSWFlat(base.dim, 32, faiss.METRIC_INNER_PRODUCT) if large else faiss.IndexFlatIP(base.dim)
     index = faiss.IndexIVFFlat(quantizer, base.dim, plan.nlist, faiss.METRIC_INNER_PRODUCT)
     index.cp.seed = 1234
@@ -289,7 +292,8 @@ def search_pairs(
         if size == 0:
             continue
         for number, (ids, vecs) in enumerate(queries.chunks()):
-            found, best_id, best_sim = _search_chunk(index, ids, vecs, threshold, settings.knn, size, self_join)
+            limit = min(size, GPU_MAX_K) if plan.gpu else size
+            found, best_id, best_sim = _search_chunk(index, ids, vecs, threshold, settings.knn, limit, self_join)
             if on_best is not None:
                 on_best(number, ids, best_id, best_sim)
             for q, b, s in found:
