@@ -169,7 +169,7 @@ def test_fast_path_makes_the_same_decisions_as_sklearn_dbscan_on_many_identities
     from facegen.clean.cluster_reference import sklearn_adaptive_dbscan_keep
 
     rng = np.random.default_rng(10)
-    identities = [random_identity(rng) for _ in range(300)]
+    identities = [random_identity(rng, 4, 50) for _ in range(200)]
     settings = DbscanSettings()
     fast = adaptive_dbscan_keep_many(identities, settings)
     rounds = 0
