@@ -113,7 +113,7 @@ def ingest(
 @_one_line_errors
 def clean(config: Optional[str] = ConfigOption, set_: Optional[list[str]] = SetOption, progress: bool = ProgressOption,
           verbose: bool = VerboseOption) -> None:
-    """Clean every generated block (consistency clusters, minimum size, top-up)."""
+    """Clean every generated block: expert votes and fusion, dedup and leakage audit, semi-hard trim, top-up."""
     from facegen.stages.clean import run_clean
 
     _print_report(run_clean(_load(config, set_, verbose), progress=progress))

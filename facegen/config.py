@@ -356,10 +356,126 @@ class AugmentSettings(_Section):
     low_res_factor: float = Field(default=0.5, gt=0.0, le=1.0)
 
 
+class IndependentSettings(_Section):
+    """A second FR model flags samples far from their identity centre (threshold calibrated per block)."""
+
+    enabled: bool = False
+    embedder: EmbedderSettings = EmbedderSettings()
+    percentile: float = Field(default=10.0, gt=0.0, lt=100.0, description="of within-identity cos to centre")
+
+
+class VlmSettings(_Section):
+    """Vision-language verifier on an OpenAI-compatible chat-completions endpoint (GPT-4o, vLLM)."""
+
+    enabled: bool = False
+    base_url: str | None = Field(default=None, description="e.g. http://host:8000/v1; env FACEGEN_VLM_BASE_URL")
+    model: str = "gpt-4o"
+    api_key_env: str = Field(default="OPENAI_API_KEY", description="environment variable holding the key")
+    max_images: int = Field(default=64, ge=2, description="faces per grid; later ones are not judged")
+    thumbnail: int = Field(default=96, ge=32, le=224, description="pixels per face in the grid")
+    timeout_s: float = Field(default=120.0, gt=0.0)
+    max_attempts: int = Field(default=5, ge=1)
+    backoff_s: float = Field(default=1.0, ge=0.0, description="first retry delay, doubled each attempt")
+    backoff_max_s: float = Field(default=30.0, ge=0.0)
+    concurrency: int = Field(default=4, ge=1, description="requests in flight per cleaning actor")
+    requests_per_minute: float = Field(default=60.0, gt=0.0, description="per cleaning actor")
+    cache_dir: str | None = Field(default=None, description="default <run.output_dir>/clean_vlm_cache")
+
+
+class FusionRule(_Section):
+    """If every expert named in ``when`` voted as given, ``then`` decides: keep, drop, or an expert's
+    own vote (when that expert abstained, the next rule is tried)."""
+
+    when: dict[Literal["cluster", "independent", "vlm"], Literal["keep", "drop", "abstain"]] = {}
+    then: Literal["keep", "drop", "cluster", "independent", "vlm"]
+
+
+def _default_rules() -> list[FusionRule]:
+    return [
+        FusionRule(when={"cluster": "drop", "independent": "drop"}, then="drop"),
+        FusionRule(when={"cluster": "keep", "independent": "keep"}, then="keep"),
+        FusionRule(then="vlm"),
+        FusionRule(then="cluster"),
+    ]
+
+
+class FusionSettings(_Section):
+    """How expert votes become one decision per sample: the first rule that decides wins."""
+
+    rules: list[FusionRule] = Field(default_factory=_default_rules)
+    default: Literal["keep", "drop"] = "keep"
+
+
+class SelectionSettings(_Section):
+    """Which kept samples survive the trim to ``target_images`` (CemiFace: semi-hard first)."""
+
+    mode: Literal["semi_hard", "central"] = "semi_hard"
+    band: tuple[float, float] = (0.3, 0.8)
+    target: float = Field(default=0.7, description="inside the band, samples nearest this cosine go first")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "SelectionSettings":
+        if not -1.0 <= self.band[0] <= self.band[1] <= 1.0:
+            raise ValueError("band must be [low, high] with -1 <= low <= high <= 1")
+        return self
+
+
+class SearchSettings(_Section):
+    """faiss search over identity centres: exact up to a size, a graph (CPU) or IVF (GPU) index above."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    exact_max_cpu: int = Field(default=50_000, ge=0, description="exact search up to this many vectors on CPU")
+    exact_max_gpu: int = Field(default=4_000_000, ge=0)
+    approximate_cpu: Literal["hnsw", "ivf"] = Field(default="hnsw", description="index above exact_max_cpu on CPU")
+    hnsw_m: int = Field(default=32, ge=4)
+    hnsw_ef_construction: int = Field(default=64, ge=8)
+    hnsw_ef_search: int = Field(default=64, ge=8)
+    vectors_per_list: int = Field(default=1024, ge=16, description="IVF: lists = vectors / this")
+    nprobe: int = Field(default=16, ge=1)
+    train_per_list: int = Field(default=32, ge=4, description="IVF k-means training points per list")
+    train_iterations: int = Field(default=10, ge=1, description="IVF k-means iterations")
+    query_chunk: int = Field(default=8192, ge=1)
+    knn: int = Field(default=16, ge=1, description="first k per query; grown while the k-th is above threshold")
+    max_vectors_per_part: int = Field(default=2_000_000, ge=1, description="bounds the memory of one index")
+
+
+class DedupSettings(_Section):
+    """Cross-identity deduplication of identity centres."""
+
+    enabled: bool = True
+    threshold: float = Field(default=0.7, gt=-1.0, lt=1.0, description="centre cosine at or above = same person")
+    action: Literal["drop_smaller", "merge"] = "drop_smaller"
+
+
+class LeakageSettings(_Section):
+    """Privacy audit: synthetic identities against embeddings of real people (.npy or Parquet)."""
+
+    references: list[str] = []
+    threshold: float = Field(default=0.4, gt=-1.0, lt=1.0, description="fixed cosine when far is not set")
+    far: float | None = Field(default=None, gt=0.0, lt=1.0, description="calibrate to this false-accept rate")
+    verification: str | None = Field(default=None, description=".npz/.parquet with embedding + label, for far")
+    samples: bool = Field(default=False, description="also compare every kept sample, not only centres")
+    report_pairs: int = Field(default=24, ge=0)
+
+    @model_validator(mode="after")
+    def _far_needs_set(self) -> "LeakageSettings":
+        if self.far is not None and not self.verification:
+            raise ValueError("far needs a verification set (leakage.verification)")
+        return self
+
+
 class CleanSettings(_Section):
-    """Cleaning v1: per-identity consistency, minimum size, top-up to a fixed count."""
+    """Cleaning: expert votes fused per sample, dedup and leakage over all identities, selection, top-up."""
 
     dbscan: DbscanSettings = DbscanSettings()
+    independent: IndependentSettings = IndependentSettings()
+    vlm: VlmSettings = VlmSettings()
+    fusion: FusionSettings = FusionSettings()
+    selection: SelectionSettings = SelectionSettings()
+    dedup: DedupSettings = DedupSettings()
+    leakage: LeakageSettings = LeakageSettings()
+    search: SearchSettings = SearchSettings()
+    replace_dropped: bool = Field(default=False, description="generate new identities for dropped ones")
     min_images: int = Field(default=10, ge=1, description="identities with fewer kept images are dropped")
     target_images: int = Field(default=50, ge=1, description="top up each kept identity to this count")
     augment: AugmentSettings = AugmentSettings()

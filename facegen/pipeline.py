@@ -136,6 +136,7 @@ def summary_rows(summary: PipelineSummary) -> list[tuple[str, str]]:
         ("images generated (ok / error)", f"{g.get('images', 0)} ({g.get('images_ok', 0)} / {g.get('images_error', 0)})"),
         ("injected wrong-identity images", str(g.get("injected_wrong", 0))),
         ("identities dropped by cleaning", str(c.get("identities_dropped", 0))),
+        ("identities removed by dedup / leakage", f"{c.get('identities_removed_dedup', 0)} / {c.get('identities_removed_leakage', 0)}"),
         ("images removed by cleaning", str(c.get("images_removed", 0))),
         ("  of which injected wrong images caught", caught),
         ("images added by top-up augmentation", str(c.get("images_augmented", 0))),

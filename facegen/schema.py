@@ -28,6 +28,11 @@ realised_similarity (the cosine of the generated image's embedding to it). Backe
 expand may leave them out of their rows; ``rows_to_batch`` and ``table_from_batch`` fill them
 with NaN.
 
+``CLEAN`` (clean stage -> curriculum shards, :func:`clean_schema`): ``SAMPLE`` plus the cleaning decision of every sample,
+    kept or not: votes:list<struct<expert, vote ("keep" | "drop" | "abstain"), confidence:float32,
+    reason>> (one entry per expert that ran), decided_by:string (the fusion rule or later step that
+    settled the row). status is "ok" (kept), "dropped" (reason says why) or "error" (from upstream).
+
 Batches are ``dict[str, np.ndarray]`` (Ray Data's numpy format): list columns are 2-D arrays,
 binary columns are object arrays of ``bytes``.
 """
@@ -46,6 +51,7 @@ ALIGNED_SIZE = 112
 
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
+STATUS_DROPPED = "dropped"  # clean blocks: a usable sample that cleaning decided not to keep (reason says why)
 
 _IDENTITY_FIELDS = [
     pa.field("identity_id", pa.int64(), nullable=False),
@@ -124,6 +130,22 @@ def batch_embedding_dim(batch: dict[str, Any]) -> int:
     return widths.pop() if widths else DEFAULT_EMBEDDING_DIM
 
 
+VOTE = pa.struct([
+    pa.field("expert", pa.string()),
+    pa.field("vote", pa.string()),
+    pa.field("confidence", pa.float32()),
+    pa.field("reason", pa.string()),
+])
+
+def clean_schema(embedding_dim: int = DEFAULT_EMBEDDING_DIM) -> pa.Schema:
+    """The CLEAN schema: :func:`sample_schema` plus ``votes`` and ``decided_by``."""
+    return pa.schema(list(sample_schema(embedding_dim)) + [pa.field("votes", pa.list_(VOTE)), pa.field("decided_by", pa.string())])
+
+
+#: Column names of every CLEAN table, in order.
+CLEAN_NAMES: tuple[str, ...] = tuple(clean_schema().names)
+
+
 def _column_array(field: pa.Field, values: Any) -> pa.Array:
     if pa.types.is_fixed_size_list(field.type):
         if values is None:
@@ -147,6 +169,8 @@ def _column_array(field: pa.Field, values: Any) -> pa.Array:
         return pa.array(arr, field.type, mask=np.isnan(arr))
     if pa.types.is_binary(field.type):
         return pa.array([None if v is None else bytes(v) for v in values], field.type)
+    if pa.types.is_list(field.type):  # e.g. votes: a list of dicts per row
+        return pa.array(list(values), field.type)
     return pa.array(np.asarray(values).tolist() if isinstance(values, np.ndarray) else list(values), field.type)
 
 
@@ -212,7 +236,7 @@ def rows_to_batch(rows: list[dict[str, Any]], schema: pa.Schema) -> dict[str, np
                 batch[f.name] = np.array(values + [None], dtype=object)[:-1]
             else:
                 batch[f.name] = np.asarray(values, np.float32).reshape(len(rows), size)
-        elif pa.types.is_binary(f.type) or pa.types.is_string(f.type):
+        elif pa.types.is_binary(f.type) or pa.types.is_string(f.type) or pa.types.is_list(f.type):
             arr = np.empty(len(values), dtype=object)
             arr[:] = values
             batch[f.name] = arr
