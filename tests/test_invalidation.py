@@ -70,7 +70,7 @@ def test_a_changed_raw_block_is_recleaned_and_resharded_and_training_refuses(ray
     table = table.filter(pc.not_equal(table.column("sample_idx"), 0))
     blk.commit_block(raw, 1, table, {k: v for k, v in old.items() if k not in ("block_id", "rows", "bytes", "sha256")})
     again = run_clean(cfg, progress=False)
-    assert (again.blocks_written, again.blocks_skipped, again.blocks_redone) == (1, 1, 1)
+    assert (again.blocks_written, again.blocks_skipped, again.blocks_redone) == (1, 1, 1), again.notes
     # the expert pass and the final pass each redo block 1, and only block 1
     assert again.notes == ["clean experts: block 1 redone: its input block changed",
                            "clean: block 1 redone: its input block changed"]
