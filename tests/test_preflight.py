@@ -23,7 +23,9 @@ def test_every_marked_input_path_is_checked(tmp_path):
     cfg = config_from_dict({"eval": {"bins": [str(good), str(tmp_path / "agedb_30.bin")]},
                             "generator": {"diffusion": {"model": "stabilityai/sd-turbo"}}}, "test")
     fields = {field for field, _, _ in input_paths(cfg)}
-    assert fields == {"eval.bins[0]", "eval.bins[1]", "generator.diffusion.model"}
+    # the hybrid reference model is a hub id by default: listed, but only a path-like value is checked
+    assert fields == {"eval.bins[0]", "eval.bins[1]", "generator.diffusion.model",
+                      "generator.hybrid.reference.text_to_image.model"}
     try:
         check_input_paths(cfg, "x.yaml")
     except ValueError as exc:
