@@ -6,11 +6,13 @@ from facegen.config import ConfigError, FacegenConfig, config_from_dict, load_co
 
 
 def test_repo_configs_load():
-    for name in ("configs/local.yaml", "configs/sd_cluster.yaml"):
+    for name in ("configs/local.yaml", "configs/sd_cluster.yaml", "configs/ingest.yaml"):
         cfg = load_config(name)
         assert isinstance(cfg, FacegenConfig)
     assert load_config("configs/local.yaml").generator.backend == "parametric"
     assert load_config("configs/sd_cluster.yaml").train.arch == "iresnet50"
+    assert load_config("configs/local.yaml").faces.detector.kind == "none"  # the renderer's landmarks
+    assert load_config("configs/ingest.yaml").faces.embedder.kind == "dlib"
 
 
 def test_overrides_parse_yaml_values(tmp_path):
@@ -39,7 +41,7 @@ def test_unknown_key_and_override_errors(tmp_path):
     path.write_text("generator:\n  backnd: diffusion\n")
     with pytest.raises(ConfigError, match=r"typo.yaml: generator.backnd: Extra inputs are not permitted"):
         load_config(path)
-    with pytest.raises(ConfigError, match=r"generator.backend: Input should be 'parametric' or 'diffusion'"):
+    with pytest.raises(ConfigError, match=r"generator.backend: Input should be 'parametric', 'diffusion'"):
         config_from_dict({}, "x.yaml", ["generator.backend=gan"])
     with pytest.raises(ConfigError, match="expected key.path=value"):
         config_from_dict({}, "x.yaml", ["train.epochs"])

@@ -17,6 +17,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from facegen.config import config_from_dict
+from facegen.lineage import TrainingInputChanged, check_training_input, shard_set_digest
 from facegen.train.checkpoint import read_state
 from facegen.train.fit import LocalSession, fit
 from facegen.train.loop import check_run_against_shards, train
@@ -132,8 +133,14 @@ def test_killed_worker_resumes_and_matches_an_uninterrupted_run(tmp_path, ray_lo
     # Another shard set under the same run name is refused in one line, before any work.
     other = tmp_path / "other"
     make_shard_set(other, per_class=9)
-    with pytest.raises(ValueError, match="another shard set.*run.overwrite") as err:
+    with pytest.raises(TrainingInputChanged, match="trained on shard set.*run.overwrite") as err:
         train(cfg, str(other), eval_bins=[])
     assert "\n" not in str(err.value)
+    # A run without dataset.json (older than it) is still refused: its checkpoints record their shard set.
+    os.remove(f"{run_dir}/dataset.json")
+    with pytest.raises(TrainingInputChanged, match="trained on shard set"):
+        check_run_against_shards(run_dir, shard_set_digest(str(other)))
+    assert check_run_against_shards(run_dir, shard_set_digest(str(shards)))["global_step"] == 12
     # run.overwrite starts afresh: the old run goes.
-    assert check_run_against_shards(run_dir, "0" * 16, overwrite=True) is None and not os.path.exists(run_dir)
+    assert check_training_input(run_dir, str(other), shard_set_digest(str(other)), overwrite=True) is True
+    assert os.listdir(run_dir) == ["dataset.json"] and check_run_against_shards(run_dir, "0" * 16) is None

@@ -16,12 +16,9 @@ nothing in a checkpoint is executed.
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 from typing import Any
 
-import pyarrow.fs as pafs
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
@@ -41,13 +38,6 @@ from facegen.train.partial_fc import PartialFC, class_range
 STATE_FILE = "state.json"
 BACKBONE_DIR = "backbone"
 BACKBONE_OPTIMIZER = "backbone_optimizer.pt"
-
-
-def shard_set_digest(manifest: dict[str, Any]) -> str:
-    """A short hash of what a shard set holds (every shard's path and sha256, the identity count)."""
-    content = {"shards": [[s["path"], s.get("sha256"), int(s["rows"])] for s in manifest.get("shards", [])],
-               "num_identities": manifest.get("num_identities")}
-    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def head_file(rank: int) -> str:
@@ -189,15 +179,3 @@ def load_checkpoint(
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
     return state
-
-
-def remove_tree(path: str) -> None:
-    """Delete a directory and everything under it (local or remote); nothing if it does not exist."""
-    if "://" in str(path):
-        fs, inner = pafs.FileSystem.from_uri(str(path))
-    else:
-        import os
-
-        fs, inner = pafs.LocalFileSystem(), os.path.abspath(str(path))
-    if fs.get_file_info(inner).type == pafs.FileType.Directory:
-        fs.delete_dir(inner)

@@ -28,8 +28,9 @@ import torch.distributed as dist
 from torch import nn
 
 from facegen.config import FacegenConfig, TrainSettings
+from facegen.lineage import manifest_set_digest
 from facegen.models.iresnet import build_backbone
-from facegen.train.checkpoint import load_checkpoint, save_checkpoint, shard_set_digest
+from facegen.train.checkpoint import load_checkpoint, save_checkpoint
 from facegen.train.data import CurriculumReader, prefetch
 from facegen.train.heads import build_margin
 from facegen.train.partial_fc import PartialFC
@@ -165,7 +166,7 @@ def fit(session: Session, cfg: FacegenConfig, shards_dir: str, eval_bins: list[s
 
     reader = CurriculumReader(shards_dir, rank, world_size, settings.batch_size, cfg.run.seed, mode=settings.curriculum,
                               total_epochs=settings.epochs, data=settings.data, augment=settings.augment)
-    digest = shard_set_digest(reader.manifest)
+    digest = manifest_set_digest(reader.manifest)
     backbone = build_backbone(settings.arch, settings.width, settings.embedding_size, fp16=amp_dtype is not None)
     backbone.amp_dtype = amp_dtype or torch.float16
     if settings.sync_bn:

@@ -7,8 +7,10 @@ continues mid-epoch (on this or another worker count). Every worker reports its 
 checkpoint (its class-centre shard); Ray merges them into one directory
 ``<output>/train/<run name>/step-<global step>``.
 
-A re-run with the same run name resumes; one whose shard set differs from the checkpoint's is
-refused with one line unless ``run.overwrite`` is set, which deletes the run and starts afresh.
+A re-run with the same run name resumes; one whose shard set differs from the one it started on
+(``<run>/dataset.json``, :func:`facegen.lineage.check_training_input`, and the digest each
+checkpoint records) is refused with one line unless ``run.overwrite`` is set, which deletes the run
+and starts afresh.
 """
 
 from __future__ import annotations
@@ -22,10 +24,10 @@ from typing import Any
 import torch
 
 from facegen.config import FacegenConfig
+from facegen.lineage import TrainingInputChanged, check_training_input, shard_set_digest
 from facegen.models.iresnet_checkpoint import load_backbone, save_backbone
-from facegen.shards import load_manifest
-from facegen.storage import exists, read_json, write_json_atomic
-from facegen.train.checkpoint import STATE_FILE, remove_tree, shard_set_digest
+from facegen.storage import exists, list_dirs, read_json, write_json_atomic
+from facegen.train.checkpoint import STATE_FILE
 from facegen.train.data import CurriculumReader
 from facegen.train.fit import fit
 
@@ -93,7 +95,7 @@ def _absolute(path: str) -> str:
 def latest_state(run_dir: str) -> tuple[str, dict] | None:
     """``(checkpoint dir, state.json)`` of the run's newest complete checkpoint, or None."""
     newest = None
-    for name in _subdirs(run_dir):
+    for name in list_dirs(run_dir):
         path = f"{run_dir}/{name}/{STATE_FILE}"
         if name.startswith("step-") and exists(path):
             state = read_json(path)
@@ -102,30 +104,19 @@ def latest_state(run_dir: str) -> tuple[str, dict] | None:
     return newest
 
 
-def _subdirs(path: str) -> list[str]:
-    import pyarrow.fs as pafs
+def check_run_against_shards(run_dir: str, digest: str) -> dict | None:
+    """The run's latest checkpoint state if it may continue on the shard set ``digest``, else one line.
 
-    fs, inner = (pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), os.path.abspath(path)))
-    if fs.get_file_info(inner).type != pafs.FileType.Directory:
-        return []
-    infos = fs.get_file_info(pafs.FileSelector(inner, recursive=False))
-    return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
-
-
-def check_run_against_shards(run_dir: str, digest: str, overwrite: bool) -> dict | None:
-    """The run's latest state if it may continue on this shard set; refuses (or with overwrite deletes) otherwise."""
+    Complements :func:`facegen.lineage.check_training_input` for runs whose checkpoints or result
+    predate ``dataset.json``: each of those records the digest it trained on.
+    """
     found = latest_state(run_dir)
     recorded = found[1].get("shard_digest") if found else None
     if recorded is None and exists(f"{run_dir}/{RESULT_FILE}"):
         recorded = read_json(f"{run_dir}/{RESULT_FILE}").get("shard_digest")
-    if overwrite:
-        if found or exists(f"{run_dir}/{RESULT_FILE}"):
-            logger.info("%s: run.overwrite set, starting afresh", run_dir)
-            remove_tree(run_dir)
-        return None
     if recorded is not None and recorded != digest:
-        raise ValueError(f"{run_dir}: this run trained on another shard set (digest {recorded}, now {digest}); "
-                         "set run.overwrite=true to start afresh or pick another train.run_name")
+        raise TrainingInputChanged(f"{run_dir}: this run trained on shard set {recorded}, but the shards now hold {digest}; "
+                                   "set run.overwrite=true to start it afresh, or choose another train.run_name")
     return found[1] if found else None
 
 
@@ -166,8 +157,10 @@ def train(cfg: FacegenConfig, shards_dir: str, eval_bins: list[str] | None = Non
     run_dir = f"{storage_path}/{run_name}"
     backbone_dir = f"{run_dir}/backbone"
 
-    digest = shard_set_digest(load_manifest(shards_dir))
-    previous = check_run_against_shards(run_dir, digest, cfg.run.overwrite)
+    # Before Ray Train starts: a run resumes only on the shard set it started on (run.overwrite restarts it).
+    digest = shard_set_digest(shards_dir)
+    check_training_input(run_dir, shards_dir, digest, cfg.run.overwrite)
+    previous = check_run_against_shards(run_dir, digest)
     finished = _finished(run_dir, settings.epochs, digest)
     if finished is not None:
         logger.info("%s: all %d epochs already done", run_dir, finished.epochs_completed)
