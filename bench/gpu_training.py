@@ -93,11 +93,16 @@ def measure(device: torch.device, arch: str, width: int, batch: int, classes: in
     sync(device)
     seconds = time.perf_counter() - started
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    del model, head, optimizers, x, y
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return {"img_s": steps * batch / seconds, "ms_per_step": 1000 * seconds / steps, "peak_gib": peak,
             "dtype": str(dtype).replace("torch.", "") if dtype else "fp32"}
+
+
+def run(*args, **kwargs) -> dict:
+    """:func:`measure`, then the GPU memory of its model, head and optimizers handed back."""
+    result = measure(*args, **kwargs)  # its tensors are freed when it returns
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+    return result
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -142,16 +147,16 @@ def main() -> None:
 
     rows = []
     for batch in batches:
-        r = measure(device, arch, width, batch, 10_000, 1.0, warmup, steps, channels_last)
+        r = run(device, arch, width, batch, 10_000, 1.0, warmup, steps, channels_last)
         rows.append((f"{arch} w{width}, batch {batch}, Partial FC 10k classes", r))
         print(f"{rows[-1][0]}: {r['img_s']:.0f} img/s, {r['ms_per_step']:.1f} ms/step, peak {r['peak_gib']:.2f} GiB ({r['dtype']})", flush=True)
     if args.compile:
         for batch in batches:
-            r = measure(device, arch, width, batch, 10_000, 1.0, warmup, steps, channels_last, compile_backbone=True)
+            r = run(device, arch, width, batch, 10_000, 1.0, warmup, steps, channels_last, compile_backbone=True)
             rows.append((f"{arch} w{width}, batch {batch}, Partial FC 10k classes, torch.compile", r))
             print(f"{rows[-1][0]}: {r['img_s']:.0f} img/s, {r['ms_per_step']:.1f} ms/step, peak {r['peak_gib']:.2f} GiB", flush=True)
     for rate in rates:
-        r = measure(device, arch, width, batches[0], million, rate, warmup, steps, channels_last)
+        r = run(device, arch, width, batches[0], million, rate, warmup, steps, channels_last)
         rows.append((f"{arch} w{width}, batch {batches[0]}, Partial FC {million:,} classes, sample rate {rate}", r))
         print(f"{rows[-1][0]}: {r['img_s']:.0f} img/s, {r['ms_per_step']:.1f} ms/step, peak {r['peak_gib']:.2f} GiB ({r['dtype']})", flush=True)
 
