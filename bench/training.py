@@ -208,6 +208,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=2, help="Ray / plain repetitions")
     parser.add_argument("--json", default=None, help="also write the figures here")
     parser.add_argument("--workdir", default=None, help="keep data here (default: a temporary folder)")
+    parser.add_argument("--verbose", action="store_true", help="show Ray's own logs")
     args = parser.parse_args()
     from facegen.ray_utils import init_ray
 
@@ -216,7 +217,7 @@ def main() -> None:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         cfg = settings(args.workdir or tmp, args.quick)
-        init_ray(cfg.ray)
+        init_ray(cfg.ray, verbose=args.verbose)
         data = prepare_data(cfg)
         figures: dict = {"machine": where, "torch": torch.__version__}
         print("1. Ray Train loop vs plain PyTorch loop (iresnet18 w8, batch 64, same data, 2 threads)", flush=True)
