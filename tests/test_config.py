@@ -6,7 +6,7 @@ from facegen.config import ConfigError, FacegenConfig, config_from_dict, load_co
 
 
 def test_repo_configs_load():
-    for name in ("configs/local.yaml", "configs/sd_cluster.yaml", "configs/ingest.yaml"):
+    for name in ("configs/local.yaml", "configs/sd_cluster.yaml", "configs/ingest.yaml", "configs/hybrid.yaml"):
         cfg = load_config(name)
         assert isinstance(cfg, FacegenConfig)
     assert load_config("configs/local.yaml").generator.backend == "parametric"
