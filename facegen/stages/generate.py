@@ -113,8 +113,11 @@ def build_sample_dataset(cfg: FacegenConfig, pending: list[blk.Block]):
     from facegen.faces.stage import FaceStage
     from facegen.generators import generator_class
     from facegen.identities.seeds import identity_dataset
+    from facegen.stages.identities import identity_latent_dataset
 
-    ds = identity_dataset(pending, cfg.identities.block_size)
+    ds = identity_latent_dataset(cfg, pending)  # the identities stage's latents, when it ran
+    if ds is None:
+        ds = identity_dataset(pending, cfg.identities.block_size)
     ds = map_with_actor_pool(ds, generator_class(cfg.generator.backend), {"settings": cfg.generator, "seed": cfg.run.seed}, cfg.generator)
     return map_with_actor_pool(ds, FaceStage, {"settings": cfg.faces}, cfg.faces)
 
