@@ -274,7 +274,7 @@ def identity_latent_dataset(cfg: FacegenConfig, pending: list[blk.Block]):
         if held != b.num_identities:
             raise ValueError(f"{blk.block_path(out, b.block_id)}: holds {held} identities, generation expects "
                              f"{b.num_identities}; rerun facegen identities with --set run.overwrite=true")
-    ds = ray.data.read_parquet([blk.block_path(out, b.block_id) for b in pending], columns=["identity_id", "latent"])
+    ds = ray.data.read_parquet([blk.block_path(out, b.block_id) for b in pending]).select_columns(["identity_id", "latent"])
     return ds.map_batches(add_block_id, batch_format="numpy", batch_size=None)
 
 
