@@ -56,7 +56,8 @@ class LangevinSettings(_Section):
     dt_max: float = Field(default=1.0, gt=0.0, description="cap of the adaptive step (when forces vanish)")
     skin: float = Field(default=0.01, ge=0.0, description="repulsion acts out to radius + skin, so Brownian jitter leaves no pair inside the radius")
     batch_size: int = Field(default=64, ge=1, description="particles per pass through G and the embedder")
-    neighbours: int = Field(default=16, ge=1, description="k of the faiss k-nearest-neighbour pair list")
+    neighbours: int = Field(default=16, ge=1, description="k of the k-nearest-neighbour pair list")
+    neighbour_index: Literal["auto", "exact", "ivf"] = Field(default="auto", description="auto: exact up to 200k particles or on a GPU, faiss IVF beyond")
     knn_every: int = Field(default=5, ge=1, description="iterations between neighbour-list rebuilds")
     chunk_size: int = Field(default=65536, ge=1, description="queries per faiss search / force chunk")
     checkpoint_every: int = Field(default=10, ge=1)
@@ -65,7 +66,7 @@ class LangevinSettings(_Section):
     real_column: str = "embedding"
     constant_radius: float = Field(default=1.4, gt=0.0, le=3.1416, description="repulsion radius around real embeddings (radians)")
     k_cst: float = Field(default=1.0, ge=0.0, description="stiffness of the repulsion from real embeddings")
-    faiss_gpu: bool = Field(default=True, description="use a faiss GPU index when faiss-gpu and CUDA are present")
+    search_on_gpu: bool = Field(default=True, description="search neighbours on the GPU when CUDA is present")
 
 
 class SamplerSettings(_Section):
@@ -154,11 +155,21 @@ class DcganSettings(_Section):
 
 
 class ForceEmbedderSettings(_Section):
-    """The differentiable embedder identity forces go through (facegen backbone dir or insightface .pth)."""
+    """The differentiable embedder identity forces go through: a facegen IResNet folder or an
+    insightface arcface_torch ``.pth`` (with ``arch``); same names as ``faces.embedder``."""
 
-    checkpoint: str | None = None
-    arch: str | None = Field(default=None, description="required for an insightface .pth")
+    kind: Literal["facegen", "arcface_torch"] = "facegen"
+    path: str | None = None
+    arch: Literal["iresnet18", "iresnet34", "iresnet50", "iresnet100"] | None = Field(
+        default=None, description="arcface_torch only: the network the .pth belongs to"
+    )
     device: str = "auto"
+
+    @model_validator(mode="after")
+    def _complete(self) -> "ForceEmbedderSettings":
+        if self.kind == "arcface_torch" and self.path and self.arch is None:
+            raise ValueError("arch: an arcface_torch .pth needs its network (iresnet18/34/50/100)")
+        return self
 
 
 class DispersionSettings(_Section):

@@ -50,7 +50,7 @@ def test_gradients_flow_from_the_embedder_through_the_crop_back_to_w(tmp_path):
     backbone = build_backbone("iresnet18", width=4, embedding_size=16).eval()
     save_backbone(str(tmp_path / "emb"), backbone, "iresnet18", 4, 16)
     crop = FaceCrop.from_settings(GanCropSettings(src_points=[(0.3, 0.4), (0.7, 0.4)]), 32)
-    encoder = IdentityEncoder(LatentGAN("stylegan2", G, crop, torch.device("cpu")), ForceEmbedder(ForceEmbedderSettings(checkpoint=str(tmp_path / "emb"))))
+    encoder = IdentityEncoder(LatentGAN("stylegan2", G, crop, torch.device("cpu")), ForceEmbedder(ForceEmbedderSettings(path=str(tmp_path / "emb"))))
     w = G.mapping(torch.randn(2, 8))[:, 0].clone()
     target = torch.nn.functional.normalize(torch.randn(2, 16), dim=1)
 

@@ -19,20 +19,23 @@ def _unit(n, d, seed):
 
 def test_neighbour_pairs_contain_every_close_pair_once():
     x = _unit(400, 16, 0)
-    pairs = knn.neighbour_pairs(x, knn.KnnOptions(k=8, chunk_size=100, use_gpu=False))
-    assert (pairs[:, 0] < pairs[:, 1]).all() and len(np.unique(pairs, axis=0)) == len(pairs)
     sims = x @ x.T
     np.fill_diagonal(sims, -2)
-    nearest = sims.argmax(axis=1)
-    expected = {(min(i, j), max(i, j)) for i, j in enumerate(nearest)}
-    assert expected <= {tuple(p) for p in pairs}
+    top8 = np.argsort(-sims, axis=1)[:, :8]
+    expected = {(min(i, int(j)), max(i, int(j))) for i, row in enumerate(top8) for j in row}
+    pairs = knn.neighbour_pairs(x, knn.KnnOptions(k=8, index="exact", use_gpu=False))
+    assert (pairs[:, 0] < pairs[:, 1]).all() and len(np.unique(pairs, axis=0)) == len(pairs)
+    assert {tuple(p) for p in pairs} == expected
+    # the IVF index of large runs finds the same pairs when it searches every list
+    ivf = knn.neighbour_pairs(x, knn.KnnOptions(k=8, index="ivf", cluster_size=50, nprobe=8, use_gpu=False))
+    assert {tuple(p) for p in ivf} == expected
 
 
 def _feature_config(tmp_path, n, iterations=10, extra=()):
     return load_config(None, [
         f"run.output_dir={tmp_path}/out", "tracking.mode=disabled", f"identities.num_identities={n}",
         "identities.block_size=1000", "identities.sampler.kind=langevin", "identities.sampler.langevin.space=feature",
-        f"identities.sampler.langevin.iterations={iterations}", "identities.sampler.langevin.faiss_gpu=false", *extra])
+        f"identities.sampler.langevin.iterations={iterations}", "identities.sampler.langevin.search_on_gpu=false", *extra])
 
 
 def test_feature_space_langevin_spreads_identities_and_keeps_away_from_real_faces(tmp_path):
@@ -98,7 +101,7 @@ def test_reference_embeddings_from_parquet_and_their_errors(tmp_path):
 def test_brownian_noise_on_the_sphere_is_scaled_to_the_dimension():
     """Without forces a particle moves about eta0 * sqrt(dt) radians per step, whatever the dimension."""
     for dim in (64, 512):
-        settings = LangevinSettings(space="feature", eta0=0.01, k=0.0, dt_max=1.0, faiss_gpu=False)
+        settings = LangevinSettings(space="feature", eta0=0.01, k=0.0, dt_max=1.0, search_on_gpu=False)
         sampler = LangevinSampler(settings, FeatureSpace())
         from facegen.identities.langevin import LangevinState
 
@@ -126,7 +129,7 @@ def test_latent_space_langevin_pushes_dcgan_identities_apart_through_g_and_the_e
     from facegen.identities.encoder import ForceEmbedder, IdentityEncoder
 
     base = [f"run.output_dir={tmp_path}/out", "tracking.mode=disabled", "identities.num_identities=24", "identities.block_size=12",
-            "generator.backend=dcgan", "generator.device=cpu", f"generator.embedder.checkpoint={tiny_embedder}"]
+            "generator.backend=dcgan", "generator.device=cpu", f"generator.embedder.path={tiny_embedder}"]
     cfg = load_config(None, base)
     gan = build_gan(cfg.generator)
     encoder = IdentityEncoder(gan, ForceEmbedder(cfg.generator.embedder), 24)
@@ -136,7 +139,7 @@ def test_latent_space_langevin_pushes_dcgan_identities_apart_through_g_and_the_e
     d0 = float(np.quantile(angles, 0.3))  # a radius that 30 % of the gaussian pairs violate
     cfg = load_config(None, base + ["identities.sampler.kind=langevin", "identities.sampler.langevin.iterations=4",
                                     f"identities.sampler.langevin.d0={d0}", "identities.sampler.langevin.neighbours=23",
-                                    "identities.sampler.langevin.faiss_gpu=false", "identities.sampler.langevin.eta0=0.0"])
+                                    "identities.sampler.langevin.search_on_gpu=false", "identities.sampler.langevin.eta0=0.0"])
     run_identities(cfg, progress=False)
     summary = json.loads((tmp_path / "out/identities/sampler.json").read_text())
     assert summary["space"] == "latent" and summary["latent_dim"] == 100 and summary["embedding_dim"] == 32

@@ -29,7 +29,7 @@ def _angles(encoder, latents, reference):
 
 
 def test_dispersion_keeps_variants_closer_to_the_reference_identity_than_noise_of_the_same_spread(tiny_embedder):
-    cfg = load_config(None, ["generator.backend=dcgan", "generator.device=cpu", f"generator.embedder.checkpoint={tiny_embedder}"])
+    cfg = load_config(None, ["generator.backend=dcgan", "generator.device=cpu", f"generator.embedder.path={tiny_embedder}"])
     gan = build_gan(cfg.generator)
     encoder = IdentityEncoder(gan, ForceEmbedder(cfg.generator.embedder), 16)
     reference = gan.gaussian_latents(0, np.array([3]))[0]
@@ -83,7 +83,7 @@ def test_identities_then_disco_generation_on_a_ray_actor_pool(tmp_path, tiny_emb
         f"run.output_dir={tmp_path}/out", "tracking.mode=disabled", "identities.num_identities=4", "identities.block_size=2",
         "generator.backend=dcgan", "generator.device=cpu", "generator.variation=disco", "generator.images_per_identity=3",
         "generator.batch_size=2", "generator.dispersion.iterations=2", f"generator.disco.directions={tmp_path}/dirs.npy",
-        f"generator.embedder.checkpoint={tiny_embedder}", "faces.image_format=png"])
+        f"generator.embedder.path={tiny_embedder}", "faces.image_format=png"])
     run_identities(cfg, progress=False)
     ids, latents = read_latents(cfg)
     report = run_generate(cfg, progress=False)

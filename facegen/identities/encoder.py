@@ -22,10 +22,11 @@ class ForceEmbedder:
     """A facegen IResNet (or insightface ``.pth``) as a differentiable map: crops in [-1, 1] -> unit vectors."""
 
     def __init__(self, settings: ForceEmbedderSettings, device: str | torch.device | None = None):
-        if not settings.checkpoint:
-            raise ValueError("generator.embedder.checkpoint: identity forces need a differentiable embedder (facegen backbone dir or insightface .pth)")
+        if not settings.path:
+            raise ValueError("generator.embedder.path: identity forces need a differentiable embedder (a facegen backbone folder or an arcface_torch .pth)")
         self.device = resolve_device(str(device or settings.device))
-        self.model = load_backbone(settings.checkpoint, device=self.device, arch=settings.arch).requires_grad_(False)
+        arch = settings.arch if settings.kind == "arcface_torch" else None
+        self.model = load_backbone(settings.path, device=self.device, arch=arch).requires_grad_(False)
 
     def __call__(self, crops: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.model(crops.to(self.device)).float(), dim=1)

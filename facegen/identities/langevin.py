@@ -15,7 +15,8 @@ paper; on the sphere ``eta`` is tangent noise of total size ``eta0`` (``eta0 / s
 coordinate: unscaled, 0.01 per coordinate in 512-d moves a particle about 0.25 rad per step and
 re-creates close pairs as fast as repulsion removes them), and each particle is renormalised.
 
-Pairs come from faiss k-nearest-neighbour lists rebuilt every ``knn_every`` iterations (the minimum
+Pairs come from k-nearest-neighbour lists (exact, or a faiss IVF index at millions of particles on
+CPU; :mod:`facegen.identities.knn`) rebuilt every ``knn_every`` iterations (the minimum
 latent distance of ``dt`` is taken over those pairs); every array pass runs in chunks, so memory is a
 few copies of the particle array, never N x N.
 """
@@ -25,13 +26,15 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
 
-from facegen.config import LangevinSettings
 from facegen.identities import knn
+
+if TYPE_CHECKING:  # the settings class needs pydantic; the sampler itself does not
+    from facegen.config import LangevinSettings
 
 
 class FeatureSpace:
@@ -134,14 +137,14 @@ class LangevinState:
 class LangevinSampler:
     """Runs iterations on a :class:`LangevinState` in ``space`` (feature or latent)."""
 
-    def __init__(self, settings: LangevinSettings, space: Any, reference: np.ndarray | None = None,
+    def __init__(self, settings: "LangevinSettings", space: Any, reference: np.ndarray | None = None,
                  knn_options: knn.KnnOptions | None = None):
         self.s, self.space = settings, space
         self.options = knn_options or knn.KnnOptions(k=settings.neighbours, chunk_size=settings.chunk_size,
-                                                     use_gpu=settings.faiss_gpu)
+                                                     index=settings.neighbour_index, use_gpu=settings.search_on_gpu)
         self.reference = None if reference is None else np.ascontiguousarray(reference, np.float32)
-        self.reference_index = None if self.reference is None else knn.build_index(
-            self.reference, knn.KnnOptions(exact_max=max(len(self.reference), 1), use_gpu=settings.faiss_gpu))
+        self.reference_index = None if self.reference is None else knn.ExactIndex(
+            self.reference, knn.search_device(settings.search_on_gpu))
         self.pairs = np.zeros((0, 2), np.int64)
         self.reference_neighbours: np.ndarray | None = None
 
@@ -149,14 +152,13 @@ class LangevinSampler:
         """Fresh pair list (and nearest reference embeddings) from the current embeddings."""
         self.pairs = knn.neighbour_pairs(embeddings, self.options)
         if self.reference_index is not None:
-            k = min(4, len(self.reference))
-            self.reference_neighbours = knn.reference_neighbours(embeddings, self.reference_index, k, self.options.chunk_size)
+            _, self.reference_neighbours = self.reference_index.search(embeddings, min(4, len(self.reference)))
 
     def within_reference(self, embeddings: np.ndarray) -> tuple[int, float]:
         """Particles closer than ``constant_radius`` to a reference embedding, and the smallest such angle."""
         if self.reference_index is None:
             return 0, math.nan
-        sims, _ = knn.search(self.reference_index, embeddings, 1, self.options.chunk_size)
+        sims, _ = self.reference_index.search(embeddings, 1)
         angles = np.arccos(np.clip(sims[:, 0], -1.0, 1.0))
         return int((angles < self.s.constant_radius).sum()), float(angles.min())
 
