@@ -126,6 +126,7 @@ class GanCropSettings(_Section):
     kind: Literal["fixed", "detector"] = "fixed"
     src_points: list[tuple[float, float]] = Field(default_factory=lambda: list(FFHQ_EYES), min_length=2)
     dst_points: list[tuple[float, float]] = Field(default_factory=lambda: list(ARCFACE_EYES), min_length=2)
+    detector: Literal["mtcnn", "dlib"] = Field(default="mtcnn", description="kind detector: the detector (default settings) whose landmarks identity forces crop by; generated rows carry none, the faces stage's detector aligns them")
 
     @model_validator(mode="after")
     def _paired(self) -> "GanCropSettings":

@@ -69,3 +69,22 @@ def test_gradients_flow_from_the_embedder_through_the_crop_back_to_w(tmp_path):
     # pullback of the encoder is the same vector-Jacobian product, batch by batch
     pulled = encoder.pullback(w.detach().numpy(), target.numpy())
     np.testing.assert_allclose(pulled, grad.numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_detector_crop_follows_the_faces_found_and_stays_differentiable(tmp_path):
+    from facegen.config import load_config
+    from facegen.generators.gan import build_gan, crop_detector
+
+    backbone = build_backbone("iresnet18", width=4, embedding_size=16).eval()
+    save_backbone(str(tmp_path / "emb"), backbone, "iresnet18", 4, 16)
+    cfg = load_config(None, ["generator.backend=dcgan", "generator.device=cpu", "generator.dcgan.crop.kind=detector",
+                             f"generator.embedder.path={tmp_path / 'emb'}"])
+    gan = build_gan(cfg.generator)
+    encoder = IdentityEncoder(gan, ForceEmbedder(cfg.generator.embedder), 8, crop_detector(cfg.generator))
+    latents = gan.gaussian_latents(0, np.arange(4))
+    with torch.no_grad():
+        matrices = encoder.crop_matrices(gan.render(torch.from_numpy(latents)))
+    assert matrices.shape == (4, 2, 3)
+    assert any(not np.allclose(m, gan.crop.matrix, atol=1e-3) for m in matrices)  # MTCNN's landmarks, not the template
+    grad = encoder.pullback(latents, np.ones((4, 16), np.float32))
+    assert np.isfinite(grad).all() and np.abs(grad).sum() > 0

@@ -65,26 +65,43 @@ class FaceCrop:
         inverse = np.linalg.inv(_homogeneous(self.matrix))
         template = np.hstack([ARCFACE_TEMPLATE.astype(np.float64), np.ones((5, 1))])
         self._landmarks = (template @ inverse.T)[:, :2].astype(np.float32).reshape(-1)
-        out_to_pixels = np.array([[ALIGNED_SIZE / 2, 0, (ALIGNED_SIZE - 1) / 2], [0, ALIGNED_SIZE / 2, (ALIGNED_SIZE - 1) / 2], [0, 0, 1]])
-        n = self.image_size
-        pixels_to_in = np.array([[2 / n, 0, 1 / n - 1], [0, 2 / n, 1 / n - 1], [0, 0, 1]])
-        self._theta = torch.tensor((pixels_to_in @ inverse @ out_to_pixels)[:2], dtype=torch.float32)
+        self._theta = self.theta(self.matrix)
 
     @classmethod
     def from_settings(cls, settings, image_size: int) -> "FaceCrop":
         """From a crop settings section (``src_points``, ``dst_points``)."""
         return cls(settings.src_points, settings.dst_points, image_size)
 
+    def theta(self, matrix: np.ndarray) -> torch.Tensor:
+        """The ``affine_grid`` matrix (output -> input, normalised coordinates) of a pixel transform."""
+        inverse = np.linalg.inv(_homogeneous(np.asarray(matrix, np.float64)))
+        out_to_pixels = np.array([[ALIGNED_SIZE / 2, 0, (ALIGNED_SIZE - 1) / 2], [0, ALIGNED_SIZE / 2, (ALIGNED_SIZE - 1) / 2], [0, 0, 1]])
+        n = self.image_size
+        pixels_to_in = np.array([[2 / n, 0, 1 / n - 1], [0, 2 / n, 1 / n - 1], [0, 0, 1]])
+        return torch.tensor((pixels_to_in @ inverse @ out_to_pixels)[:2], dtype=torch.float32)
+
+    def matrices_from_landmarks(self, landmarks: list[np.ndarray | None]) -> np.ndarray:
+        """Per-image transforms from detected 5-point landmarks (the fixed crop where none was found)."""
+        return np.stack([self.matrix if lm is None else similarity_from_points(np.asarray(lm).reshape(5, 2), ARCFACE_TEMPLATE)
+                         for lm in landmarks])
+
     def landmarks(self) -> np.ndarray:
         """The five ArcFace landmarks (x0, y0, .., x4, y4) in generated-image pixels."""
         return self._landmarks.copy()
 
-    def warp(self, images: torch.Tensor) -> torch.Tensor:
-        """``[N, C, R, R]`` in [-1, 1] -> ``[N, C, 112, 112]`` crops, bilinear, black outside the image."""
+    def warp(self, images: torch.Tensor, matrices: np.ndarray | None = None) -> torch.Tensor:
+        """``[N, C, R, R]`` in [-1, 1] -> ``[N, C, 112, 112]`` crops, bilinear, black outside the image.
+
+        ``matrices`` (``[N, 2, 3]`` pixel transforms, e.g. from a detector) replace the fixed crop.
+        """
         if images.ndim != 4 or images.shape[-1] != self.image_size or images.shape[-2] != self.image_size:
             raise ValueError(f"crop: expected images [N, C, {self.image_size}, {self.image_size}], got {tuple(images.shape)}")
         n, c = images.shape[:2]
-        theta = self._theta.to(device=images.device, dtype=images.dtype).expand(n, 2, 3)
+        if matrices is None:
+            theta = self._theta.expand(n, 2, 3)
+        else:
+            theta = torch.stack([self.theta(m) for m in matrices])
+        theta = theta.to(device=images.device, dtype=images.dtype)
         grid = F.affine_grid(theta, [n, c, ALIGNED_SIZE, ALIGNED_SIZE], align_corners=False)
         # Sample (x + 1) so the zero padding of grid_sample is black (-1), as cv2.warpAffine's border is.
         return F.grid_sample(images + 1.0, grid, mode="bilinear", padding_mode="zeros", align_corners=False) - 1.0

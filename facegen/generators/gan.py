@@ -71,6 +71,22 @@ class LatentGAN:
         return out
 
 
+def crop_settings(settings: GeneratorSettings):
+    """The crop section of the selected GAN backend."""
+    return settings.stylegan2.crop if settings.backend == "stylegan2" else settings.dcgan.crop
+
+
+def crop_detector(settings: GeneratorSettings):
+    """The face detector identity forces crop by (crop kind ``detector``), else None."""
+    crop = crop_settings(settings)
+    if crop.kind != "detector":
+        return None
+    from facegen.config import DetectorSettings
+    from facegen.faces.detect import build_detector
+
+    return build_detector(DetectorSettings(kind=crop.detector, device=settings.device))
+
+
 def build_gan(settings: GeneratorSettings, device: str | torch.device | None = None) -> LatentGAN:
     """Load the GAN of ``settings.backend`` (``stylegan2`` or ``dcgan``) with its crop."""
     device = resolve_device(str(device or settings.device))

@@ -21,7 +21,7 @@ import torch
 from facegen.config import GeneratorSettings
 from facegen.generators import check_identity_id, failure_reason, identity_rows, sample_seed
 from facegen.generators.crop import to_uint8_images
-from facegen.generators.gan import build_gan
+from facegen.generators.gan import build_gan, crop_detector, crop_settings
 from facegen.identities.seeds import identity_rng
 from facegen.schema import GENERATED, LANDMARK_DIM, STATUS_OK, error_row, rows_to_batch
 
@@ -48,15 +48,15 @@ class GanGenerator:
         self.settings, self.seed = settings, int(seed)
         self.gan = build_gan(settings)
         self.source = settings.backend
-        crop_settings = settings.stylegan2.crop if settings.backend == "stylegan2" else settings.dcgan.crop
-        self.landmarks = (np.full(LANDMARK_DIM, np.nan, np.float32) if crop_settings.kind == "detector"
+        self.landmarks = (np.full(LANDMARK_DIM, np.nan, np.float32) if crop_settings(settings).kind == "detector"
                           else self.gan.crop.landmarks())
         self.encoder = None
         self.directions = None
         if settings.variation in ("dispersion", "disco"):
             from facegen.identities.encoder import ForceEmbedder, IdentityEncoder
 
-            self.encoder = IdentityEncoder(self.gan, ForceEmbedder(settings.embedder, self.gan.device), RENDER_BATCH)
+            embedder = ForceEmbedder(settings.embedder, self.gan.device)
+            self.encoder = IdentityEncoder(self.gan, embedder, RENDER_BATCH, crop_detector(settings))
         if settings.variation == "disco":
             from facegen.identities.variation import load_directions
 

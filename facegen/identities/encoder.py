@@ -9,11 +9,14 @@ so memory stays bounded whatever the number of particles.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from facegen.config import ForceEmbedderSettings
+from facegen.generators.crop import to_uint8_images
 from facegen.generators.gan import LatentGAN, resolve_device
 from facegen.models.iresnet_checkpoint import load_backbone
 
@@ -33,15 +36,26 @@ class ForceEmbedder:
 
 
 class IdentityEncoder:
-    """``latent -> normalise(embedder(crop(G(latent))))`` in batches, with its pullback."""
+    """``latent -> normalise(embedder(crop(G(latent))))`` in batches, with its pullback.
 
-    def __init__(self, gan: LatentGAN, embedder: ForceEmbedder, batch_size: int = 64):
-        self.gan, self.embedder, self.batch_size = gan, embedder, int(batch_size)
+    With a ``detector`` (crop kind ``detector``) each rendered image is cropped by the landmarks
+    found on it (the fixed crop where no face is found); detection itself is not differentiated.
+    """
+
+    def __init__(self, gan: LatentGAN, embedder: ForceEmbedder, batch_size: int = 64, detector: Any = None):
+        self.gan, self.embedder, self.batch_size, self.detector = gan, embedder, int(batch_size), detector
+
+    def crop_matrices(self, images: torch.Tensor) -> np.ndarray | None:
+        """Per-image crop transforms from the detector, or None for the fixed crop."""
+        if self.detector is None:
+            return None
+        found = self.detector.detect_batch(list(to_uint8_images(images)))
+        return self.gan.crop.matrices_from_landmarks([faces[0].landmarks if faces else None for faces in found])
 
     def embed_tensor(self, latents: torch.Tensor) -> torch.Tensor:
         """Unit embeddings of a batch of latents, keeping the autograd graph."""
         images = self.gan.render(latents)
-        return self.embedder(self.gan.crop.warp(images.float().clamp(-1, 1)))
+        return self.embedder(self.gan.crop.warp(images.float().clamp(-1, 1), self.crop_matrices(images)))
 
     @torch.no_grad()
     def embed(self, latents: np.ndarray) -> np.ndarray:

@@ -148,12 +148,12 @@ def _langevin_space(cfg: FacegenConfig, ids: np.ndarray):
     ls = cfg.identities.sampler.langevin
     if ls.space == "feature":
         return FeatureSpace(), feature_gaussian(cfg.run.seed, ids, ls.feature_dim), ls.feature_dim
-    from facegen.generators.gan import build_gan
+    from facegen.generators.gan import build_gan, crop_detector
     from facegen.identities.encoder import ForceEmbedder, IdentityEncoder
 
     gan = build_gan(cfg.generator)
     embedder = ForceEmbedder(cfg.generator.embedder, gan.device)
-    encoder = IdentityEncoder(gan, embedder, ls.batch_size)
+    encoder = IdentityEncoder(gan, embedder, ls.batch_size, crop_detector(cfg.generator))
     start = gan.gaussian_latents(cfg.run.seed, ids)
     dim = int(encoder.embed(start[:1]).shape[1])
     return LatentSpace(encoder, gan.latent_mean.cpu().numpy()), start, dim
