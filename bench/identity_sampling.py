@@ -1,6 +1,12 @@
 """Langevin identity sampling at scale: seconds per iteration and peak memory at 10k, 100k, 1M particles.
 
     python bench/identity_sampling.py [--sizes 10000 100000 1000000] [--index ivf|exact|auto] [--device cpu|cuda]
+    python bench/identity_sampling.py --acceptance [--iterations 15]
+
+``--acceptance`` runs the issue's full-size check instead: 20,000 particles in 512-d, d0 = 1.4 rad,
+1,000 fixed "real" embeddings (exact neighbour lists): pairs closer than d0 after Gaussian sampling
+and after Langevin (side by side, same run), the smallest angle, and particles within
+constant_radius (1.4 rad) of a real embedding.
 
 Feature-space Langevin (512-d unit particles, d0 = 1.4 rad, k = 16 neighbours rebuilt every
 ``knn_every`` = 5 iterations): each size runs in its own process so its peak resident memory is its
@@ -86,13 +92,41 @@ def _recall(points: np.ndarray, index: str, device: str) -> float:
     return round(len(close & {tuple(p) for p in approx}) / max(len(close), 1), 3)
 
 
+def acceptance(iterations: int, device: str) -> dict:
+    """20k particles, 512-d, d0 1.4, 1,000 real embeddings: Gaussian start vs Langevin end."""
+    from facegen.identities.langevin import FeatureSpace, LangevinSampler, LangevinState, normalize_rows
+
+    particles = _particles(20_000)
+    real = normalize_rows(np.random.default_rng(7).standard_normal((1000, DIM), dtype=np.float32), 65536)
+    sampler = LangevinSampler(_settings("exact", device), FeatureSpace(), reference=real)
+    started = time.perf_counter()
+    gaussian = sampler.measure(particles)
+    state = LangevinState(particles, 0, np.random.default_rng(1))
+    sampler.run(state, iterations)
+    final = sampler.measure(state.particles)
+    return {"particles": 20_000, "dim": DIM, "d0": 1.4, "real_embeddings": 1000, "iterations": iterations,
+            "pairs_within_d0_gaussian": gaussian["pairs_within_d0"], "pairs_within_d0_langevin": final["pairs_within_d0"],
+            "reduction": round(gaussian["pairs_within_d0"] / max(final["pairs_within_d0"], 1), 1),
+            "min_angle_gaussian": round(gaussian["min_angle"], 4), "min_angle_langevin": round(final["min_angle"], 4),
+            "min_angle_vs_d0_percent": round(100 * (final["min_angle"] - 1.4) / 1.4, 2),
+            "within_real_gaussian": gaussian["within_real"], "within_real_langevin": final["within_real"],
+            "nearest_real_angle_langevin": round(final["nearest_real_angle"], 4),
+            "seconds": round(time.perf_counter() - started, 1),
+            "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--index", default="ivf", choices=["ivf", "exact", "auto"])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--acceptance", action="store_true", help="the 20k x 512-d acceptance run instead")
+    parser.add_argument("--iterations", type=int, default=15)
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.acceptance:
+        print(json.dumps(acceptance(args.iterations, args.device), indent=2))
+        return
     if args.one:
         print(json.dumps(run_one(args.one, args.index, args.device)))
         return

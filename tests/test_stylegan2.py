@@ -49,7 +49,9 @@ def test_nvidia_pickle_and_rosinality_checkpoint_load_to_identical_outputs(tmp_p
 
 def test_pickle_with_fp16_blocks_clamp_and_orig_architecture_keeps_its_settings(tmp_path):
     G = small_generator(seed=3, num_fp16_res=2, conv_clamp=256.0, architecture="orig")
-    write_nvidia_pickle(tmp_path / "g.pkl", G)
+    # numpy arrays and scalars elsewhere in the pickle are read as plain data
+    extra = {"training_set_kwargs": {"resolution": 32, "mean": np.arange(3, dtype=np.float32), "scale": np.float64(2.0)}}
+    write_nvidia_pickle(tmp_path / "g.pkl", G, extra=extra)
     loaded = load_stylegan2(str(tmp_path / "g.pkl"))
     for name in ("channels", "architecture", "mapping_layers", "mapping_features", "mapping_lr_multiplier"):
         assert getattr(loaded.config, name) == getattr(G.config, name)
@@ -177,6 +179,28 @@ def test_persistence_record_with_side_effect_source_loads_tensors_only(tmp_path)
     assert not marker.exists()
     z = torch.randn(2, 16, generator=torch.Generator().manual_seed(4))
     assert torch.equal(render(loaded, z), render(G, z))
+
+
+def test_stylegan3_generator_is_named_unsupported(tmp_path):
+    class SynthesisInput(torch.nn.Module):
+        pass
+
+    class SynthesisNetwork(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.input = SynthesisInput()
+
+    class Generator(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.z_dim, self.c_dim, self.w_dim, self.img_resolution, self.img_channels = 4, 0, 4, 16, 3
+            self.synthesis = SynthesisNetwork()
+            self.mapping = G.mapping
+
+    G = small_generator()
+    write_nvidia_pickle(tmp_path / "g3.pkl", Generator())
+    with pytest.raises(ValueError, match="g3.pkl: not a StyleGAN2 generator.*SynthesisInput.*StyleGAN3"):
+        load_stylegan2(str(tmp_path / "g3.pkl"))
 
 
 def test_unreadable_or_foreign_checkpoints_fail_with_one_line_naming_the_file(tmp_path):

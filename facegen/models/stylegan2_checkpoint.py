@@ -135,6 +135,26 @@ def _numpy_scalar(dtype: Any, data: Any = None) -> Any:
     return np.frombuffer(bytes(data), dtype=dtype.numpy(), count=1)[0].item()
 
 
+class _NdarrayClass:
+    """Stand-in for ``numpy.ndarray`` as the first argument of numpy's pickled ``_reconstruct``."""
+
+
+class _Array:
+    """A numpy array as pickled (``_reconstruct`` then state): numeric dtypes, raw bytes only."""
+
+    def __init__(self, cls: Any = None, shape: Any = None, typecode: Any = None):
+        if cls is not _NdarrayClass:
+            raise pickle.UnpicklingError("numpy array reconstructed from something that is not ndarray")
+        self.array: np.ndarray | None = None
+
+    def __setstate__(self, state: Any) -> None:
+        if not (isinstance(state, tuple) and len(state) == 5 and isinstance(state[2], _Dtype)
+                and isinstance(state[4], (bytes, bytearray))):
+            raise pickle.UnpicklingError("numpy array state is not (version, shape, dtype, fortran, bytes)")
+        _, shape, dtype, fortran, raw = state
+        self.array = np.frombuffer(bytes(raw), dtype=dtype.numpy()).reshape(tuple(shape), order="F" if fortran else "C")
+
+
 _ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
     ("torch_utils.persistence", "_reconstruct_persistent_obj"): _persistent_record,
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
@@ -150,6 +170,9 @@ _ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
     ("numpy", "dtype"): _Dtype,
     ("numpy.core.multiarray", "scalar"): _numpy_scalar,
     ("numpy._core.multiarray", "scalar"): _numpy_scalar,
+    ("numpy", "ndarray"): _NdarrayClass,
+    ("numpy.core.multiarray", "_reconstruct"): _Array,
+    ("numpy._core.multiarray", "_reconstruct"): _Array,
 }
 
 
@@ -184,7 +207,11 @@ def read_network_pickle(data: bytes, source: str = "<bytes>") -> dict[str, Any]:
 def _config_from_records(g: PersistentRecord) -> StyleGAN2Config:
     synthesis, mapping = g.child("synthesis"), g.child("mapping")
     res = int(g.attr("img_resolution"))
-    blocks = {int(r): synthesis.child(f"b{int(r)}") for r in synthesis.attr("block_resolutions") or []}
+    if not synthesis.attr("block_resolutions"):
+        layers = sorted({c.class_name for c in (synthesis.state.get("_modules") or {}).values() if isinstance(c, PersistentRecord)})
+        raise ValueError(f"not a StyleGAN2 generator: its synthesis network has no resolution blocks (has {', '.join(layers)}); "
+                         "StyleGAN3 (alias-free) networks are not supported")
+    blocks = {int(r): synthesis.child(f"b{int(r)}") for r in synthesis.attr("block_resolutions")}
     if not blocks or max(blocks) != res:
         raise ValueError(f"synthesis blocks {sorted(blocks)} do not end at img_resolution {res}")
     for block in blocks.values():
