@@ -68,6 +68,12 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     params = sum(p.numel() for p in G.parameters()) / 1e6
     print(f"StyleGAN2 256px, channel base {args.channel_base} ({params:.1f}M parameters), torch {torch.__version__}, {name}")
+    with torch.inference_mode():
+        z = torch.randn(8, G.z_dim, device=device, generator=torch.Generator(device).manual_seed(1))
+        half = G(z, truncation_psi=0.7, noise_mode="const")
+        full = G(z, truncation_psi=0.7, noise_mode="const", force_fp32=True)
+    print(f"fp16 vs fp32 images (random weights): max |diff| {float((half - full).abs().max()):.4f}, "
+          f"mean |diff| {float((half - full).abs().mean()):.5f}, image std {float(full.std()):.3f}")
     best = {}
     for precision in ("fp16", "fp32"):
         for batch in args.batches:

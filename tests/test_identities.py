@@ -148,3 +148,22 @@ def test_latent_space_langevin_pushes_dcgan_identities_apart_through_g_and_the_e
     assert all(it["force_max"] > 0 for it in summary["iterations"])
     ids, latents = read_latents(cfg)
     assert latents.shape == (24, 100) and not np.allclose(latents, start)
+
+
+@pytest.mark.slow
+def test_cli_identities_prints_the_sampler_figures_and_names_a_bad_real_file(tmp_path, ray_local):
+    from typer.testing import CliRunner
+
+    from facegen.cli import app
+
+    base = ["--set", f"run.output_dir={tmp_path}/out", "--set", "tracking.mode=disabled", "--set", "identities.num_identities=200",
+            "--set", "identities.sampler.kind=langevin", "--set", "identities.sampler.langevin.space=feature",
+            "--set", "identities.sampler.langevin.feature_dim=32", "--set", "identities.sampler.langevin.d0=1.3",
+            "--set", "identities.sampler.langevin.iterations=3", "--set", "identities.sampler.langevin.search_on_gpu=false"]
+    result = CliRunner().invoke(app, ["identities", "--no-progress", *base], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "pairs_within_d0 gaussian" in result.output and "pairs_within_d0 langevin" in result.output
+    bad = CliRunner().invoke(app, ["identities", *base, "--set", "run.overwrite=true",
+                                   "--set", f"identities.sampler.langevin.real_embeddings={tmp_path}/none.npy"], terminal_width=200)
+    assert bad.exit_code == 2 and "none.npy: real embeddings not found" in bad.output
+    assert "Traceback" not in bad.output
