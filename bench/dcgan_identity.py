@@ -138,7 +138,7 @@ def distill(gan, judge: Judge, out: str, n_train: int, n_test: int, epochs: int)
                 loss.backward()
                 opt.step()
                 sched.step()
-                losses.append(float(loss))
+                losses.append(float(loss.detach()))
             print(f"  distill epoch {epoch + 1}/{epochs}: loss {np.mean(losses):.4f}", flush=True)
         save_backbone(student_dir, model.eval(), "iresnet18", 16, 128)
     train_seconds = time.time() - t0
