@@ -216,3 +216,25 @@ def test_unreadable_or_foreign_checkpoints_fail_with_one_line_naming_the_file(tm
     write_nvidia_pickle(tmp_path / "g.pkl", G)
     with pytest.raises(ValueError, match="no network 'G_missing'"):
         load_stylegan2(str(tmp_path / "g.pkl"), key="G_missing")
+
+
+def test_stylegan2_backend_renders_identity_rows_from_a_pickle(tmp_path):
+    from facegen.config import load_config
+    from facegen.faces.align import decode_image
+    from facegen.generators import generator_class
+
+    G = small_generator(seed=2)
+    write_nvidia_pickle(tmp_path / "g.pkl", G)
+    cfg = load_config(None, ["generator.backend=stylegan2", f"generator.stylegan2.checkpoint={tmp_path / 'g.pkl'}",
+                             "generator.images_per_identity=2", "generator.device=cpu"])
+    backend = generator_class("stylegan2")(cfg.generator, seed=1)
+    out = backend({"identity_id": np.array([0, 1]), "block_id": np.array([0, 0])})
+    assert list(out["status"]) == ["ok"] * 4 and list(out["source"]) == ["stylegan2"] * 4
+    assert decode_image(out["image"][0]).shape == (32, 32, 3)
+    # the FFHQ eyes land on the ArcFace eyes: the row's first landmark is the left eye at (380, 480)/1024
+    np.testing.assert_allclose(out["landmarks"][0][:2], [380 / 1024 * 32, 480 / 1024 * 32], atol=0.1)
+    # the identity's latent is w of its seeded z with truncation 0.7
+    w = backend.gan.gaussian_latents(1, np.array([0]))[0]
+    z = np.random.default_rng([1, 0, 0x6A7E]).standard_normal(16)
+    expected = G.mapping(torch.tensor(z[None], dtype=torch.float32), truncation_psi=0.7)[0, 0]
+    np.testing.assert_allclose(w, expected.numpy(), rtol=1e-5)
