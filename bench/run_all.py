@@ -48,7 +48,7 @@ def bench_parametric(quick: bool) -> list[tuple[str, float, str]]:
 def bench_embed(quick: bool, device: str) -> list[tuple[str, float, str]]:
     import tempfile
 
-    from facegen.faces.embed import Embedder
+    from facegen.faces.embed import IResNetEmbedder
     from facegen.models.iresnet_checkpoint import save_backbone
     from facegen.models.iresnet import build_backbone
 
@@ -59,7 +59,7 @@ def bench_embed(quick: bool, device: str) -> list[tuple[str, float, str]]:
         for arch, width in (("iresnet18", 16), ("iresnet50", 64)):
             path = f"{tmp}/{arch}-{width}"
             save_backbone(path, build_backbone(arch, width=width), arch=arch, width=width, embedding_size=512)
-            embedder = Embedder(path, device=device, batch_size=32)
+            embedder = IResNetEmbedder(path, device=device, batch_size=32)
             for flip in (False, True):
                 rate = _rate(lambda: embedder.embed(images, flip=flip), n, repeat=2)
                 rows.append((f"embed {arch} w{width} flip={flip}", rate, "img/s"))

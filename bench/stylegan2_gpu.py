@@ -59,7 +59,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--batches", type=int, nargs="+", default=[8, 16, 32, 64, 128])
     parser.add_argument("--channel-base", type=int, default=16384)
-    parser.add_argument("--seconds", type=float, default=3.0, help="timed seconds per batch size")
+    parser.add_argument("--seconds", type=float, default=2.0, help="timed seconds per batch size")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda":

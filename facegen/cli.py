@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from facegen.config import ConfigError, FacegenConfig, load_config
+from facegen.stages import StageError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Synthetic face-recognition datasets on Ray.")
 console = Console()
@@ -23,6 +24,7 @@ console = Console()
 ConfigOption = typer.Option(None, "--config", "-c", help="YAML settings file")
 SetOption = typer.Option(None, "--set", "-s", help="override, e.g. --set train.epochs=2 (repeatable)")
 ProgressOption = typer.Option(True, "--progress/--no-progress", help="progress bars")
+VerboseOption = typer.Option(False, "--verbose", "-v", help="also show Ray's own logs (off by default)")
 
 
 def _one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -30,18 +32,22 @@ def _one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except (ConfigError, FileNotFoundError, ValueError) as exc:
+        except (ConfigError, FileNotFoundError, ValueError, StageError) as exc:
             console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper
 
 
-def _load(config: Optional[str], overrides: Optional[list[str]]) -> FacegenConfig:
+def _load(config: Optional[str], overrides: Optional[list[str]], verbose: bool = False) -> FacegenConfig:
+    """Settings, every input path they name checked, then Ray (quiet unless ``verbose``)."""
     cfg = load_config(config, overrides or [])
+    from facegen.preflight import check_input_paths
+
+    check_input_paths(cfg, config or "settings")
     from facegen.ray_utils import init_ray
 
-    init_ray(cfg.ray)
+    init_ray(cfg.ray, cfg.storage, verbose=verbose)
     return cfg
 
 
@@ -56,54 +62,90 @@ def _print_pairs(title: str, rows: list[tuple[str, str]]) -> None:
 
 def _print_report(report: Any) -> None:
     data = asdict(report)
-    rows = [(k, str(v)) for k, v in data.items() if k != "totals"]
+    rows = [(k, str(v)) for k, v in data.items() if k not in ("totals", "notes", "histograms")]
     rows += [(k, str(v)) for k, v in data.get("totals", {}).items()]
+    rows += [("note", note) for note in data.get("notes", [])]
     _print_pairs(f"facegen {data['stage']}", rows)
+    if data.get("histograms"):
+        from facegen.identities.expansion import format_histograms
+
+        console.print("similarity to the identity feature (requested vs realised):", highlight=False)
+        console.print(format_histograms(data["histograms"], trim=True), highlight=False, markup=False)
 
 
 @app.command()
 @_one_line_errors
-def identities(config: Optional[str] = ConfigOption, set_: Optional[list[str]] = SetOption, progress: bool = ProgressOption) -> None:
+def identities(config: Optional[str] = ConfigOption, set_: Optional[list[str]] = SetOption, progress: bool = ProgressOption,
+               verbose: bool = VerboseOption) -> None:
     """Sample every identity's latent (gaussian or Langevin) into <output_dir>/identities/."""
     from facegen.stages.identities import run_identities
 
-    _print_report(run_identities(_load(config, set_), progress=progress))
+    _print_report(run_identities(_load(config, set_, verbose), progress=progress))
 
 
 @app.command()
 @_one_line_errors
-def generate(config: Optional[str] = ConfigOption, set_: Optional[list[str]] = SetOption, progress: bool = ProgressOption) -> None:
+def generate(config: Optional[str] = ConfigOption, set_: Optional[list[str]] = SetOption, progress: bool = ProgressOption,
+             verbose: bool = VerboseOption) -> None:
     """Generate, align and embed images for every identity block not done yet."""
     from facegen.stages.generate import run_generate
 
-    _print_report(run_generate(_load(config, set_), progress=progress))
+    _print_report(run_generate(_load(config, set_, verbose), progress=progress))
 
 
 @app.command()
 @_one_line_errors
-def clean(config: Optional[str] = ConfigOption, set_: Optional[list[str]] = SetOption, progress: bool = ProgressOption) -> None:
-    """Clean every generated block (consistency clusters, minimum size, top-up)."""
+def ingest(
+    images: Optional[str] = typer.Option(None, "--images", help="image folder DIR/<identity>/<image> (or ingest.images_dir)"),
+    config: Optional[str] = ConfigOption,
+    set_: Optional[list[str]] = SetOption,
+    progress: bool = ProgressOption,
+    verbose: bool = VerboseOption,
+) -> None:
+    """Detect, align and embed the faces of an image folder into raw blocks (then clean/shard/train)."""
+    from facegen.ray_utils import init_ray
+    from facegen.stages.ingest import run_ingest, scan_image_folder
+
+    cfg = load_config(config, set_ or [])
+    if images is not None:
+        cfg.ingest.images_dir = images
+    if not cfg.ingest.images_dir:
+        raise ValueError("ingest.images_dir: no image folder given (facegen ingest --images DIR)")
+    plan = scan_image_folder(cfg.ingest.images_dir, cfg.ingest.extensions, cfg.identities.first_id, cfg.identities.block_size)
+    from facegen.preflight import check_input_paths
+
+    check_input_paths(cfg, config or "settings")
+    init_ray(cfg.ray, cfg.storage, verbose=verbose)
+    _print_report(run_ingest(cfg, plan, progress=progress))
+
+
+@app.command()
+@_one_line_errors
+def clean(config: Optional[str] = ConfigOption, set_: Optional[list[str]] = SetOption, progress: bool = ProgressOption,
+          verbose: bool = VerboseOption) -> None:
+    """Clean every generated block: expert votes and fusion, dedup and leakage audit, semi-hard trim, top-up."""
     from facegen.stages.clean import run_clean
 
-    _print_report(run_clean(_load(config, set_), progress=progress))
+    _print_report(run_clean(_load(config, set_, verbose), progress=progress))
 
 
 @app.command()
 @_one_line_errors
-def shard(config: Optional[str] = ConfigOption, set_: Optional[list[str]] = SetOption, progress: bool = ProgressOption) -> None:
+def shard(config: Optional[str] = ConfigOption, set_: Optional[list[str]] = SetOption, progress: bool = ProgressOption,
+          verbose: bool = VerboseOption) -> None:
     """Write curriculum-ordered (easy to hard) shards with a manifest and checksums."""
     from facegen.stages.shard import run_shard
 
-    _print_report(run_shard(_load(config, set_), progress=progress))
+    _print_report(run_shard(_load(config, set_, verbose), progress=progress))
 
 
 @app.command()
 @_one_line_errors
-def train(config: Optional[str] = ConfigOption, set_: Optional[list[str]] = SetOption) -> None:
+def train(config: Optional[str] = ConfigOption, set_: Optional[list[str]] = SetOption, verbose: bool = VerboseOption) -> None:
     """Train IResNet + margin head with Ray Train on the shards (same run name resumes)."""
     from facegen.train.loop import train as run_train
 
-    cfg = _load(config, set_)
+    cfg = _load(config, set_, verbose)
     result = run_train(cfg, cfg.stage_dir("shards"), eval_bins=list(cfg.eval.bins))
     last = result.history[-1] if result.history else {}
     _print_pairs("facegen train", [("run", result.run_dir), ("backbone", result.backbone_dir),
@@ -113,7 +155,7 @@ def train(config: Optional[str] = ConfigOption, set_: Optional[list[str]] = SetO
 @app.command("eval")
 @_one_line_errors
 def eval_(
-    checkpoint: str = typer.Option(..., "--checkpoint", help="embedder weights: facegen backbone directory, .pth, .onnx"),
+    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="embedder weights: facegen backbone directory, .pth, .onnx (dlib: optional)"),
     kind: str = typer.Option("facegen", "--kind", help="embedder kind: facegen | arcface_torch | onnx | dlib"),
     arch: Optional[str] = typer.Option(None, "--arch", help="arcface_torch only: iresnet18/34/50/100"),
     bins: list[str] = typer.Option(..., "--bin", help="insightface .bin verification set (repeatable)"),
@@ -124,7 +166,7 @@ def eval_(
     """10-fold verification accuracy on LFW / CFP-FP / AgeDB-30 style ``.bin`` files."""
     from facegen.pipeline import run_eval
 
-    table = Table(title=f"verification: {checkpoint}", title_justify="left")
+    table = Table(title=f"verification: {kind} {checkpoint or 'packaged model'}", title_justify="left")
     for column in ("set", "pairs", "accuracy", "std"):
         table.add_column(column)
     for r in run_eval(checkpoint, bins, batch_size, folds, device, kind=kind, arch=arch):
@@ -134,12 +176,31 @@ def eval_(
 
 @app.command()
 @_one_line_errors
-def pipeline(config: Optional[str] = ConfigOption, set_: Optional[list[str]] = SetOption, progress: bool = ProgressOption) -> None:
+def pipeline(config: Optional[str] = ConfigOption, set_: Optional[list[str]] = SetOption, progress: bool = ProgressOption,
+             verbose: bool = VerboseOption) -> None:
     """Run generate -> clean -> shard -> train -> eval; prints one summary table."""
     from facegen.pipeline import run_pipeline, summary_rows
 
-    summary = run_pipeline(_load(config, set_), progress=progress)
+    summary = run_pipeline(_load(config, set_, verbose), progress=progress)
     _print_pairs("facegen pipeline summary", summary_rows(summary))
+
+
+@app.command()
+@_one_line_errors
+def report(
+    config: Optional[str] = ConfigOption,
+    set_: Optional[list[str]] = SetOption,
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="where to write (default <run.output_dir>/report.html)"),
+) -> None:
+    """Write one self-contained HTML page about the dataset (no Ray needed)."""
+    from facegen.eval.html_report import write_report
+    from facegen.ray_utils import storage_env
+
+    cfg = load_config(config, set_ or [])
+    import os
+
+    os.environ.update(storage_env(cfg.storage))
+    console.print(f"report: {write_report(cfg, output)}", highlight=False, soft_wrap=True)
 
 
 def main() -> None:

@@ -31,6 +31,8 @@ class RunSettings(_Section):
     output_dir: str = "outputs/run"
     seed: int = Field(default=0, ge=0)
     overwrite: bool = False
+    verify: Literal["sha256", "size"] = Field(
+        default="sha256", description="how finished blocks are checked before a stage trusts them")
 
 
 class RaySettings(_Section):
@@ -62,7 +64,10 @@ class LangevinSettings(_Section):
     chunk_size: int = Field(default=65536, ge=1, description="queries per faiss search / force chunk")
     checkpoint_every: int = Field(default=10, ge=1)
     feature_dim: int = Field(default=512, ge=2, description="dimension of feature-space particles")
-    real_embeddings: str | None = Field(default=None, description=".npy or Parquet of real-face embeddings to stay away from")
+    real_embeddings: str | None = Field(
+        default=None, description=".npy or Parquet of real-face embeddings to stay away from",
+        json_schema_extra={"input_path": "required"},
+    )
     real_column: str = "embedding"
     constant_radius: float = Field(default=1.4, gt=0.0, le=3.1416, description="repulsion radius around real embeddings (radians)")
     k_cst: float = Field(default=1.0, ge=0.0, description="stiffness of the repulsion from real embeddings")
@@ -99,7 +104,7 @@ class ParametricSettings(_Section):
 class DiffusionSettings(_Section):
     """Stable Diffusion text-to-image through diffusers ``from_pretrained``."""
 
-    model: str = "stabilityai/stable-diffusion-2-1-base"
+    model: str = Field(default="stabilityai/stable-diffusion-2-1-base", json_schema_extra={"input_path": "local_or_hub"})
     num_inference_steps: int = Field(default=30, ge=1)
     guidance_scale: float = Field(default=7.5, ge=0.0)
     height: int = Field(default=512, ge=8)
@@ -111,6 +116,126 @@ class DiffusionSettings(_Section):
     )
     local_files_only: bool = False
     micro_batch: int = Field(default=8, ge=1, description="images per pipeline call (one identity at a time)")
+    half_dtype: Literal["float16", "bfloat16"] = Field(default="float16", description="the dtype of fp16 on GPU")
+    lcm_lora: str | None = Field(default=None, description="LCM-LoRA folder or hub id: LCMScheduler, few steps")
+    compile_unet: bool = Field(default=False, description="torch.compile the UNet (GPU)")
+    variation_phrases: bool = Field(default=False, description="append a per-sample pose/expression/light phrase")
+
+
+class ExpansionSettings(_Section):
+    """How each expanded sample's conditioning feature derives from its identity feature
+    (``facegen.identities.expansion``): Vec2Face noise or a CemiFace similarity band."""
+
+    mode: Literal["noise", "band"] = "noise"
+    sigmas: list[float] = Field(default=[0.3, 0.5, 0.7], description="noise mode: per-dimension sigmas (HSFace)")
+    shares: list[float] = Field(default=[0.4, 0.4, 0.2], description="noise mode: share of samples per sigma")
+    band: tuple[float, float] = Field(default=(0.55, 0.8), description="band mode: target cosine range")
+    feature_norm: float = Field(
+        default=25.0, gt=0.0,
+        description="norm the unit identity feature is scaled to before perturbing: the sigmas and Vec2Face "
+        "assume raw ArcFace features (order 20-30); Arc2Face re-normalises",
+    )
+    histogram_bins: int = Field(default=40, ge=2, description="bins of the per-run similarity histograms on [-1, 1]")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ExpansionSettings":
+        if not self.sigmas or len(self.sigmas) != len(self.shares):
+            raise ValueError(f"sigmas and shares need the same non-zero length (got {len(self.sigmas)} and {len(self.shares)})")
+        if any(s < 0 for s in self.sigmas) or any(s < 0 for s in self.shares):
+            raise ValueError("sigmas and shares must be >= 0")
+        if abs(sum(self.shares) - 1.0) > 1e-6:
+            raise ValueError(f"shares must sum to 1 (got {sum(self.shares):g})")
+        low, high = self.band
+        if not -1.0 <= low <= high <= 1.0:
+            raise ValueError(f"band must satisfy -1 <= low <= high <= 1 (got [{low}, {high}])")
+        return self
+
+
+class ReferenceSettings(_Section):
+    """Step 1 of ``hybrid``: one reference image per identity, kept only when the detector
+    (``generator.hybrid.detector``, the faces stage's one-face rule) accepts it; otherwise the next
+    seed, up to ``max_attempts``, then the identity is recorded as failed."""
+
+    backend: str = Field(default="text_to_image", description="text_to_image, photos, or any generator backend")
+    text_to_image: DiffusionSettings = DiffusionSettings(
+        model="stabilityai/stable-diffusion-xl-base-1.0", height=1024, width=1024, micro_batch=1
+    )
+    photos_dir: str | None = Field(default=None, description="backend photos: a folder of face photos")
+    max_attempts: int = Field(default=5, ge=1)
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, v: str) -> str:
+        from facegen.generators import BACKENDS
+
+        allowed = ("text_to_image", "photos") + tuple(b for b in BACKENDS if b != "hybrid")
+        if v not in allowed:
+            raise ValueError(f"unknown reference backend {v!r}, expected one of {', '.join(allowed)}")
+        return v
+
+
+class Arc2FaceSettings(_Section):
+    """Arc2Face through diffusers: its UNet and ID encoder with the VAE, tokenizer and scheduler of
+    the base SD 1.5 model (folders or hub ids; ``*_subfolder`` as in the public model repository)."""
+
+    unet: str = "FoivosPar/Arc2Face"
+    unet_subfolder: str | None = "arc2face"
+    encoder: str = "FoivosPar/Arc2Face"
+    encoder_subfolder: str | None = "encoder"
+    base_model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    id_prompt: str = "photo of a id person"
+    id_token: str = "id"
+    scheduler: Literal["dpm_multistep", "ddim", "base"] = "dpm_multistep"
+    num_inference_steps: int = Field(default=25, ge=1)
+    guidance_scale: float = Field(default=3.0, ge=0.0)
+    height: int = Field(default=512, ge=8)
+    width: int = Field(default=512, ge=8)
+    fp16: bool = True
+    half_dtype: Literal["float16", "bfloat16"] = "float16"
+    lcm_lora: str | None = Field(default=None, description="LCM-LoRA for SD 1.5: LCMScheduler, 2-4 steps, guidance 1")
+    compile_unet: bool = False
+    micro_batch: int = Field(default=8, ge=1, description="images per pipeline call (one identity at a time)")
+    variation_phrases: bool = Field(default=False, description="append a per-sample phrase to the ID prompt")
+    local_files_only: bool = False
+
+
+class Vec2FaceSettings(_Section):
+    """Vec2Face (facegen.models.vec2face): a ``.pth`` holding ``model_vec2face``, 112 px output."""
+
+    checkpoint: str | None = None
+    arch: Literal["vec2face_vit_base_patch16"] = "vec2face_vit_base_patch16"
+    mask_ratio_min: float = Field(default=0.1, ge=0.0, le=1.0)
+    mask_ratio_max: float = Field(default=1.0, ge=0.0, le=1.0)
+    mask_ratio_mu: float = Field(default=0.15, ge=0.0, le=1.0)
+    mask_ratio_std: float = Field(default=0.25, gt=0.0)
+    fp16: bool = True
+    micro_batch: int = Field(default=64, ge=1, description="images per forward pass (one identity at a time)")
+
+
+class HybridSettings(_Section):
+    """``generator.backend: hybrid``: references -> identity feature -> K expanded images."""
+
+    reference: ReferenceSettings = ReferenceSettings()
+    detector: DetectorSettings = Field(
+        default_factory=lambda: DetectorSettings(), description="references (and expanded images when measured)"
+    )
+    embedder: EmbedderSettings = Field(
+        default_factory=lambda: EmbedderSettings(), description="identity feature: the one the expander was trained on"
+    )
+    expander: Literal["arc2face", "vec2face", "gan"] = Field(
+        default="arc2face", description="gan: perturb the latent of a dcgan/stylegan2 reference"
+    )
+    arc2face: Arc2FaceSettings = Arc2FaceSettings()
+    vec2face: Vec2FaceSettings = Vec2FaceSettings()
+    expansion: ExpansionSettings = ExpansionSettings()
+    measure_similarity: bool = Field(default=True, description="embed each expanded image: realised similarity")
+
+    @model_validator(mode="after")
+    def _gan_needs_gan_references(self) -> "HybridSettings":
+        if self.expander == "gan" and self.reference.backend not in ("dcgan", "stylegan2"):
+            raise ValueError(f"expander gan perturbs a GAN reference's latent: reference.backend must be dcgan or "
+                             f"stylegan2 (got {self.reference.backend})")
+        return self
 
 
 #: FFHQ's aligned eye centres as fractions of the image side; ArcFace's eyes and template in 112 px.
@@ -138,7 +263,7 @@ class GanCropSettings(_Section):
 class StyleGAN2Settings(_Section):
     """A StyleGAN2 network: NVIDIA ``.pkl`` (restricted unpickler) or rosinality ``.pt`` (weights only)."""
 
-    checkpoint: str | None = None
+    checkpoint: str | None = Field(default=None, json_schema_extra={"input_path": "required"})
     network: str = Field(default="G_ema", description="which network of an NVIDIA pickle")
     truncation_psi: float = Field(default=0.7, ge=0.0, le=1.0)
     noise_mode: Literal["const", "random", "none"] = "const"
@@ -149,7 +274,10 @@ class StyleGAN2Settings(_Section):
 class DcganSettings(_Section):
     """The DCGAN of ``gan-face-generate`` (64 px, DigiFace-1M: non-commercial research only)."""
 
-    weights: str | None = Field(default=None, description="weights.tar; None = the one packaged with gan-face-generate")
+    weights: str | None = Field(
+        default=None, description="weights.tar; None = the one packaged with gan-face-generate",
+        json_schema_extra={"input_path": "required"},
+    )
     crop: GanCropSettings = GanCropSettings(
         src_points=[(x / 112, y / 112) for x, y in ARCFACE_TEMPLATE_112], dst_points=list(ARCFACE_TEMPLATE_112)
     )
@@ -160,11 +288,18 @@ class ForceEmbedderSettings(_Section):
     insightface arcface_torch ``.pth`` (with ``arch``); same names as ``faces.embedder``."""
 
     kind: Literal["facegen", "arcface_torch"] = "facegen"
-    path: str | None = None
+    path: str | None = Field(default=None, json_schema_extra={"input_path": "required"})
     arch: Literal["iresnet18", "iresnet34", "iresnet50", "iresnet100"] | None = Field(
         default=None, description="arcface_torch only: the network the .pth belongs to"
     )
     device: str = "auto"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "checkpoint" in data:
+            raise ValueError("checkpoint was renamed: use generator.embedder.path (and generator.embedder.kind)")
+        return data
 
     @model_validator(mode="after")
     def _complete(self) -> "ForceEmbedderSettings":
@@ -190,7 +325,10 @@ class DispersionSettings(_Section):
 class DiscoSettings(_Section):
     """DisCo covariates: latent directions (pose, illumination, expressions) with their spreads."""
 
-    directions: str | None = Field(default=None, description=".npy: [D, latent] unit directions, or a dict-like .npz with 'directions' and 'spreads'")
+    directions: str | None = Field(
+        default=None, description=".npy: [D, latent] unit directions, or a dict-like .npz with 'directions' and 'spreads'",
+        json_schema_extra={"input_path": "required"},
+    )
     spreads: list[float] | None = Field(default=None, description="per-direction spread in latent units (None = the vectors' norms)")
     amplitude: float = Field(default=0.5, gt=0.0, description="u_d ~ U(-amplitude, amplitude)")
 
@@ -198,7 +336,7 @@ class DiscoSettings(_Section):
 class GeneratorSettings(_Section):
     """Which backend renders images and how its Ray Data actor pool is sized."""
 
-    backend: Literal["parametric", "diffusion", "stylegan2", "dcgan"] = "parametric"
+    backend: Literal["parametric", "diffusion", "hybrid", "stylegan2", "dcgan"] = "parametric"
     images_per_identity: int = Field(default=20, ge=1)
     batch_size: int = Field(default=8, ge=1, description="identities per map_batches call")
     concurrency: int = Field(default=1, ge=1, description="actors in the pool")
@@ -214,6 +352,22 @@ class GeneratorSettings(_Section):
     embedder: ForceEmbedderSettings = ForceEmbedderSettings()
     dispersion: DispersionSettings = DispersionSettings()
     disco: DiscoSettings = DiscoSettings()
+    hybrid: HybridSettings = Field(default_factory=lambda: HybridSettings())
+
+    @model_validator(mode="after")
+    def _hybrid_complete(self) -> "GeneratorSettings":
+        if self.backend != "hybrid":
+            return self
+        h = self.hybrid
+        if not h.embedder.enabled:
+            raise ValueError("hybrid.embedder: the identity feature needs an embedder (kind and path)")
+        if h.detector.kind == "none":
+            raise ValueError("hybrid.detector.kind: references must go through a face detector, not 'none'")
+        if h.expander == "vec2face" and not h.vec2face.checkpoint:
+            raise ValueError("hybrid.vec2face.checkpoint: the vec2face expander needs its .pth")
+        if h.reference.backend == "photos" and not h.reference.photos_dir:
+            raise ValueError("hybrid.reference.photos_dir: the photos reference backend needs a folder")
+        return self
 
 
 class EmbedderSettings(_Section):
@@ -226,7 +380,7 @@ class EmbedderSettings(_Section):
     """
 
     kind: Literal["facegen", "arcface_torch", "onnx", "dlib"] = "facegen"
-    path: str | None = None
+    path: str | None = Field(default=None, json_schema_extra={"input_path": "required"})
     arch: Literal["iresnet18", "iresnet34", "iresnet50", "iresnet100"] | None = Field(
         default=None, description="arcface_torch only: the network the .pth belongs to"
     )
@@ -299,6 +453,13 @@ class FaceSettings(_Section):
     resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources, e.g. {generation: 1}")
 
 
+class IngestSettings(_Section):
+    """``facegen ingest``: an image folder ``images_dir/<identity>/<image>`` as raw blocks."""
+
+    images_dir: str | None = Field(default=None, description="set here or with facegen ingest --images DIR")
+    extensions: list[str] = [".jpg", ".jpeg", ".png", ".bmp", ".webp"]
+
+
 class DbscanSettings(_Section):
     """Adaptive per-identity DBSCAN (ALGORITHMS.md 1.2): ``eps = 1 - t``, cosine metric."""
 
@@ -339,10 +500,126 @@ class AugmentSettings(_Section):
     low_res_factor: float = Field(default=0.5, gt=0.0, le=1.0)
 
 
+class IndependentSettings(_Section):
+    """A second FR model flags samples far from their identity centre (threshold calibrated per block)."""
+
+    enabled: bool = False
+    embedder: EmbedderSettings = EmbedderSettings()
+    percentile: float = Field(default=10.0, gt=0.0, lt=100.0, description="of within-identity cos to centre")
+
+
+class VlmSettings(_Section):
+    """Vision-language verifier on an OpenAI-compatible chat-completions endpoint (GPT-4o, vLLM)."""
+
+    enabled: bool = False
+    base_url: str | None = Field(default=None, description="e.g. http://host:8000/v1; env FACEGEN_VLM_BASE_URL")
+    model: str = "gpt-4o"
+    api_key_env: str = Field(default="OPENAI_API_KEY", description="environment variable holding the key")
+    max_images: int = Field(default=64, ge=2, description="faces per grid; later ones are not judged")
+    thumbnail: int = Field(default=96, ge=32, le=224, description="pixels per face in the grid")
+    timeout_s: float = Field(default=120.0, gt=0.0)
+    max_attempts: int = Field(default=5, ge=1)
+    backoff_s: float = Field(default=1.0, ge=0.0, description="first retry delay, doubled each attempt")
+    backoff_max_s: float = Field(default=30.0, ge=0.0)
+    concurrency: int = Field(default=4, ge=1, description="requests in flight per cleaning actor")
+    requests_per_minute: float = Field(default=60.0, gt=0.0, description="per cleaning actor")
+    cache_dir: str | None = Field(default=None, description="default <run.output_dir>/clean_vlm_cache")
+
+
+class FusionRule(_Section):
+    """If every expert named in ``when`` voted as given, ``then`` decides: keep, drop, or an expert's
+    own vote (when that expert abstained, the next rule is tried)."""
+
+    when: dict[Literal["cluster", "independent", "vlm"], Literal["keep", "drop", "abstain"]] = {}
+    then: Literal["keep", "drop", "cluster", "independent", "vlm"]
+
+
+def _default_rules() -> list[FusionRule]:
+    return [
+        FusionRule(when={"cluster": "drop", "independent": "drop"}, then="drop"),
+        FusionRule(when={"cluster": "keep", "independent": "keep"}, then="keep"),
+        FusionRule(then="vlm"),
+        FusionRule(then="cluster"),
+    ]
+
+
+class FusionSettings(_Section):
+    """How expert votes become one decision per sample: the first rule that decides wins."""
+
+    rules: list[FusionRule] = Field(default_factory=_default_rules)
+    default: Literal["keep", "drop"] = "keep"
+
+
+class SelectionSettings(_Section):
+    """Which kept samples survive the trim to ``target_images`` (CemiFace: semi-hard first)."""
+
+    mode: Literal["semi_hard", "central"] = "semi_hard"
+    band: tuple[float, float] = (0.3, 0.8)
+    target: float = Field(default=0.7, description="inside the band, samples nearest this cosine go first")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "SelectionSettings":
+        if not -1.0 <= self.band[0] <= self.band[1] <= 1.0:
+            raise ValueError("band must be [low, high] with -1 <= low <= high <= 1")
+        return self
+
+
+class SearchSettings(_Section):
+    """faiss search over identity centres: exact up to a size, a graph (CPU) or IVF (GPU) index above."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    exact_max_cpu: int = Field(default=50_000, ge=0, description="exact search up to this many vectors on CPU")
+    exact_max_gpu: int = Field(default=4_000_000, ge=0)
+    approximate_cpu: Literal["hnsw", "ivf"] = Field(default="hnsw", description="index above exact_max_cpu on CPU")
+    hnsw_m: int = Field(default=32, ge=4)
+    hnsw_ef_construction: int = Field(default=64, ge=8)
+    hnsw_ef_search: int = Field(default=64, ge=8)
+    vectors_per_list: int = Field(default=1024, ge=16, description="IVF: lists = vectors / this")
+    nprobe: int = Field(default=16, ge=1)
+    train_per_list: int = Field(default=32, ge=4, description="IVF k-means training points per list")
+    train_iterations: int = Field(default=10, ge=1, description="IVF k-means iterations")
+    query_chunk: int = Field(default=8192, ge=1)
+    knn: int = Field(default=16, ge=1, description="first k per query; grown while the k-th is above threshold")
+    max_vectors_per_part: int = Field(default=2_000_000, ge=1, description="bounds the memory of one index")
+
+
+class DedupSettings(_Section):
+    """Cross-identity deduplication of identity centres."""
+
+    enabled: bool = True
+    threshold: float = Field(default=0.7, gt=-1.0, lt=1.0, description="centre cosine at or above = same person")
+    action: Literal["drop_smaller", "merge"] = "drop_smaller"
+
+
+class LeakageSettings(_Section):
+    """Privacy audit: synthetic identities against embeddings of real people (.npy or Parquet)."""
+
+    references: list[str] = []
+    threshold: float = Field(default=0.4, gt=-1.0, lt=1.0, description="fixed cosine when far is not set")
+    far: float | None = Field(default=None, gt=0.0, lt=1.0, description="calibrate to this false-accept rate")
+    verification: str | None = Field(default=None, description=".npz/.parquet with embedding + label, for far")
+    samples: bool = Field(default=False, description="also compare every kept sample, not only centres")
+    report_pairs: int = Field(default=24, ge=0)
+
+    @model_validator(mode="after")
+    def _far_needs_set(self) -> "LeakageSettings":
+        if self.far is not None and not self.verification:
+            raise ValueError("far needs a verification set (leakage.verification)")
+        return self
+
+
 class CleanSettings(_Section):
-    """Cleaning v1: per-identity consistency, minimum size, top-up to a fixed count."""
+    """Cleaning: expert votes fused per sample, dedup and leakage over all identities, selection, top-up."""
 
     dbscan: DbscanSettings = DbscanSettings()
+    independent: IndependentSettings = IndependentSettings()
+    vlm: VlmSettings = VlmSettings()
+    fusion: FusionSettings = FusionSettings()
+    selection: SelectionSettings = SelectionSettings()
+    dedup: DedupSettings = DedupSettings()
+    leakage: LeakageSettings = LeakageSettings()
+    search: SearchSettings = SearchSettings()
+    replace_dropped: bool = Field(default=False, description="generate new identities for dropped ones")
     min_images: int = Field(default=10, ge=1, description="identities with fewer kept images are dropped")
     target_images: int = Field(default=50, ge=1, description="top up each kept identity to this count")
     augment: AugmentSettings = AugmentSettings()
@@ -388,7 +665,7 @@ class TrainSettings(_Section):
 class EvalSettings(_Section):
     """Verification sets in insightface ``.bin`` format, 10-fold accuracy."""
 
-    bins: list[str] = []
+    bins: list[str] = Field(default=[], json_schema_extra={"input_path": "required"})
     batch_size: int = Field(default=64, ge=1)
     nrof_folds: int = Field(default=10, ge=2)
 
@@ -399,6 +676,18 @@ class TrackingSettings(_Section):
     mode: Literal["auto", "online", "offline", "disabled"] = "auto"
     project: str = "facegen"
     entity: str | None = None
+
+
+class StorageSettings(_Section):
+    """Object-store access for ``s3://`` paths; credentials come from the usual AWS variables.
+
+    ``s3_endpoint`` (an S3-compatible server, e.g. ``http://127.0.0.1:9000``) is handed to the
+    driver and every Ray worker as ``AWS_ENDPOINT_URL``, which pyarrow reads; left empty, an
+    ``AWS_ENDPOINT_URL`` already in the environment (or AWS itself) is used.
+    """
+
+    s3_endpoint: str | None = None
+    s3_region: str | None = None
 
 
 class DemoSettings(_Section):
@@ -419,12 +708,14 @@ class FacegenConfig(_Section):
     identities: IdentitySettings = IdentitySettings()
     generator: GeneratorSettings = GeneratorSettings()
     faces: FaceSettings = FaceSettings()
+    ingest: IngestSettings = IngestSettings()
     clean: CleanSettings = CleanSettings()
     shards: ShardSettings = ShardSettings()
     train: TrainSettings = TrainSettings()
     eval: EvalSettings = EvalSettings()
     tracking: TrackingSettings = TrackingSettings()
     demo: DemoSettings = DemoSettings()
+    storage: StorageSettings = StorageSettings()
 
     @field_validator("identities")
     @classmethod

@@ -72,6 +72,58 @@ def bucket_edges(difficulties: np.ndarray, num_buckets: int) -> np.ndarray:
     return edges
 
 
+#: Mergeable difficulty histograms: fixed bins over the whole range of ``1 - cos`` ([0, 2]).
+SKETCH_BINS = 4096
+SKETCH_RANGE = (0.0, 2.0)
+
+
+def difficulty_sketch(difficulties: np.ndarray) -> dict[str, Any]:
+    """A mergeable summary of finite difficulties: counts on :data:`SKETCH_BINS` fixed bins, min, max.
+
+    Sketches of blocks add up (:func:`merge_sketches`), so global quantiles never need every row
+    in one process; a quantile from the merged sketch is off by at most one bin width (2 / 4096).
+    """
+    d = np.asarray(difficulties, dtype=np.float64).ravel()
+    d = d[np.isfinite(d)]
+    counts, _ = np.histogram(np.clip(d, *SKETCH_RANGE), bins=SKETCH_BINS, range=SKETCH_RANGE)
+    return {"counts": counts.astype(np.int64), "min": float(d.min()) if d.size else np.inf,
+            "max": float(d.max()) if d.size else -np.inf}
+
+
+def merge_sketches(sketches: list[dict[str, Any]]) -> dict[str, Any]:
+    """The sketch of the union of the blocks the ``sketches`` summarise."""
+    counts = np.zeros(SKETCH_BINS, np.int64)
+    low, high = np.inf, -np.inf
+    for sketch in sketches:
+        counts += np.asarray(sketch["counts"], np.int64)
+        low, high = min(low, float(sketch["min"])), max(high, float(sketch["max"]))
+    return {"counts": counts, "min": low, "max": high}
+
+
+def bucket_edges_from_sketch(sketch: dict[str, Any], num_buckets: int) -> np.ndarray:
+    """:func:`bucket_edges` computed from a merged sketch instead of every value.
+
+    Inner edges are the quantiles of the binned distribution (linear within a bin), the ends are
+    the exact min and max; ties are nudged apart the same way.
+    """
+    if num_buckets < 1:
+        raise ValueError(f"bucket_edges: num_buckets must be >= 1, got {num_buckets}")
+    counts = np.asarray(sketch["counts"], np.float64)
+    total = counts.sum()
+    if total == 0:
+        raise ValueError("bucket_edges: no finite difficulties to place edges on")
+    low, high = float(sketch["min"]), float(sketch["max"])
+    bin_edges = np.linspace(*SKETCH_RANGE, SKETCH_BINS + 1)
+    cumulative = np.concatenate([[0.0], np.cumsum(counts)])
+    targets = np.linspace(0.0, 1.0, num_buckets + 1)[1:-1] * total
+    inner = np.interp(targets, cumulative, bin_edges) if len(targets) else np.zeros(0)
+    edges = np.concatenate([[low], np.clip(inner, low, high), [high]])
+    for k in range(1, len(edges)):
+        if edges[k] <= edges[k - 1]:
+            edges[k] = np.nextafter(edges[k - 1], np.inf)
+    return edges
+
+
 def assign_buckets(difficulties: np.ndarray, edges: np.ndarray) -> np.ndarray:
     """Bucket index (int64) per value: bucket ``b`` holds ``edges[b] <= d < edges[b + 1]``.
 

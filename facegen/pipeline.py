@@ -30,24 +30,45 @@ class PipelineSummary:
 
 
 def run_eval(
-    checkpoint: str, bins: list[str], batch_size: int = 64, nrof_folds: int = 10, device: str = "auto",
+    checkpoint: str | None, bins: list[str], batch_size: int = 64, nrof_folds: int = 10, device: str = "auto",
     kind: str = "facegen", arch: str | None = None,
 ) -> list[dict[str, Any]]:
     """10-fold verification accuracy of an embedder (any ``faces.embedder.kind``) on ``.bin`` sets."""
-    from facegen.config import EmbedderSettings
+    from facegen.config import config_from_dict
     from facegen.eval.verification import verify_bins
     from facegen.faces.embed import build_embedder
 
-    embedder = build_embedder(EmbedderSettings(kind=kind, path=checkpoint, arch=arch, device=device, batch_size=batch_size))
+    embedder_fields = {"kind": kind, "path": checkpoint, "arch": arch, "device": device, "batch_size": batch_size}
+    settings = config_from_dict({"faces": {"embedder": embedder_fields}}, "facegen eval").faces.embedder
+    embedder = build_embedder(settings)
     results = verify_bins(embedder, bins, batch_size=batch_size, nrof_folds=nrof_folds)
     return [asdict(r) for r in results]
+
+
+def _eval_task(checkpoint: str, bins: list[str], batch_size: int, nrof_folds: int) -> list[dict[str, Any]]:
+    import os
+
+    return [{**r, "worker_pid": os.getpid()} for r in run_eval(checkpoint, bins, batch_size, nrof_folds)]
+
+
+def run_eval_on_cluster(cfg: FacegenConfig, checkpoint: str, bins: list[str]) -> list[dict[str, Any]]:
+    """:func:`run_eval` as a Ray task with one training worker's resources (a GPU on a cluster),
+    so the final evaluation never runs in the driver on the CPU-only head node."""
+    import os
+
+    import ray
+
+    absolute = [b if "://" in b else os.path.abspath(b) for b in [checkpoint, *bins]]
+    task = ray.remote(num_cpus=cfg.train.cpus_per_worker, num_gpus=1 if cfg.train.use_gpu else 0,
+                      resources=cfg.train.resources or None)(_eval_task)
+    return ray.get(task.remote(absolute[0], absolute[1:], cfg.eval.batch_size, cfg.eval.nrof_folds))
 
 
 def run_pipeline(cfg: FacegenConfig, progress: bool = True) -> PipelineSummary:
     """Run every stage of ``cfg`` in order on the connected Ray cluster."""
     from facegen.demo import bootstrap_embedder, write_heldout_bin
-    from facegen.stages.clean import run_clean
     from facegen.generators.gan import GAN_BACKENDS
+    from facegen.stages.clean import run_clean
     from facegen.stages.generate import run_generate
     from facegen.stages.identities import run_identities
     from facegen.stages.shard import run_shard
@@ -97,7 +118,7 @@ def run_pipeline(cfg: FacegenConfig, progress: bool = True) -> PipelineSummary:
     }
     lap("train")
     if bins:
-        summary.verification = run_eval(result.backbone_dir, bins, cfg.eval.batch_size, cfg.eval.nrof_folds)
+        summary.verification = run_eval_on_cluster(cfg, result.backbone_dir, bins)
         lap("eval")
     summary.outputs = {
         "identity latents": cfg.stage_dir("identities") if summary.identities else "",
@@ -110,8 +131,12 @@ def run_pipeline(cfg: FacegenConfig, progress: bool = True) -> PipelineSummary:
         "verification sets": ", ".join(bins),
         "wandb": cfg.stage_dir("wandb"),
         "summary": f"{cfg.run.output_dir.rstrip('/')}/summary.json",
+        "report": f"{cfg.run.output_dir.rstrip('/')}/report.html",
     }
     storage.write_json_atomic(asdict(summary), summary.outputs["summary"])
+    from facegen.eval.html_report import write_report
+
+    write_report(cfg, summary.outputs["report"])  # last: it shows the verification results
     return summary
 
 
@@ -125,6 +150,7 @@ def summary_rows(summary: PipelineSummary) -> list[tuple[str, str]]:
         ("images generated (ok / error)", f"{g.get('images', 0)} ({g.get('images_ok', 0)} / {g.get('images_error', 0)})"),
         ("injected wrong-identity images", str(g.get("injected_wrong", 0))),
         ("identities dropped by cleaning", str(c.get("identities_dropped", 0))),
+        ("identities removed by dedup / leakage", f"{c.get('identities_removed_dedup', 0)} / {c.get('identities_removed_leakage', 0)}"),
         ("images removed by cleaning", str(c.get("images_removed", 0))),
         ("  of which injected wrong images caught", caught),
         ("images added by top-up augmentation", str(c.get("images_augmented", 0))),
@@ -134,6 +160,8 @@ def summary_rows(summary: PipelineSummary) -> list[tuple[str, str]]:
     ]
     for v in summary.verification:
         rows.append((f"verification accuracy: {v['name']}", f"{100 * v['accuracy_mean']:.2f}% +- {100 * v['accuracy_std']:.2f} ({v['pairs']} pairs, chance 50%)"))
+    for stage in (summary.generate, summary.clean, summary.shard):
+        rows.extend(("note", note) for note in stage.get("notes", []))  # blocks found bad and redone
     rows.extend((f"output: {k}", str(v)) for k, v in summary.outputs.items() if v)
     rows.append(("wall time per step (s)", ", ".join(f"{k} {v}" for k, v in summary.seconds.items())))
     return rows

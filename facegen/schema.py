@@ -21,6 +21,18 @@ with :func:`sample_schema` (``D`` = :data:`DEFAULT_EMBEDDING_DIM` when nothing w
 read back with :func:`embedding_dim`. All tables of one run share one width; block stats and the
 shard manifest record which embedder produced it.
 
+Both shapes end with the similarity columns of identity-conditioned expansion (float32; NaN in
+batches, null in Arrow, where they do not apply): band_low, band_high (the requested cosine
+band), requested_similarity (the cosine of the conditioning feature to the identity feature) and
+realised_similarity (the cosine of the generated image's embedding to it). Backends that do not
+expand may leave them out of their rows; ``rows_to_batch`` and ``table_from_batch`` fill them
+with NaN.
+
+``CLEAN`` (clean stage -> curriculum shards, :func:`clean_schema`): ``SAMPLE`` plus the cleaning decision of every sample,
+    kept or not: votes:list<struct<expert, vote ("keep" | "drop" | "abstain"), confidence:float32,
+    reason>> (one entry per expert that ran), decided_by:string (the fusion rule or later step that
+    settled the row). status is "ok" (kept), "dropped" (reason says why) or "error" (from upstream).
+
 ``IDENTITY`` (identities stage -> generation; ``<output_dir>/identities/block-XXXXXX.parquet``)
     identity_id:int64, latent:list<float32> (a GAN latent or an identity feature; its length is the
     sampler space's dimension), sampler:string ("gaussian" | "langevin-latent" | "langevin-feature").
@@ -43,6 +55,7 @@ ALIGNED_SIZE = 112
 
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
+STATUS_DROPPED = "dropped"  # clean blocks: a usable sample that cleaning decided not to keep (reason says why)
 
 _IDENTITY_FIELDS = [
     pa.field("identity_id", pa.int64(), nullable=False),
@@ -53,6 +66,17 @@ _IDENTITY_FIELDS = [
     pa.field("image", pa.binary()),
 ]
 
+#: Per-row record of CemiFace-style similarity control (ALGORITHMS.md 3), NaN when not used.
+SIMILARITY_FIELDS = [
+    pa.field("band_low", pa.float32()),
+    pa.field("band_high", pa.float32()),
+    pa.field("requested_similarity", pa.float32()),
+    pa.field("realised_similarity", pa.float32()),
+]
+SIMILARITY_COLUMNS = tuple(f.name for f in SIMILARITY_FIELDS)
+#: Columns a row or batch may leave out, and the value they get.
+OPTIONAL_DEFAULTS: dict[str, Any] = {name: np.float32(np.nan) for name in SIMILARITY_COLUMNS}
+
 GENERATED = pa.schema(
     _IDENTITY_FIELDS
     + [
@@ -62,6 +86,7 @@ GENERATED = pa.schema(
         pa.field("status", pa.string()),
         pa.field("reason", pa.string()),
     ]
+    + SIMILARITY_FIELDS
 )
 
 
@@ -82,6 +107,7 @@ def sample_schema(embedding_dim: int = DEFAULT_EMBEDDING_DIM) -> pa.Schema:
             pa.field("reason", pa.string()),
             pa.field("origin", pa.string()),
         ]
+        + SIMILARITY_FIELDS
     )
 
 
@@ -106,6 +132,22 @@ def batch_embedding_dim(batch: dict[str, Any]) -> int:
     if len(widths) > 1:
         raise ValueError(f"embedding column: rows of different widths {sorted(widths)}")
     return widths.pop() if widths else DEFAULT_EMBEDDING_DIM
+
+
+VOTE = pa.struct([
+    pa.field("expert", pa.string()),
+    pa.field("vote", pa.string()),
+    pa.field("confidence", pa.float32()),
+    pa.field("reason", pa.string()),
+])
+
+def clean_schema(embedding_dim: int = DEFAULT_EMBEDDING_DIM) -> pa.Schema:
+    """The CLEAN schema: :func:`sample_schema` plus ``votes`` and ``decided_by``."""
+    return pa.schema(list(sample_schema(embedding_dim)) + [pa.field("votes", pa.list_(VOTE)), pa.field("decided_by", pa.string())])
+
+
+#: Column names of every CLEAN table, in order.
+CLEAN_NAMES: tuple[str, ...] = tuple(clean_schema().names)
 
 
 IDENTITY = pa.schema(
@@ -156,17 +198,27 @@ def _column_array(field: pa.Field, values: Any) -> pa.Array:
         if not missing.any():
             return pa.FixedSizeListArray.from_arrays(values, size)
         return pa.FixedSizeListArray.from_arrays(values, size, mask=pa.array(missing))
+    if field.name in OPTIONAL_DEFAULTS:  # NaN in numpy <-> null in Arrow (null == null in Table.equals)
+        arr = np.asarray(values, dtype=np.float32).reshape(-1)
+        return pa.array(arr, field.type, mask=np.isnan(arr))
     if pa.types.is_binary(field.type):
         return pa.array([None if v is None else bytes(v) for v in values], field.type)
+    if pa.types.is_list(field.type):  # e.g. votes: a list of dicts per row
+        return pa.array(list(values), field.type)
     return pa.array(np.asarray(values).tolist() if isinstance(values, np.ndarray) else list(values), field.type)
 
 
 def table_from_batch(batch: dict[str, Any], schema: pa.Schema) -> pa.Table:
-    """Build an Arrow table of exactly ``schema`` from a numpy batch; missing columns are an error."""
-    missing = [f.name for f in schema if f.name not in batch]
+    """Build an Arrow table of exactly ``schema`` from a numpy batch; missing columns are an error
+    (except the optional ones of :data:`OPTIONAL_DEFAULTS`, which are filled)."""
+    missing = [f.name for f in schema if f.name not in batch and f.name not in OPTIONAL_DEFAULTS]
     if missing:
         raise ValueError(f"batch lacks columns {missing} of schema")
-    arrays = [_column_array(f, batch[f.name]) for f in schema]
+    rows = len(next(iter(batch.values()))) if batch else 0
+    arrays = [
+        _column_array(f, batch[f.name] if f.name in batch else np.full(rows, OPTIONAL_DEFAULTS[f.name]))
+        for f in schema
+    ]
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
@@ -210,14 +262,15 @@ def rows_to_batch(rows: list[dict[str, Any]], schema: pa.Schema) -> dict[str, np
     """A list of row dicts -> numpy batch with the columns of ``schema`` (in order)."""
     batch: dict[str, np.ndarray] = {}
     for f in schema:
-        values = [r[f.name] for r in rows]
+        default = OPTIONAL_DEFAULTS.get(f.name)
+        values = [r[f.name] if default is None else r.get(f.name, default) for r in rows]
         if pa.types.is_fixed_size_list(f.type):
             size = f.type.list_size
             if any(v is None for v in values):
                 batch[f.name] = np.array(values + [None], dtype=object)[:-1]
             else:
                 batch[f.name] = np.asarray(values, np.float32).reshape(len(rows), size)
-        elif pa.types.is_binary(f.type) or pa.types.is_string(f.type):
+        elif pa.types.is_binary(f.type) or pa.types.is_string(f.type) or pa.types.is_list(f.type):
             arr = np.empty(len(values), dtype=object)
             arr[:] = values
             batch[f.name] = arr

@@ -90,7 +90,7 @@ def split_block_into_buckets(table: pa.Table, block_id: int, edges: np.ndarray, 
 
 def write_manifest(
     records: list[dict[str, Any]], shards_dir: str, identity_ids: np.ndarray, edges: np.ndarray, config_digest: str,
-    sources: dict[str, str] | None = None, embedder: dict[str, Any] | None = None,
+    sources: dict[str, str] | None = None, embedder: dict[str, Any] | None = None, settings_digest: str = "",
 ) -> dict[str, Any]:
     """Write ``labels.parquet`` then ``manifest.json`` (last, so its presence marks completion).
 
@@ -98,14 +98,18 @@ def write_manifest(
     order (bucket ascending, then block id). ``identity_ids`` may repeat; labels are their sorted
     unique values. ``sources`` (source block id -> sha256) records what the set was built from, so
     a later run can tell whether it is stale; ``embedder`` (kind, file, sha256, dim) what embedded
-    the rows. Returns the manifest.
+    the rows; ``settings_digest`` the shard settings. ``digest`` identifies the set's content
+    (shards, labels, edges, settings): a training run records it and refuses to resume on a set
+    with another. Returns the manifest.
     """
+    from facegen.lineage import manifest_digest
+
     edges = np.asarray(edges, dtype=np.float64)
     if edges.ndim != 1 or len(edges) < 2 or not np.isfinite(edges).all() or np.any(np.diff(edges) <= 0):
         raise ValueError(f"write_manifest: bucket edges must be finite and strictly increasing, got {edges.tolist()}")
     labels = np.unique(np.asarray(identity_ids, dtype=np.int64))
     ordered = sorted(records, key=lambda r: (int(r["bucket"]), int(r.get("block", -1)), r["path"]))
-    storage.write_table_atomic(pa.table({"identity_id": pa.array(labels, pa.int64())}), _join(shards_dir, LABELS_FILE))
+    labels_written = storage.write_table_atomic(pa.table({"identity_id": pa.array(labels, pa.int64())}), _join(shards_dir, LABELS_FILE))
     manifest = {
         "format_version": FORMAT_VERSION,
         "facegen_version": _facegen_version(),
@@ -118,6 +122,8 @@ def write_manifest(
         "bucket_edges": [float(e) for e in edges],
         "sources": dict(sources or {}),
         "embedder": embedder,
+        "settings_digest": settings_digest,
+        "digest": manifest_digest(ordered, labels_written.sha256, [float(e) for e in edges], settings_digest),
         "shards": ordered,
     }
     storage.write_json_atomic(manifest, _join(shards_dir, MANIFEST_FILE))

@@ -75,6 +75,38 @@ def list_dir(path: str, suffix: str = "") -> list[str]:
     return [f"{prefix}/{n}" for n in names]
 
 
+def remove_tree(path: str) -> None:
+    """Delete a directory and everything below it, if it exists."""
+    fs, p = _resolve(path)
+    if fs.get_file_info(p).type == pafs.FileType.Directory:
+        fs.delete_dir(p)
+
+
+def list_sizes(path: str) -> dict[str, int]:
+    """``{file name: size in bytes}`` of the files directly in ``path`` (one listing; {} if absent)."""
+    fs, p = _resolve(path)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(p, recursive=False, allow_not_found=True))
+    except NotADirectoryError:
+        return {}
+    return {i.base_name: int(i.size or 0) for i in infos if i.type == pafs.FileType.File}
+
+
+def list_dirs(path: str) -> list[str]:
+    """Sorted names of the directories directly in ``path`` ([] if absent)."""
+    fs, p = _resolve(path)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(p, recursive=False, allow_not_found=True))
+    except NotADirectoryError:
+        return []
+    return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+
+
+def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem and the filesystem-relative path of ``path`` (for Ray Train, Ray Data)."""
+    return _resolve(path)
+
+
 def write_bytes_atomic(data: bytes, path: str) -> FileRecord:
     """Write ``data`` to a temporary sibling, then rename it onto ``path``."""
     fs, p = _resolve(path)
@@ -122,6 +154,18 @@ def read_table(path: str, columns: list[str] | None = None) -> pa.Table:
         raise ValueError(f"{path}: not a readable Parquet file ({exc})") from None
 
 
+def read_table_verified(path: str, sha256: str, columns: list[str] | None = None) -> pa.Table:
+    """Read a Parquet file whose content must have ``sha256``; a mismatch fails naming the file."""
+    data = read_bytes(path)
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != sha256:
+        raise ValueError(f"{path}: sha256 mismatch ({len(data)} bytes; the file is truncated or corrupt)")
+    try:
+        return pq.read_table(pa.BufferReader(data), columns=columns)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise ValueError(f"{path}: not a readable Parquet file ({exc})") from None
+
+
 def write_json_atomic(obj: Any, path: str) -> FileRecord:
     """Write pretty JSON atomically."""
     return write_bytes_atomic((json.dumps(obj, indent=2, sort_keys=False) + "\n").encode(), path)
@@ -153,17 +197,3 @@ def size_of(path: str) -> int:
     """Size of a file in bytes."""
     fs, p = _resolve(path)
     return fs.get_file_info(p).size
-
-
-def remove_temp_files(directory: str) -> int:
-    """Delete ``.tmp-*`` leftovers of writes a crash interrupted; returns how many went.
-
-    Only for a stage's own output directory at start-up, when no other writer uses it.
-    """
-    fs, p = _resolve(directory)
-    if fs.get_file_info(p).type != pafs.FileType.Directory:
-        return 0
-    stale = [i.path for i in fs.get_file_info(pafs.FileSelector(p, recursive=False)) if i.base_name.startswith(".tmp-")]
-    for path in stale:
-        fs.delete_file(path)
-    return len(stale)

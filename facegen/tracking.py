@@ -91,6 +91,7 @@ def start_run(cfg: FacegenConfig, job_type: str, run_dir: str | None = None, nam
         project=cfg.tracking.project,
         entity=cfg.tracking.entity,
         name=name,
+        group=cfg.run.name,  # every stage of a run and its training share one W&B group
         job_type=job_type,
         id=run_id(name, job_type),
         resume="allow",
@@ -100,6 +101,65 @@ def start_run(cfg: FacegenConfig, job_type: str, run_dir: str | None = None, nam
         settings=wandb.Settings(silent=True, console="off", x_disable_stats=True, save_code=False),
     )
     return Tracker(run)
+
+
+class StageTracker:
+    """Per-block statistics of a data stage (generate, clean, shard) as W&B rows, totals as summary.
+
+    Numeric fields of a block's stats record become columns; ``error_reasons`` / ``removed_by``
+    counters become ``errors/<kind>`` / ``removed/<reason>`` columns; a ``difficulty_histogram``
+    (``counts`` over ``bin_edges``) becomes a W&B histogram.
+    """
+
+    SKIP = frozenset({"bytes", "sha256", "config_digest", "source_sha256"})
+
+    def __init__(self, tracker: Tracker):
+        self.tracker = tracker
+
+    def log_block(self, record: dict) -> None:
+        """One W&B row for one finished block."""
+        if not self.tracker.enabled:
+            return
+        row: dict[str, Any] = {}
+        for key, value in record.items():
+            if key in self.SKIP:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                if key in ("error_reasons", "removed_by") and isinstance(value, dict):
+                    prefix = "errors" if key == "error_reasons" else "removed"
+                    row.update({f"{prefix}/{k}": int(v) for k, v in value.items()})
+                elif key == "difficulty_histogram" and isinstance(value, dict) and value.get("counts"):
+                    import wandb
+
+                    row["difficulty"] = wandb.Histogram(np_histogram=(value["counts"], value["bin_edges"]))
+                continue
+            row[key] = value
+        self.tracker.log(row)
+
+    def log_histograms(self, histograms: dict[str, dict], prefix: str) -> None:
+        """Run-level histograms (``{"edges", "counts"}`` each) as W&B histograms ``<prefix>/<name>``,
+        and their sample counts in the summary."""
+        if not self.tracker.enabled or not histograms:
+            return
+        import wandb
+
+        self.tracker.log({f"{prefix}/{name}": wandb.Histogram(np_histogram=(h["counts"], h["edges"]))
+                          for name, h in histograms.items()})
+        self.tracker.summary({f"{prefix}/{name}_count": int(sum(h["counts"])) for name, h in histograms.items()})
+
+    def finish_stage(self, report: Any) -> None:
+        """The stage's totals and block counts as the run summary; closes the run."""
+        if self.tracker.enabled:
+            values = dict(getattr(report, "totals", {}) or {})
+            for key in ("blocks_total", "blocks_skipped", "blocks_written", "blocks_redone", "seconds"):
+                values[key] = getattr(report, key, None)
+            self.tracker.summary(values)
+        self.tracker.finish()
+
+
+def start_stage_tracker(cfg: FacegenConfig, stage: str) -> StageTracker:
+    """The W&B run of a data stage (job type ``stage``) in the run's project and group."""
+    return StageTracker(start_run(cfg, stage))
 
 
 # --- reading offline runs -------------------------------------------------------------------
@@ -119,6 +179,8 @@ class OfflineRun:
     history: list[dict] = field(default_factory=list)
     summary: dict = field(default_factory=dict)
     run_id: str | None = None
+    group: str | None = None
+    job_type: str | None = None
 
 
 def _records(path: str) -> list[bytes]:
@@ -189,6 +251,8 @@ def _read_file(path: str, run: OfflineRun) -> None:
         kind = record.WhichOneof("record_type")
         if kind == "run":
             run.run_id = record.run.run_id or run.run_id
+            run.group = record.run.run_group or run.group
+            run.job_type = record.run.job_type or run.job_type
             _apply_items(run.config, record.run.config.update, record.run.config.remove)
         elif kind == "config":
             _apply_items(run.config, record.config.update, record.config.remove)

@@ -15,9 +15,10 @@ import pytest
 from facegen.clean.block import clean_block
 from facegen.faces.align import decode_image, encode_image
 from facegen.config import CleanSettings
-from facegen.schema import rows_to_batch, sample_schema, table_from_batch
+from facegen.schema import clean_schema, rows_to_batch, sample_schema, table_from_batch
 
 SAMPLE = sample_schema(512)
+CLEAN = clean_schema(512)
 
 SMALL = 16  # images are embedded from a 16x16 thumbnail
 
@@ -92,17 +93,30 @@ SETTINGS = CleanSettings(min_images=4, target_images=12)
 
 
 def rows_of(table, identity):
-    return [r for r in table.to_pylist() if r["identity_id"] == identity]
+    """The kept rows of one identity."""
+    return [r for r in table.to_pylist() if r["identity_id"] == identity and r["status"] == "ok"]
 
 
 def test_block_is_cleaned_dropped_trimmed_and_topped_up(block, embedder):
     out, stats = clean_block(block, SETTINGS, seed=3, embed_fn=embedder)
 
-    assert out.schema == SAMPLE
+    assert out.schema == CLEAN
     keys = list(zip(out.column("identity_id").to_pylist(), out.column("sample_idx").to_pylist()))
     assert keys == sorted(keys)
-    assert set(out.column("status").to_pylist()) == {"ok"}
-    assert sorted(set(out.column("identity_id").to_pylist())) == [0, 2]  # identity 1 dropped
+    rows = out.to_pylist()
+    assert len([r for r in rows if r["origin"] == "generated"]) == 37  # every input row keeps its decision
+    assert sorted({r["identity_id"] for r in rows if r["status"] == "ok"}) == [0, 2]  # identity 1 dropped
+    by_status = {s: [r for r in rows if r["status"] == s] for s in ("ok", "dropped", "error")}
+    assert len(by_status["error"]) == 1 and by_status["error"][0]["decided_by"] == "upstream"
+    assert all(r["reason"] for r in by_status["dropped"])
+    first_dropped = [r for r in rows if r["identity_id"] == 1]
+    assert all(r["status"] == "dropped" for r in first_dropped)
+    assert {r["decided_by"] for r in first_dropped} == {"min_images", "rule 4 (any) -> cluster"}
+    injected = [r for r in rows if r["true_identity_id"] == 3]
+    assert len(injected) == 2 and all(r["status"] == "dropped" and "cluster: outside" in r["reason"] for r in injected)
+    for r in rows:
+        if r["origin"] == "generated" and r["status"] != "error" and r["embedding"] is not None:
+            assert [v["expert"] for v in r["votes"]] == ["cluster"]
 
     first = rows_of(out, 0)
     generated = [r for r in first if r["origin"] == "generated"]
@@ -133,8 +147,8 @@ def test_block_is_cleaned_dropped_trimmed_and_topped_up(block, embedder):
     removed = (stats["images_error"] + stats["images_no_embedding"] + stats["images_removed"]
                + stats["images_dropped_with_identity"] + stats["images_trimmed"])
     assert stats["images_in"] - removed + stats["images_augmented"] == stats["images_out"]
-    assert stats["thresholds"]["identities"] == 3
-    assert 0.3 <= stats["thresholds"]["t"]["min"] <= stats["thresholds"]["t"]["max"] <= 0.9
+    assert stats["experts"]["cluster"]["identities"] == 3
+    assert 0.3 <= stats["experts"]["cluster"]["t_min"] <= stats["experts"]["cluster"]["t_max"] <= 0.9
     json.dumps(stats)
 
 
@@ -148,6 +162,7 @@ def test_difficulty_is_one_minus_cosine_to_the_kept_centre(block, embedder):
         for r in rows:
             e = np.asarray(r["embedding"], np.float64)
             assert r["difficulty"] == pytest.approx(1.0 - e @ centre / np.linalg.norm(e), abs=1e-5)
+    out = out.filter(pc.equal(out.column("status"), "ok"))
     difficulty = out.column("difficulty").to_numpy()
     assert np.isfinite(difficulty).all() and (difficulty > -1e-5).all()
     aug = out.filter(pc.equal(out.column("origin"), "augmented")).column("difficulty").to_numpy()
@@ -172,8 +187,9 @@ def test_same_seed_same_block_other_seed_other_augmentations(block, embedder):
     a, stats_a = clean_block(block, SETTINGS, seed=3, embed_fn=embedder)
     b, stats_b = clean_block(block.take(np.arange(block.num_rows)[::-1]), SETTINGS, seed=3, embed_fn=embedder)
     assert stats_a == stats_b
-    assert a.drop_columns(["quality"]).equals(b.drop_columns(["quality"]))  # Arrow's NaN != NaN
-    np.testing.assert_array_equal(a.column("quality").to_numpy(), b.column("quality").to_numpy())
+    assert a.drop_columns(["quality", "difficulty"]).equals(b.drop_columns(["quality", "difficulty"]))  # Arrow's NaN != NaN
+    for name in ("quality", "difficulty"):
+        np.testing.assert_array_equal(a.column(name).to_numpy(), b.column(name).to_numpy())
     c, _ = clean_block(block, SETTINGS, seed=4, embed_fn=embedder)
     aug = lambda t: [r["image"] for r in t.to_pylist() if r["origin"] == "augmented"]  # noqa: E731
     assert aug(a) != aug(c)
@@ -182,8 +198,8 @@ def test_same_seed_same_block_other_seed_other_augmentations(block, embedder):
 def test_identity_without_usable_rows_is_dropped_and_bad_input_is_named(block):
     only_errors = block.filter(pc.equal(block.column("status"), "error"))
     out, stats = clean_block(only_errors, SETTINGS, seed=0)
-    assert out.num_rows == 0 and out.schema == SAMPLE
-    assert stats["identities_dropped"] == 1 and stats["thresholds"]["t"] is None
+    assert out.num_rows == 1 and out.schema == CLEAN and out.column("status").to_pylist() == ["error"]
+    assert stats["identities_dropped"] == 1 and stats["experts"]["cluster"]["t_mean"] is None
     with pytest.raises(ValueError, match="embedding"):
         clean_block(block.drop_columns(["embedding"]), SETTINGS, seed=0)
     with pytest.raises(ValueError, match="seed"):

@@ -147,3 +147,51 @@ def test_decision_is_deterministic():
 def test_rejects_non_matrix_input():
     with pytest.raises(ValueError, match="2-D"):
         adaptive_dbscan_keep(np.zeros(DIM), DbscanSettings())
+
+
+def random_identity(rng, n_min=4, n_max=70):
+    """One identity of varied shape: a majority person, sometimes a second person, random outliers."""
+    n = int(rng.integers(n_min, n_max))
+    sigma = rng.uniform(0.2, 1.4)
+    majority = around(rng, random_dirs(rng, 1)[0], n, sigma)
+    parts = [majority]
+    if rng.random() < 0.4:
+        parts.append(around(rng, random_dirs(rng, 1)[0], int(rng.integers(1, max(2, n // 2))), rng.uniform(0.2, 1.0)))
+    parts.append(random_dirs(rng, int(rng.integers(0, max(1, n // 3)))))
+    emb = np.vstack(parts)
+    if rng.random() < 0.1:
+        emb[int(rng.integers(len(emb)))] = np.nan
+    return emb[rng.permutation(len(emb))].astype(np.float32)
+
+
+def test_fast_path_makes_the_same_decisions_as_sklearn_dbscan_on_many_identities():
+    from facegen.clean.cluster import adaptive_dbscan_keep_many
+    from facegen.clean.cluster_reference import sklearn_adaptive_dbscan_keep
+
+    rng = np.random.default_rng(10)
+    identities = [random_identity(rng, 4, 50) for _ in range(200)]
+    settings = DbscanSettings()
+    fast = adaptive_dbscan_keep_many(identities, settings)
+    rounds = 0
+    for emb, got in zip(identities, fast):
+        want = sklearn_adaptive_dbscan_keep(emb, settings)
+        np.testing.assert_array_equal(got.keep, want.keep)
+        assert (got.threshold, got.rounds, got.landed_in_band) == (want.threshold, want.rounds, want.landed_in_band)
+        assert got.kept_fraction == pytest.approx(want.kept_fraction)
+        rounds += want.rounds
+    assert rounds > 2 * len(identities)  # the threshold really moved: many multi-round searches compared
+    landed = sum(d.landed_in_band for d in fast)
+    assert 0 < landed < len(identities)
+
+
+def test_fast_path_matches_sklearn_with_other_settings():
+    from facegen.clean.cluster import adaptive_dbscan_keep_many
+    from facegen.clean.cluster_reference import sklearn_adaptive_dbscan_keep
+
+    rng = np.random.default_rng(11)
+    identities = [random_identity(rng, 3, 30) for _ in range(80)]
+    settings = DbscanSettings(min_samples=4, start_t=0.5, step=0.05, keep_fraction_low=0.6, keep_fraction_high=0.9)
+    for emb, got in zip(identities, adaptive_dbscan_keep_many(identities, settings)):
+        want = sklearn_adaptive_dbscan_keep(emb, settings)
+        np.testing.assert_array_equal(got.keep, want.keep)
+        assert (got.threshold, got.rounds) == (want.threshold, want.rounds)

@@ -21,6 +21,28 @@ def test_cluster_config_resources_match_node_types():
     from facegen.config import load_config
 
     types = yaml.safe_load(open("cluster.yaml"))["available_node_types"]
-    cfg = load_config("configs/sd_cluster.yaml")
-    assert set(cfg.generator.resources) <= set(types["gpu_generation"]["resources"])
-    assert set(cfg.train.resources) <= set(types["gpu_training"]["resources"])
+    for name in ("configs/sd_cluster.yaml", "configs/hybrid.yaml"):
+        cfg = load_config(name)
+        assert set(cfg.generator.resources) <= set(types["gpu_generation"]["resources"]), name
+        assert set(cfg.train.resources) <= set(types["gpu_training"]["resources"]), name
+    from facegen.stages.generate import pool_resources
+
+    hybrid = load_config("configs/hybrid.yaml")
+    assert hybrid.generator.backend == "hybrid" and hybrid.generator.hybrid.expander == "arc2face"
+    # one generation actor (hybrid backend + faces stage) per generation GPU
+    assert pool_resources(hybrid)["num_gpus"] <= types["gpu_generation"]["resources"]["GPU"]
+
+
+def test_cluster_yaml_keeps_the_dashboard_local_uploads_no_venv_and_names_one_image():
+    import fnmatch
+
+    text = open("cluster.yaml").read()
+    config = yaml.safe_load(text)
+    [head_start] = [c for c in config["head_start_ray_commands"] if c.startswith("ray start")]
+    assert "--dashboard-host=127.0.0.1" in head_start and "0.0.0.0" not in head_start
+    excluded = config["rsync_exclude"]
+    for path in (".venv", ".venv/lib/python3.11/site.py", "outputs/", "outputs/local/raw/block-000000.parquet"):
+        assert any(fnmatch.fnmatch(path, pattern) for pattern in excluded), path
+    images = {t["node_config"]["ImageId"] for t in config["available_node_types"].values()}
+    assert images == {"ami-SET-THIS"}  # one setting, referenced by every node type
+    assert text.count("ami-SET-THIS") == 1

@@ -6,11 +6,13 @@ from facegen.config import ConfigError, FacegenConfig, config_from_dict, load_co
 
 
 def test_repo_configs_load():
-    for name in ("configs/local.yaml", "configs/sd_cluster.yaml"):
+    for name in ("configs/local.yaml", "configs/sd_cluster.yaml", "configs/ingest.yaml"):
         cfg = load_config(name)
         assert isinstance(cfg, FacegenConfig)
     assert load_config("configs/local.yaml").generator.backend == "parametric"
     assert load_config("configs/sd_cluster.yaml").train.arch == "iresnet50"
+    assert load_config("configs/local.yaml").faces.detector.kind == "none"  # the renderer's landmarks
+    assert load_config("configs/ingest.yaml").faces.embedder.kind == "dlib"
 
 
 def test_overrides_parse_yaml_values(tmp_path):

@@ -44,8 +44,15 @@ def detectors() -> dict:
     return {kind: build_detector(DetectorSettings(kind=kind, device="cpu")) for kind in ("mtcnn", "dlib")}
 
 
+_FOUND: dict = {}
+
+
 def _faces(detector, image, min_score):
-    return [d for d in detector.detect(image) if d.score >= min_score]
+    """Detections scoring at least ``min_score`` (each photo is detected once per module)."""
+    key = (detector.kind, image.ctypes.data, image.shape)
+    if key not in _FOUND:
+        _FOUND[key] = detector.detect(image)
+    return [d for d in _FOUND[key] if d.score >= min_score]
 
 
 def test_mtcnn_and_dlib_find_every_face_with_matching_landmarks(photos, detectors):
@@ -66,6 +73,7 @@ def test_mtcnn_and_dlib_find_every_face_with_matching_landmarks(photos, detector
                 iod = np.linalg.norm(hanks_truth[1] - hanks_truth[0])
                 assert (np.linalg.norm(det.landmarks - hanks_truth, axis=1) / iod).max() < 0.3
     errors = np.array(errors)  # [8 faces, 5 points]
+    print(f"mtcnn vs dlib landmarks (IOD units): eyes max {errors[:, :2].max():.3f}, median {np.median(errors):.3f}, max {errors.max():.3f}")
     assert errors[:, :2].max() < 0.2  # eye centres: both detectors measure them
     assert np.median(errors) < 0.2  # nose tip and mouth corners of dlib are the mean face's, so on
     assert errors.max() < 0.6  # strongly turned faces they stray further (t1's smallest face: 0.5)

@@ -91,3 +91,26 @@ def test_embedder_settings_fail_with_one_line_naming_the_field(tmp_path):
         build_embedder(EmbedderSettings(kind="onnx", path=str(bad)))
     with pytest.raises(ValueError, match="a .pth file is kind arcface_torch"):
         build_embedder(EmbedderSettings(kind="facegen", path=str(tmp_path / "x.pth")))
+
+
+def test_clean_refuses_raw_blocks_of_another_embedder(seeded_r18, tmp_path):
+    import pyarrow as pa
+
+    from facegen import blocks as blk
+    from facegen.stages.clean import check_same_embedder
+
+    folder = save_backbone(str(tmp_path / "r18"), seeded_r18, "iresnet18", 8, 512)
+    raw = str(tmp_path / "raw")
+    dlib_record = describe_embedder(EmbedderSettings(kind="dlib"))
+    blk.commit_block(raw, 0, pa.table({"x": [1]}), {"embedder": dlib_record})
+    cfg = config_from_dict({"faces": {"embedder": {"kind": "facegen", "path": folder}}})
+    with pytest.raises(ValueError, match=r"faces.embedder: .*raw block 0 was embedded by dlib dlib_face_recognition_resnet_model_v1.dat \(.*\), the config names facegen backbone.safetensors"):
+        check_same_embedder(cfg, raw)
+    check_same_embedder(config_from_dict({"faces": {"embedder": {"kind": "dlib"}}}), raw)  # the same one passes
+
+
+def test_detector_settings_fail_with_one_line_naming_the_field():
+    with pytest.raises(ConfigError, match="faces.detector: .*path: the insightface detector needs a model folder"):
+        config_from_dict({"faces": {"detector": {"kind": "insightface"}}}, "run.yaml")
+    with pytest.raises(ConfigError, match="faces.detector.kind: Input should be 'mtcnn', 'dlib', 'insightface' or 'none'"):
+        config_from_dict({"faces": {"detector": {"kind": "yolo"}}}, "run.yaml")

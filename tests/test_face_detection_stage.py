@@ -71,7 +71,7 @@ def test_stage_detects_keeps_one_face_and_explains_rejections(t1):
 
 def test_dlib_embedder_is_robust_to_crops_rescaling_and_jpeg(t1):
     """The same face under small crops, rescaling and JPEG re-encoding embeds closer than t1's different people."""
-    detector = build_detector(DetectorSettings(kind="mtcnn", device="cpu"))
+    detector = build_detector(DetectorSettings(kind="mtcnn", device="cpu", mtcnn_min_face=48))  # t1's faces are ~100 px
     embedder = build_embedder(EmbedderSettings(kind="dlib"))
 
     def embed_faces(image):
@@ -103,3 +103,15 @@ def test_dlib_embedder_is_robust_to_crops_rescaling_and_jpeg(t1):
     different = 1.0 - cos[np.triu_indices(6, 1)]
     print(f"dlib 1-cos: same face under changes max {max(same):.3f}, different people min {min(different):.3f}")
     assert max(same) < min(different), (max(same), min(different))
+
+
+def test_large_batches_are_detected_in_parts_with_the_same_result(monkeypatch):
+    import facegen.faces.stage as stage_module
+
+    rows = rows_to_batch([_row(0, _hanks_in_frame()), _row(1, np.full((256, 256, 3), 128, np.uint8)), _row(2, _hanks_in_frame())], GENERATED)
+    stage = FaceStage(FaceSettings(detector=DetectorSettings(kind="mtcnn", device="cpu", mtcnn_min_face=40)))
+    together = stage(rows)
+    monkeypatch.setattr(stage_module, "DETECT_PIXELS", 1)  # every image is its own detection call
+    apart = stage(rows)
+    assert list(apart["status"]) == list(together["status"]) == ["ok", "error", "ok"]
+    assert list(apart["image"]) == list(together["image"]) and list(apart["meta"]) == list(together["meta"])

@@ -20,3 +20,16 @@ def test_gan_local_config_runs_the_dcgan_with_langevin_and_dispersion():
     assert cfg.generator.backend == "dcgan" and cfg.generator.variation == "dispersion"
     assert cfg.identities.sampler.langevin.space == "latent" and cfg.generator.device == "cpu"
     assert cfg.demo.bootstrap_identities > 0 and cfg.demo.heldout_identities > 0
+
+
+def test_force_embedder_uses_the_faces_embedder_names():
+    import pytest
+
+    from facegen.config import ConfigError, config_from_dict
+
+    cfg = config_from_dict({"generator": {"embedder": {"kind": "arcface_torch", "path": "/m/r100.pth", "arch": "iresnet100"}}}, "x.yaml")
+    assert (cfg.generator.embedder.kind, cfg.generator.embedder.path, cfg.generator.embedder.arch) == ("arcface_torch", "/m/r100.pth", "iresnet100")
+    with pytest.raises(ConfigError, match=r"x.yaml: generator.embedder.*checkpoint was renamed: use generator.embedder.path"):
+        config_from_dict({"generator": {"embedder": {"checkpoint": "/m/student"}}}, "x.yaml")
+    with pytest.raises(ConfigError, match=r"generator.embedder.*arch: an arcface_torch .pth needs its network"):
+        config_from_dict({"generator": {"embedder": {"kind": "arcface_torch", "path": "/m/r100.pth"}}}, "x.yaml")

@@ -1,19 +1,25 @@
-"""The generation stage on a real local Ray: block files, resume, kill-and-resume, error rows."""
+"""The generation stage on a real local Ray: worker-side block files, resume after kills, integrity."""
 
 import os
+import random
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from facegen import blocks as blk
 from facegen import storage
 from facegen.config import config_from_dict
 
-pytestmark = pytest.mark.slow
+KILL_SETTINGS = ["identities.num_identities=60", "identities.block_size=2", "generator.images_per_identity=8",
+                 "generator.parametric.image_size=96", "generator.concurrency=2", "run.seed=11",
+                 "ray.num_cpus=2", "tracking.mode=disabled"]
 
 
 def _config(tmp_path, **identities):
@@ -36,6 +42,11 @@ def _read_ids(raw_dir):
     return [(int(i), int(s)) for t in tables for i, s in zip(t.column("identity_id").to_pylist(), t.column("sample_idx").to_pylist())]
 
 
+def _checksums(raw_dir):
+    return {b: storage.sha256_of(blk.block_path(raw_dir, b)) for b in blk.done_block_ids(raw_dir)}
+
+
+@pytest.mark.slow
 def test_generate_writes_one_file_per_block_and_skips_done(ray_local, tmp_path):
     from facegen.stages.generate import run_generate
 
@@ -49,74 +60,143 @@ def test_generate_writes_one_file_per_block_and_skips_done(ray_local, tmp_path):
     assert set(table.column("block_id").to_pylist()) == {1}
     assert set(table.column("status").to_pylist()) == {"ok"}
     assert report.totals["images"] == 30 and report.totals["identities"] == 10
-    checksums = {b: storage.sha256_of(blk.block_path(raw, b)) for b in (0, 1, 2)}
+    record = storage.read_json(blk.stats_path(raw, 1))
+    assert record["sha256"] == storage.sha256_of(blk.block_path(raw, 1)) and record["config_digest"]
+    checksums = _checksums(raw)
 
     again = run_generate(cfg, progress=False)
-    assert (again.blocks_written, again.blocks_skipped) == (0, 3)
-    assert {b: storage.sha256_of(blk.block_path(raw, b)) for b in (0, 1, 2)} == checksums
+    assert (again.blocks_written, again.blocks_skipped, again.blocks_redone) == (0, 3, 0)
+    assert _checksums(raw) == checksums
 
     # a crash between data file and stats record: the block is redone, the rest stay
     storage.remove(blk.stats_path(raw, 1))
     redo = run_generate(cfg, progress=False)
     assert (redo.blocks_written, redo.blocks_skipped) == (1, 2)
-    assert storage.sha256_of(blk.block_path(raw, 1)) == checksums[1]  # deterministic
+    assert _checksums(raw) == checksums  # deterministic
+
+    # a setting that shapes the images makes every block stale; a pool size does not
+    bigger_pool = cfg.model_copy(deep=True)
+    bigger_pool.generator.concurrency = 3
+    assert run_generate(bigger_pool, progress=False).blocks_written == 0
+    changed = cfg.model_copy(deep=True)
+    changed.generator.parametric.wrong_identity_rate = 0.0
+    stale = run_generate(changed, progress=False)
+    assert (stale.blocks_written, stale.blocks_redone) == (3, 3)
+    assert "settings changed" in stale.notes[0]
+    assert stale.totals["injected_wrong"] == 0
 
 
-def test_failing_samples_become_error_rows_and_the_job_goes_on(ray_local, tmp_path):
+def test_failing_samples_become_error_rows_and_the_block_goes_on(tmp_path):
     from facegen.blocks import Block
-    from facegen.schema import sample_schema, table_from_batch
-
-    SAMPLE = sample_schema(512)
-    from facegen.stages.generate import build_sample_dataset
+    from facegen.faces.stage import FaceStage
+    from facegen.generators.parametric import ParametricGenerator
+    from facegen.stages.generate import block_stats, generate_block_table
 
     cfg = _config(tmp_path)
     # identity ids -2, -1 are invalid for every generator: their samples must fail alone
-    pending = [Block(-1, -2, 0), Block(0, 0, 2)]
-    rows = [table_from_batch(b, SAMPLE) for b in build_sample_dataset(cfg, pending).iter_batches(batch_size=None, batch_format="numpy")]
-    import pyarrow as pa
-
-    table = pa.concat_tables(rows)
+    table = generate_block_table(ParametricGenerator(cfg.generator, 7), FaceStage(cfg.faces), Block(-1, -2, 2), 3, 4)
     status = np.array(table.column("status").to_pylist())
     ids = table.column("identity_id").to_numpy()
     assert table.num_rows == 4 * 3
-    assert (status[ids < 0] == "error").all()
-    assert (status[ids >= 0] == "ok").all()
+    assert (status[ids < 0] == "error").all() and (status[ids >= 0] == "ok").all()
     reasons = [r for r, i in zip(table.column("reason").to_pylist(), ids) if i < 0]
     assert all(r and "identity" in r for r in reasons)
+    stats = block_stats(table, Block(-1, -2, 2))
+    assert stats["images_error"] == 6 and sum(stats["error_reasons"].values()) == 6
+    assert len(stats["error_reasons"]) == 2  # the sample prefix is stripped: one reason per bad identity
 
 
-def test_killed_generate_resumes_without_duplicates_or_gaps(ray_local, tmp_path):
+@pytest.fixture(scope="module")
+def uninterrupted(ray_local, tmp_path_factory):
+    """The reference: the kill-test dataset generated in one go."""
     from facegen.stages.generate import run_generate
 
-    num_identities, block_size = 120, 2
-    overrides = [f"run.output_dir={tmp_path / 'run'}", f"identities.num_identities={num_identities}",
-                 f"identities.block_size={block_size}", "generator.images_per_identity=8",
-                 "generator.parametric.image_size=96", "ray.num_cpus=2", "tracking.mode=disabled"]
+    out = tmp_path_factory.mktemp("reference") / "run"
+    cfg = config_from_dict({}, "test", KILL_SETTINGS + [f"run.output_dir={out}"])
+    run_generate(cfg, progress=False)
+    return cfg
+
+
+@pytest.mark.slow
+def test_generate_killed_at_random_points_resumes_to_the_same_dataset(uninterrupted, tmp_path):
+    from facegen.stages.generate import run_generate
+
     raw = str(tmp_path / "run" / "raw")
-    cmd = [sys.executable, "-m", "facegen", "generate", "--no-progress"] + [a for o in overrides for a in ("--set", o)]
+    settings = KILL_SETTINGS + [f"run.output_dir={tmp_path / 'run'}"]
+    cmd = [sys.executable, "-m", "facegen", "generate", "--no-progress"] + [a for s in settings for a in ("--set", s)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    total_blocks = num_identities // block_size
-    deadline = time.time() + 240
-    try:
-        while time.time() < deadline and len(blk.done_block_ids(raw)) < 3:
-            assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
-            time.sleep(0.2)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    done_before = blk.done_block_ids(raw)
-    assert 3 <= len(done_before) < total_blocks, "the job must be killed midway"
-    before = {b: storage.sha256_of(blk.block_path(raw, b)) for b in done_before}
+    rng = random.Random(20261127)
+    total_blocks = 30
+    done_counts = []
+    for _ in range(3):
+        before = len(blk.done_block_ids(raw))
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            deadline = time.time() + 120
+            while time.time() < deadline and len(blk.done_block_ids(raw)) <= before:  # some progress first
+                assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
+                time.sleep(0.05)
+            time.sleep(rng.uniform(0.0, 1.0))  # then a random point: mid-block, mid-write or between
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        done_counts.append(len(blk.done_block_ids(raw)))
+    assert done_counts[-1] < total_blocks, f"the job must be killed midway each time {done_counts}"
+    assert done_counts == sorted(done_counts) and done_counts[0] > 0
 
-    cfg = config_from_dict({}, "test", overrides)
+    cfg = config_from_dict({}, "test", settings)
     report = run_generate(cfg, progress=False)
-    assert report.blocks_skipped == len(done_before)
-    assert report.blocks_written == total_blocks - len(done_before)
+    assert report.blocks_skipped + report.blocks_written == total_blocks
     assert blk.done_block_ids(raw) == list(range(total_blocks))
     got = _read_ids(raw)
     assert len(got) == len(set(got)), "duplicates after resume"
-    assert sorted(got) == [(i, s) for i in range(num_identities) for s in range(8)], "gaps after resume"
-    assert {b: storage.sha256_of(blk.block_path(raw, b)) for b in done_before} == before
+    assert sorted(got) == [(i, s) for i in range(60) for s in range(8)], "gaps after resume"
+    assert _checksums(raw) == _checksums(uninterrupted.stage_dir("raw"))
     assert not [p for p in os.listdir(raw) if p.startswith(".tmp-")], "stale temp files survived the resume"
+    assert not os.listdir(os.path.join(raw, ".claims")), "a finished run leaves its claim behind"
+
+
+@pytest.mark.slow
+def test_truncated_and_corrupt_blocks_are_detected_and_redone(uninterrupted, tmp_path):
+    from facegen.stages.generate import run_generate
+
+    reference = uninterrupted.stage_dir("raw")
+    raw = str(tmp_path / "run" / "raw")
+    shutil.copytree(reference, raw, ignore=shutil.ignore_patterns(".claims"))
+    truncated, corrupt = blk.block_path(raw, 4), blk.block_path(raw, 17)
+    with open(truncated, "r+b") as f:
+        f.truncate(os.path.getsize(truncated) // 2)
+    with open(corrupt, "r+b") as f:  # same size, different bytes: only the sha256 tells
+        f.seek(os.path.getsize(corrupt) // 2)
+        data = f.read(64)
+        f.seek(os.path.getsize(corrupt) // 2)
+        f.write(bytes(b ^ 0xFF for b in data))
+
+    cfg = config_from_dict({}, "test", KILL_SETTINGS + [f"run.output_dir={tmp_path / 'run'}"])
+    report = run_generate(cfg, progress=False)
+    assert (report.blocks_redone, report.blocks_written, report.blocks_skipped) == (2, 2, 28)
+    notes = "\n".join(report.notes)
+    assert "block 4 redone" in notes and "truncated" in notes
+    assert "block 17 redone" in notes and "sha256 mismatch" in notes
+    assert _checksums(raw) == _checksums(reference)
+
+
+def test_temp_files_are_kept_while_another_run_holds_the_stage(tmp_path):
+    from facegen.claims import StageClaim
+
+    stage = str(tmp_path / "raw")
+    storage.write_table_atomic(pa.table({"a": [1]}), blk.block_path(stage, 0))
+    (tmp_path / "raw" / ".tmp-abc-block-000001.parquet").write_bytes(b"half")
+    with StageClaim(stage) as other:
+        with StageClaim(stage) as mine:
+            assert [c["token"] for c in mine.other_live_claims()] == [other.token]
+            assert mine.remove_stale_temp_files() == 0
+        assert (tmp_path / "raw" / ".tmp-abc-block-000001.parquet").exists()
+    # a claim left by a killed process of this host is dead at once
+    storage.write_json_atomic({"token": "dead", "host": socket.gethostname(), "pid": 2**22 + 12345,
+                               "heartbeat": time.time()}, f"{stage}/.claims/dead.json")
+    with StageClaim(stage) as mine:
+        assert mine.other_live_claims() == []
+        assert mine.remove_stale_temp_files() == 1
+    assert sorted(os.listdir(stage)) == [".claims", "block-000000.parquet"]

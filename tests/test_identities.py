@@ -165,5 +165,42 @@ def test_cli_identities_prints_the_sampler_figures_and_names_a_bad_real_file(tmp
     assert "pairs_within_d0 gaussian" in result.output and "pairs_within_d0 langevin" in result.output
     bad = CliRunner().invoke(app, ["identities", *base, "--set", "run.overwrite=true",
                                    "--set", f"identities.sampler.langevin.real_embeddings={tmp_path}/none.npy"], terminal_width=200)
-    assert bad.exit_code == 2 and "none.npy: real embeddings not found" in bad.output
+    # the path check runs before Ray and the sampler: one line naming the setting
+    assert bad.exit_code == 2 and f"identities.sampler.langevin.real_embeddings: {tmp_path}/none.npy: no such file" in bad.output
     assert "Traceback" not in bad.output
+
+
+def test_new_sampler_settings_sample_again(tmp_path):
+    extra = ["identities.sampler.langevin.feature_dim=16", "identities.block_size=20", "identities.sampler.langevin.d0=1.2"]
+    run_identities(_feature_config(tmp_path, 40, iterations=2, extra=extra), progress=False)
+    before = read_latents(_feature_config(tmp_path, 40, iterations=2, extra=extra))[1]
+    changed = _feature_config(tmp_path, 40, iterations=2, extra=extra + ["identities.sampler.langevin.d0=1.0"])
+    assert run_identities(changed, progress=False).blocks_written == 2  # not "done": sampled under other settings
+    assert not np.allclose(read_latents(changed)[1], before)
+
+
+def test_generation_reads_the_sampled_latents_and_their_digest(tmp_path):
+    from facegen import blocks as blk
+    from facegen.generators.gan_backend import GanGenerator
+    from facegen.stages.identities import identity_block_inputs, with_latents
+
+    base = [f"run.output_dir={tmp_path}/out", "tracking.mode=disabled", "identities.num_identities=4",
+            "identities.block_size=2", "generator.backend=dcgan", "generator.device=cpu", "generator.images_per_identity=2"]
+    langevin = load_config(None, base + ["identities.sampler.kind=langevin"])
+    with pytest.raises(FileNotFoundError, match="identities.sampler.kind is langevin but the sampler has not run"):
+        identity_block_inputs(langevin, blk.plan_blocks(langevin.identities))
+    cfg = load_config(None, base)
+    planned = blk.plan_blocks(cfg.identities)
+    assert identity_block_inputs(cfg, planned) is None  # no sampler run: the backend draws the same gaussian latents
+    run_identities(cfg, progress=False)
+    row_inputs, digest = identity_block_inputs(cfg, planned)
+    assert row_inputs(planned[1]) == {"identity_block": blk.block_path(cfg.stage_dir("identities"), 1)}
+    generate = with_latents(GanGenerator(cfg.generator, cfg.run.seed), row_inputs(planned[1])["identity_block"])
+    out = generate({"identity_id": np.array([2, 3]), "block_id": np.array([1, 1])})
+    assert list(out["status"]) == ["ok"] * 4 and all(json.loads(m)["latent"] == "sampled" for m in out["meta"])
+    with pytest.raises(ValueError, match="no latent for identities \\[0\\]"):
+        generate({"identity_id": np.array([0]), "block_id": np.array([0])})
+    # identities sampled again with other latents give the raw blocks another digest: generation redoes them
+    reseeded = load_config(None, base + ["run.seed=1"])
+    assert run_identities(reseeded, progress=False).blocks_written == 2
+    assert identity_block_inputs(reseeded, planned)[1] != digest

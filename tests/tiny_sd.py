@@ -1,10 +1,17 @@
-"""A tiny, randomly initialised Stable Diffusion pipeline saved to disk (for offline tests).
+"""Tiny, randomly initialised Stable Diffusion models saved to disk (for offline tests).
 
 Every part is the real diffusers/transformers class on a tiny config, as in diffusers' own tests:
-UNet and VAE with (32, 64) channels, a 2-layer CLIP text encoder with 32 hidden units, a byte-level
-BPE tokenizer written as ``vocab.json`` + ``merges.txt`` and loaded with ``from_pretrained`` (the
-way transformers 5 reads them), and a DDIM scheduler. The saved folder loads with
-``StableDiffusionPipeline.from_pretrained(directory)`` like any hub model.
+UNet and VAE with (32, 64) channels, CLIP text encoders with 32 hidden units, a byte-level BPE
+tokenizer written as ``vocab.json`` + ``merges.txt`` and loaded with ``from_pretrained`` (the way
+transformers 5 reads them). Three layouts:
+
+* :func:`build_tiny_sd`: an SD 1.x folder (``StableDiffusionPipeline``, DDIM scheduler);
+* :func:`build_tiny_sdxl`: an SDXL folder (``StableDiffusionXLPipeline``: two text encoders, the
+  second with a projection, a UNet with SDXL's text-time conditioning, Euler scheduler);
+* :func:`build_tiny_arc2face`: Arc2Face's release layout, ``arc2face/`` (UNet2DConditionModel) and
+  ``encoder/`` (CLIPTextModel, 512 wide so a 512-d feature fits), next to a base SD folder.
+
+Each folder loads with the real ``from_pretrained`` like a hub model.
 """
 
 from __future__ import annotations
@@ -15,7 +22,8 @@ import tempfile
 from facegen import storage
 
 # A few merges so the tokenizer is real BPE, not only bytes.
-_MERGES = [("t", "h"), ("th", "e</w>"), ("a", "n"), ("i", "n"), ("e", "r"), ("o", "n"), ("r", "e"), ("a", "r")]
+_MERGES = [("t", "h"), ("th", "e</w>"), ("a", "n"), ("i", "n"), ("e", "r"), ("o", "n"), ("r", "e"), ("a", "r"),
+           ("i", "d</w>")]  # "id" is one token, as in SD 1.5's vocabulary (Arc2Face's ID prompt)
 _SPECIAL = ["<|startoftext|>", "<|endoftext|>"]
 
 
@@ -31,19 +39,35 @@ def _write_tokenizer_files(directory: str) -> int:
     return len(vocab)
 
 
-def build_tiny_sd(directory: str, seed: int = 0) -> str:
-    """Build and ``save_pretrained`` a tiny SD pipeline into ``directory``; returns the directory."""
-    import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+def _tokenizer():
+    from transformers import CLIPTokenizer
 
-    directory = os.fspath(directory)
     with tempfile.TemporaryDirectory() as token_dir:
         vocab_size = _write_tokenizer_files(token_dir)
-        tokenizer = CLIPTokenizer.from_pretrained(token_dir, model_max_length=77)
+        return CLIPTokenizer.from_pretrained(token_dir, model_max_length=77), vocab_size
 
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
+
+def _text_config(tokenizer, vocab_size: int, hidden: int = 32, layers: int = 2, **extra):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=37,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **extra,
+    )
+
+
+def _unet(cross_attention_dim: int = 32, **extra):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
         block_out_channels=(32, 64),
         layers_per_block=1,
         sample_size=16,
@@ -51,9 +75,15 @@ def build_tiny_sd(directory: str, seed: int = 0) -> str:
         out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
+        cross_attention_dim=cross_attention_dim,
+        **extra,
     )
-    vae = AutoencoderKL(
+
+
+def _vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
         block_out_channels=(32, 64),
         in_channels=3,
         out_channels=3,
@@ -61,19 +91,20 @@ def build_tiny_sd(directory: str, seed: int = 0) -> str:
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
         latent_channels=4,
     )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=vocab_size,
-            hidden_size=32,
-            intermediate_size=37,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
+
+
+def build_tiny_sd(directory: str, seed: int = 0) -> str:
+    """Build and ``save_pretrained`` a tiny SD pipeline into ``directory``; returns the directory."""
+    import torch
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextModel
+
+    directory = os.fspath(directory)
+    tokenizer, vocab_size = _tokenizer()
+    torch.manual_seed(seed)
+    unet = _unet()
+    vae = _vae()
+    text_encoder = CLIPTextModel(_text_config(tokenizer, vocab_size))
     pipeline = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
@@ -93,3 +124,74 @@ def build_tiny_sd(directory: str, seed: int = 0) -> str:
     )
     pipeline.save_pretrained(directory)
     return directory
+
+
+def build_tiny_sdxl(directory: str, seed: int = 0) -> str:
+    """Build and ``save_pretrained`` a tiny SDXL pipeline into ``directory``; returns the directory."""
+    import torch
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    directory = os.fspath(directory)
+    tokenizer, vocab_size = _tokenizer()
+    torch.manual_seed(seed)
+    # Cross-attention sees both encoders' hidden states side by side (32 + 32); the added
+    # conditioning is the pooled projection (32) plus six time ids embedded in 8 dims each.
+    unet = _unet(
+        cross_attention_dim=64,
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 32,
+    )
+    pipeline = StableDiffusionXLPipeline(
+        vae=_vae(),
+        text_encoder=CLIPTextModel(_text_config(tokenizer, vocab_size, projection_dim=32)),
+        text_encoder_2=CLIPTextModelWithProjection(_text_config(tokenizer, vocab_size, projection_dim=32)),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=unet,
+        scheduler=EulerDiscreteScheduler(
+            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+            timestep_spacing="leading",
+        ),
+    )
+    pipeline.save_pretrained(directory)
+    return directory
+
+
+def build_tiny_arc2face(directory: str, seed: int = 0, width: int = 512) -> dict[str, str]:
+    """Arc2Face's layout under ``directory``: ``models/arc2face`` (UNet), ``models/encoder``
+    (CLIPTextModel ``width`` wide) and ``base`` (a tiny SD 1.x folder for VAE, tokenizer and
+    scheduler). Returns ``{"models": ..., "base": ...}``."""
+    import torch
+    from transformers import CLIPTextModel
+
+    directory = os.fspath(directory)
+    base = build_tiny_sd(f"{directory}/base", seed=seed)
+    tokenizer, vocab_size = _tokenizer()
+    torch.manual_seed(seed + 1)
+    _unet(cross_attention_dim=width).save_pretrained(f"{directory}/models/arc2face")
+    CLIPTextModel(_text_config(tokenizer, vocab_size, hidden=width, layers=1)).save_pretrained(f"{directory}/models/encoder")
+    return {"models": f"{directory}/models", "base": base}
+
+
+def build_tiny_lora(sd_directory: str, directory: str, seed: int = 0) -> str:
+    """A LoRA for the UNet of :func:`build_tiny_sd` (rank 4 on the attention projections, random
+    up and down matrices), written with ``save_lora_weights`` as LCM-LoRAs are published."""
+    import torch
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_pretrained(sd_directory, subfolder="unet")
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                init_lora_weights="gaussian"))
+    for name, param in unet.named_parameters():
+        if "lora_B" in name:  # gaussian init leaves B at zero: give the adapter an effect
+            torch.nn.init.normal_(param, std=0.05)
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    StableDiffusionPipeline.save_lora_weights(os.fspath(directory), unet_lora_layers=layers)
+    return os.fspath(directory)

@@ -1,1 +1,1 @@
-"""Pixel-level face preparation, embedders and the faces stage (GENERATED -> SAMPLE rows)."""
+"""Face detection (detect), alignment (align), embedders (embed) and the faces stage (GENERATED -> SAMPLE rows)."""

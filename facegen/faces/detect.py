@@ -130,7 +130,10 @@ def find_detection_onnx(path: str) -> str:
         return path
     if not os.path.isdir(path):
         raise FileNotFoundError(f"faces.detector.path: {path}: no such model folder or .onnx file")
-    for candidate in sorted(glob.glob(os.path.join(path, "*.onnx"))):
+    candidates = sorted(glob.glob(os.path.join(path, "*.onnx")))
+    # model packs name their detector det_*.onnx (buffalo_l) or scrfd_*.onnx (antelopev2): open those first
+    candidates.sort(key=lambda f: not os.path.basename(f).startswith(("det", "scrfd", "retinaface")))
+    for candidate in candidates:
         try:
             session = onnxruntime.InferenceSession(candidate, providers=["CPUExecutionProvider"])
         except Exception:  # noqa: BLE001 - a broken file is simply not the detector

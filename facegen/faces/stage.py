@@ -4,8 +4,8 @@
 embedder are loaded once in ``__init__``. In ``__call__`` every row finds its face on its own:
 
 - the generator's landmarks when they are finite (the parametric renderer knows them);
-- otherwise the detector's (``faces.detector``), run on all such images of the batch at once,
-  keeping one face per image (:func:`facegen.faces.detect.choose_face`): "no face", "face too
+- otherwise the detector's (``faces.detector``), run on such images of the batch together (up to
+  :data:`DETECT_PIXELS` decoded pixels per call), keeping one face per image (:func:`facegen.faces.detect.choose_face`): "no face", "face too
   small" and "more than one large face" become ``status="error"`` rows with that reason;
 - with detector ``none`` and no landmarks, a centre crop (recorded as ``"aligned": "center_crop"``).
 
@@ -27,14 +27,25 @@ from facegen.config import FaceSettings
 from facegen.faces.align import ARCFACE_CROP, center_crop, decode_image, encode_image, sharpness
 from facegen.faces.detect import Detection, FaceRejected, build_detector, choose_face
 from facegen.faces.embed import build_embedder
-from facegen.schema import DEFAULT_EMBEDDING_DIM, GENERATED, STATUS_ERROR, STATUS_OK, rows_to_batch, sample_schema
+from facegen.schema import (
+    DEFAULT_EMBEDDING_DIM,
+    GENERATED,
+    OPTIONAL_DEFAULTS,
+    SIMILARITY_COLUMNS,
+    STATUS_ERROR,
+    STATUS_OK,
+    rows_to_batch,
+    sample_schema,
+)
 
 ORIGIN_GENERATED = "generated"
-_PASS_THROUGH = ("identity_id", "block_id", "sample_idx", "seed", "source", "true_identity_id", "meta")
+#: Decoded pixels detected in one go (about 200 MB of RGB): large photos are detected in several calls.
+DETECT_PIXELS = 64_000_000
+_PASS_THROUGH = ("identity_id", "block_id", "sample_idx", "seed", "source", "true_identity_id", "meta") + SIMILARITY_COLUMNS
 
 
 def _row(batch: dict[str, np.ndarray], i: int) -> dict[str, Any]:
-    return {name: batch[name][i] for name in batch}
+    return OPTIONAL_DEFAULTS | {name: batch[name][i] for name in batch}
 
 
 def _one_line(text: str, limit: int = 500) -> str:
@@ -116,14 +127,38 @@ class FaceStage:
         return {"detector": self.detector.kind, "score": round(float(kept.score), 4),
                 "box": [round(float(v), 1) for v in kept.box], "faces_found": found}
 
+    def _detect(self, batch: dict[str, np.ndarray], to_detect: list[tuple[int, np.ndarray]], rows: list, crops: dict) -> None:
+        """Detect the faces of ``to_detect`` (row index, image) together and fill their rows."""
+        try:
+            found = self.detector.detect_batch([image for _, image in to_detect])
+        except Exception:  # a batch-level failure: retry one image at a time, so only the bad one fails
+            found = []
+            for _, image in to_detect:
+                try:
+                    found.append(self.detector.detect(image))
+                except Exception as exc:  # noqa: BLE001
+                    found.append(exc)
+        for (i, image), faces in zip(to_detect, found):
+            row = _row(batch, i)
+            try:
+                if isinstance(faces, Exception):
+                    raise faces
+                kept = choose_face(faces, image.shape, self.settings.detector)
+                rows[i], crops[i] = self._sample(row, image, kept.landmarks, self._face_record(kept, len(faces)))
+            except FaceRejected as exc:  # "no face (...)", "face too small (...)", ...
+                rows[i] = _failed(row, str(exc), self.origin)
+            except Exception as exc:  # noqa: BLE001
+                rows[i] = _failed(row, f"{type(exc).__name__}: {exc}", self.origin)
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        missing = [f.name for f in GENERATED if f.name not in batch]
+        missing = [f.name for f in GENERATED if f.name not in batch and f.name not in OPTIONAL_DEFAULTS]
         if missing:
             raise ValueError(f"faces: input batch lacks GENERATED columns {missing}")
         n = len(batch["identity_id"])
         rows: list[dict[str, Any] | None] = [None] * n
         crops: dict[int, np.ndarray] = {}
         to_detect: list[tuple[int, np.ndarray]] = []
+        pending_pixels = 0
         for i in range(n):
             row = _row(batch, i)
             if row["status"] != STATUS_OK:
@@ -135,31 +170,16 @@ class FaceStage:
                 landmarks = finite_landmarks(row["landmarks"])
                 if landmarks is None and self.detector is not None:
                     to_detect.append((i, image))
+                    pending_pixels += image.shape[0] * image.shape[1]
+                    if pending_pixels >= DETECT_PIXELS:  # bound the decoded images held at once
+                        self._detect(batch, to_detect, rows, crops)
+                        to_detect, pending_pixels = [], 0
                     continue
                 rows[i], crops[i] = self._sample(row, image, landmarks, None)
             except Exception as exc:  # one bad sample must not kill the batch
                 rows[i] = _failed(row, f"{type(exc).__name__}: {exc}", self.origin)
         if to_detect:
-            try:
-                found = self.detector.detect_batch([image for _, image in to_detect])
-            except Exception:  # a batch-level failure: retry one image at a time, so only the bad one fails
-                found = []
-                for _, image in to_detect:
-                    try:
-                        found.append(self.detector.detect(image))
-                    except Exception as exc:  # noqa: BLE001
-                        found.append(exc)
-            for (i, image), faces in zip(to_detect, found):
-                row = _row(batch, i)
-                try:
-                    if isinstance(faces, Exception):
-                        raise faces
-                    kept = choose_face(faces, image.shape, self.settings.detector)
-                    rows[i], crops[i] = self._sample(row, image, kept.landmarks, self._face_record(kept, len(faces)))
-                except FaceRejected as exc:  # "no face (...)", "face too small (...)", ...
-                    rows[i] = _failed(row, str(exc), self.origin)
-                except Exception as exc:  # noqa: BLE001
-                    rows[i] = _failed(row, f"{type(exc).__name__}: {exc}", self.origin)
+            self._detect(batch, to_detect, rows, crops)
         return self._embed(batch, rows, crops)
 
     def _embed(self, batch: dict[str, np.ndarray], rows: list[dict[str, Any]], crops: dict[int, np.ndarray]) -> dict[str, np.ndarray]:

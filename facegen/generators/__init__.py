@@ -15,11 +15,12 @@ import importlib
 import numpy as np
 
 #: Names accepted by ``generator.backend``.
-BACKENDS = ("parametric", "diffusion", "stylegan2", "dcgan")
+BACKENDS = ("parametric", "diffusion", "hybrid", "stylegan2", "dcgan")
 
 _CLASSES = {
     "parametric": ("facegen.generators.parametric", "ParametricGenerator"),
     "diffusion": ("facegen.generators.diffusion", "DiffusionGenerator"),
+    "hybrid": ("facegen.generators.hybrid", "HybridGenerator"),
     "stylegan2": ("facegen.generators.gan_backend", "GanGenerator"),
     "dcgan": ("facegen.generators.gan_backend", "GanGenerator"),
 }
@@ -73,3 +74,53 @@ def failure_reason(identity_id: object, sample_idx: object, exc: BaseException) 
     """A one-line error reason naming the sample: ``identity_id=7 sample_idx=3: ValueError: ...``."""
     message = " ".join(str(exc).split())
     return f"identity_id={identity_id} sample_idx={sample_idx}: {type(exc).__name__}: {message}"[:500]
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` says a device (or the host allocator) ran out of memory."""
+    try:
+        import torch
+
+        if isinstance(exc, torch.OutOfMemoryError):
+            return True
+    except ImportError:  # pragma: no cover - torch is a dependency
+        pass
+    text = str(exc).lower()
+    return "out of memory" in text or "can't allocate memory" in text
+
+
+def release_cached_memory() -> None:
+    """Give cached GPU memory back after an out-of-memory error, so a smaller retry can fit."""
+    import gc
+
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def run_with_splitting(items: list, compute, on_error) -> list:
+    """``compute(items)`` -> one result per item; on failure the batch is retried in parts.
+
+    An out-of-memory error splits the batch in halves (recursively); any other error retries the
+    items one at a time. An item that still fails alone becomes ``on_error(item, exc)`` (an error
+    row), so the actor keeps running. A retried item is computed in a smaller batch, so its pixels
+    may differ in the last bits from a run where the whole batch fit.
+    """
+    try:
+        results = list(compute(items))
+        if len(results) != len(items):
+            raise ValueError(f"{len(results)} results for {len(items)} items")
+        return results
+    except Exception as exc:
+        if len(items) == 1:
+            return [on_error(items[0], exc)]
+        if is_out_of_memory(exc):
+            release_cached_memory()
+            half = (len(items) + 1) // 2
+            return run_with_splitting(items[:half], compute, on_error) + run_with_splitting(items[half:], compute, on_error)
+        return [result for item in items for result in run_with_splitting([item], compute, on_error)]

@@ -1,29 +1,33 @@
 """Stable Diffusion text-to-image backend: one attribute prompt per identity, one seed per sample.
 
-The pipeline loads once per actor with diffusers ``from_pretrained`` (a local folder or a hub id).
-Every sample gets its own CPU ``torch.Generator`` seeded with the row's seed, so its initial latents
-do not depend on the device or on the other samples. Micro-batches never mix identities: an
-identity's samples are cut at fixed ``sample_idx`` boundaries, so the tensors a sample is computed
-with are the same whichever Ray batch or actor it lands in. If a pipeline call fails, its samples
-are retried one at a time and only those that still fail become error rows (a retried sample is
-computed alone, so its pixels may differ in the last bits from a run where its micro-batch passed).
+The pipeline (SD 1.x/2.x or SDXL, whichever the model folder or hub id is) loads once per actor
+through :mod:`facegen.generators.text_to_image`. Every sample gets its own CPU ``torch.Generator``
+seeded with the row's seed, so its initial latents do not depend on the device or on the other
+samples. Micro-batches never mix identities: an identity's samples are cut at fixed ``sample_idx``
+boundaries, so the tensors a sample is computed with are the same whichever Ray batch or actor it
+lands in. A failing pipeline call is retried in parts (halves after an out-of-memory error, one
+sample at a time otherwise); only samples that still fail alone become error rows.
 
-Landmarks are NaN (this backend has no detector); the faces stage centre-crops such rows.
+With ``variation_phrases`` each sample's prompt ends with its own pose/expression/lighting/camera/
+background phrase. Landmarks are NaN (this backend has no detector); the faces stage centre-crops
+such rows.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import os
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from facegen.config import DiffusionSettings, GeneratorSettings
-from facegen.generators import check_identity_id, failure_reason, identity_rows, sample_seed
+from facegen.generators import check_identity_id, failure_reason, identity_rows, run_with_splitting, sample_seed
+from facegen.generators.text_to_image import load_text_to_image, render_text
 from facegen.identities.attributes import build_prompt, sample_attributes
+from facegen.identities.phrases import with_variation
 from facegen.schema import GENERATED, LANDMARK_DIM, STATUS_OK, error_row, rows_to_batch
 
 #: Samples per pipeline call (times two with classifier-free guidance).
@@ -40,35 +44,9 @@ class _Sample:
     attributes: dict[str, str]
 
 
-def _looks_local(model: str) -> bool:
-    return os.path.isabs(model) or model.startswith((".", "~")) or os.path.exists(model) or model.count("/") > 1
-
-
 def load_pipeline(options: DiffusionSettings, device: str):
-    """``StableDiffusionPipeline.from_pretrained(options.model)`` on ``device``; one-line errors."""
-    import torch
-    from diffusers import StableDiffusionPipeline
-
-    model = options.model
-    if _looks_local(model) and not os.path.isdir(os.path.expanduser(model)):
-        raise FileNotFoundError(f"generator.diffusion.model: {model}: no such directory")
-    dtype = torch.float16 if options.fp16 and device == "cuda" else torch.float32
-    try:
-        pipeline = StableDiffusionPipeline.from_pretrained(
-            os.path.expanduser(model) if _looks_local(model) else model,
-            safety_checker=None,
-            requires_safety_checker=False,
-            local_files_only=options.local_files_only,
-        )
-    except Exception as exc:
-        message = " ".join(str(exc).split())[:300]
-        raise RuntimeError(
-            f"generator.diffusion.model: {model}: cannot load a Stable Diffusion pipeline "
-            f"({type(exc).__name__}: {message})"
-        ) from None
-    pipeline.set_progress_bar_config(disable=True)
-    # Cast after loading: the load keyword was renamed torch_dtype -> dtype (diffusers #14205).
-    return pipeline.to(device, dtype)
+    """The SD/SDXL pipeline of ``options.model`` on ``device``; one-line errors."""
+    return load_text_to_image(options, device, "generator.diffusion.model")
 
 
 class DiffusionGenerator:
@@ -107,45 +85,30 @@ class DiffusionGenerator:
         identity_id = check_identity_id(identity_id)
         attributes = sample_attributes(self.seed, identity_id)
         prompt = build_prompt(attributes)
-        return [
-            _Sample(identity_id, int(block_id), k, sample_seed(self.seed, identity_id, k), prompt, attributes)
-            for k in range(self.settings.images_per_identity)
-        ]
+        samples = []
+        for k in range(self.settings.images_per_identity):
+            seed = sample_seed(self.seed, identity_id, k)
+            text = with_variation(prompt, seed) if self.options.variation_phrases else prompt
+            samples.append(_Sample(identity_id, int(block_id), k, seed, text, attributes))
+        return samples
 
     def _run(self, samples: list[_Sample]) -> list[dict[str, Any]]:
-        try:
-            return [self._row(s, png) for s, png in zip(samples, self._generate(samples))]
-        except Exception as exc:
-            if len(samples) == 1:
-                s = samples[0]
-                reason = failure_reason(s.identity_id, s.sample_idx, exc)
-                return [error_row(s.identity_id, s.block_id, s.sample_idx, s.seed, self.source, reason)]
-        return [row for s in samples for row in self._run([s])]
+        def failed(s: _Sample, exc: BaseException) -> dict[str, Any]:
+            reason = failure_reason(s.identity_id, s.sample_idx, exc)
+            return error_row(s.identity_id, s.block_id, s.sample_idx, s.seed, self.source, reason)
+
+        def compute(part: list[_Sample]) -> list[dict[str, Any]]:
+            return [self._row(s, png) for s, png in zip(part, self._generate(part))]
+
+        return run_with_splitting(samples, compute, failed)
 
     def _generate(self, samples: list[_Sample]) -> list[bytes]:
-        import torch
-
-        opts = self.options
-        result = self.pipeline(
-            prompt=[s.prompt for s in samples],
-            negative_prompt=[opts.negative_prompt] * len(samples),
-            generator=[torch.Generator("cpu").manual_seed(s.seed) for s in samples],
-            num_inference_steps=opts.num_inference_steps,
-            guidance_scale=opts.guidance_scale,
-            height=opts.height,
-            width=opts.width,
-            output_type="pil",
-        )
+        images = render_text(self.pipeline, self.options, [s.prompt for s in samples], [s.seed for s in samples])
         encoded = []
-        for image in result.images:
-            if image.size != (opts.width, opts.height):
-                width, height = image.size
-                raise ValueError(f"pipeline returned {width}x{height}, expected {opts.width}x{opts.height}")
+        for image in images:
             buffer = io.BytesIO()
-            image.convert("RGB").save(buffer, format="PNG")
+            Image.fromarray(image).save(buffer, format="PNG")
             encoded.append(buffer.getvalue())
-        if len(encoded) != len(samples):
-            raise ValueError(f"pipeline returned {len(encoded)} images for {len(samples)} prompts")
         return encoded
 
     def _row(self, sample: _Sample, png: bytes) -> dict[str, Any]:

@@ -207,6 +207,7 @@ class Candidates:
     landmarks: np.ndarray | None = None
 
     def take(self, keep: np.ndarray) -> "Candidates":
+        """The candidates selected by ``keep`` (a mask or indices)."""
         lm = None if self.landmarks is None else self.landmarks[keep]
         return Candidates(self.image[keep], self.boxes[keep], self.scores[keep], lm)
 
@@ -228,6 +229,7 @@ def nms(boxes: np.ndarray, scores: np.ndarray, threshold: float, mode: str = "un
 
 
 def nms_per_image(c: Candidates, threshold: float, mode: str = "union") -> Candidates:
+    """:func:`nms` within each image's candidates (``landmarks`` ride along: offsets or points)."""
     keep = [np.flatnonzero(c.image == i)[nms(c.boxes[c.image == i], c.scores[c.image == i], threshold, mode)] for i in np.unique(c.image)]
     return c.take(np.sort(np.concatenate(keep))) if keep else c
 
@@ -287,10 +289,12 @@ class MTCNN:
         thresholds: tuple[float, float, float] = (0.6, 0.7, 0.8),
         weights_dir: str | None = None,
         max_batch: int = 256,
+        max_pyramid_pixels: int = 32_000_000,
     ):
         self.device = torch.device(device)
         self.pnet, self.rnet, self.onet = load_mtcnn(weights_dir, self.device)
         self.min_face, self.thresholds, self.max_batch = int(min_face), tuple(thresholds), int(max_batch)
+        self.max_pyramid_pixels = int(max_pyramid_pixels)  # bounds P-Net's memory for large batches of large images
 
     @torch.inference_mode()
     def _run(self, net: nn.Module, crops: np.ndarray) -> list[np.ndarray]:
@@ -331,7 +335,10 @@ class MTCNN:
         by_shape: dict[tuple[int, int], list[int]] = {}
         for i, image in enumerate(images):
             by_shape.setdefault(image.shape[:2], []).append(i)
-        parts = [self._propose(images, idx) for idx in by_shape.values()]
+        parts = []
+        for (h, w), idx in by_shape.items():  # P-Net's first level holds ~ n * h * w * (12 / min_face)^2 pixels
+            per_call = max(1, int(self.max_pyramid_pixels / (h * w * (CELL / self.min_face) ** 2)))
+            parts += [self._propose(images, idx[k : k + per_call]) for k in range(0, len(idx), per_call)]
         c = Candidates(*(np.concatenate(p) for p in zip(*((q.image, q.boxes, q.scores) for q in parts))))
         if len(c.scores):
             prob, offsets = self._run(self.rnet, crop_boxes(images, c, 24))

@@ -5,9 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+class StageError(RuntimeError):
+    """A stage could not finish some of its work; the message is one line naming what failed."""
+
+
 @dataclass
 class StageReport:
-    """What a stage did: blocks planned/skipped/written and summed counters."""
+    """What a stage did: blocks planned/skipped/written and summed counters.
+
+    ``blocks_redone`` counts finished blocks found truncated, corrupt or stale (their inputs or
+    settings changed) and made again; ``notes`` says which and why.
+    """
 
     stage: str
     output_dir: str
@@ -16,3 +24,6 @@ class StageReport:
     blocks_written: int
     seconds: float
     totals: dict[str, int] = field(default_factory=dict)
+    blocks_redone: int = 0
+    notes: list[str] = field(default_factory=list)
+    histograms: dict[str, dict] = field(default_factory=dict)  # e.g. similarity to the identity feature

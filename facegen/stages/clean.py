@@ -1,12 +1,21 @@
-"""Cleaning stage: one actor-pool task per raw block file -> one cleaned block file.
+"""Cleaning stage: expert pass per block, global dedup + leakage, final pass per block.
 
-Identities never span blocks, so per-identity cleaning is block-local and resumes block by
-block like generation. The embedder (for augmented images) is loaded once per actor.
+1. Expert pass (a pool of block actors, one call per raw block, the raw block's sha256 checked as
+   it is read): the experts vote, fusion decides; the block's rows with their votes go to
+   ``<output>/clean_votes`` with one centre per identity.
+2. Global steps on the driver (:mod:`facegen.clean.global_steps`), streaming the centres.
+3. Final pass (a pool of block actors, one call per block): the global plan applied, minimum
+   size, semi-hard trim, top-up; the final blocks go to ``<output>/clean``.
+
+Every part resumes, and every output records what it was made from (:mod:`facegen.lineage`): a
+votes block its raw block's sha256 and the expert settings' digest; a final block the same raw
+sha256, the digest of every cleaning setting and the digest of its own part of the global plan.
+A block whose inputs or settings changed, or whose file is truncated or corrupt, is made again
+(and the report says so); everything else is skipped.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
@@ -14,86 +23,258 @@ import numpy as np
 
 from facegen import blocks as blk
 from facegen import storage
+from facegen.claims import StageClaim
 from facegen.config import FacegenConfig
-from facegen.stages import StageReport
+from facegen.stages import StageError, StageReport
+from facegen.stages.blockpool import BlockWorker, map_blocks
 
 CLEAN_COUNTERS = [
-    "identities_in", "identities_kept", "identities_dropped", "images_in", "images_error",
-    "images_removed", "images_augmented", "images_out", "injected_wrong_in", "injected_wrong_removed",
-    "images_no_embedding", "images_dropped_with_identity", "images_trimmed", "augment_sources_unreadable",
+    "identities_in", "identities_kept", "identities_dropped", "identities_removed_dedup", "identities_removed_leakage",
+    "images_in", "images_error", "images_removed", "images_augmented", "images_out", "injected_wrong_in",
+    "injected_wrong_removed", "images_no_embedding", "images_dropped_with_identity", "images_removed_global",
+    "images_trimmed", "augment_sources_unreadable",
 ]
 
 
-class BlockCleaner:
-    """Callable class for ``map_batches``: cleans the blocks named in a batch, returns their stats."""
+def difficulty_histogram_of(table) -> dict[str, Any]:
+    """The difficulty histogram of a block's ok rows (for W&B, the report and the shard stage)."""
+    from facegen.curriculum import difficulty_histogram
 
-    def __init__(self, cfg_json: str, raw_dir: str, clean_dir: str):
-        from facegen.config import FacegenConfig
+    ok = np.array(table.column("status").to_pylist(), dtype=object) == "ok"
+    difficulty = table.column("difficulty").to_numpy(zero_copy_only=False).astype(np.float64)[ok]
+    return difficulty_histogram(difficulty)
+
+
+def votes_digest(cfg: FacegenConfig) -> str:
+    """What shapes a votes block besides its raw block: the experts, the fusion, the embedder."""
+    from facegen.lineage import settings_digest
+
+    c = cfg.clean
+    return settings_digest(cfg.run.seed, c.dbscan, c.independent, c.vlm, c.fusion, cfg.faces)
+
+
+class BlockVoter(BlockWorker):
+    """Block actor of the expert pass: reads a raw block (sha256 checked), writes its votes block."""
+
+    def __init__(self, cfg_json: str, raw_dir: str, votes_dir: str, config_digest: str):
+        from facegen.clean.block import Experts
 
         self.cfg = FacegenConfig.model_validate_json(cfg_json)
-        self.raw_dir, self.clean_dir = raw_dir, clean_dir
+        self.raw_dir, self.votes_dir, self.config_digest = raw_dir, votes_dir, config_digest
+        settings = self.cfg.clean
+        self.experts = Experts()
+        if settings.independent.enabled:
+            from facegen.clean.independent import IndependentExpert
+
+            self.experts.independent = IndependentExpert.from_settings(settings.independent)
+        if settings.vlm.enabled:
+            from facegen.clean.vlm import VlmExpert
+
+            cache = settings.vlm.cache_dir or self.cfg.stage_dir("clean_vlm_cache")
+            self.experts.vlm = VlmExpert(settings.vlm, cache)
+
+    def make(self, row: dict[str, Any]) -> dict[str, Any]:
+        """Vote on the block of a ``{"block_id", "source_sha256"}`` row."""
+        from facegen.clean.block import vote_block
+        from facegen.clean.global_steps import centres_path
+
+        block_id, source = int(row["block_id"]), row.get("source_sha256")
+        table = blk.read_block(self.raw_dir, block_id, sha256=source)
+        voted, centres, stats = vote_block(table, block_id, self.cfg.clean, self.experts)
+        stats.update(source_sha256=source, config_digest=self.config_digest,
+                     embedder=storage.read_json(blk.stats_path(self.raw_dir, block_id)).get("embedder"))
+        storage.write_table_atomic(centres, centres_path(self.votes_dir, block_id))
+        return blk.commit_block(self.votes_dir, block_id, voted, stats)
+
+
+class BlockFinisher(BlockWorker):
+    """Block actor of the final pass: the global plan, minimum size, semi-hard trim, top-up."""
+
+    def __init__(self, cfg_json: str, votes_dir: str, clean_dir: str, global_dir: str, config_digest: str):
+        from facegen.clean.global_steps import GlobalPlan
+
+        self.cfg = FacegenConfig.model_validate_json(cfg_json)
+        self.votes_dir, self.clean_dir, self.config_digest = votes_dir, clean_dir, config_digest
+        summary = storage.read_json(f"{global_dir.rstrip('/')}/global.json")
+        self.plan = GlobalPlan.from_table(summary["digest"], storage.read_table(f"{global_dir.rstrip('/')}/plan.parquet"))
         self.embed_fn = None
         if self.cfg.faces.embedder.enabled:
             from facegen.faces.embed import build_embedder
 
             self.embed_fn = build_embedder(self.cfg.faces.embedder).embed
 
-    def clean_one(self, block_id: int) -> dict[str, Any]:
-        from facegen.clean.block import clean_block
+    def make(self, row: dict[str, Any]) -> dict[str, Any]:
+        """Finish the block of a ``{"block_id", "source_sha256", "votes_sha256"}`` row."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
 
-        table = storage.read_table(blk.block_path(self.raw_dir, block_id))
-        cleaned, stats = clean_block(table, self.cfg.clean, self.cfg.run.seed, self.embed_fn, jpeg_quality=self.cfg.faces.jpeg_quality)
-        stats["embedder"] = storage.read_json(blk.stats_path(self.raw_dir, block_id)).get("embedder")
-        return blk.commit_block(self.clean_dir, block_id, cleaned, stats)
+        from facegen.clean.block import combine_stats
+        from facegen.clean.finish import finish_block
+        from facegen.clean.merge import merged_rows
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        results = []
-        for block_id in batch["block_id"]:
-            try:
-                record = self.clean_one(int(block_id))
-            except Exception as exc:  # one unreadable block must not stop the others
-                record = {"block_id": int(block_id), "error": f"block {int(block_id)}: {type(exc).__name__}: {exc}"}
-            results.append(json.dumps(record, default=float))
-        return {"block_id": batch["block_id"], "record": np.array(results, dtype=object)}
+        block_id = int(row["block_id"])
+        removed, leaving, incoming = self.plan.for_block(block_id)
+        table = blk.read_block(self.votes_dir, block_id, sha256=row.get("votes_sha256"))
+        if leaving:
+            table = table.filter(pc.invert(pc.is_in(table.column("identity_id"), value_set=pa.array(sorted(leaving), pa.int64()))))
+        merged_in = merged_rows(self.votes_dir, table, incoming) if incoming else None
+        out, final_stats = finish_block(table, self.cfg.clean, self.cfg.run.seed, self.embed_fn, removed=removed,
+                                        merged_in=merged_in, jpeg_quality=self.cfg.faces.jpeg_quality)
+        votes_stats = storage.read_json(blk.stats_path(self.votes_dir, block_id))
+        votes_stats = {k: v for k, v in votes_stats.items()
+                       if k not in ("block_id", "rows", "bytes", "sha256", "source_sha256", "config_digest")}
+        stats = combine_stats(votes_stats, final_stats)
+        stats.update(source_sha256=row.get("source_sha256"), config_digest=self.config_digest,
+                     plan_digest=self.plan.block_digest(block_id), difficulty_histogram=difficulty_histogram_of(out))
+        return blk.commit_block(self.clean_dir, block_id, out, stats)
+
+
+def check_same_embedder(cfg: FacegenConfig, raw_dir: str) -> None:
+    """Cleaning embeds its augmented images with ``faces.embedder``: it must be the embedder that
+    embedded the raw blocks, or one identity would mix two embedding spaces."""
+    from facegen.faces.embed import describe_embedder
+
+    wanted = describe_embedder(cfg.faces.embedder)
+    for record in blk.read_stats(raw_dir):
+        used = record.get("embedder")
+        if wanted and used and used.get("sha256") != wanted["sha256"]:
+            raise ValueError(
+                f"faces.embedder: {raw_dir} block {record['block_id']} was embedded by {used['kind']} {used['file']} "
+                f"({used['sha256'][:12]}), the config names {wanted['kind']} {wanted['file']} ({wanted['sha256'][:12]})"
+            )
+
+
+def _run_pool(cfg: FacegenConfig, task: type, kwargs: dict[str, Any], rows: list[dict[str, Any]], desc: str,
+              progress: bool, on_record=None) -> int:
+    """Every row's block through a pool of ``task`` actors; returns how many were written."""
+    from tqdm.auto import tqdm
+
+    failures, written = [], 0
+    with tqdm(total=len(rows), unit="block", desc=desc, disable=not progress or not rows) as bar:
+        for record in map_blocks(task, kwargs, rows, pool_size=cfg.clean.concurrency, num_cpus=cfg.clean.num_cpus,
+                                 num_gpus=cfg.clean.num_gpus, resources=cfg.clean.resources):
+            if "error" in record:
+                failures.append(record["error"])
+            else:
+                written += 1
+                if on_record is not None:
+                    on_record(record)
+            bar.update(1)
+    if failures:
+        raise StageError(f"{desc}: {len(failures)} block(s) failed; first: {failures[0]}")
+    return written
+
+
+def _record_summary(global_dir: str, totals: dict[str, int], records: list[dict[str, Any]],
+                    global_summary: dict[str, Any], tracker: Any) -> None:
+    """``clean_summary.json`` (distributions, votes, global steps) and the same figures in W&B."""
+    from facegen.clean.summary import clean_summary, log_to_wandb
+
+    summary = {"totals": totals, **clean_summary(records), "global": global_summary}
+    storage.write_json_atomic(summary, f"{global_dir}/clean_summary.json")
+    log_to_wandb(tracker.tracker, totals, summary)
+
+
+def replacement_config(cfg: FacegenConfig, first_id: int, count: int) -> FacegenConfig:
+    """The run's settings for generating ``count`` new identities from ``first_id`` into the same raw blocks."""
+    side = cfg.model_copy(deep=True)
+    side.identities.first_id, side.identities.num_identities = first_id, count
+    side.run.overwrite = False
+    return side
+
+
+def _replace_dropped(cfg: FacegenConfig, global_dir: str, totals: dict[str, int], progress: bool) -> bool:
+    """HybridGen step 5: new identities from the configured generator for the ones cleaning removed.
+
+    One round: the plan (first id, count) is recorded in ``replacements.json`` before generating,
+    so a re-run resumes the same identities and never replaces replacements. Returns whether new
+    raw blocks were generated.
+    """
+    from facegen.stages.generate import run_generate
+
+    path = f"{global_dir}/replacements.json"
+    if storage.exists(path):
+        plan = storage.read_json(path)
+    else:
+        removed = totals["identities_dropped"] + totals["identities_removed_dedup"] + totals["identities_removed_leakage"]
+        ids, size = cfg.identities, cfg.identities.block_size
+        first = -(-(ids.first_id + ids.num_identities) // size) * size  # the next free block
+        plan = {"first_id": first, "count": removed, "replaces": removed}
+        storage.write_json_atomic(plan, path)
+    if plan["count"] == 0:
+        return False
+    report = run_generate(replacement_config(cfg, plan["first_id"], plan["count"]), progress=progress)
+    return report.blocks_written > 0
+
+
+def _clean_blocks(cfg: FacegenConfig, raw_dir: str, clean_dir: str, progress: bool) -> StageReport:
+    from facegen.clean.global_steps import run_global
+    from facegen.lineage import clean_digest
+    from facegen.stages.generate import checksum_fn
+    from facegen.tracking import start_stage_tracker
+
+    votes_dir, global_dir = f"{clean_dir.rstrip('/')}_votes", f"{clean_dir.rstrip('/')}_global"
+    started = time.time()
+    raw = blk.check_blocks(raw_dir)  # sizes only here: each raw block's sha256 is checked as it is read
+    if not raw.valid:
+        raise FileNotFoundError(f"{raw_dir}: no finished raw blocks to clean (run `facegen generate` first)")
+    check_same_embedder(cfg, raw_dir)
+    available = sorted(raw.valid)
+    sources = {b: raw.valid[b]["sha256"] for b in available}
+    expert_digest, final_digest = votes_digest(cfg), clean_digest(cfg)
+    cfg_json = cfg.model_dump_json()
+    with StageClaim(votes_dir) as votes_claim, StageClaim(clean_dir) as clean_claim:
+        votes_claim.remove_stale_temp_files()
+        clean_claim.remove_stale_temp_files()
+        if cfg.run.overwrite:
+            blk.reset_blocks(votes_dir, available)
+            blk.reset_blocks(clean_dir, available)
+        voted = blk.check_blocks(votes_dir, available, config_digest=expert_digest, sources=sources, checksum=checksum_fn(cfg))
+        blk.reset_blocks(votes_dir, voted.invalid)
+        pending = [b for b in available if b not in voted.valid]
+        _run_pool(cfg, BlockVoter, {"cfg_json": cfg_json, "raw_dir": raw_dir, "votes_dir": votes_dir, "config_digest": expert_digest},
+                  [{"block_id": b, "source_sha256": sources[b]} for b in pending], "clean: experts", progress)
+
+        plan, global_summary = run_global(votes_dir, global_dir, cfg.clean)
+        votes = {int(r["block_id"]): r for r in blk.read_stats(votes_dir)}
+        final = blk.check_blocks(clean_dir, available, config_digest=final_digest, sources=sources, checksum=checksum_fn(cfg))
+        for block_id, record in list(final.valid.items()):
+            if record.get("plan_digest") != plan.block_digest(block_id):
+                del final.valid[block_id]
+                final.invalid[block_id] = "dedup / leakage decisions for its identities changed"
+        blk.reset_blocks(clean_dir, final.invalid)
+        todo = [b for b in available if b not in final.valid]
+        report = StageReport("clean", clean_dir, len(available), len(available) - len(todo), 0, 0.0,
+                             blocks_redone=len(final.invalid),
+                             notes=raw.notes("raw", "not cleaned") + voted.notes("clean experts") + final.notes("clean"))
+        tracker = start_stage_tracker(cfg, "clean")
+        rows = [{"block_id": b, "source_sha256": sources[b], "votes_sha256": votes[b]["sha256"]} for b in todo]
+        kwargs = {"cfg_json": cfg_json, "votes_dir": votes_dir, "clean_dir": clean_dir, "global_dir": global_dir,
+                  "config_digest": final_digest}
+        report.blocks_written = _run_pool(cfg, BlockFinisher, kwargs, rows, "clean: finish", progress, tracker.log_block)
+    records = blk.read_stats(clean_dir)
+    report.totals = blk.sum_stats(records, CLEAN_COUNTERS)
+    report.seconds = round(time.time() - started, 2)
+    if todo or not storage.exists(f"{global_dir}/clean_summary.json"):
+        _record_summary(global_dir, report.totals, records, global_summary, tracker)
+    tracker.finish_stage(report)
+    return report
 
 
 def run_clean(cfg: FacegenConfig, raw_dir: str | None = None, clean_dir: str | None = None, progress: bool = True) -> StageReport:
-    """Clean every finished raw block that has no cleaned counterpart yet."""
-    import ray
-    from ray.data import ActorPoolStrategy
-    from tqdm.auto import tqdm
-
+    """Clean every finished raw block: expert pass, global steps, final pass (each resumable);
+    with ``clean.replace_dropped``, then generate replacements for the removed identities and clean again."""
     raw_dir = raw_dir or cfg.stage_dir("raw")
     clean_dir = clean_dir or cfg.stage_dir("clean")
-    started = time.time()
-    available = blk.done_block_ids(raw_dir)
-    if not available:
-        raise FileNotFoundError(f"{raw_dir}: no finished raw blocks to clean (run `facegen generate` first)")
-    if cfg.run.overwrite:
-        blk.reset_blocks(clean_dir, available)
-    storage.remove_temp_files(clean_dir)
-    pending = [b for b in available if not blk.is_done(clean_dir, b)]
-    failures: list[str] = []
-    if pending:
-        ds = ray.data.from_items([{"block_id": b} for b in pending], override_num_blocks=len(pending))
-        ds = ds.map_batches(
-            BlockCleaner,
-            fn_constructor_kwargs={"cfg_json": cfg.model_dump_json(), "raw_dir": raw_dir, "clean_dir": clean_dir},
-            batch_size=1,
-            batch_format="numpy",
-            compute=ActorPoolStrategy(size=min(cfg.clean.concurrency, len(pending))),
-            num_cpus=cfg.clean.num_cpus,
-            num_gpus=cfg.clean.num_gpus,
-            resources=cfg.clean.resources or None,
-        )
-        with tqdm(total=len(pending), unit="block", desc="clean", disable=not progress) as bar:
-            for row in ds.iter_rows():
-                record = json.loads(row["record"])
-                if "error" in record:
-                    failures.append(record["error"])
-                bar.update(1)
-    if failures:
-        raise RuntimeError(f"clean: {len(failures)} block(s) failed; first: {failures[0]}")
-    records = blk.read_stats(clean_dir)
-    return StageReport("clean", clean_dir, len(available), len(available) - len(pending), len(pending),
-                       round(time.time() - started, 2), blk.sum_stats(records, CLEAN_COUNTERS))
+    if cfg.clean.leakage.references:  # fail before any expensive work
+        from facegen.clean.leakage import ReferenceSet
+
+        ReferenceSet(cfg.clean.leakage.references)
+    if cfg.clean.replace_dropped and raw_dir != cfg.stage_dir("raw"):
+        raise ValueError("clean.replace_dropped: replacements are generated into the run's raw directory; do not pass another raw_dir")
+    report = _clean_blocks(cfg, raw_dir, clean_dir, progress)
+    if cfg.clean.replace_dropped and _replace_dropped(cfg, f"{clean_dir.rstrip('/')}_global", report.totals, progress):
+        first = report
+        report = _clean_blocks(cfg, raw_dir, clean_dir, progress)
+        report.seconds = round(report.seconds + first.seconds, 2)
+    return report

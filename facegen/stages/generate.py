@@ -1,9 +1,13 @@
-"""Generation stage: identity seeds -> generator pool -> face pool -> one raw Parquet file per block.
+"""Generation stage: identity blocks -> generator -> faces -> one raw Parquet file per block.
 
-The Ray Data DAG is ``range -> map_batches(Generator, actor pool) -> map_batches(FaceStage, actor
-pool)``; the driver streams results in order and commits each block (data file, then stats
-record) as soon as all its rows have arrived. Only blocks without a done-marker are planned, so a
-re-run after a crash continues exactly where the last committed block ended.
+A pool of :class:`BlockGenerator` actors (each holding a generator backend and a
+:class:`~facegen.faces.stage.FaceStage`, loaded once) takes one pending block at a time, renders,
+aligns and embeds its images in micro-batches, and commits the block itself: data file, then
+stats record, both atomic. The driver only plans, hands out block ids and receives one small
+record per finished block, in whatever order they finish, so its memory and bandwidth do not grow
+with the dataset. A block is done when its file and stats record exist and check out (size,
+sha256, settings digest: :func:`facegen.blocks.check_blocks`); a re-run after a crash, or after a
+block went bad, makes exactly the missing blocks again, with identical bytes.
 """
 
 from __future__ import annotations
@@ -11,151 +15,233 @@ from __future__ import annotations
 import re
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from facegen import blocks as blk
-from facegen import storage
+from facegen.claims import StageClaim
 from facegen.config import FacegenConfig
 from facegen.schema import STATUS_OK, batch_embedding_dim, sample_schema, table_from_batch
-from facegen.stages import StageReport
+from facegen.stages import StageError, StageReport
+from facegen.stages.blockpool import BlockWorker, cluster_checksums, map_blocks
+
+GENERATE_COUNTERS = ["identities", "images", "images_ok", "images_error", "faces_rejected", "injected_wrong"]
 
 
 def reason_kind(reason: str | None) -> str:
     """An error reason without the sample it names and its details: what the stats count."""
-    text = re.sub(r"^faces: identity \d+ sample \d+: ", "", reason or "")
-    text = re.sub(r"^identity_id=\d+ sample_idx=\d+: ", "", text)
+    text = re.sub(r"^faces: identity -?\d+ sample -?\d+: ", "", reason or "")
+    text = re.sub(r"^identity_id=-?\d+ sample_idx=-?\d+: ", "", text)
     return text.split(" (")[0][:120]
 
 
-class BlockWriter:
-    """Collects streamed SAMPLE batches and commits each block once all of its rows arrived.
+def _slice(batch: dict[str, np.ndarray], start: int, stop: int) -> dict[str, np.ndarray]:
+    return {k: v[start:stop] for k, v in batch.items()}
 
-    A block expects ``num_identities * images_per_identity`` rows, or ``expected_rows[block_id]``
-    when given (an ingested folder has its own count per identity). ``embedder`` (the embedder's
-    record, see :mod:`facegen.faces.embed`) goes into every block's stats.
+
+def generate_block_table(
+    source: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],
+    faces: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],
+    block: blk.Block,
+    identities_per_call: int,
+    rows_per_face_call: int,
+) -> pa.Table:
+    """All SAMPLE rows of one block, sorted by (identity_id, sample_idx); no Ray involved.
+
+    ``source`` turns identity rows (``identity_id``, ``block_id``) into GENERATED rows (a generator
+    backend, or any reader of existing images); ``faces`` turns GENERATED rows into SAMPLE rows.
+    Both are called on micro-batches, so a large block never holds its full-size images at once.
+    """
+    parts: list[pa.Table] = []
+    ids = np.arange(block.first_id, block.end_id, dtype=np.int64)
+    for start in range(0, len(ids), identities_per_call):
+        chunk = ids[start : start + identities_per_call]
+        generated = source({"identity_id": chunk, "block_id": np.full(len(chunk), block.block_id, np.int64)})
+        rows = len(generated["identity_id"])
+        for first in range(0, rows, rows_per_face_call):
+            out = faces(_slice(generated, first, first + rows_per_face_call))
+            parts.append(table_from_batch(out, sample_schema(batch_embedding_dim(out))))
+    table = pa.concat_tables(parts) if parts else sample_schema().empty_table()
+    return table.sort_by([("identity_id", "ascending"), ("sample_idx", "ascending")])
+
+
+def block_similarity_histograms(table: pa.Table, bins: int) -> dict[str, dict]:
+    """Histograms of the requested and realised similarity columns of one block (those that hold
+    any value; empty when the generator does not control similarity)."""
+    from facegen.identities.expansion import similarity_histogram
+
+    out = {}
+    for name in ("requested_similarity", "realised_similarity"):
+        column = table.column(name)
+        if column.null_count < table.num_rows:
+            out[name.split("_")[0]] = similarity_histogram(column.to_numpy(zero_copy_only=False), bins)
+    return out
+
+
+def run_similarity_histograms(records: list[dict[str, Any]]) -> dict[str, dict]:
+    """The per-run similarity histograms: the sum of the blocks' histograms."""
+    from facegen.identities.expansion import merge_histograms
+
+    out = {}
+    for name in ("requested", "realised"):
+        merged = merge_histograms([r.get("similarity_histograms", {}).get(name) for r in records])
+        if merged:
+            out[name] = merged
+    return out
+
+
+def block_stats(table: pa.Table, block: blk.Block, embedder: dict[str, Any] | None = None,
+                histogram_bins: int = 40) -> dict[str, Any]:
+    """The counters of a raw block's stats record (and of its W&B row); ``embedder`` is the
+    embedder's record (:func:`facegen.faces.embed.describe_embedder`). Blocks of an expanding
+    generator (``hybrid``) also record their similarity histograms (``histogram_bins`` on [-1, 1])."""
+    status = np.array(table.column("status").to_pylist(), dtype=object)
+    reasons = np.array(table.column("reason").to_pylist(), dtype=object)
+    failed = status != STATUS_OK
+    kinds = Counter(reason_kind(r) for r in reasons[failed])
+    true_ids = table.column("true_identity_id").to_numpy(zero_copy_only=False)
+    ids = table.column("identity_id").to_numpy()
+    stats = {
+        "identities": block.num_identities,
+        "images": table.num_rows,
+        "images_ok": int((~failed).sum()),
+        "images_error": int(failed.sum()),
+        "faces_rejected": int(sum(str(r).startswith("faces:") for r in reasons[failed])),
+        "injected_wrong": int(((true_ids >= 0) & (true_ids != ids)).sum()),
+        "error_reasons": dict(kinds.most_common(10)),
+        "embedder": embedder,
+    }
+    histograms = block_similarity_histograms(table, histogram_bins)
+    return stats | ({"similarity_histograms": histograms} if histograms else {})
+
+
+class BlockGenerator(BlockWorker):
+    """Callable class for ``map_batches``: makes and commits whole blocks, returns one record each.
+
+    The source of GENERATED rows is :meth:`build_source` (a generator backend); a stage that starts
+    from existing images overrides it and keeps everything else (alignment, embedding, commit).
     """
 
-    def __init__(
-        self, stage_dir: str, pending: list[blk.Block], images_per_identity: int,
-        expected_rows: dict[int, int] | None = None, embedder: dict[str, Any] | None = None,
-    ):
-        self.stage_dir = stage_dir
-        self.expected = expected_rows or {b.block_id: b.num_identities * images_per_identity for b in pending}
-        self.embedder = embedder
-        self.identities = {b.block_id: b.num_identities for b in pending}
-        self.parts: dict[int, list[pa.Table]] = {b.block_id: [] for b in pending}
-        self.received: Counter[int] = Counter()
-        self.started = time.time()
-        self.written: list[dict[str, Any]] = []
+    def __init__(self, cfg_json: str, stage_dir: str, config_digest: str, embedder: dict[str, Any] | None = None):
+        self.cfg = FacegenConfig.model_validate_json(cfg_json)
+        self.stage_dir, self.config_digest, self.embedder = stage_dir, config_digest, embedder
+        self.source = self.build_source(self.cfg)
+        self.faces = self.build_faces(self.cfg)
 
-    def add(self, batch: dict[str, np.ndarray]) -> int:
-        """Add one batch; returns the number of rows it held."""
-        table = table_from_batch(batch, sample_schema(batch_embedding_dim(batch)))
-        block_ids = table.column("block_id").to_numpy()
-        for block_id in np.unique(block_ids):
-            block_id = int(block_id)
-            if block_id not in self.parts:
-                raise RuntimeError(f"block {block_id}: rows arrived for a block that was not planned")
-            part = table.filter(pa.array(block_ids == block_id))
-            self.parts[block_id].append(part)
-            self.received[block_id] += part.num_rows
-            if self.received[block_id] > self.expected[block_id]:
-                raise RuntimeError(f"block {block_id}: more rows than planned ({self.received[block_id]})")
-            if self.received[block_id] == self.expected[block_id]:
-                self._commit(block_id)
-        return table.num_rows
+    def build_source(self, cfg: FacegenConfig) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None:
+        """The callable turning identity rows into GENERATED rows: the configured generator."""
+        from facegen.generators import generator_class
 
-    def _commit(self, block_id: int) -> None:
-        table = pa.concat_tables(self.parts.pop(block_id)).sort_by([("identity_id", "ascending"), ("sample_idx", "ascending")])
-        status = table.column("status").to_pylist()
-        reasons = Counter(reason_kind(r) for s, r in zip(status, table.column("reason").to_pylist()) if s != STATUS_OK)
-        true_ids = table.column("true_identity_id").to_numpy()
-        ids = table.column("identity_id").to_numpy()
-        stats = {
-            "identities": self.identities[block_id],
-            "images": table.num_rows,
-            "images_ok": sum(s == STATUS_OK for s in status),
-            "images_error": sum(s != STATUS_OK for s in status),
-            "injected_wrong": int(((true_ids >= 0) & (true_ids != ids)).sum()),
-            "error_reasons": dict(reasons.most_common(5)),
-            "embedder": self.embedder,
-            "seconds_since_start": round(time.time() - self.started, 2),
-        }
-        self.written.append(blk.commit_block(self.stage_dir, block_id, table, stats))
+        return generator_class(cfg.generator.backend)(cfg.generator, cfg.run.seed)
 
-    def unfinished(self) -> dict[int, tuple[int, int]]:
-        """Blocks still missing rows: ``{block_id: (received, expected)}``."""
-        return {b: (self.received[b], self.expected[b]) for b in self.parts}
+    def build_faces(self, cfg: FacegenConfig) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+        """The face stage (detection, alignment, embedding) the GENERATED rows go through."""
+        from facegen.faces.stage import FaceStage
+
+        return FaceStage(cfg.faces)
+
+    def source_for(self, row: dict[str, Any]) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+        """The source of one block's GENERATED rows (a stage whose rows carry their inputs overrides it);
+        a row naming its ``identity_block`` feeds the generator the sampled latents from it."""
+        if row.get("identity_block"):
+            from facegen.stages.identities import with_latents
+
+            return with_latents(self.source, row["identity_block"])
+        return self.source
+
+    def make(self, row: dict[str, Any]) -> dict[str, Any]:
+        """Generate, align, embed and commit one block; returns its stats record."""
+        started, cpu_started = time.time(), time.process_time()
+        block = blk.Block(int(row["block_id"]), int(row["first_id"]), int(row["end_id"]))
+        table = generate_block_table(self.source_for(row), self.faces, block, self.cfg.generator.batch_size, self.cfg.faces.batch_size)
+        stats = block_stats(table, block, self.embedder, self.cfg.generator.hybrid.expansion.histogram_bins)
+        stats.update(config_digest=self.config_digest, seconds=round(time.time() - started, 2),
+                     cpu_seconds=round(time.process_time() - cpu_started, 2))
+        return blk.commit_block(self.stage_dir, block.block_id, table, stats)
 
 
-def map_with_actor_pool(ds, stage_class: type, constructor_kwargs: dict[str, Any], pool: Any):
-    """``ds.map_batches(stage_class)`` on an actor pool sized and placed by ``pool`` settings
-    (``batch_size``, ``concurrency``, ``num_gpus``, ``num_cpus``, ``resources``)."""
-    from ray.data import ActorPoolStrategy
-
-    return ds.map_batches(
-        stage_class,
-        fn_constructor_kwargs=constructor_kwargs,
-        batch_size=pool.batch_size,
-        batch_format="numpy",
-        compute=ActorPoolStrategy(size=pool.concurrency),
-        num_gpus=pool.num_gpus,
-        num_cpus=pool.num_cpus,
-        resources=pool.resources or None,
-    )
+def pool_resources(cfg: FacegenConfig) -> dict[str, Any]:
+    """One generation actor holds the generator and the face stage: it asks for the CPUs of both
+    and the larger GPU (and custom resource) share, since both use the one device it gets."""
+    gen, faces = cfg.generator, cfg.faces
+    resources = {k: max(gen.resources.get(k, 0.0), faces.resources.get(k, 0.0)) for k in {**gen.resources, **faces.resources}}
+    return {"num_cpus": gen.num_cpus + faces.num_cpus, "num_gpus": max(gen.num_gpus, faces.num_gpus), "resources": resources}
 
 
-def build_sample_dataset(cfg: FacegenConfig, pending: list[blk.Block]):
-    """The lazy Ray Dataset of SAMPLE rows for ``pending`` blocks (not executed here)."""
-    from facegen.faces.stage import FaceStage
-    from facegen.generators import generator_class
-    from facegen.identities.seeds import identity_dataset
-    from facegen.stages.identities import identity_latent_dataset
+def checksum_fn(cfg: FacegenConfig) -> Callable[[list[str]], list[str | None]] | None:
+    """How finished blocks are checked (``run.verify``): sha256 in the cluster, or size only (None)."""
+    return cluster_checksums if cfg.run.verify == "sha256" else None
 
-    ds = identity_latent_dataset(cfg, pending)  # the identities stage's latents, when it ran
-    if ds is None:
-        ds = identity_dataset(pending, cfg.identities.block_size)
-    ds = map_with_actor_pool(ds, generator_class(cfg.generator.backend), {"settings": cfg.generator, "seed": cfg.run.seed}, cfg.generator)
-    return map_with_actor_pool(ds, FaceStage, {"settings": cfg.faces}, cfg.faces)
+
+def run_blocks(
+    cfg: FacegenConfig, stage: str, out: str, planned: list[blk.Block], digest: str, actor_class: type,
+    pool_size: int, extra_kwargs: dict[str, Any] | None = None, row_inputs: Callable[[blk.Block], dict[str, Any]] | None = None,
+    images_of: Callable[[blk.Block], int] | None = None, progress: bool = True,
+) -> StageReport:
+    """Make every block of ``planned`` that is not done (or no longer valid) in ``out`` with a pool
+    of ``actor_class`` block actors; the driver keeps one small record per block.
+
+    ``row_inputs(block)`` adds a block's own inputs to its work row (an ingested folder's files);
+    ``images_of(block)`` is how many images it will hold (for the progress bar).
+    """
+    from tqdm.auto import tqdm
+
+    from facegen.faces.embed import describe_embedder
+    from facegen.tracking import start_stage_tracker
+
+    started = time.time()
+    embedder = describe_embedder(cfg.faces.embedder)
+    with StageClaim(out) as claim:
+        claim.remove_stale_temp_files()
+        if cfg.run.overwrite:
+            blk.reset_blocks(out, [b.block_id for b in planned])
+        check = blk.check_blocks(out, [b.block_id for b in planned], config_digest=digest, checksum=checksum_fn(cfg))
+        blk.reset_blocks(out, check.invalid)
+        pending = [b for b in planned if b.block_id not in check.valid]
+        report = StageReport(stage, out, len(planned), len(planned) - len(pending), 0, 0.0,
+                             blocks_redone=len(check.invalid), notes=check.notes(stage))
+        records = list(check.valid.values())
+        failures: list[str] = []
+        tracker = start_stage_tracker(cfg, stage)
+        rows = [{"block_id": b.block_id, "first_id": b.first_id, "end_id": b.end_id, **(row_inputs(b) if row_inputs else {})}
+                for b in pending]
+        total = sum(images_of(b) if images_of else 0 for b in pending)
+        kwargs = {"cfg_json": cfg.model_dump_json(), "stage_dir": out, "config_digest": digest, "embedder": embedder,
+                  **(extra_kwargs or {})}
+        with tqdm(total=total, unit="img", desc=f"{stage} ({len(pending)} blocks)", disable=not progress or not pending) as bar:
+            for record in map_blocks(actor_class, kwargs, rows, pool_size=pool_size, **pool_resources(cfg)):
+                if "error" in record:
+                    failures.append(record["error"])
+                    continue
+                records.append(record)
+                report.blocks_written += 1
+                tracker.log_block(record)
+                bar.update(int(record.get("images", 0)))
+    report.totals = blk.sum_stats(records, GENERATE_COUNTERS)
+    report.histograms = run_similarity_histograms(records)
+    report.seconds = round(time.time() - started, 2)
+    tracker.log_histograms(report.histograms, "similarity")
+    tracker.finish_stage(report)
+    if failures:
+        raise StageError(f"{stage}: {len(failures)} block(s) failed (re-run to retry them); first: {failures[0]}")
+    return report
 
 
 def run_generate(cfg: FacegenConfig, output_dir: str | None = None, progress: bool = True) -> StageReport:
-    """Generate every block of ``cfg.identities`` that is not done yet into ``output_dir``."""
-    import ray
-    from tqdm.auto import tqdm
+    """Generate every block of ``cfg.identities`` that is not done (or no longer valid) into ``output_dir``."""
+    from facegen.lineage import raw_digest, settings_digest
+    from facegen.stages.identities import identity_block_inputs
 
-    out = output_dir or cfg.stage_dir("raw")
-    started = time.time()
+    per_id = cfg.generator.images_per_identity
     planned = blk.plan_blocks(cfg.identities)
-    storage.remove_temp_files(out)
-    if cfg.run.overwrite:
-        blk.reset_blocks(out, [b.block_id for b in planned])
-    pending = [b for b in planned if not blk.is_done(out, b.block_id)]
-    report = StageReport("generate", out, len(planned), len(planned) - len(pending), 0, 0.0)
-    if pending:
-        from facegen.faces.embed import describe_embedder
-
-        per_id = cfg.generator.images_per_identity
-        writer = BlockWriter(out, pending, per_id, embedder=describe_embedder(cfg.faces.embedder))
-        ds = build_sample_dataset(cfg, pending)
-        context = ray.data.DataContext.get_current()
-        keep_order, context.execution_options.preserve_order = context.execution_options.preserve_order, True
-        total = sum(b.num_identities for b in pending) * per_id
-        bar = tqdm(total=total, unit="img", desc=f"generate ({len(pending)} blocks)", disable=not progress)
-        try:
-            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                bar.update(writer.add(batch))
-        finally:
-            context.execution_options.preserve_order = keep_order
-            bar.close()
-        missing = writer.unfinished()
-        if missing:
-            raise RuntimeError(f"generate: blocks ended incomplete {missing} (received, expected)")
-        report.blocks_written = len(writer.written)
-    records = blk.read_stats(out)
-    report.totals = blk.sum_stats(records, ["identities", "images", "images_ok", "images_error", "injected_wrong"])
-    report.seconds = round(time.time() - started, 2)
-    return report
+    digest, row_inputs = raw_digest(cfg), None
+    sampled = identity_block_inputs(cfg, planned)  # a GAN backend after the identities stage: its latents
+    if sampled is not None:
+        row_inputs, identities_digest = sampled
+        digest = settings_digest(digest, identities_digest)  # resampled identities redo the raw blocks
+    return run_blocks(cfg, "generate", output_dir or cfg.stage_dir("raw"), planned, digest,
+                      BlockGenerator, cfg.generator.concurrency, row_inputs=row_inputs,
+                      images_of=lambda b: b.num_identities * per_id, progress=progress)

@@ -18,12 +18,14 @@ import hashlib
 import io
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from facegen import blocks as blk
 from facegen import storage
+from facegen.claims import StageClaim
 from facegen.config import FacegenConfig
 from facegen.schema import identity_table, latents_from_table
 from facegen.stages import StageReport
@@ -81,10 +83,13 @@ def load_reference_embeddings(path: str, column: str, dim: int) -> np.ndarray:
 
 
 def _digest(cfg: FacegenConfig) -> str:
-    data = {"identities": cfg.identities.model_dump(mode="json"), "seed": cfg.run.seed,
-            "generator": {k: v for k, v in cfg.generator.model_dump(mode="json").items()
-                          if k in ("backend", "stylegan2", "dcgan", "embedder")}}
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+    """What shapes the identities: seed, identity and sampler settings, the GAN and the force
+    embedder (input files by content, scheduling fields left out: :mod:`facegen.lineage`)."""
+    from facegen.lineage import settings_digest
+
+    g = cfg.generator
+    gan = getattr(g, g.backend) if g.backend in ("stylegan2", "dcgan") else None
+    return settings_digest(cfg.run.seed, cfg.identities, g.backend, gan, g.embedder)
 
 
 def _save_checkpoint(directory: str, state: Any, extra: dict[str, Any]) -> None:
@@ -214,6 +219,7 @@ def _sample(cfg: FacegenConfig, out: str, progress: bool) -> dict[str, Any]:
     started = time.time()
     summary = _run_gaussian(cfg, out) if cfg.identities.sampler.kind == "gaussian" else _run_langevin(cfg, out, progress)
     summary["seconds"] = round(time.time() - started, 2)
+    summary["digest"] = _digest(cfg)
     storage.write_json_atomic(summary, f"{out}/{SAMPLER_JSON}")
     return summary
 
@@ -223,24 +229,29 @@ def run_identities(cfg: FacegenConfig, progress: bool = True) -> StageReport:
     out = cfg.stage_dir("identities")
     started = time.time()
     planned = blk.plan_blocks(cfg.identities)
-    storage.remove_temp_files(out)
-    if cfg.run.overwrite:
-        storage.remove(f"{out}/{SAMPLER_JSON}")
-        blk.reset_blocks(out, [b.block_id for b in planned])
-        storage.remove(f"{out}/{CHECKPOINT_DIR}/state.json")
-    done = [b for b in planned if blk.is_done(out, b.block_id)]
-    if storage.exists(f"{out}/{SAMPLER_JSON}") and len(done) == len(planned):
-        summary = storage.read_json(f"{out}/{SAMPLER_JSON}")
-        return StageReport("identities", out, len(planned), len(planned), 0, 0.0, _totals(summary))
-    s = cfg.identities.sampler
-    if s.num_gpus > 0 or s.resources:
-        import ray
+    with StageClaim(out) as claim:  # another run sampling here keeps its temp files
+        claim.remove_stale_temp_files()
+        if cfg.run.overwrite:
+            storage.remove(f"{out}/{SAMPLER_JSON}")
+            blk.reset_blocks(out, [b.block_id for b in planned])
+            storage.remove(f"{out}/{CHECKPOINT_DIR}/state.json")
+        digest = _digest(cfg)
+        if storage.exists(f"{out}/{SAMPLER_JSON}") and storage.read_json(f"{out}/{SAMPLER_JSON}").get("digest") != digest:
+            storage.remove(f"{out}/{SAMPLER_JSON}")  # sampled under other settings: sample again
+            blk.reset_blocks(out, [b.block_id for b in planned])
+        done = [b for b in planned if blk.is_done(out, b.block_id)]
+        if storage.exists(f"{out}/{SAMPLER_JSON}") and len(done) == len(planned):
+            summary = storage.read_json(f"{out}/{SAMPLER_JSON}")
+            return StageReport("identities", out, len(planned), len(planned), 0, 0.0, _totals(summary))
+        s = cfg.identities.sampler
+        if s.num_gpus > 0 or s.resources:
+            import ray
 
-        task = ray.remote(num_gpus=s.num_gpus, num_cpus=s.num_cpus, resources=s.resources or None)(_sample)
-        summary = ray.get(task.remote(cfg, out, False))
-    else:
-        summary = _sample(cfg, out, progress)
-    return StageReport("identities", out, len(planned), len(done), summary["blocks_written"], round(time.time() - started, 2), _totals(summary))
+            task = ray.remote(num_gpus=s.num_gpus, num_cpus=s.num_cpus, resources=s.resources or None)(_sample)
+            summary = ray.get(task.remote(cfg, out, False))
+        else:
+            summary = _sample(cfg, out, progress)
+        return StageReport("identities", out, len(planned), len(done), summary["blocks_written"], round(time.time() - started, 2), _totals(summary))
 
 
 def _totals(summary: dict[str, Any]) -> dict[str, Any]:
@@ -253,29 +264,52 @@ def _totals(summary: dict[str, Any]) -> dict[str, Any]:
     return totals
 
 
-def identity_latent_dataset(cfg: FacegenConfig, pending: list[blk.Block]):
-    """Identity rows with their sampled ``latent`` for ``pending`` blocks, or None without a sampler run."""
+def identity_block_inputs(cfg: FacegenConfig, planned: list[blk.Block]) -> tuple[Callable[[blk.Block], dict[str, Any]], str] | None:
+    """For a GAN backend after a sampler run: each raw block's work-row input (its identity block's
+    path) and the digest of all identity blocks the raw blocks derive from; None when generation
+    draws its own gaussian latents (no sampler run, or a backend that takes no latent).
+
+    Checked here, before any block is made: a Langevin sampler that has not run, missing identity
+    blocks, or blocks of another block size are one-line errors."""
+    from facegen.generators.gan import GAN_BACKENDS
+
+    if cfg.generator.backend not in GAN_BACKENDS:
+        return None
     out = cfg.stage_dir("identities")
     if not storage.exists(f"{out}/{SAMPLER_JSON}"):
+        if cfg.identities.sampler.kind == "langevin":
+            raise FileNotFoundError(f"{out}/{SAMPLER_JSON}: identities.sampler.kind is langevin but the sampler has not "
+                                    "run; run facegen identities with this config first")
         return None
-    missing = [b.block_id for b in pending if not blk.is_done(out, b.block_id)]
-    if missing:
-        raise FileNotFoundError(f"{out}: identity blocks {missing[:5]} missing; run facegen identities with this config first")
-    import ray
+    shas = []
+    for b in planned:
+        if not blk.is_done(out, b.block_id):
+            raise FileNotFoundError(f"{blk.block_path(out, b.block_id)}: identity block missing; run facegen identities "
+                                    "with this config first")
+        record = storage.read_json(blk.stats_path(out, b.block_id))
+        if record.get("identities") != b.num_identities:
+            raise ValueError(f"{blk.block_path(out, b.block_id)}: holds {record.get('identities')} identities, generation "
+                             f"expects {b.num_identities}; rerun facegen identities with --set run.overwrite=true")
+        shas.append(record["sha256"])
+    digest = hashlib.sha256("".join(shas).encode()).hexdigest()[:16]
+    return (lambda b: {"identity_block": blk.block_path(out, b.block_id)}), digest
 
-    block_size = cfg.identities.block_size
 
-    def add_block_id(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def with_latents(source: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]], identity_block: str):
+    """``source`` fed identity rows that also carry each identity's sampled ``latent`` (read from
+    ``identity_block`` once)."""
+    table = storage.read_table(identity_block)
+    index = {int(i): row for row, i in enumerate(table.column("identity_id").to_numpy())}
+    latents = latents_from_table(table)
+
+    def call(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ids = np.asarray(batch["identity_id"], np.int64)
-        return {"identity_id": ids, "block_id": ids // block_size, "latent": batch["latent"]}
+        missing = [int(i) for i in ids if int(i) not in index]
+        if missing:
+            raise ValueError(f"{identity_block}: no latent for identities {missing[:5]}")
+        return source({**batch, "latent": latents[[index[int(i)] for i in ids]]})
 
-    for b in pending:
-        held = storage.read_json(blk.stats_path(out, b.block_id)).get("identities")
-        if held != b.num_identities:
-            raise ValueError(f"{blk.block_path(out, b.block_id)}: holds {held} identities, generation expects "
-                             f"{b.num_identities}; rerun facegen identities with --set run.overwrite=true")
-    ds = ray.data.read_parquet([blk.block_path(out, b.block_id) for b in pending]).select_columns(["identity_id", "latent"])
-    return ds.map_batches(add_block_id, batch_format="numpy", batch_size=None)
+    return call
 
 
 def read_latents(cfg: FacegenConfig) -> tuple[np.ndarray, np.ndarray]:

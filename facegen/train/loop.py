@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from facegen.config import FacegenConfig, TrainSettings
+from facegen.lineage import check_training_input, shard_set_digest
 from facegen.storage import exists, read_json, write_json_atomic
 from facegen.models.iresnet_checkpoint import load_backbone, save_backbone, unwrap
 from facegen.train.checkpoint import load_training_state, save_training_state
@@ -238,6 +239,8 @@ def train(cfg: FacegenConfig, shards_dir: str, eval_bins: list[str] | None = Non
     run_dir = f"{storage_path}/{run_name}"
     backbone_dir = f"{run_dir}/backbone"
 
+    # Before Ray Train starts: a run resumes only on the shard set it started on (run.overwrite restarts it).
+    check_training_input(run_dir, shards_dir, shard_set_digest(shards_dir), cfg.run.overwrite)
     finished = _finished(run_dir, settings.epochs)
     if finished is not None:
         logger.info("%s: all %d epochs already done", run_dir, finished.epochs_completed)

@@ -1,0 +1,236 @@
+"""``facegen report``: one self-contained HTML page per dataset, readable in any browser offline.
+
+The page shows an identity grid (images inlined as data URIs), genuine/impostor similarity
+histograms of the raw and the clean blocks, what cleaning removed and why (counts and examples),
+generation errors by kind, the difficulty distribution with the curriculum bucket edges, and the
+verification results of training. Charts are inline SVG, styles inline, no external resource.
+It reads the stats records of every block but the rows of a few blocks only, so it stays quick
+on large datasets.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from facegen import blocks as blk
+from facegen import storage
+from facegen.config import FacegenConfig
+
+REPORT_FILE = "report.html"
+_STYLE = """
+body{font:14px/1.45 system-ui,sans-serif;margin:24px auto;max-width:1100px;color:#222}
+h1{font-size:22px}h2{font-size:17px;margin-top:28px;border-bottom:1px solid #ddd}
+table{border-collapse:collapse}td,th{padding:3px 10px;border-bottom:1px solid #eee;text-align:left}
+.grid{display:grid;gap:4px}.grid figure{margin:0;text-align:center;font-size:10px}
+.grid img{width:72px;height:72px;border:3px solid transparent;display:block}
+img.wrong{border-color:#d22}img.augmented{border-color:#e90}.muted{color:#777}
+"""
+_CHECK = """
+window.addEventListener('load',function(){var all=document.images,ok=0;
+for(var i=0;i<all.length;i++){if(all[i].complete&&all[i].naturalWidth>0){ok++;}}
+var s=document.getElementById('render-check');s.textContent=ok+' of '+all.length+' images rendered';
+s.setAttribute('data-rendered',ok);s.setAttribute('data-images',all.length);});
+"""
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value))
+
+
+def _table(rows: list[tuple[Any, ...]], header: tuple[str, ...] | None = None, cls: str = "") -> str:
+    head = "<tr>" + "".join(f"<th>{_e(h)}</th>" for h in header) + "</tr>" if header else ""
+    body = "".join("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f'<table class="{cls}">{head}{body}</table>'
+
+
+def svg_histogram(series: list[tuple[str, np.ndarray, str]], edges: np.ndarray, markers: list[float] | None = None,
+                  width: int = 640, height: int = 180, label: str = "") -> str:
+    """Overlaid histograms (``(name, counts, colour)`` on shared ``edges``) as an inline SVG.
+
+    Each series is scaled to its own maximum (densities compare, sample sizes do not matter);
+    ``markers`` draw vertical lines (e.g. bucket edges).
+    """
+    edges = np.asarray(edges, np.float64)
+    lo, hi = float(edges[0]), float(edges[-1])
+    x = lambda v: 40 + (float(v) - lo) / max(hi - lo, 1e-12) * (width - 50)  # noqa: E731
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height + 40}" role="img" '
+             f'aria-label="{_e(label)}">']
+    for name, counts, colour in series:
+        counts = np.asarray(counts, np.float64)
+        top = counts.max() if counts.size and counts.max() > 0 else 1.0
+        for k, c in enumerate(counts):
+            h = (height - 10) * c / top
+            parts.append(f'<rect x="{x(edges[k]):.1f}" y="{height - h:.1f}" width="{max(x(edges[k + 1]) - x(edges[k]), 0.5):.1f}" '
+                         f'height="{h:.1f}" fill="{colour}" fill-opacity="0.55"><title>{_e(name)}: {int(c)}</title></rect>')
+    for m in markers or []:
+        parts.append(f'<line x1="{x(m):.1f}" x2="{x(m):.1f}" y1="0" y2="{height}" stroke="#333" stroke-dasharray="3,3"/>')
+    parts.append(f'<line x1="40" x2="{width - 10}" y1="{height}" y2="{height}" stroke="#999"/>')
+    for tick in np.linspace(lo, hi, 5):
+        parts.append(f'<text x="{x(tick):.1f}" y="{height + 14}" font-size="10" text-anchor="middle">{tick:.2f}</text>')
+    for i, (name, _, colour) in enumerate(series):
+        parts.append(f'<text x="{50 + 190 * i}" y="{height + 32}" font-size="11" fill="{colour}">&#9632; {_e(name)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _data_uri(image: bytes) -> str:
+    kind = "png" if image.startswith(b"\x89PNG") else "jpeg"
+    return f"data:image/{kind};base64,{base64.b64encode(image).decode()}"
+
+
+def _read_rows(stage_dir: str, block_ids: list[int], columns: list[str]) -> pa.Table | None:
+    tables = [storage.read_table(blk.block_path(stage_dir, b), columns=columns) for b in block_ids]
+    return pa.concat_tables(tables) if tables else None
+
+
+def identity_grid(table: pa.Table, identities: int, per_identity: int) -> str:
+    """Rows of ``per_identity`` images for the first ``identities`` identities of ``table``."""
+    ids = table.column("identity_id").to_numpy()
+    chosen = np.unique(ids)[:identities]
+    true_ids = pc.fill_null(table.column("true_identity_id"), -1).to_numpy()
+    origin = table.column("origin").to_pylist()
+    images = table.column("image")
+    cells = []
+    for ident in chosen:
+        rows = np.flatnonzero(ids == ident)[:per_identity]
+        for r in rows:
+            cls = "wrong" if true_ids[r] not in (-1, ident) else ("augmented" if origin[r] == "augmented" else "")
+            cells.append(f'<figure><img class="{cls}" alt="identity {ident}" src="{_data_uri(images[int(r)].as_py())}"/></figure>')
+        cells.extend("<figure></figure>" for _ in range(per_identity - len(rows)))
+        cells.append(f'<figure class="muted">id {int(ident)}</figure>')
+    return (f'<div class="grid" id="identity-grid" style="grid-template-columns:repeat({per_identity + 1},76px)">'
+            + "".join(cells) + "</div>")
+
+
+def _similarity_svg(table: pa.Table | None, title: str) -> str:
+    from facegen.eval.report import similarity_stats
+
+    if table is None or table.num_rows < 2 or table.column("embedding").null_count == table.num_rows:
+        return f'<p class="muted">{_e(title)}: no embeddings</p>'
+    table = table.filter(pc.is_valid(table.column("embedding")))
+    stats = similarity_stats(table, max_pairs=5000)
+    edges = np.linspace(-1, 1, 81)
+    summary = stats.summary()
+    return (f"<h3>{_e(title)}</h3>" + svg_histogram(
+        [("impostor pairs", np.histogram(stats.inter, edges)[0], "#2a6fdb"),
+         ("genuine pairs", np.histogram(stats.intra, edges)[0], "#d2452a")], edges, label=title)
+        + f'<p class="similarity-summary" data-intra-mean="{summary["intra_mean"]:.4f}" data-inter-mean="{summary["inter_mean"]:.4f}">'
+        f'mean cosine: genuine {summary["intra_mean"]:.3f}, impostor {summary["inter_mean"]:.3f}; impostor pairs above '
+        f'the 5th percentile of genuine ones: {100 * summary["inter_above_intra_p5"]:.1f}%</p>')
+
+
+def _removed_examples(raw_dir: str, clean: pa.Table, block_ids: list[int], dropped: set[int], limit: int = 24) -> tuple[str, int]:
+    """Thumbnails of raw images that cleaning left out, each with the reason; and how many there were."""
+    raw = _read_rows(raw_dir, block_ids, ["identity_id", "sample_idx", "image", "status", "true_identity_id"])
+    if raw is None:
+        return "", 0
+    raw = raw.filter(pc.equal(raw.column("status"), "ok"))
+    kept = set(zip(clean.column("identity_id").to_pylist(), clean.column("sample_idx").to_pylist()))
+    cells, count = [], 0
+    for i, (ident, idx) in enumerate(zip(raw.column("identity_id").to_pylist(), raw.column("sample_idx").to_pylist())):
+        if (ident, idx) in kept:
+            continue
+        count += 1
+        if len(cells) < limit:
+            why = "identity dropped" if ident in dropped else "outlier or trimmed"
+            truth = raw.column("true_identity_id")[i].as_py()
+            wrong = " (wrong identity)" if truth not in (None, -1, ident) else ""
+            cells.append(f'<figure><img alt="removed" src="{_data_uri(raw.column("image")[i].as_py())}"/>'
+                         f'id {ident}#{idx}<br>{_e(why)}{wrong}</figure>')
+    return '<div class="grid" id="removed-grid" style="grid-template-columns:repeat(8,96px)">' + "".join(cells) + "</div>", count
+
+
+def _verification(cfg: FacegenConfig) -> list[tuple[Any, ...]]:
+    summary_path = f"{cfg.run.output_dir.rstrip('/')}/summary.json"
+    if storage.exists(summary_path):
+        rows = storage.read_json(summary_path).get("verification") or []
+        return [(r["name"], r["pairs"], f"{100 * r['accuracy_mean']:.2f}%", f"{100 * r['accuracy_std']:.2f}") for r in rows]
+    return []
+
+
+def build_report(cfg: FacegenConfig, identities: int = 8, per_identity: int = 8, sample_blocks: int = 2) -> str:
+    """The HTML page of the dataset of ``cfg`` (whatever stages have run so far)."""
+    raw_dir, clean_dir, shards_dir = cfg.stage_dir("raw"), cfg.stage_dir("clean"), cfg.stage_dir("shards")
+    raw_stats, clean_stats = blk.read_stats(raw_dir), blk.read_stats(clean_dir)
+    if not raw_stats and not clean_stats:
+        raise FileNotFoundError(f"{cfg.run.output_dir}: no finished blocks to report on (run `facegen generate` first)")
+    from facegen.stages.clean import CLEAN_COUNTERS
+    from facegen.stages.generate import GENERATE_COUNTERS
+
+    raw_totals, clean_totals = blk.sum_stats(raw_stats, GENERATE_COUNTERS), blk.sum_stats(clean_stats, CLEAN_COUNTERS)
+    sections = [f"<h1>facegen dataset: {_e(cfg.run.name)}</h1>",
+                f'<p class="muted">{_e(cfg.run.output_dir)} &middot; settings digest {_e(cfg.digest())} &middot; '
+                f'<span id="render-check">images not checked</span></p>']
+    sections.append("<h2>Totals</h2>" + _table([("raw blocks", len(raw_stats)), ("clean blocks", len(clean_stats))]
+                                                + [(f"generated: {k}", v) for k, v in raw_totals.items()]
+                                                + [(f"cleaning: {k}", v) for k, v in clean_totals.items()], cls="totals"))
+    source_dir, source_ids = (clean_dir, [int(r["block_id"]) for r in clean_stats]) if clean_stats else (raw_dir, [int(r["block_id"]) for r in raw_stats])
+    grid_rows = _read_rows(source_dir, source_ids[:1], ["identity_id", "sample_idx", "image", "true_identity_id", "origin", "status"])
+    grid_rows = grid_rows.filter(pc.equal(grid_rows.column("status"), "ok"))
+    sections.append(f"<h2>Identity grid</h2><p class=\"muted\">from {_e(source_dir)}; red frame = another identity "
+                    "(ground truth), orange = augmented by top-up</p>" + identity_grid(grid_rows, identities, per_identity))
+
+    sample_ids = [int(r["block_id"]) for r in raw_stats][:sample_blocks]
+    columns = ["identity_id", "embedding", "status"]
+    ok = lambda t: None if t is None else t.filter(pc.equal(t.column("status"), "ok"))  # noqa: E731
+    sections.append("<h2>Similarity histograms</h2>" + _similarity_svg(ok(_read_rows(raw_dir, sample_ids, columns)), "raw blocks")
+                    + _similarity_svg(ok(_read_rows(clean_dir, [b for b in sample_ids if b in source_ids and clean_stats], columns)),
+                                      "clean blocks"))
+
+    errors: dict[str, int] = {}
+    for record in raw_stats:
+        for kind, n in (record.get("error_reasons") or {}).items():
+            errors[kind] = errors.get(kind, 0) + int(n)
+    sections.append("<h2>Generation errors by kind</h2>" + (_table(sorted(errors.items(), key=lambda kv: -kv[1]), ("kind", "images"))
+                                                            if errors else '<p class="muted">none</p>'))
+    if clean_stats:
+        dropped = {int(i) for r in clean_stats for i in r.get("dropped_identity_ids", [])}
+        reasons = [("outliers removed by the consistency expert", clean_totals["images_removed"]),
+                   ("kept images dropped with their identity (fewer than clean.min_images)", clean_totals["images_dropped_with_identity"]),
+                   ("trimmed to clean.target_images", clean_totals["images_trimmed"]),
+                   ("identities dropped", clean_totals["identities_dropped"]),
+                   ("injected wrong-identity images removed",
+                    f"{clean_totals['injected_wrong_removed']} of {clean_totals['injected_wrong_in']}")]
+        for record in clean_stats:
+            for why, n in (record.get("removed_by") or {}).items():
+                reasons.append((f"removed by {why}", n))
+        clean_sample = _read_rows(clean_dir, source_ids[:1], ["identity_id", "sample_idx"])
+        examples, count = _removed_examples(raw_dir, clean_sample, source_ids[:1], dropped)
+        sections.append("<h2>What cleaning removed, and why</h2>" + _table(reasons, ("what", "images"), cls="removed")
+                        + f'<p class="muted">examples from block {source_ids[0]} ({count} left out there):</p>' + examples)
+
+    if storage.exists(f"{shards_dir}/manifest.json"):
+        manifest = storage.read_json(f"{shards_dir}/manifest.json")
+        counts = np.zeros(40, np.int64)
+        edges = np.linspace(0.0, 2.0, 41)
+        for record in clean_stats:
+            hist = record.get("difficulty_histogram") or {}
+            if len(hist.get("counts", [])) == 40:
+                counts += np.asarray(hist["counts"], np.int64)
+        top = float(max(manifest["bucket_edges"][-1], 1e-3))
+        span = edges <= min(2.0, top + 0.05) + 1e-9
+        shown_edges = edges[span] if span.sum() > 2 else edges
+        sections.append("<h2>Difficulty distribution</h2>" + svg_histogram(
+            [("samples (1 - cos to identity centre)", counts[: len(shown_edges) - 1], "#5a3")], shown_edges,
+            markers=manifest["bucket_edges"][1:-1], label="difficulty")
+            + _table([(f"bucket {b}", sum(s["rows"] for s in manifest["shards"] if s["bucket"] == b))
+                      for b in range(manifest["num_buckets"])], ("curriculum bucket", "rows"), cls="buckets"))
+    verification = _verification(cfg)
+    sections.append("<h2>Verification</h2>" + (_table(verification, ("set", "pairs", "accuracy", "std"), cls="verification")
+                                               if verification else '<p class="muted">no verification results yet</p>'))
+    return (f"<!doctype html><html><head><meta charset=\"utf-8\"><title>facegen report: {_e(cfg.run.name)}</title>"
+            f"<style>{_STYLE}</style></head><body>{''.join(sections)}<script>{_CHECK}</script></body></html>")
+
+
+def write_report(cfg: FacegenConfig, path: str | None = None) -> str:
+    """Write :func:`build_report` to ``path`` (default ``<run.output_dir>/report.html``); returns it."""
+    path = path or f"{cfg.run.output_dir.rstrip('/')}/{REPORT_FILE}"
+    storage.write_bytes_atomic(build_report(cfg).encode(), path)
+    return path
+

@@ -1,0 +1,248 @@
+"""``generator.backend: hybrid``: references -> identity feature -> K identity-conditioned images.
+
+HybridGen's generation (ALGORITHMS.md 1.5-1.6) with CemiFace's similarity control (section 3):
+
+1. **Reference** (:mod:`facegen.generators.references`): one accepted face per identity from SD/SDXL
+   text-to-image, a photo folder or any generator backend, through the faces stage's detector; its
+   embedding (``generator.hybrid.embedder``) is the identity feature. An identity without an
+   accepted reference after ``max_attempts`` becomes K error rows that say why.
+2. **Expansion**: sample ``k`` gets a conditioning feature from the unit identity feature scaled to
+   ``expansion.feature_norm`` (:func:`facegen.identities.expansion.sample_conditioning`: Vec2Face
+   noise or a CemiFace band) and is drawn by the expander (``arc2face`` or ``vec2face``; with
+   ``gan`` the reference's own GAN latent is perturbed instead, :mod:`facegen.generators.latent`). With
+   ``measure_similarity`` each image is detected, aligned and embedded again, and the cosine of that
+   embedding to the identity feature is the row's ``realised_similarity``.
+
+Every image is a pure function of ``(run seed, identity id, sample index)``: the reference search,
+the conditioning feature, the diffusion noise and Vec2Face's masks are all seeded from them. Samples
+are computed in micro-batches cut at fixed ``sample_idx`` boundaries of one identity, so the tensors
+are the same whichever Ray batch or actor a sample lands in; :meth:`HybridGenerator.regenerate`
+recomputes one sample alone that way. An out-of-memory batch is split and retried; a sample that
+fails alone becomes an error row.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from facegen.config import GeneratorSettings
+from facegen.faces.align import align_face
+from facegen.generators import check_identity_id, failure_reason, identity_rows, run_with_splitting, sample_seed
+from facegen.generators.references import Reference, build_reference_source, find_reference
+from facegen.identities.expansion import Conditioning, cosine, sample_conditioning
+from facegen.identities.phrases import variation_phrase
+from facegen.schema import GENERATED, LANDMARK_DIM, STATUS_OK, error_row, rows_to_batch
+
+
+#: Latents rendered per GAN call in ``expander: gan``.
+GAN_MICRO_BATCH = 32
+
+
+@dataclass(frozen=True)
+class _Sample:
+    identity_id: int
+    block_id: int
+    sample_idx: int
+    seed: int
+    conditioning: Conditioning
+    phrase: str
+
+
+def build_sources(settings: GeneratorSettings, seed: int, device: str, expander: Any = None) -> tuple[Any, Any]:
+    """The reference source and the expander ``settings.hybrid`` names (``expander`` overrides the
+    latter, e.g. a model built in memory)."""
+    h = settings.hybrid
+    if h.expander == "gan":  # references and expansions from one GAN, in its latent space
+        from facegen.generators.latent import LatentExpander, LatentSource, load_gan
+
+        gan = load_gan(settings, device)
+        backend = h.reference.backend
+        fixed_crop = getattr(settings, backend).crop.kind == "fixed"
+        return LatentSource(gan, seed, h.reference.max_attempts, backend), expander or LatentExpander(gan, fixed_crop)
+    references = build_reference_source(settings, seed, device)
+    if expander is not None:
+        return references, expander
+    if h.expander == "arc2face":
+        from facegen.generators.arc2face import Arc2FaceExpander
+
+        return references, Arc2FaceExpander(h.arc2face, device)
+    from facegen.generators.vec2face import Vec2FaceExpander
+
+    return references, Vec2FaceExpander(h.vec2face, device)
+
+
+def _png(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class HybridGenerator:
+    """Ray Data stage: identity rows -> ``images_per_identity`` expanded images of one person each."""
+
+    def __init__(self, settings: GeneratorSettings, seed: int, expander: Any = None):
+        import torch
+
+        from facegen.faces.detect import build_detector
+        from facegen.faces.embed import build_embedder
+
+        if int(seed) < 0:
+            raise ValueError(f"run.seed must be >= 0, got {seed}")
+        self.settings, self.seed, self.hybrid = settings, int(seed), settings.hybrid
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.detector = build_detector(self.hybrid.detector)
+        if self.detector is None:
+            raise ValueError("generator.hybrid.detector.kind: the hybrid backend needs a face detector, not 'none'")
+        if not self.hybrid.embedder.enabled:
+            raise ValueError("generator.hybrid.embedder.path: the hybrid backend needs an embedder for the identity feature")
+        self.embedder = build_embedder(self.hybrid.embedder)
+        self.references, self.expander = build_sources(settings, self.seed, device, expander)
+        self.micro_batch = {"arc2face": self.hybrid.arc2face.micro_batch, "vec2face": self.hybrid.vec2face.micro_batch}.get(
+            self.hybrid.expander, GAN_MICRO_BATCH)
+        self.latent_space = getattr(self.expander, "conditioning", "feature") == "latent"
+        self.source = f"hybrid:{self.hybrid.reference.backend}+{self.expander.source}"
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows: list[dict[str, Any]] = []
+        for identity_id, block_id in identity_rows(batch):
+            rows += self.identity_rows(identity_id, block_id)
+        return rows_to_batch(rows, GENERATED)
+
+    def regenerate(self, identity_id: int, sample_idx: int, block_id: int = 0) -> dict[str, Any]:
+        """Sample ``sample_idx`` of ``identity_id`` computed alone: the same bytes as in a full run."""
+        return self.identity_rows(identity_id, block_id, only=int(sample_idx))[0]
+
+    # --- one identity ------------------------------------------------------------------------
+
+    def _choose(self, detections, shape):
+        from facegen.faces.detect import choose_face
+
+        return choose_face(detections, shape, self.hybrid.detector)
+
+    def _embed(self, crops: np.ndarray) -> np.ndarray:
+        return self.embedder.embed(np.asarray(crops, np.uint8))
+
+    def reference(self, identity_id: int) -> Reference:
+        """The identity's accepted reference (raises ``ReferenceFailed`` with every reason)."""
+        return find_reference(identity_id, self.references, self.detector.detect_batch, self._choose, self._embed,
+                              self.hybrid.reference.max_attempts)
+
+    def identity_rows(self, identity_id: Any, block_id: Any, only: int | None = None) -> list[dict[str, Any]]:
+        """The GENERATED rows of one identity (or of its sample ``only``)."""
+        per_identity = self.settings.images_per_identity
+        wanted = range(per_identity) if only is None else [only]
+        try:
+            identity_id = check_identity_id(identity_id)
+            if only is not None and not 0 <= only < per_identity:
+                raise ValueError(f"sample_idx {only} is outside [0, {per_identity})")
+            reference = self.reference(identity_id)
+            samples = self._plan(identity_id, int(block_id), reference)
+        except Exception as exc:  # the identity fails as a whole, each sample row says why
+            rows = []
+            for k in wanted:
+                try:
+                    seed = sample_seed(self.seed, identity_id, k)
+                except ValueError:
+                    seed = -1
+                rows.append(error_row(identity_id, block_id, k, seed, self.source, failure_reason(identity_id, k, exc)))
+            return rows
+        rows = []
+        for start in range(0, per_identity, self.micro_batch):
+            window = samples[start : start + self.micro_batch]
+            if only is not None and not start <= only < start + len(window):
+                continue
+            rows += run_with_splitting(window, lambda part: self._render(part, reference), self._failed)
+        return rows if only is None else [r for r in rows if r["sample_idx"] == only]
+
+    def _plan(self, identity_id: int, block_id: int, reference: Reference) -> list[_Sample]:
+        h = self.hybrid
+        per_identity = self.settings.images_per_identity
+        if self.latent_space:  # the GAN's own latent of the reference, as it is
+            base = np.asarray(reference.candidate.latent, np.float64)
+        else:
+            base = reference.feature.astype(np.float64)
+            base = base / np.linalg.norm(base) * h.expansion.feature_norm
+        samples = []
+        for k in range(per_identity):
+            seed = sample_seed(self.seed, identity_id, k)
+            cond = sample_conditioning(base, h.expansion, self.seed, identity_id, k, per_identity, seed)
+            phrase = variation_phrase(seed) if self.expander.takes_text else ""
+            samples.append(_Sample(identity_id, block_id, k, seed, cond, phrase))
+        return samples
+
+    def _failed(self, s: _Sample, exc: BaseException) -> dict[str, Any]:
+        reason = failure_reason(s.identity_id, s.sample_idx, exc)
+        return error_row(s.identity_id, s.block_id, s.sample_idx, s.seed, self.source, reason)
+
+    def _render(self, samples: list[_Sample], reference: Reference) -> list[dict[str, Any]]:
+        features = np.stack([s.conditioning.feature for s in samples])
+        phrases = [s.phrase for s in samples] if self.expander.takes_text else None
+        images = self.expander.render(features, [s.seed for s in samples], phrases)
+        measured = self._measure(images, reference.feature)
+        described = reference.describe(self.hybrid.reference.backend)
+        return [self._row(s, described, image, *m) for s, image, m in zip(samples, images, measured)]
+
+    def _measure(self, images: list[np.ndarray], feature: np.ndarray) -> list[tuple[np.ndarray, float, str]]:
+        """(landmarks [10], realised similarity, face note) per image; NaN where not measured."""
+        nan_points = np.full(LANDMARK_DIM, np.nan, np.float32)
+        known = getattr(self.expander, "known_landmarks", None)
+        if known is not None:  # the expander puts every face at the same place: no detection needed
+            points = [np.asarray(known, np.float32).reshape(-1)] * len(images)
+            if not self.hybrid.measure_similarity:
+                return [(p, float("nan"), "") for p in points]
+            emb = self._embed(np.stack([align_face(im, p) for im, p in zip(images, points)]))
+            return [(p, cosine(e, feature), "") for p, e in zip(points, emb)]
+        if not self.hybrid.measure_similarity:
+            return [(nan_points, float("nan"), "") for _ in images]
+        out, crops, where = [], [], []
+        for image, found in zip(images, self.detector.detect_batch(images)):
+            try:
+                face = self._choose(found, image.shape)
+            except ValueError as exc:
+                out.append((nan_points, float("nan"), str(exc)))
+                continue
+            points = np.asarray(face.landmarks, np.float32).reshape(-1)
+            where.append(len(out))
+            crops.append(align_face(image, points))
+            out.append((points, float("nan"), ""))
+        if crops:
+            for i, e in zip(where, self._embed(np.stack(crops))):
+                out[i] = (out[i][0], cosine(e, feature), "")
+        return out
+
+    def _row(self, s: _Sample, reference: dict[str, Any], image: np.ndarray, landmarks: np.ndarray, realised: float,
+             face_note: str) -> dict[str, Any]:
+        c = s.conditioning
+        expansion = {"mode": c.mode, "space": "latent" if self.latent_space else "feature"}
+        if not self.latent_space:
+            expansion["feature_norm"] = self.hybrid.expansion.feature_norm
+        if c.mode == "noise":
+            expansion["sigma"] = c.sigma
+        meta = {"reference": reference, "expansion": expansion}
+        if s.phrase:
+            meta["phrase"] = s.phrase
+        if face_note:
+            meta["expansion_face"] = face_note
+        return {
+            "identity_id": s.identity_id,
+            "block_id": s.block_id,
+            "sample_idx": s.sample_idx,
+            "seed": s.seed,
+            "source": self.source,
+            "image": _png(image),
+            "landmarks": landmarks,
+            "true_identity_id": -1,
+            "meta": json.dumps(meta, sort_keys=True),
+            "status": STATUS_OK,
+            "reason": "",
+            "band_low": c.band[0],
+            "band_high": c.band[1],
+            "requested_similarity": c.requested_similarity,
+            "realised_similarity": realised,
+        }

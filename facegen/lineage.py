@@ -1,0 +1,149 @@
+"""What each output was made from: digests of settings and inputs along raw -> clean -> shards -> train.
+
+Every raw and clean block's stats record carries the digest of the settings that shaped it
+(:func:`raw_digest`, :func:`clean_digest`); a clean block also records the sha256 of the raw block
+it came from; the shard manifest records its source blocks' sha256, its settings digest and a
+``digest`` of the whole set; a training run records the manifest digest it trained on
+(``<run_dir>/dataset.json``). A stage redoes an output whose recorded digests differ from the
+current ones, and training refuses to resume on another shard set (:func:`check_training_input`).
+
+Settings that only schedule work (pool sizes, batch sizes, devices, resources) are left out of the
+digests, so moving a run to a bigger cluster does not redo it. Fields marked as input paths
+(``json_schema_extra={"input_path": ...}`` in :mod:`facegen.config`) enter a digest by their
+content, not their name, so a moved model folder is the same input and a retrained one is not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import pyarrow.fs as pafs
+from pydantic import BaseModel
+
+from facegen import storage
+from facegen.config import FacegenConfig
+
+#: Settings that change where and how fast work runs, never what it produces.
+SCHEDULING_FIELDS = frozenset({
+    "batch_size", "concurrency", "num_gpus", "num_cpus", "resources", "device", "micro_batch",
+    "dataloader_workers", "cpus_per_worker",
+})
+DATASET_FILE = "dataset.json"
+
+
+class TrainingInputChanged(ValueError):
+    """A training run would resume on another shard set than it started on (one line)."""
+
+
+def _short(blob: bytes) -> str:
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def path_digest(path: str) -> str:
+    """sha256 (16 hex) of a file's content, or of a folder's files (relative names and contents)."""
+    fs, p = storage.filesystem(path)
+    info = fs.get_file_info(p)
+    if info.type == pafs.FileType.File:
+        return storage.sha256_of(path)[:16]
+    if info.type != pafs.FileType.Directory:
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    files = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(p, recursive=True)) if i.type == pafs.FileType.File)
+    h = hashlib.sha256()
+    for full in files:
+        rel = full[len(p.rstrip("/")) + 1 :]
+        h.update(rel.encode() + b"\0" + storage.sha256_of(f"{path.rstrip('/')}/{rel}").encode() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def _digestible(model: BaseModel) -> dict[str, Any]:
+    """``model`` as plain data without scheduling fields, input paths replaced by content digests."""
+    out: dict[str, Any] = {}
+    for name, info in type(model).model_fields.items():
+        if name in SCHEDULING_FIELDS:
+            continue
+        value = getattr(model, name)
+        marker = (info.json_schema_extra or {}).get("input_path") if isinstance(info.json_schema_extra, dict) else None
+        if isinstance(value, BaseModel):
+            out[name] = _digestible(value)
+        elif marker and value:
+            values = value if isinstance(value, list) else [value]
+            out[name] = [_input_digest(str(v)) for v in values]
+        else:
+            out[name] = json.loads(json.dumps(value, default=str))
+    return out
+
+
+def _input_digest(path: str) -> str:
+    fs_path = path.removeprefix("file://")
+    try:
+        return path_digest(fs_path)
+    except (FileNotFoundError, OSError, ValueError):
+        return f"name:{path}"  # a hub id or a path this process cannot see: its name stands for it
+
+
+def settings_digest(*parts: Any) -> str:
+    """Digest (16 hex) of settings sections and plain values, scheduling fields left out."""
+    plain = [_digestible(p) if isinstance(p, BaseModel) else p for p in parts]
+    return _short(json.dumps(plain, sort_keys=True, default=str).encode())
+
+
+def raw_digest(cfg: FacegenConfig) -> str:
+    """What shapes a raw block: seed, block size, the chosen generator backend's settings and the
+    face settings (embedder by content). Other backends' sections are left out."""
+    from facegen.generators import BACKENDS
+
+    generator = _digestible(cfg.generator)
+    for backend in BACKENDS:
+        if backend != cfg.generator.backend:
+            generator.pop(backend, None)
+    return settings_digest(cfg.run.seed, cfg.identities.block_size, generator, cfg.faces)
+
+
+def clean_digest(cfg: FacegenConfig) -> str:
+    """What shapes a clean block besides its raw block: seed, cleaning settings, the embedder."""
+    return settings_digest(cfg.run.seed, cfg.clean, cfg.faces)
+
+
+def shards_digest(cfg: FacegenConfig) -> str:
+    """What shapes the shard set besides its source blocks: the shard settings."""
+    return settings_digest(cfg.shards)
+
+
+def manifest_digest(shards: list[dict[str, Any]], labels_sha256: str, edges: list[float], settings: str) -> str:
+    """Digest of a shard set's content: its shard files, labels, bucket edges and settings."""
+    body = {"shards": sorted((s["path"], s["sha256"]) for s in shards), "labels": labels_sha256,
+            "edges": [float(e) for e in edges], "settings": settings}
+    return _short(json.dumps(body, sort_keys=True).encode())
+
+
+def shard_set_digest(shards_dir: str) -> str:
+    """The ``digest`` of the shard set in ``shards_dir`` (computed for manifests older than it)."""
+    from facegen.shards import load_manifest
+
+    manifest = load_manifest(shards_dir)
+    if manifest.get("digest"):
+        return str(manifest["digest"])
+    return manifest_digest(manifest["shards"], "", manifest["bucket_edges"], str(manifest.get("config_digest", "")))
+
+
+def check_training_input(run_dir: str, shards_dir: str, digest: str, overwrite: bool) -> bool:
+    """Refuse (one line) to resume ``run_dir`` on a shard set other than the one it started on.
+
+    With ``overwrite`` the old run is deleted and training starts afresh. Records ``digest`` in
+    ``<run_dir>/dataset.json`` for the next call. Returns True when an old run was deleted.
+    """
+    marker = f"{run_dir}/{DATASET_FILE}"
+    started_on = storage.read_json(marker).get("manifest_digest") if storage.exists(marker) else None
+    deleted = False
+    if overwrite and storage.exists(run_dir):
+        storage.remove_tree(run_dir)
+        deleted = True
+    elif started_on is not None and started_on != digest:
+        raise TrainingInputChanged(
+            f"{run_dir}: this run trained on shard set {started_on}, but {shards_dir} now holds {digest}; "
+            "set run.overwrite=true to start it afresh, or choose another train.run_name"
+        )
+    storage.write_json_atomic({"manifest_digest": digest, "shards_dir": shards_dir}, marker)
+    return deleted

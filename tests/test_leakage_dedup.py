@@ -1,0 +1,103 @@
+"""Leakage audit (planted copies found, fresh identities flagged at the configured FAR) and dedup search."""
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from facegen.clean.dedup import find_duplicates, survivors
+from facegen.clean.leakage import ReferenceSet, audit, calibrate_far
+from facegen.clean.search import ArrayChunks, search_pairs
+from facegen.config import DedupSettings, LeakageSettings, SearchSettings
+
+DIM = 512
+
+
+def unit(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def samples_around(rng, centres, per, sigma):
+    """Per-sample embeddings of people: normalise(centre + sigma * noise)."""
+    noise = rng.standard_normal((len(centres), per, DIM)) * sigma / np.sqrt(DIM)
+    return unit(centres[:, None, :] + noise)
+
+
+def test_planted_copies_are_found_and_fresh_identities_flagged_at_the_far(tmp_path):
+    rng = np.random.default_rng(0)
+    sigma = 1.0  # genuine pairs of single images at cosine about 0.5
+    # a verification set of 500 real people x 4 images, for the threshold at FAR 1e-4
+    verification = samples_around(rng, unit(rng.standard_normal((500, DIM))), 4, sigma).reshape(-1, DIM)
+    np.savez(tmp_path / "verification.npz", embeddings=verification.astype(np.float32), labels=np.repeat(np.arange(500), 4))
+    # reference centres of 2000 real people, half in .npy, half in Parquet
+    real = unit(rng.standard_normal((2000, DIM)))
+    ref_centres = unit(samples_around(rng, real, 10, sigma).mean(axis=1)).astype(np.float32)
+    np.save(tmp_path / "refs.npy", ref_centres[:1000])
+    pq.write_table(pa.table({"embedding": list(ref_centres[1000:]), "label": [f"person {i}" for i in range(1000, 2000)]}), tmp_path / "refs.parquet")
+    references = ReferenceSet([str(tmp_path / "refs.npy"), str(tmp_path / "refs.parquet")])
+    # synthetic identities: 1000 fresh people, 10 copies and 10 noisy copies of real ones (ids 1000..1019)
+    fresh = unit(samples_around(rng, unit(rng.standard_normal((1000, DIM))), 10, sigma).mean(axis=1))
+    copied = rng.choice(2000, 20, replace=False)
+    copies = unit(samples_around(rng, real[copied[:10]], 10, sigma).mean(axis=1))
+    noisy = unit(samples_around(rng, unit(real[copied[10:]] + 0.8 * unit(rng.standard_normal((10, DIM)))), 10, sigma).mean(axis=1))
+    synthetic = np.vstack([fresh, copies, noisy]).astype(np.float32)
+
+    settings = LeakageSettings(references=[str(tmp_path / "refs.npy")], far=1e-4, verification=str(tmp_path / "verification.npz"), report_pairs=5)
+    result = audit(ArrayChunks(synthetic), references, settings, SearchSettings())
+    cal = result.calibration
+    assert cal["method"] == "far" and cal["impostor_pairs"] == 2000 * 1999 // 2 - 500 * 6
+    assert cal["measured_far"] <= 1e-4
+    pairs = result.pairs.to_pylist()
+    flagged = {p["query_id"] for p in pairs}
+    planted = set(range(1000, 1020))
+    assert planted <= flagged  # every copy and noisy copy found
+    for k, q in enumerate(range(1000, 1020)):  # ... against the right person
+        assert any(p["query_id"] == q and p["base_id"] == copied[k] for p in pairs)
+    fresh_pairs = sum(p["query_id"] < 1000 for p in pairs)
+    rate = fresh_pairs / (1000 * 2000)
+    print(f"threshold {result.threshold:.4f}; fresh identity x reference false accepts {fresh_pairs} ({rate:.2e} per comparison)")
+    assert rate <= 1.3e-4  # the configured FAR 1e-4, with room for sampling noise (expected count 200 +- 14)
+    assert result.histogram.sum() == len(synthetic)
+    assert [n[1] for n in result.nearest][:1][0] in planted and references.describe(1500)[0].startswith("person 1500")
+
+
+def test_far_needs_enough_impostor_pairs_and_a_verification_set():
+    emb = unit(np.random.default_rng(1).standard_normal((20, DIM)))
+    with pytest.raises(ValueError, match="impostor pairs"):
+        calibrate_far(emb, np.arange(20), 1e-4)
+    with pytest.raises(ValueError, match="verification"):
+        LeakageSettings(references=["x.npy"], far=1e-3)
+
+
+def clustered_centres(rng, n, modes=50, weight=0.5):
+    """Identity centres around a few modes (like real embeddings) with planted near-duplicates."""
+    m = unit(rng.standard_normal((modes, DIM)))
+    x = unit(weight * m[rng.integers(0, modes, n)] + unit(rng.standard_normal((n, DIM))))
+    src, dst = np.arange(0, 40, 2), np.arange(1, 40, 2)
+    x[dst] = unit(x[src] + rng.uniform(0.02, 0.05, (20, 1)) * rng.standard_normal((20, DIM)))
+    return x.astype(np.float32)
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf"])
+def test_search_finds_the_pairs_exact_search_finds(kind):
+    rng = np.random.default_rng(2)
+    x = clustered_centres(rng, 4000)
+    exact = x @ x.T
+    np.fill_diagonal(exact, -1)
+    want = {(int(i), int(j)) for i, j in zip(*np.nonzero(np.triu(exact >= 0.7, 1)))}
+    settings = SearchSettings(exact_max_cpu=10**6 if kind == "flat" else 0, approximate_cpu=kind if kind != "flat" else "hnsw",
+                              vectors_per_list=64, nprobe=8, query_chunk=1000,
+                              max_vectors_per_part=1500)  # three base parts: memory bounded by one
+    pairs, plan = search_pairs(ArrayChunks(x, chunk=700), ArrayChunks(x, chunk=700), 0.7, settings, self_join=True)
+    got = set(zip(pairs.column("query_id").to_pylist(), pairs.column("base_id").to_pylist()))
+    assert plan.kind == kind and plan.parts == 3 and len(want) >= 15
+    assert len(got & want) / len(want) >= {"flat": 1.0, "hnsw": 0.99, "ivf": 0.9}[kind] and got <= want
+
+
+def test_dedup_keeps_the_identity_with_more_images():
+    pairs = pa.table({"query_id": [1, 2, 7], "base_id": [2, 3, 8], "cosine": [0.9, 0.8, 0.95]})
+    absorbed = survivors(pairs, {1: 10, 2: 30, 3: 5, 7: 4, 8: 4})
+    assert absorbed == {1: 2, 3: 2, 8: 7}  # a chain is one group; a tie keeps the lower id
+    x = clustered_centres(np.random.default_rng(3), 500)
+    result = find_duplicates(ArrayChunks(x), lambda ids: {int(i): int(i % 7) for i in ids}, DedupSettings(threshold=0.7), SearchSettings())
+    assert result.pairs.num_rows >= 15 and len(result.absorbed) == result.pairs.num_rows
