@@ -1,0 +1,120 @@
+"""The faces stage's two GPU parts, side by side in one run: MTCNN detection and IResNet embedding.
+
+    python bench/gpu_faces.py --device cuda [--images 64] [--embed-batch 256]
+
+1. MTCNN (``facegen.models.mtcnn``, the ``mtcnn`` package's weights) on N 512x512 RGB images:
+   one ``detect_batch`` call for all N versus one call per image; images/s and the ratio. The
+   images are real photos when scikit-image is installed (its astronaut, plain and mirrored, and
+   the astronaut's face pasted at two scales into a grey frame), so the cascade does the work a
+   real dataset asks of it; faces found per image are printed as a check.
+2. IResNet-50 (``facegen.models.iresnet``) on aligned 112x112 crops: embeddings/s at fp32 and
+   under fp16 autocast, with the horizontal flip (two passes) as the faces stage runs it. The
+   weights are seeded random: the cost is the network's, whatever its weights.
+
+Needs torch, numpy, opencv, lz4 and the ``mtcnn`` wheel installed ``--no-deps`` (only its weight
+files are read); not Ray, pydantic or pyarrow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def photos_512(n: int) -> list[np.ndarray]:
+    """``n`` 512x512 RGB images with one face each (real photos when scikit-image is present)."""
+    import cv2
+
+    try:
+        import skimage.data
+
+        astronaut = skimage.data.astronaut()
+    except ImportError:  # the cascade still runs its full pyramid on any image
+        astronaut = np.random.default_rng(0).integers(0, 255, (512, 512, 3), np.uint8)
+    face = astronaut[30:250, 140:330]
+    frames = []
+    for size in (180, 260):
+        frame = np.full((512, 512, 3), 110, np.uint8)
+        resized = cv2.resize(face, (size * face.shape[1] // face.shape[0], size), interpolation=cv2.INTER_AREA)
+        y, x = (512 - resized.shape[0]) // 2, (512 - resized.shape[1]) // 2
+        frame[y : y + resized.shape[0], x : x + resized.shape[1]] = resized
+        frames.append(frame)
+    pool = [astronaut, astronaut[:, ::-1], *frames]
+    return [np.ascontiguousarray(pool[i % len(pool)]) for i in range(n)]
+
+
+def _best(fn, repeat: int) -> float:
+    import torch
+
+    fn()  # warm-up (cuDNN autotune, allocator)
+    best = float("inf")
+    for _ in range(repeat):
+        torch.cuda.synchronize() if torch.cuda.is_available() else None
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize() if torch.cuda.is_available() else None
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def bench_mtcnn(images: list[np.ndarray], device: str, repeat: int) -> None:
+    from facegen.models.mtcnn import MTCNN
+
+    detector = MTCNN(device=device, min_face=20)
+    found = [len(boxes) for boxes, _, _ in detector.detect_batch(images)]
+    batched = len(images) / _best(lambda: detector.detect_batch(images), repeat)
+    single = len(images) / _best(lambda: [detector.detect_batch([im]) for im in images], repeat)
+    print(f"MTCNN 512 px, min_face 20: faces per image {sorted(set(found))} (mean {np.mean(found):.2f})")
+    print(f"| MTCNN batched (one detect_batch of {len(images)}) | {batched:.1f} img/s |")
+    print(f"| MTCNN one image per call | {single:.1f} img/s |")
+    print(f"| ratio batched / one at a time | {batched / single:.2f}x |")
+
+
+def bench_iresnet(device: str, batch: int, repeat: int) -> None:
+    import torch
+
+    from facegen.models.iresnet import iresnet50
+
+    torch.manual_seed(0)
+    net = iresnet50().to(device).eval()
+    crops = torch.randint(0, 255, (batch, 3, 112, 112), dtype=torch.uint8, device=device)
+
+    @torch.inference_mode()
+    def embed(fp16: bool) -> torch.Tensor:
+        x = (crops.float() - 127.5) / 127.5
+        with torch.autocast(device_type=torch.device(device).type, dtype=torch.float16, enabled=fp16):
+            out = net(x) + net(torch.flip(x, dims=[3]))
+        return torch.nn.functional.normalize(out.float(), dim=1)
+
+    rates = {fp16: batch / _best(lambda fp16=fp16: embed(fp16), repeat) for fp16 in (False, True)}
+    print(f"| IResNet-50 + flip, batch {batch}, fp32 | {rates[False]:.0f} crops/s |")
+    print(f"| IResNet-50 + flip, batch {batch}, fp16 autocast | {rates[True]:.0f} crops/s |")
+    print(f"| ratio fp16 / fp32 | {rates[True] / rates[False]:.2f}x |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--embed-batch", type=int, default=256)
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    import torch
+
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("error: --device cuda: no CUDA device visible to torch")
+        torch.backends.cudnn.benchmark = True
+        print(f"device: {torch.cuda.get_device_name()} · torch {torch.__version__}")
+    bench_mtcnn(photos_512(args.images), args.device, args.repeat)
+    bench_iresnet(args.device, args.embed_batch, args.repeat)
+
+
+if __name__ == "__main__":
+    main()
