@@ -5,6 +5,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.facegen-installed
 # torch first, pinned to the CPU build on these machines, so no later range pulls a CUDA build.
 TORCH_SPEC ?= torch==2.13.0
+# The DCGAN face weights (DigiFace-1M, non-commercial research). Its metadata pulls torchvision and
+# wandb[media], which must not be installed here: only the wheel itself goes in (--no-deps).
+GAN_FACE_SPEC ?= gan-face-generate==1.1.1
 DEMO_CONFIG ?= configs/local.yaml
 PYTEST_ARGS ?=
 # Every local Ray started from here stays on 127.0.0.1 (Ray 2.60 otherwise moves a local node to the
@@ -19,6 +22,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet --no-deps "$(GAN_FACE_SPEC)"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -75,6 +75,16 @@ def _print_report(report: Any) -> None:
 
 @app.command()
 @_one_line_errors
+def identities(config: Optional[str] = ConfigOption, set_: Optional[list[str]] = SetOption, progress: bool = ProgressOption,
+               verbose: bool = VerboseOption) -> None:
+    """Sample every identity's latent (gaussian or Langevin) into <output_dir>/identities/."""
+    from facegen.stages.identities import run_identities
+
+    _print_report(run_identities(_load(config, set_, verbose), progress=progress))
+
+
+@app.command()
+@_one_line_errors
 def generate(config: Optional[str] = ConfigOption, set_: Optional[list[str]] = SetOption, progress: bool = ProgressOption,
              verbose: bool = VerboseOption) -> None:
     """Generate, align and embed images for every identity block not done yet."""

@@ -43,12 +43,54 @@ class RaySettings(_Section):
     object_store_memory_gb: float | None = Field(default=None, gt=0)
 
 
+class LangevinSettings(_Section):
+    """Brownian identity diffusion (ALGORITHMS.md 2): soft-sphere repulsion of radius d0 between
+    identity embeddings, latent pull toward w_avg, Brownian noise, adaptive time step."""
+
+    space: Literal["latent", "feature"] = Field(default="latent", description="latent: GAN latents through G and the embedder; feature: points on the embedding hypersphere")
+    iterations: int = Field(default=100, ge=0)
+    k: float = Field(default=1.0, ge=0.0, description="repulsion stiffness")
+    d0: float = Field(default=1.4, gt=0.0, le=3.1416, description="repulsion radius (angle, radians)")
+    k_l: float = Field(default=0.1, ge=0.0, description="latent pull toward w_avg (latent space only)")
+    eta0: float = Field(default=0.01, ge=0.0, description="Brownian noise; on the sphere the total step, spread over the dimensions")
+    tau: float = Field(default=0.3, gt=0.0, description="adaptive step: dt = tau * mu * min distance / max force")
+    mu: float = Field(default=1.0, gt=0.0)
+    dt_max: float = Field(default=1.0, gt=0.0, description="cap of the adaptive step (when forces vanish)")
+    skin: float = Field(default=0.01, ge=0.0, description="repulsion acts out to radius + skin, so Brownian jitter leaves no pair inside the radius")
+    batch_size: int = Field(default=64, ge=1, description="particles per pass through G and the embedder")
+    neighbours: int = Field(default=16, ge=1, description="k of the k-nearest-neighbour pair list")
+    neighbour_index: Literal["auto", "exact", "ivf"] = Field(default="auto", description="auto: exact up to 200k particles or on a GPU, faiss IVF beyond")
+    knn_every: int = Field(default=5, ge=1, description="iterations between neighbour-list rebuilds")
+    chunk_size: int = Field(default=65536, ge=1, description="queries per faiss search / force chunk")
+    checkpoint_every: int = Field(default=10, ge=1)
+    feature_dim: int = Field(default=512, ge=2, description="dimension of feature-space particles")
+    real_embeddings: str | None = Field(
+        default=None, description=".npy or Parquet of real-face embeddings to stay away from",
+        json_schema_extra={"input_path": "required"},
+    )
+    real_column: str = "embedding"
+    constant_radius: float = Field(default=1.4, gt=0.0, le=3.1416, description="repulsion radius around real embeddings (radians)")
+    k_cst: float = Field(default=1.0, ge=0.0, description="stiffness of the repulsion from real embeddings")
+    search_on_gpu: bool = Field(default=True, description="search neighbours on the GPU when CUDA is present")
+
+
+class SamplerSettings(_Section):
+    """How identity latents are drawn: independently (gaussian) or spread apart (langevin)."""
+
+    kind: Literal["gaussian", "langevin"] = "gaussian"
+    langevin: LangevinSettings = LangevinSettings()
+    num_gpus: float = Field(default=0.0, ge=0.0, description="> 0: run the sampler as a Ray task on a GPU worker")
+    num_cpus: float = Field(default=1.0, gt=0.0)
+    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources of the sampler task")
+
+
 class IdentitySettings(_Section):
     """The identity seed stream: ids ``first_id .. first_id + num_identities - 1`` in blocks."""
 
     num_identities: int = Field(default=100, ge=1)
     first_id: int = Field(default=0, ge=0)
     block_size: int = Field(default=50, ge=1, description="identities per resumable block/file")
+    sampler: SamplerSettings = SamplerSettings()
 
 
 class ParametricSettings(_Section):
@@ -196,10 +238,105 @@ class HybridSettings(_Section):
         return self
 
 
+#: FFHQ's aligned eye centres as fractions of the image side; ArcFace's eyes and template in 112 px.
+FFHQ_EYES = [(380 / 1024, 480 / 1024), (650 / 1024, 480 / 1024)]
+ARCFACE_EYES = [(38.2946, 51.6963), (73.5318, 51.5014)]
+ARCFACE_TEMPLATE_112 = [(38.2946, 51.6963), (73.5318, 51.5014), (56.0252, 71.7366), (41.5493, 92.3655), (70.7299, 92.2041)]
+
+
+class GanCropSettings(_Section):
+    """From a GAN image to the ArcFace crop: a fixed similarity transform of reference points
+    (fractions of the generated image) onto 112x112 positions, or the faces stage's detector."""
+
+    kind: Literal["fixed", "detector"] = "fixed"
+    src_points: list[tuple[float, float]] = Field(default_factory=lambda: list(FFHQ_EYES), min_length=2)
+    dst_points: list[tuple[float, float]] = Field(default_factory=lambda: list(ARCFACE_EYES), min_length=2)
+    detector: Literal["mtcnn", "dlib"] = Field(default="mtcnn", description="kind detector: the detector (default settings) whose landmarks identity forces crop by; generated rows carry none, the faces stage's detector aligns them")
+
+    @model_validator(mode="after")
+    def _paired(self) -> "GanCropSettings":
+        if len(self.src_points) != len(self.dst_points):
+            raise ValueError("src_points and dst_points must have the same length")
+        return self
+
+
+class StyleGAN2Settings(_Section):
+    """A StyleGAN2 network: NVIDIA ``.pkl`` (restricted unpickler) or rosinality ``.pt`` (weights only)."""
+
+    checkpoint: str | None = Field(default=None, json_schema_extra={"input_path": "required"})
+    network: str = Field(default="G_ema", description="which network of an NVIDIA pickle")
+    truncation_psi: float = Field(default=0.7, ge=0.0, le=1.0)
+    noise_mode: Literal["const", "random", "none"] = "const"
+    fp16: bool = Field(default=True, description="fp16 blocks on CUDA as the checkpoint declares them")
+    crop: GanCropSettings = GanCropSettings()
+
+
+class DcganSettings(_Section):
+    """The DCGAN of ``gan-face-generate`` (64 px, DigiFace-1M: non-commercial research only)."""
+
+    weights: str | None = Field(
+        default=None, description="weights.tar; None = the one packaged with gan-face-generate",
+        json_schema_extra={"input_path": "required"},
+    )
+    crop: GanCropSettings = GanCropSettings(
+        src_points=[(x / 112, y / 112) for x, y in ARCFACE_TEMPLATE_112], dst_points=list(ARCFACE_TEMPLATE_112)
+    )
+
+
+class ForceEmbedderSettings(_Section):
+    """The differentiable embedder identity forces go through: a facegen IResNet folder or an
+    insightface arcface_torch ``.pth`` (with ``arch``); same names as ``faces.embedder``."""
+
+    kind: Literal["facegen", "arcface_torch"] = "facegen"
+    path: str | None = Field(default=None, json_schema_extra={"input_path": "required"})
+    arch: Literal["iresnet18", "iresnet34", "iresnet50", "iresnet100"] | None = Field(
+        default=None, description="arcface_torch only: the network the .pth belongs to"
+    )
+    device: str = "auto"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "checkpoint" in data:
+            raise ValueError("checkpoint was renamed: use generator.embedder.path (and generator.embedder.kind)")
+        return data
+
+    @model_validator(mode="after")
+    def _complete(self) -> "ForceEmbedderSettings":
+        if self.kind == "arcface_torch" and self.path and self.arch is None:
+            raise ValueError("arch: an arcface_torch .pth needs its network (iresnet18/34/50/100)")
+        return self
+
+
+class DispersionSettings(_Section):
+    """Variations of one identity (ALGORITHMS.md 2): variants pulled back to the reference embedding,
+    repelled from each other in latent space, pulled toward w_avg, with noise."""
+
+    sigma: float = Field(default=0.2, ge=0.0, description="initial spread w_ref + sigma N(0, I); also the spread of plain noise")
+    iterations: int = Field(default=20, ge=0)
+    k_e: float = Field(default=20.0, ge=0.0)
+    k_w: float = Field(default=1.0, ge=0.0)
+    r_w: float = Field(default=12.0, gt=0.0)
+    k_g: float = Field(default=1.0, ge=0.0)
+    eta0: float = Field(default=0.05, ge=0.0)
+    dt: float = Field(default=0.05, gt=0.0)
+
+
+class DiscoSettings(_Section):
+    """DisCo covariates: latent directions (pose, illumination, expressions) with their spreads."""
+
+    directions: str | None = Field(
+        default=None, description=".npy: [D, latent] unit directions, or a dict-like .npz with 'directions' and 'spreads'",
+        json_schema_extra={"input_path": "required"},
+    )
+    spreads: list[float] | None = Field(default=None, description="per-direction spread in latent units (None = the vectors' norms)")
+    amplitude: float = Field(default=0.5, gt=0.0, description="u_d ~ U(-amplitude, amplitude)")
+
+
 class GeneratorSettings(_Section):
     """Which backend renders images and how its Ray Data actor pool is sized."""
 
-    backend: Literal["parametric", "diffusion", "hybrid"] = "parametric"
+    backend: Literal["parametric", "diffusion", "hybrid", "stylegan2", "dcgan"] = "parametric"
     images_per_identity: int = Field(default=20, ge=1)
     batch_size: int = Field(default=8, ge=1, description="identities per map_batches call")
     concurrency: int = Field(default=1, ge=1, description="actors in the pool")
@@ -208,6 +345,13 @@ class GeneratorSettings(_Section):
     resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources, e.g. {generation: 1}")
     parametric: ParametricSettings = ParametricSettings()
     diffusion: DiffusionSettings = DiffusionSettings()
+    variation: Literal["noise", "dispersion", "disco"] = Field(default="noise", description="GAN backends: how the images of one identity vary")
+    device: str = Field(default="auto", description="GAN backends: torch device")
+    stylegan2: StyleGAN2Settings = StyleGAN2Settings()
+    dcgan: DcganSettings = DcganSettings()
+    embedder: ForceEmbedderSettings = ForceEmbedderSettings()
+    dispersion: DispersionSettings = DispersionSettings()
+    disco: DiscoSettings = DiscoSettings()
     hybrid: HybridSettings = Field(default_factory=lambda: HybridSettings())
 
     @model_validator(mode="after")

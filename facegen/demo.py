@@ -28,6 +28,7 @@ def _side_config(cfg: FacegenConfig, name: str, first_id: int, num_identities: i
     side.generator.images_per_identity = images_per_identity
     side.generator.parametric.wrong_identity_rate = 0.0
     side.faces.embedder.kind, side.faces.embedder.path = "facegen", None
+    side.generator.variation = "noise"  # Dispersion/DisCo need the embedder this side run may be training
     return side
 
 

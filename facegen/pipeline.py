@@ -19,6 +19,7 @@ class PipelineSummary:
     """Everything the final table shows; saved to ``<output_dir>/summary.json``."""
 
     config_digest: str
+    identities: dict[str, Any] = field(default_factory=dict)
     generate: dict[str, Any] = field(default_factory=dict)
     clean: dict[str, Any] = field(default_factory=dict)
     shard: dict[str, Any] = field(default_factory=dict)
@@ -66,8 +67,10 @@ def run_eval_on_cluster(cfg: FacegenConfig, checkpoint: str, bins: list[str]) ->
 def run_pipeline(cfg: FacegenConfig, progress: bool = True) -> PipelineSummary:
     """Run every stage of ``cfg`` in order on the connected Ray cluster."""
     from facegen.demo import bootstrap_embedder, write_heldout_bin
+    from facegen.generators.gan import GAN_BACKENDS
     from facegen.stages.clean import run_clean
     from facegen.stages.generate import run_generate
+    from facegen.stages.identities import run_identities
     from facegen.stages.shard import run_shard
     from facegen.train.loop import train
 
@@ -85,11 +88,20 @@ def run_pipeline(cfg: FacegenConfig, progress: bool = True) -> PipelineSummary:
         lap("bootstrap_embedder")
     if not cfg.faces.embedder.enabled:
         raise ValueError("faces.embedder.path: the pipeline needs an embedder (or demo.bootstrap_identities > 0)")
+    gan = cfg.generator.backend in GAN_BACKENDS
+    faces_embedder = cfg.faces.embedder
+    if gan and not cfg.generator.embedder.path and faces_embedder.kind in ("facegen", "arcface_torch"):
+        # identity forces (Langevin, Dispersion) go through the run's own embedder unless one is named
+        cfg.generator.embedder.kind, cfg.generator.embedder.path = faces_embedder.kind, faces_embedder.path
+        cfg.generator.embedder.arch = faces_embedder.arch
     bins = list(cfg.eval.bins)
     if cfg.demo.heldout_identities:
         bins.insert(0, write_heldout_bin(cfg, progress=progress))
         lap("heldout_bin")
 
+    if gan or cfg.identities.sampler.kind == "langevin":
+        summary.identities = asdict(run_identities(cfg, progress=progress))
+        lap("identities")
     summary.generate = asdict(run_generate(cfg, progress=progress))
     lap("generate")
     summary.clean = asdict(run_clean(cfg, progress=progress))
@@ -109,6 +121,7 @@ def run_pipeline(cfg: FacegenConfig, progress: bool = True) -> PipelineSummary:
         summary.verification = run_eval_on_cluster(cfg, result.backbone_dir, bins)
         lap("eval")
     summary.outputs = {
+        "identity latents": cfg.stage_dir("identities") if summary.identities else "",
         "raw blocks": cfg.stage_dir("raw"),
         "clean blocks": cfg.stage_dir("clean"),
         "curriculum shards": cfg.stage_dir("shards"),
@@ -131,7 +144,8 @@ def summary_rows(summary: PipelineSummary) -> list[tuple[str, str]]:
     """The final table as (what, value) rows."""
     g, c = summary.generate.get("totals", {}), summary.clean.get("totals", {})
     caught = f"{c.get('injected_wrong_removed', 0)} of {c.get('injected_wrong_in', 0)}"
-    rows = [
+    rows = [(f"identity sampling: {k}", str(v)) for k, v in summary.identities.get("totals", {}).items()]
+    rows += [
         ("identities generated", str(g.get("identities", 0))),
         ("images generated (ok / error)", f"{g.get('images', 0)} ({g.get('images_ok', 0)} / {g.get('images_error', 0)})"),
         ("injected wrong-identity images", str(g.get("injected_wrong", 0))),
@@ -148,6 +162,6 @@ def summary_rows(summary: PipelineSummary) -> list[tuple[str, str]]:
         rows.append((f"verification accuracy: {v['name']}", f"{100 * v['accuracy_mean']:.2f}% +- {100 * v['accuracy_std']:.2f} ({v['pairs']} pairs, chance 50%)"))
     for stage in (summary.generate, summary.clean, summary.shard):
         rows.extend(("note", note) for note in stage.get("notes", []))  # blocks found bad and redone
-    rows.extend((f"output: {k}", str(v)) for k, v in summary.outputs.items())
+    rows.extend((f"output: {k}", str(v)) for k, v in summary.outputs.items() if v)
     rows.append(("wall time per step (s)", ", ".join(f"{k} {v}" for k, v in summary.seconds.items())))
     return rows

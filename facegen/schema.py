@@ -33,6 +33,10 @@ with NaN.
     reason>> (one entry per expert that ran), decided_by:string (the fusion rule or later step that
     settled the row). status is "ok" (kept), "dropped" (reason says why) or "error" (from upstream).
 
+``IDENTITY`` (identities stage -> generation; ``<output_dir>/identities/block-XXXXXX.parquet``)
+    identity_id:int64, latent:list<float32> (a GAN latent or an identity feature; its length is the
+    sampler space's dimension), sampler:string ("gaussian" | "langevin-latent" | "langevin-feature").
+
 Batches are ``dict[str, np.ndarray]`` (Ray Data's numpy format): list columns are 2-D arrays,
 binary columns are object arrays of ``bytes``.
 """
@@ -144,6 +148,36 @@ def clean_schema(embedding_dim: int = DEFAULT_EMBEDDING_DIM) -> pa.Schema:
 
 #: Column names of every CLEAN table, in order.
 CLEAN_NAMES: tuple[str, ...] = tuple(clean_schema().names)
+
+
+IDENTITY = pa.schema(
+    [
+        pa.field("identity_id", pa.int64(), nullable=False),
+        pa.field("latent", pa.list_(pa.float32())),
+        pa.field("sampler", pa.string()),
+    ]
+)
+
+
+def identity_table(identity_ids: np.ndarray, latents: np.ndarray, sampler: str) -> pa.Table:
+    """An IDENTITY table: one row per identity with its latent vector."""
+    latents = np.ascontiguousarray(latents, np.float32)
+    if latents.ndim != 2 or len(latents) != len(identity_ids):
+        raise ValueError(f"identity latents: expected shape ({len(identity_ids)}, d), got {latents.shape}")
+    offsets = pa.array(np.arange(0, latents.size + 1, max(latents.shape[1], 1), dtype=np.int32)[: len(latents) + 1])
+    latent = pa.ListArray.from_arrays(offsets, pa.array(latents.reshape(-1)))
+    ids = pa.array(np.asarray(identity_ids, np.int64))
+    return pa.Table.from_arrays([ids, latent, pa.array([sampler] * len(ids), pa.string())], schema=IDENTITY)
+
+
+def latents_from_table(table: pa.Table) -> np.ndarray:
+    """The ``latent`` column of an IDENTITY table as float32 ``[n, d]`` (all rows the same length)."""
+    column = table.column("latent").combine_chunks()
+    lengths = set(column.value_lengths().to_numpy(zero_copy_only=False).tolist())
+    if len(lengths) > 1:
+        raise ValueError(f"identity latents have different lengths {sorted(lengths)}")
+    dim = lengths.pop() if lengths else 0
+    return column.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(column), dim)
 
 
 def _column_array(field: pa.Field, values: Any) -> pa.Array:

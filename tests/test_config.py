@@ -1,14 +1,19 @@
 """Settings: YAML + overrides, and one-line errors naming the file and the field."""
 
+from pathlib import Path
+
 import pytest
 
 from facegen.config import ConfigError, FacegenConfig, config_from_dict, load_config, parse_override
 
 
 def test_repo_configs_load():
-    for name in ("configs/local.yaml", "configs/sd_cluster.yaml", "configs/ingest.yaml", "configs/hybrid.yaml"):
+    names = sorted(str(p) for p in Path("configs").glob("*.yaml"))  # every shipped config, so none goes stale
+    assert {"configs/local.yaml", "configs/hybrid.yaml", "configs/disco.yaml", "configs/gan_local.yaml"} <= set(names)
+    for name in names:
         cfg = load_config(name)
         assert isinstance(cfg, FacegenConfig)
+        assert cfg.train.batch_size % cfg.train.data.streams == 0, name  # the global batch splits over the streams
     assert load_config("configs/local.yaml").generator.backend == "parametric"
     assert load_config("configs/sd_cluster.yaml").train.arch == "iresnet50"
     assert load_config("configs/local.yaml").faces.detector.kind == "none"  # the renderer's landmarks
@@ -41,7 +46,7 @@ def test_unknown_key_and_override_errors(tmp_path):
     path.write_text("generator:\n  backnd: diffusion\n")
     with pytest.raises(ConfigError, match=r"typo.yaml: generator.backnd: Extra inputs are not permitted"):
         load_config(path)
-    with pytest.raises(ConfigError, match=r"generator.backend: Input should be 'parametric', 'diffusion'"):
+    with pytest.raises(ConfigError, match=r"generator.backend: Input should be 'parametric', 'diffusion'.*\(got 'gan'\)"):
         config_from_dict({}, "x.yaml", ["generator.backend=gan"])
     with pytest.raises(ConfigError, match="expected key.path=value"):
         config_from_dict({}, "x.yaml", ["train.epochs"])

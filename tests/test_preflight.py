@@ -41,3 +41,22 @@ def test_every_marked_input_path_is_checked(tmp_path):
         assert "generator.diffusion.model" in str(exc)
     else:
         raise AssertionError("a missing local model folder passed the check")
+
+
+def test_gan_input_paths_are_marked_and_checked(tmp_path):
+    weights = tmp_path / "weights.tar"
+    weights.write_bytes(b"x")
+    cfg = config_from_dict({"generator": {
+        "backend": "stylegan2", "stylegan2": {"checkpoint": str(tmp_path / "ffhq-256.pkl")},
+        "dcgan": {"weights": str(weights)}, "embedder": {"path": str(tmp_path / "student")},
+        "disco": {"directions": str(tmp_path / "directions.npz")}},
+        "identities": {"sampler": {"langevin": {"real_embeddings": str(tmp_path / "real.npy")}}}}, "test")
+    fields = {field for field, _, kind in input_paths(cfg) if kind == "required"}
+    assert {"generator.stylegan2.checkpoint", "generator.dcgan.weights", "generator.embedder.path",
+            "generator.disco.directions", "identities.sampler.langevin.real_embeddings"} <= fields
+    try:
+        check_input_paths(cfg, "gan.yaml")
+    except ValueError as exc:
+        assert str(exc) == f"gan.yaml: identities.sampler.langevin.real_embeddings: {tmp_path / 'real.npy'}: no such file or folder"
+    else:
+        raise AssertionError("a missing real-embeddings file passed the check")

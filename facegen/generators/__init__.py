@@ -15,12 +15,14 @@ import importlib
 import numpy as np
 
 #: Names accepted by ``generator.backend``.
-BACKENDS = ("parametric", "diffusion", "hybrid")
+BACKENDS = ("parametric", "diffusion", "hybrid", "stylegan2", "dcgan")
 
 _CLASSES = {
     "parametric": ("facegen.generators.parametric", "ParametricGenerator"),
     "diffusion": ("facegen.generators.diffusion", "DiffusionGenerator"),
     "hybrid": ("facegen.generators.hybrid", "HybridGenerator"),
+    "stylegan2": ("facegen.generators.gan_backend", "GanGenerator"),
+    "dcgan": ("facegen.generators.gan_backend", "GanGenerator"),
 }
 
 #: Domain tag of per-sample seeds (distinct from every identity-level tag).

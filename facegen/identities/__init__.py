@@ -1,1 +1,1 @@
-"""Identities: the deterministic seed stream and the attributes that describe each identity."""
+"""Identities: the deterministic seed stream, their attributes, where their latents go (Langevin) and how one identity varies (Dispersion, DisCo)."""

@@ -144,7 +144,12 @@ class BlockGenerator(BlockWorker):
         return FaceStage(cfg.faces)
 
     def source_for(self, row: dict[str, Any]) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
-        """The source of one block's GENERATED rows (a stage whose rows carry their inputs overrides it)."""
+        """The source of one block's GENERATED rows (a stage whose rows carry their inputs overrides it);
+        a row naming its ``identity_block`` feeds the generator the sampled latents from it."""
+        if row.get("identity_block"):
+            from facegen.stages.identities import with_latents
+
+            return with_latents(self.source, row["identity_block"])
         return self.source
 
     def make(self, row: dict[str, Any]) -> dict[str, Any]:
@@ -227,9 +232,16 @@ def run_blocks(
 
 def run_generate(cfg: FacegenConfig, output_dir: str | None = None, progress: bool = True) -> StageReport:
     """Generate every block of ``cfg.identities`` that is not done (or no longer valid) into ``output_dir``."""
-    from facegen.lineage import raw_digest
+    from facegen.lineage import raw_digest, settings_digest
+    from facegen.stages.identities import identity_block_inputs
 
     per_id = cfg.generator.images_per_identity
-    return run_blocks(cfg, "generate", output_dir or cfg.stage_dir("raw"), blk.plan_blocks(cfg.identities), raw_digest(cfg),
-                      BlockGenerator, cfg.generator.concurrency, images_of=lambda b: b.num_identities * per_id,
-                      progress=progress)
+    planned = blk.plan_blocks(cfg.identities)
+    digest, row_inputs = raw_digest(cfg), None
+    sampled = identity_block_inputs(cfg, planned)  # a GAN backend after the identities stage: its latents
+    if sampled is not None:
+        row_inputs, identities_digest = sampled
+        digest = settings_digest(digest, identities_digest)  # resampled identities redo the raw blocks
+    return run_blocks(cfg, "generate", output_dir or cfg.stage_dir("raw"), planned, digest,
+                      BlockGenerator, cfg.generator.concurrency, row_inputs=row_inputs,
+                      images_of=lambda b: b.num_identities * per_id, progress=progress)

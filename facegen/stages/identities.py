@@ -1,0 +1,325 @@
+"""Identity sampling stage: every identity's latent, written as data before generation.
+
+``<output_dir>/identities/`` holds one ``block-XXXXXX.parquet`` (IDENTITY rows: ``identity_id``,
+``latent``, ``sampler``) and stats record per block of consecutive ids, and ``sampler.json`` (the
+sampler, its settings, per-iteration statistics, the start and end measurements), written last:
+the stage is done when it and every block exist. Generation reads the latents when they exist.
+
+``gaussian`` draws each identity's latent independently (the GAN's own prior); ``langevin`` moves all
+of them together (:mod:`facegen.identities.langevin`), in the GAN's latent space (forces through G,
+the ArcFace crop and a differentiable embedder) or on the embedding hypersphere (``feature``, for
+feature-conditioned generators). Langevin checkpoints its particles every ``checkpoint_every``
+iterations under ``identities/langevin-checkpoint/`` and resumes from there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from facegen import blocks as blk
+from facegen import storage
+from facegen.claims import StageClaim
+from facegen.config import FacegenConfig
+from facegen.schema import identity_table, latents_from_table
+from facegen.stages import StageReport
+
+SAMPLER_JSON = "sampler.json"
+CHECKPOINT_DIR = "langevin-checkpoint"
+#: Domain tags of the sampler's random streams.
+FEATURE_TAG = 0xFEA7
+LANGEVIN_NOISE_TAG = 0x1A76
+
+
+def sampler_name(cfg: FacegenConfig) -> str:
+    """``gaussian``, ``langevin-latent`` or ``langevin-feature``."""
+    s = cfg.identities.sampler
+    return "gaussian" if s.kind == "gaussian" else f"langevin-{s.langevin.space}"
+
+
+def identity_ids(cfg: FacegenConfig) -> np.ndarray:
+    """All identity ids of the run, ascending."""
+    return np.arange(cfg.identities.first_id, cfg.identities.first_id + cfg.identities.num_identities, dtype=np.int64)
+
+
+def feature_gaussian(seed: int, ids: np.ndarray, dim: int) -> np.ndarray:
+    """Independent unit vectors on the ``dim``-sphere, one per identity (a function of seed and id)."""
+    from facegen.identities.seeds import identity_rng
+
+    out = np.empty((len(ids), dim), np.float32)
+    for row, identity_id in enumerate(ids):
+        v = identity_rng(seed, int(identity_id), FEATURE_TAG).standard_normal(dim)
+        out[row] = v / np.linalg.norm(v)
+    return out
+
+
+def load_reference_embeddings(path: str, column: str, dim: int) -> np.ndarray:
+    """Real-face embeddings ``[M, dim]`` (unit rows) from a ``.npy`` or a Parquet column."""
+    if not storage.exists(path):
+        raise FileNotFoundError(f"{path}: real embeddings not found (identities.sampler.langevin.real_embeddings)")
+    if path.endswith(".npy"):
+        try:
+            array = np.load(io.BytesIO(storage.read_bytes(path)), allow_pickle=False)
+        except ValueError as exc:
+            raise ValueError(f"{path}: not a numeric .npy ({exc})") from None
+    else:
+        table = storage.read_table(path)
+        if column not in table.column_names:
+            raise ValueError(f"{path}: no column {column!r} (has {table.column_names})")
+        array = np.array(table.column(column).to_pylist(), dtype=np.float32)
+    array = np.asarray(array, np.float32)
+    if array.ndim != 2 or array.shape[1] != dim or len(array) == 0:
+        raise ValueError(f"{path}: real embeddings must have shape [M, {dim}], got {array.shape}")
+    norms = np.linalg.norm(array, axis=1, keepdims=True)
+    if not np.all(np.isfinite(array)) or np.any(norms == 0):
+        raise ValueError(f"{path}: real embeddings contain zero or non-finite rows")
+    return array / norms
+
+
+def _digest(cfg: FacegenConfig) -> str:
+    """What shapes the identities: seed, identity and sampler settings, the GAN and the force
+    embedder (input files by content, scheduling fields left out: :mod:`facegen.lineage`)."""
+    from facegen.lineage import settings_digest
+
+    g = cfg.generator
+    gan = getattr(g, g.backend) if g.backend in ("stylegan2", "dcgan") else None
+    return settings_digest(cfg.run.seed, cfg.identities, g.backend, gan, g.embedder)
+
+
+def _save_checkpoint(directory: str, state: Any, extra: dict[str, Any]) -> None:
+    buf = io.BytesIO()
+    np.save(buf, state.particles)
+    storage.write_bytes_atomic(buf.getvalue(), f"{directory}/particles.npy")
+    record = {"iteration": state.iteration, "rng": state.rng.bit_generator.state, "history": state.history, **extra}
+    storage.write_json_atomic(record, f"{directory}/state.json")
+
+
+def _load_checkpoint(directory: str, digest: str, shape: tuple[int, int]):
+    from facegen.identities.langevin import LangevinState
+
+    if not storage.exists(f"{directory}/state.json"):
+        return None, None
+    record = storage.read_json(f"{directory}/state.json")
+    if record.get("digest") != digest:
+        return None, None  # written under other settings: start over
+    particles = np.load(io.BytesIO(storage.read_bytes(f"{directory}/particles.npy")), allow_pickle=False)
+    if particles.shape != shape:
+        return None, None
+    rng = np.random.default_rng()
+    rng.bit_generator.state = record["rng"]
+    return LangevinState(np.ascontiguousarray(particles, np.float32), int(record["iteration"]), rng, list(record["history"])), record
+
+
+def _write_blocks(out: str, cfg: FacegenConfig, ids: np.ndarray, latents: np.ndarray, name: str) -> int:
+    written = 0
+    first = cfg.identities.first_id
+    for block in blk.plan_blocks(cfg.identities):
+        if blk.is_done(out, block.block_id):
+            continue
+        rows = slice(block.first_id - first, block.end_id - first)
+        table = identity_table(ids[rows], latents[rows], name)
+        blk.commit_block(out, block.block_id, table, {"identities": block.num_identities, "sampler": name,
+                                                      "latent_dim": int(latents.shape[1])})
+        written += 1
+    return written
+
+
+def _run_gaussian(cfg: FacegenConfig, out: str) -> dict[str, Any]:
+    from facegen.generators.gan import build_gan
+
+    gan = build_gan(cfg.generator)
+    written = 0
+    for block in blk.plan_blocks(cfg.identities):
+        if blk.is_done(out, block.block_id):
+            continue
+        ids = np.arange(block.first_id, block.end_id, dtype=np.int64)
+        latents = gan.gaussian_latents(cfg.run.seed, ids)
+        blk.commit_block(out, block.block_id, identity_table(ids, latents, "gaussian"),
+                         {"identities": block.num_identities, "sampler": "gaussian", "latent_dim": gan.latent_dim})
+        written += 1
+    return {"kind": "gaussian", "space": "latent", "backend": cfg.generator.backend, "latent_dim": gan.latent_dim,
+            "identities": cfg.identities.num_identities, "blocks_written": written}
+
+
+def _langevin_space(cfg: FacegenConfig, ids: np.ndarray):
+    from facegen.identities.langevin import FeatureSpace, LatentSpace
+
+    ls = cfg.identities.sampler.langevin
+    if ls.space == "feature":
+        return FeatureSpace(), feature_gaussian(cfg.run.seed, ids, ls.feature_dim), ls.feature_dim
+    from facegen.generators.gan import build_gan, crop_detector
+    from facegen.identities.encoder import ForceEmbedder, IdentityEncoder
+
+    gan = build_gan(cfg.generator)
+    embedder = ForceEmbedder(cfg.generator.embedder, gan.device)
+    encoder = IdentityEncoder(gan, embedder, ls.batch_size, crop_detector(cfg.generator))
+    start = gan.gaussian_latents(cfg.run.seed, ids)
+    dim = int(encoder.embed(start[:1]).shape[1])
+    return LatentSpace(encoder, gan.latent_mean.cpu().numpy()), start, dim
+
+
+def _run_langevin(cfg: FacegenConfig, out: str, progress: bool) -> dict[str, Any]:
+    from tqdm.auto import tqdm
+
+    from facegen.identities.langevin import LangevinSampler, LangevinState
+    from facegen.identities.seeds import identity_rng
+    from facegen.tracking import start_run
+
+    ls = cfg.identities.sampler.langevin
+    ids = identity_ids(cfg)
+    space, start, embed_dim = _langevin_space(cfg, ids)
+    reference = load_reference_embeddings(ls.real_embeddings, ls.real_column, embed_dim) if ls.real_embeddings else None
+    sampler = LangevinSampler(ls, space, reference)
+    ckpt_dir = f"{out}/{CHECKPOINT_DIR}"
+    digest = _digest(cfg)
+    state, record = _load_checkpoint(ckpt_dir, digest, start.shape)
+    if state is None:
+        initial = sampler.measure(start)
+        state = LangevinState(start.copy(), 0, identity_rng(cfg.run.seed, 0, LANGEVIN_NOISE_TAG), [])
+    else:
+        initial = record["gaussian"]
+    resumed_from = state.iteration
+    extra = {"digest": digest, "gaussian": initial}
+    tracker = start_run(cfg, "identities")
+    bar = tqdm(total=ls.iterations, initial=state.iteration, unit="it", desc=f"langevin ({len(ids)} identities)", disable=not progress)
+
+    def on_step(st: Any, stats: dict[str, Any]) -> None:
+        bar.update(1)
+        bar.set_postfix(within_d0=stats["pairs_within_d0"], min_angle=f"{stats['min_angle']:.3f}")
+        tracker.log({f"langevin/{k}": v for k, v in stats.items() if isinstance(v, (int, float))}, step=st.iteration)
+        if st.iteration % ls.checkpoint_every == 0 or st.iteration == ls.iterations:
+            _save_checkpoint(ckpt_dir, st, extra)
+
+    try:
+        sampler.run(state, ls.iterations, on_step)
+        if state.iteration == 0:
+            _save_checkpoint(ckpt_dir, state, extra)
+        final = sampler.measure(state.particles)
+        tracker.summary({"langevin/final_pairs_within_d0": final["pairs_within_d0"], "langevin/final_min_angle": final["min_angle"],
+                         "langevin/gaussian_pairs_within_d0": initial["pairs_within_d0"], "langevin/final_within_real": final["within_real"]})
+    finally:
+        bar.close()
+        tracker.finish()
+    reduction = initial["pairs_within_d0"] / max(final["pairs_within_d0"], 1)
+    written = _write_blocks(out, cfg, ids, state.particles, sampler_name(cfg))
+    return {"kind": "langevin", "space": ls.space, "backend": cfg.generator.backend if ls.space == "latent" else None,
+            "latent_dim": int(state.particles.shape[1]), "embedding_dim": embed_dim, "identities": len(ids),
+            "settings": ls.model_dump(mode="json"), "resumed_from_iteration": resumed_from,
+            "gaussian": initial, "final": final, "pairs_within_d0_reduction": round(reduction, 2),
+            "blocks_written": written, "iterations": state.history}
+
+
+def _sample(cfg: FacegenConfig, out: str, progress: bool) -> dict[str, Any]:
+    started = time.time()
+    summary = _run_gaussian(cfg, out) if cfg.identities.sampler.kind == "gaussian" else _run_langevin(cfg, out, progress)
+    summary["seconds"] = round(time.time() - started, 2)
+    summary["digest"] = _digest(cfg)
+    storage.write_json_atomic(summary, f"{out}/{SAMPLER_JSON}")
+    return summary
+
+
+def run_identities(cfg: FacegenConfig, progress: bool = True) -> StageReport:
+    """Sample (or resume sampling) the latent of every identity of ``cfg`` into ``identities/``."""
+    out = cfg.stage_dir("identities")
+    started = time.time()
+    planned = blk.plan_blocks(cfg.identities)
+    with StageClaim(out) as claim:  # another run sampling here keeps its temp files
+        claim.remove_stale_temp_files()
+        if cfg.run.overwrite:
+            storage.remove(f"{out}/{SAMPLER_JSON}")
+            blk.reset_blocks(out, [b.block_id for b in planned])
+            storage.remove(f"{out}/{CHECKPOINT_DIR}/state.json")
+        digest = _digest(cfg)
+        if storage.exists(f"{out}/{SAMPLER_JSON}") and storage.read_json(f"{out}/{SAMPLER_JSON}").get("digest") != digest:
+            storage.remove(f"{out}/{SAMPLER_JSON}")  # sampled under other settings: sample again
+            blk.reset_blocks(out, [b.block_id for b in planned])
+        done = [b for b in planned if blk.is_done(out, b.block_id)]
+        if storage.exists(f"{out}/{SAMPLER_JSON}") and len(done) == len(planned):
+            summary = storage.read_json(f"{out}/{SAMPLER_JSON}")
+            return StageReport("identities", out, len(planned), len(planned), 0, 0.0, _totals(summary))
+        s = cfg.identities.sampler
+        if s.num_gpus > 0 or s.resources:
+            import ray
+
+            task = ray.remote(num_gpus=s.num_gpus, num_cpus=s.num_cpus, resources=s.resources or None)(_sample)
+            summary = ray.get(task.remote(cfg, out, False))
+        else:
+            summary = _sample(cfg, out, progress)
+        return StageReport("identities", out, len(planned), len(done), summary["blocks_written"], round(time.time() - started, 2), _totals(summary))
+
+
+def _totals(summary: dict[str, Any]) -> dict[str, Any]:
+    totals: dict[str, Any] = {"identities": summary.get("identities", 0), "latent_dim": summary.get("latent_dim", 0)}
+    if summary.get("kind") == "langevin":
+        totals.update({"pairs_within_d0 gaussian": summary["gaussian"]["pairs_within_d0"],
+                       "pairs_within_d0 langevin": summary["final"]["pairs_within_d0"],
+                       "min_angle langevin": round(summary["final"]["min_angle"], 4),
+                       "within_real langevin": summary["final"]["within_real"]})
+    return totals
+
+
+def identity_block_inputs(cfg: FacegenConfig, planned: list[blk.Block]) -> tuple[Callable[[blk.Block], dict[str, Any]], str] | None:
+    """For a GAN backend after a sampler run: each raw block's work-row input (its identity block's
+    path) and the digest of all identity blocks the raw blocks derive from; None when generation
+    draws its own gaussian latents (no sampler run, or a backend that takes no latent).
+
+    Checked here, before any block is made: a Langevin sampler that has not run, missing identity
+    blocks, or blocks of another block size are one-line errors."""
+    from facegen.generators.gan import GAN_BACKENDS
+
+    if cfg.generator.backend not in GAN_BACKENDS:
+        return None
+    out = cfg.stage_dir("identities")
+    if not storage.exists(f"{out}/{SAMPLER_JSON}"):
+        if cfg.identities.sampler.kind == "langevin":
+            raise FileNotFoundError(f"{out}/{SAMPLER_JSON}: identities.sampler.kind is langevin but the sampler has not "
+                                    "run; run facegen identities with this config first")
+        return None
+    shas = []
+    for b in planned:
+        if not blk.is_done(out, b.block_id):
+            raise FileNotFoundError(f"{blk.block_path(out, b.block_id)}: identity block missing; run facegen identities "
+                                    "with this config first")
+        record = storage.read_json(blk.stats_path(out, b.block_id))
+        if record.get("identities") != b.num_identities:
+            raise ValueError(f"{blk.block_path(out, b.block_id)}: holds {record.get('identities')} identities, generation "
+                             f"expects {b.num_identities}; rerun facegen identities with --set run.overwrite=true")
+        shas.append(record["sha256"])
+    digest = hashlib.sha256("".join(shas).encode()).hexdigest()[:16]
+    return (lambda b: {"identity_block": blk.block_path(out, b.block_id)}), digest
+
+
+def with_latents(source: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]], identity_block: str):
+    """``source`` fed identity rows that also carry each identity's sampled ``latent`` (read from
+    ``identity_block`` once)."""
+    table = storage.read_table(identity_block)
+    index = {int(i): row for row, i in enumerate(table.column("identity_id").to_numpy())}
+    latents = latents_from_table(table)
+
+    def call(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ids = np.asarray(batch["identity_id"], np.int64)
+        missing = [int(i) for i in ids if int(i) not in index]
+        if missing:
+            raise ValueError(f"{identity_block}: no latent for identities {missing[:5]}")
+        return source({**batch, "latent": latents[[index[int(i)] for i in ids]]})
+
+    return call
+
+
+def read_latents(cfg: FacegenConfig) -> tuple[np.ndarray, np.ndarray]:
+    """All identity ids and latents written by the stage (for inspection and tests)."""
+    out = cfg.stage_dir("identities")
+    ids, latents = [], []
+    for block_id in blk.done_block_ids(out):
+        table = storage.read_table(blk.block_path(out, block_id))
+        ids.append(table.column("identity_id").to_numpy())
+        latents.append(latents_from_table(table))
+    if not ids:
+        raise FileNotFoundError(f"{out}: no identity blocks")
+    return np.concatenate(ids), np.concatenate(latents)
