@@ -102,7 +102,7 @@ def test_automatic_index_is_exact_on_small_data_and_ivf_finds_every_planted_pair
     want = {(int(i), int(j)) for i, j in zip(*np.nonzero(np.triu(exact >= 0.7, 1)))}
     assert len(planted & want) >= 10  # the planted pairs above the threshold (the noisiest fall below)
     assert build_plan(len(x), SearchSettings()).kind == "flat"  # the default keeps small data exact
-    settings = SearchSettings(exact_max_cpu=5000, vectors_per_list=64, query_chunk=2000)  # default nprobe 16
+    settings = SearchSettings(exact_max_cpu=5000, query_chunk=2000)  # IVF defaults: 64 vectors per list, nprobe 16
     pairs, plan = search_pairs(ArrayChunks(x), ArrayChunks(x), 0.7, settings, self_join=True)
     got = set(zip(pairs.column("query_id").to_pylist(), pairs.column("base_id").to_pylist()))
     assert (plan.kind, plan.nlist) == ("ivf", 6000 // 64)
