@@ -565,17 +565,20 @@ class SelectionSettings(_Section):
 
 
 class SearchSettings(_Section):
-    """faiss search over identity centres: exact up to a size, a graph (CPU) or IVF (GPU) index above."""
+    """faiss search over identity centres: exact up to a size, IVF (or, if chosen, an HNSW graph) above."""
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    index: Literal["auto", "flat", "ivf", "hnsw"] = Field(
+        default="auto", description="auto: exact (flat) up to exact_max_cpu / exact_max_gpu vectors, IVF above; "
+                                    "flat/ivf/hnsw: always that index (hnsw is CPU only)")
     exact_max_cpu: int = Field(default=50_000, ge=0, description="exact search up to this many vectors on CPU")
     exact_max_gpu: int = Field(default=4_000_000, ge=0)
-    approximate_cpu: Literal["hnsw", "ivf"] = Field(default="hnsw", description="index above exact_max_cpu on CPU")
     hnsw_m: int = Field(default=32, ge=4)
     hnsw_ef_construction: int = Field(default=64, ge=8)
     hnsw_ef_search: int = Field(default=64, ge=8)
-    vectors_per_list: int = Field(default=1024, ge=16, description="IVF: lists = vectors / this")
-    nprobe: int = Field(default=16, ge=1)
+    vectors_per_list: int = Field(default=64, ge=16, description="IVF: lists = vectors / this")
+    max_lists: int = Field(default=65_536, ge=1, description="IVF: at most this many lists")
+    nprobe: int = Field(default=16, ge=1, description="IVF: lists searched per query")
     train_per_list: int = Field(default=32, ge=4, description="IVF k-means training points per list")
     train_iterations: int = Field(default=10, ge=1, description="IVF k-means iterations")
     query_chunk: int = Field(default=8192, ge=1)

@@ -7,7 +7,7 @@ import pytest
 
 from facegen.clean.dedup import find_duplicates, survivors
 from facegen.clean.leakage import ReferenceSet, audit, calibrate_far
-from facegen.clean.search import ArrayChunks, search_pairs
+from facegen.clean.search import ArrayChunks, build_plan, search_pairs
 from facegen.config import DedupSettings, LeakageSettings, SearchSettings
 
 DIM = 512
@@ -85,13 +85,28 @@ def test_search_finds_the_pairs_exact_search_finds(kind):
     exact = x @ x.T
     np.fill_diagonal(exact, -1)
     want = {(int(i), int(j)) for i, j in zip(*np.nonzero(np.triu(exact >= 0.7, 1)))}
-    settings = SearchSettings(exact_max_cpu=10**6 if kind == "flat" else 0, approximate_cpu=kind if kind != "flat" else "hnsw",
-                              vectors_per_list=64, nprobe=8, query_chunk=1000,
+    settings = SearchSettings(index=kind, vectors_per_list=64, nprobe=8, query_chunk=1000,
                               max_vectors_per_part=1500)  # three base parts: memory bounded by one
     pairs, plan = search_pairs(ArrayChunks(x, chunk=700), ArrayChunks(x, chunk=700), 0.7, settings, self_join=True)
     got = set(zip(pairs.column("query_id").to_pylist(), pairs.column("base_id").to_pylist()))
     assert plan.kind == kind and plan.parts == 3 and len(want) >= 15
-    assert len(got & want) / len(want) >= {"flat": 1.0, "hnsw": 0.99, "ivf": 0.9}[kind] and got <= want
+    assert len(got & want) / len(want) >= {"flat": 1.0, "hnsw": 0.99, "ivf": 0.99}[kind] and got <= want
+
+
+def test_automatic_index_is_exact_on_small_data_and_ivf_finds_every_planted_pair_above():
+    rng = np.random.default_rng(4)
+    x = clustered_centres(rng, 6000, modes=200)
+    planted = {(i, i + 1) for i in range(0, 40, 2)}  # clustered_centres plants these near-duplicates
+    exact = x @ x.T
+    np.fill_diagonal(exact, -1)
+    want = {(int(i), int(j)) for i, j in zip(*np.nonzero(np.triu(exact >= 0.7, 1)))}
+    assert len(planted & want) >= 10  # the planted pairs above the threshold (the noisiest fall below)
+    assert build_plan(len(x), SearchSettings()).kind == "flat"  # the default keeps small data exact
+    settings = SearchSettings(exact_max_cpu=5000, query_chunk=2000)  # IVF defaults: 64 vectors per list, nprobe 16
+    pairs, plan = search_pairs(ArrayChunks(x), ArrayChunks(x), 0.7, settings, self_join=True)
+    got = set(zip(pairs.column("query_id").to_pylist(), pairs.column("base_id").to_pylist()))
+    assert (plan.kind, plan.nlist) == ("ivf", 6000 // 64)
+    assert len(got & want) / len(want) == 1.0 and got <= want
 
 
 def test_dedup_keeps_the_identity_with_more_images():

@@ -1,14 +1,18 @@
 """All pairs above a cosine threshold between two sets of unit vectors, with faiss, in bounded memory.
 
 The base set is indexed in parts of at most ``max_vectors_per_part`` vectors (one part in memory at
-a time); query vectors stream through each part in chunks. A part is searched exactly (flat inner
-product) up to ``exact_max_cpu`` / ``exact_max_gpu`` base vectors. Above that, on CPU, an HNSW graph
-(default) or IVF; on a GPU (faiss GPU build, ``device: auto``) IVF. Identity centres are nearly
-orthogonal to each other apart from a weak cluster structure, which makes IVF's coarse cells poor
-at keeping near-duplicate pairs together (recall 0.95-0.97 at cosine >= 0.7 in bench/cleaning.py's
-data) while a graph finds such clear nearest neighbours (recall 1.0 there). Each query asks for
-``knn`` neighbours first and again with 4x as many while its last neighbour is still above the
-threshold, so no pair above it is cut off by k.
+a time); query vectors stream through each part in chunks. ``index: auto`` (the default) searches
+a part exactly (flat inner product) up to ``exact_max_cpu`` / ``exact_max_gpu`` base vectors and
+with IVF-Flat above, on the GPU when faiss has one (``device: auto``). IVF's lists hold about
+``vectors_per_list`` vectors each (at most ``max_lists`` lists), so with a fixed ``nprobe`` the
+work per query does not grow with the base and the whole search is near-linear in N; the lists
+come from spherical k-means on ``train_per_list`` sampled vectors per list. Small lists matter
+more than nprobe: on bench/cleaning.py's 512-d centres clustered around 1000 modes, a pair at
+cosine 0.75-0.9 fell outside the 16 lists probed for 4.6 % of queries with 390 lists over 100k
+vectors (256 per list), 1.1 % with 781 and 0.07 % with 1562 (64 per list, the default), which
+also scans fewer vectors per query; dedup finds a pair from either side, leakage from one. ``index: hnsw`` (CPU only) keeps a graph instead; its recall fell with N
+there (0.79 at 1M). Each query asks for ``knn`` neighbours first and again with 4x as many while
+its last neighbour is still above the threshold, so no pair above it is cut off by k.
 
 Vectors arrive as chunks ``(ids int64 [k], vectors float32 [k, d])`` from a :class:`ChunkSource`.
 """
@@ -25,7 +29,7 @@ import pyarrow.compute as pc
 from facegen.config import SearchSettings
 
 GPU_MAX_K = 2048  # faiss GPU k-NN limit: a query with more neighbours above the threshold is cut there
-HNSW_QUANTIZER_LISTS = 1024  # from this many IVF lists on, centroids are found through an HNSW graph
+HNSW_QUANTIZER_LISTS = 4096  # from this many IVF lists on (CPU), centroids are found through an HNSW graph
 PAIRS = pa.schema([pa.field("query_id", pa.int64()), pa.field("base_id", pa.int64()), pa.field("cosine", pa.float32())])
 
 
@@ -146,16 +150,20 @@ class SearchPlan:
 
 
 def build_plan(total: int, settings: SearchSettings) -> SearchPlan:
-    """Exact below the device's limit, IVF above; the number of base parts bounding memory."""
+    """The index ``settings.index`` names; for ``auto``, exact below the device's limit and IVF above.
+    Also the number of base parts bounding memory."""
     gpu = _on_gpu(settings)
     exact_max = settings.exact_max_gpu if gpu else settings.exact_max_cpu
     parts = max(1, -(-total // settings.max_vectors_per_part))
     per_part = -(-total // parts)
-    if total <= exact_max:
-        return SearchPlan("flat", gpu, 0, parts)
-    if not gpu and settings.approximate_cpu == "hnsw":
-        return SearchPlan("hnsw", gpu, 0, parts)
-    return SearchPlan("ivf", gpu, max(1, per_part // settings.vectors_per_list), parts)
+    kind = settings.index
+    if kind == "auto":
+        kind = "flat" if total <= exact_max else "ivf"
+    if kind == "hnsw" and gpu:
+        raise ValueError("clean.search.index: hnsw runs on CPU only; use ivf or flat with device cuda, or device cpu")
+    if kind != "ivf":
+        return SearchPlan(kind, gpu, 0, parts)
+    return SearchPlan("ivf", gpu, min(settings.max_lists, max(1, per_part // settings.vectors_per_list)), parts)
 
 
 def _training_sample(base: ChunkSource, size: int, seed: int = 0) -> np.ndarray:
@@ -196,6 +204,7 @@ def _train_ivf(base: ChunkSource, plan: SearchPlan, settings: SearchSettings):
     index.cp.seed = 1234
     index.cp.niter = settings.train_iterations
     index.cp.min_points_per_centroid = 1  # the sample size is ours to choose (train_per_list)
+    index.cp.spherical = True  # unit centroids: inner product ranks lists by angle, not by centroid norm
     assign = faiss.IndexHNSWFlat(base.dim, 32, faiss.METRIC_INNER_PRODUCT) if large else None
     if assign is not None:  # k-means assignment through a graph over the centroids: training stays near-linear in N
         index.clustering_index = assign
