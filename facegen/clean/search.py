@@ -5,13 +5,14 @@ a time); query vectors stream through each part in chunks. ``index: auto`` (the 
 a part exactly (flat inner product) up to ``exact_max_cpu`` / ``exact_max_gpu`` base vectors and
 with IVF-Flat above, on the GPU when faiss has one (``device: auto``). IVF's lists hold about
 ``vectors_per_list`` vectors each (at most ``max_lists`` lists), so with a fixed ``nprobe`` the
-work per query does not grow with the base and the whole search is near-linear in N; the lists
+scan per query does not grow with the base (above ``HNSW_QUANTIZER_LISTS`` lists the centroids
+are searched through a graph, whose cost and misses grow with N: see bench/RESULTS.md); the lists
 come from spherical k-means on ``train_per_list`` sampled vectors per list. Small lists matter
 more than nprobe: on bench/cleaning.py's 512-d centres clustered around 1000 modes, a pair at
 cosine 0.75-0.9 fell outside the 16 lists probed for 4.6 % of queries with 390 lists over 100k
 vectors (256 per list), 1.1 % with 781 and 0.07 % with 1562 (64 per list, the default), which
-also scans fewer vectors per query; dedup finds a pair from either side, leakage from one. ``index: hnsw`` (CPU only) keeps a graph instead; its recall fell with N
-there (0.79 at 1M). Each query asks for ``knn`` neighbours first and again with 4x as many while
+also scans fewer vectors per query; dedup finds a pair from either side, leakage from one.
+``index: hnsw`` (CPU only) keeps a graph instead; its recall fell with N there (0.79 at 1M). Each query asks for ``knn`` neighbours first and again with 4x as many while
 its last neighbour is still above the threshold, so no pair above it is cut off by k.
 
 Vectors arrive as chunks ``(ids int64 [k], vectors float32 [k, d])`` from a :class:`ChunkSource`.
