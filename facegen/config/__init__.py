@@ -1,0 +1,180 @@
+"""Typed settings of every stage, loaded from YAML with ``--set key.path=value`` overrides.
+
+One ``FacegenConfig`` describes a whole run; each stage reads only its own section. Unknown keys
+are errors (``extra="forbid"``) so a typo never silently falls back to a default. Every loading
+failure is raised as ``ConfigError`` with one line naming the file and the dotted field.
+
+The sections live in one module per area (``run``, ``identities``, ``generation``, ``faces``,
+``clean``, ``training``); every class is importable from ``facegen.config`` itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError, field_validator
+
+from facegen.config._base import ConfigError, _Section  # noqa: F401
+from facegen.config.run import (  # noqa: F401  (re-exported: one import path for every setting)
+    DemoSettings,
+    RaySettings,
+    RunSettings,
+    StorageSettings,
+    TrackingSettings,
+)
+from facegen.config.identities import (  # noqa: F401  (re-exported: one import path for every setting)
+    IdentitySettings,
+    LangevinSettings,
+    SamplerSettings,
+)
+from facegen.config.generation import (  # noqa: F401  (re-exported: one import path for every setting)
+    ARCFACE_EYES,
+    ARCFACE_TEMPLATE_112,
+    Arc2FaceSettings,
+    DcganSettings,
+    DiffusionSettings,
+    DiscoSettings,
+    DispersionSettings,
+    ExpansionSettings,
+    FFHQ_EYES,
+    ForceEmbedderSettings,
+    GanCropSettings,
+    GeneratorSettings,
+    HybridSettings,
+    ParametricSettings,
+    ReferenceSettings,
+    StyleGAN2Settings,
+    Vec2FaceSettings,
+)
+from facegen.config.faces import (  # noqa: F401  (re-exported: one import path for every setting)
+    DetectorSettings,
+    EmbedderSettings,
+    FaceSettings,
+    IngestSettings,
+)
+from facegen.config.clean import (  # noqa: F401  (re-exported: one import path for every setting)
+    AugmentSettings,
+    CleanSettings,
+    DbscanSettings,
+    DedupSettings,
+    FusionRule,
+    FusionSettings,
+    IndependentSettings,
+    LeakageSettings,
+    SearchSettings,
+    SelectionSettings,
+    VlmSettings,
+)
+from facegen.config.training import (  # noqa: F401  (re-exported: one import path for every setting)
+    EvalSettings,
+    PartialFCSettings,
+    ShardSettings,
+    TrainAugmentSettings,
+    TrainDataSettings,
+    TrainSettings,
+)
+
+
+class FacegenConfig(_Section):
+    """The whole run. Load with :func:`load_config`."""
+
+    run: RunSettings = RunSettings()
+    ray: RaySettings = RaySettings()
+    identities: IdentitySettings = IdentitySettings()
+    generator: GeneratorSettings = GeneratorSettings()
+    faces: FaceSettings = FaceSettings()
+    ingest: IngestSettings = IngestSettings()
+    clean: CleanSettings = CleanSettings()
+    shards: ShardSettings = ShardSettings()
+    train: TrainSettings = TrainSettings()
+    eval: EvalSettings = EvalSettings()
+    tracking: TrackingSettings = TrackingSettings()
+    demo: DemoSettings = DemoSettings()
+    storage: StorageSettings = StorageSettings()
+
+    @field_validator("identities")
+    @classmethod
+    def _ids_fit_int64(cls, v: IdentitySettings) -> IdentitySettings:
+        if v.first_id + v.num_identities >= 2**62:
+            raise ValueError("identity ids must stay below 2**62")
+        return v
+
+    def stage_dir(self, stage: str) -> str:
+        """``<run.output_dir>/<stage>``: raw, clean, shards, train, eval, wandb, ..."""
+        return f"{self.run.output_dir.rstrip('/')}/{stage}"
+
+    def digest(self) -> str:
+        """A short, stable hash of the settings (recorded in manifests)."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any, source: str) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for i, key in enumerate(keys[:-1]):
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"{source}: {'.'.join(keys[: i + 1])}: is a value, cannot set {dotted}")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"train.lr=0.01"`` -> ``("train.lr", 0.01)``; the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text}: expected key.path=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {text}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {text}: value is not valid YAML ({exc.__class__.__name__})") from None
+    return key, value
+
+
+def _format_validation_error(source: str, exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    field = ".".join(str(p) for p in err["loc"]) or "<root>"
+    value = err.get("input")
+    shown = "" if isinstance(value, dict) else f" (got {value!r})"
+    more = f" [+{len(exc.errors()) - 1} more]" if len(exc.errors()) > 1 else ""
+    return f"{source}: {field}: {err['msg']}{shown}{more}"
+
+
+def config_from_dict(data: dict[str, Any], source: str = "<dict>", overrides: list[str] | None = None) -> FacegenConfig:
+    """Validate a plain mapping (plus ``key=value`` overrides) into a :class:`FacegenConfig`."""
+    tree = json.loads(json.dumps(data or {}))
+    for text in overrides or []:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value, source)
+    try:
+        return FacegenConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(source, exc)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> FacegenConfig:
+    """Read a YAML file (or defaults when ``path`` is None) and apply ``key.path=value`` overrides."""
+    if path is None:
+        return config_from_dict({}, "<defaults>", overrides)
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    return config_from_dict(data, str(path), overrides)

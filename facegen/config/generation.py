@@ -1,0 +1,287 @@
+"""Generator backends: parametric, diffusion, hybrid (references, Arc2Face, Vec2Face), GANs."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from facegen.config._base import _Section
+from facegen.config.faces import DetectorSettings, EmbedderSettings
+
+
+class ParametricSettings(_Section):
+    """CPU face renderer (no weights) for demos and tests."""
+
+    image_size: int = Field(default=128, ge=64)
+    wrong_identity_rate: float = Field(default=0.1, ge=0.0, le=1.0)
+    nuisance: float = Field(default=1.0, ge=0.0, le=2.0, description="scale of pose/light/blur/occlusion")
+
+
+class DiffusionSettings(_Section):
+    """Stable Diffusion text-to-image through diffusers ``from_pretrained``."""
+
+    model: str = Field(default="stabilityai/stable-diffusion-2-1-base", json_schema_extra={"input_path": "local_or_hub"})
+    num_inference_steps: int = Field(default=30, ge=1)
+    guidance_scale: float = Field(default=7.5, ge=0.0)
+    height: int = Field(default=512, ge=8)
+    width: int = Field(default=512, ge=8)
+    fp16: bool = True
+    negative_prompt: str = (
+        "low quality, blurry, text, watermark, logo, painting, drawing, cartoon, deformed, "
+        "disfigured, multiple faces, cropped face, occluded face"
+    )
+    local_files_only: bool = False
+    micro_batch: int = Field(default=8, ge=1, description="images per pipeline call (one identity at a time)")
+    half_dtype: Literal["float16", "bfloat16"] = Field(default="float16", description="the dtype of fp16 on GPU")
+    lcm_lora: str | None = Field(default=None, description="LCM-LoRA folder or hub id: LCMScheduler, few steps")
+    compile_unet: bool = Field(default=False, description="torch.compile the UNet (GPU)")
+    variation_phrases: bool = Field(default=False, description="append a per-sample pose/expression/light phrase")
+
+
+class ExpansionSettings(_Section):
+    """How each expanded sample's conditioning feature derives from its identity feature
+    (``facegen.identities.expansion``): Vec2Face noise or a CemiFace similarity band."""
+
+    mode: Literal["noise", "band"] = "noise"
+    sigmas: list[float] = Field(default=[0.3, 0.5, 0.7], description="noise mode: per-dimension sigmas (HSFace)")
+    shares: list[float] = Field(default=[0.4, 0.4, 0.2], description="noise mode: share of samples per sigma")
+    band: tuple[float, float] = Field(default=(0.55, 0.8), description="band mode: target cosine range")
+    feature_norm: float = Field(
+        default=25.0, gt=0.0,
+        description="norm the unit identity feature is scaled to before perturbing: the sigmas and Vec2Face "
+        "assume raw ArcFace features (order 20-30); Arc2Face re-normalises",
+    )
+    histogram_bins: int = Field(default=40, ge=2, description="bins of the per-run similarity histograms on [-1, 1]")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ExpansionSettings":
+        if not self.sigmas or len(self.sigmas) != len(self.shares):
+            raise ValueError(f"sigmas and shares need the same non-zero length (got {len(self.sigmas)} and {len(self.shares)})")
+        if any(s < 0 for s in self.sigmas) or any(s < 0 for s in self.shares):
+            raise ValueError("sigmas and shares must be >= 0")
+        if abs(sum(self.shares) - 1.0) > 1e-6:
+            raise ValueError(f"shares must sum to 1 (got {sum(self.shares):g})")
+        low, high = self.band
+        if not -1.0 <= low <= high <= 1.0:
+            raise ValueError(f"band must satisfy -1 <= low <= high <= 1 (got [{low}, {high}])")
+        return self
+
+
+class ReferenceSettings(_Section):
+    """Step 1 of ``hybrid``: one reference image per identity, kept only when the detector
+    (``generator.hybrid.detector``, the faces stage's one-face rule) accepts it; otherwise the next
+    seed, up to ``max_attempts``, then the identity is recorded as failed."""
+
+    backend: str = Field(default="text_to_image", description="text_to_image, photos, or any generator backend")
+    text_to_image: DiffusionSettings = DiffusionSettings(
+        model="stabilityai/stable-diffusion-xl-base-1.0", height=1024, width=1024, micro_batch=1
+    )
+    photos_dir: str | None = Field(default=None, description="backend photos: a folder of face photos")
+    max_attempts: int = Field(default=5, ge=1)
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, v: str) -> str:
+        from facegen.generators import BACKENDS
+
+        allowed = ("text_to_image", "photos") + tuple(b for b in BACKENDS if b != "hybrid")
+        if v not in allowed:
+            raise ValueError(f"unknown reference backend {v!r}, expected one of {', '.join(allowed)}")
+        return v
+
+
+class Arc2FaceSettings(_Section):
+    """Arc2Face through diffusers: its UNet and ID encoder with the VAE, tokenizer and scheduler of
+    the base SD 1.5 model (folders or hub ids; ``*_subfolder`` as in the public model repository)."""
+
+    unet: str = "FoivosPar/Arc2Face"
+    unet_subfolder: str | None = "arc2face"
+    encoder: str = "FoivosPar/Arc2Face"
+    encoder_subfolder: str | None = "encoder"
+    base_model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    id_prompt: str = "photo of a id person"
+    id_token: str = "id"
+    scheduler: Literal["dpm_multistep", "ddim", "base"] = "dpm_multistep"
+    num_inference_steps: int = Field(default=25, ge=1)
+    guidance_scale: float = Field(default=3.0, ge=0.0)
+    height: int = Field(default=512, ge=8)
+    width: int = Field(default=512, ge=8)
+    fp16: bool = True
+    half_dtype: Literal["float16", "bfloat16"] = "float16"
+    lcm_lora: str | None = Field(default=None, description="LCM-LoRA for SD 1.5: LCMScheduler, 2-4 steps, guidance 1")
+    compile_unet: bool = False
+    micro_batch: int = Field(default=8, ge=1, description="images per pipeline call (one identity at a time)")
+    variation_phrases: bool = Field(default=False, description="append a per-sample phrase to the ID prompt")
+    local_files_only: bool = False
+
+
+class Vec2FaceSettings(_Section):
+    """Vec2Face (facegen.models.vec2face): a ``.pth`` holding ``model_vec2face``, 112 px output."""
+
+    checkpoint: str | None = None
+    arch: Literal["vec2face_vit_base_patch16"] = "vec2face_vit_base_patch16"
+    mask_ratio_min: float = Field(default=0.1, ge=0.0, le=1.0)
+    mask_ratio_max: float = Field(default=1.0, ge=0.0, le=1.0)
+    mask_ratio_mu: float = Field(default=0.15, ge=0.0, le=1.0)
+    mask_ratio_std: float = Field(default=0.25, gt=0.0)
+    fp16: bool = True
+    micro_batch: int = Field(default=64, ge=1, description="images per forward pass (one identity at a time)")
+
+
+class HybridSettings(_Section):
+    """``generator.backend: hybrid``: references -> identity feature -> K expanded images."""
+
+    reference: ReferenceSettings = ReferenceSettings()
+    detector: DetectorSettings = Field(
+        default_factory=lambda: DetectorSettings(), description="references (and expanded images when measured)"
+    )
+    embedder: EmbedderSettings = Field(
+        default_factory=lambda: EmbedderSettings(), description="identity feature: the one the expander was trained on"
+    )
+    expander: Literal["arc2face", "vec2face", "gan"] = Field(
+        default="arc2face", description="gan: perturb the latent of a dcgan/stylegan2 reference"
+    )
+    arc2face: Arc2FaceSettings = Arc2FaceSettings()
+    vec2face: Vec2FaceSettings = Vec2FaceSettings()
+    expansion: ExpansionSettings = ExpansionSettings()
+    measure_similarity: bool = Field(default=True, description="embed each expanded image: realised similarity")
+
+    @model_validator(mode="after")
+    def _gan_needs_gan_references(self) -> "HybridSettings":
+        if self.expander == "gan" and self.reference.backend not in ("dcgan", "stylegan2"):
+            raise ValueError(f"expander gan perturbs a GAN reference's latent: reference.backend must be dcgan or "
+                             f"stylegan2 (got {self.reference.backend})")
+        return self
+
+
+#: FFHQ's aligned eye centres as fractions of the image side; ArcFace's eyes and template in 112 px.
+FFHQ_EYES = [(380 / 1024, 480 / 1024), (650 / 1024, 480 / 1024)]
+ARCFACE_EYES = [(38.2946, 51.6963), (73.5318, 51.5014)]
+ARCFACE_TEMPLATE_112 = [(38.2946, 51.6963), (73.5318, 51.5014), (56.0252, 71.7366), (41.5493, 92.3655), (70.7299, 92.2041)]
+
+
+class GanCropSettings(_Section):
+    """From a GAN image to the ArcFace crop: a fixed similarity transform of reference points
+    (fractions of the generated image) onto 112x112 positions, or the faces stage's detector."""
+
+    kind: Literal["fixed", "detector"] = "fixed"
+    src_points: list[tuple[float, float]] = Field(default_factory=lambda: list(FFHQ_EYES), min_length=2)
+    dst_points: list[tuple[float, float]] = Field(default_factory=lambda: list(ARCFACE_EYES), min_length=2)
+    detector: Literal["mtcnn", "dlib"] = Field(default="mtcnn", description="kind detector: the detector (default settings) whose landmarks identity forces crop by; generated rows carry none, the faces stage's detector aligns them")
+
+    @model_validator(mode="after")
+    def _paired(self) -> "GanCropSettings":
+        if len(self.src_points) != len(self.dst_points):
+            raise ValueError("src_points and dst_points must have the same length")
+        return self
+
+
+class StyleGAN2Settings(_Section):
+    """A StyleGAN2 network: NVIDIA ``.pkl`` (restricted unpickler) or rosinality ``.pt`` (weights only)."""
+
+    checkpoint: str | None = Field(default=None, json_schema_extra={"input_path": "required"})
+    network: str = Field(default="G_ema", description="which network of an NVIDIA pickle")
+    truncation_psi: float = Field(default=0.7, ge=0.0, le=1.0)
+    noise_mode: Literal["const", "random", "none"] = "const"
+    fp16: bool = Field(default=True, description="fp16 blocks on CUDA as the checkpoint declares them")
+    crop: GanCropSettings = GanCropSettings()
+
+
+class DcganSettings(_Section):
+    """The DCGAN of ``gan-face-generate`` (64 px, DigiFace-1M: non-commercial research only)."""
+
+    weights: str | None = Field(
+        default=None, description="weights.tar; None = the one packaged with gan-face-generate",
+        json_schema_extra={"input_path": "required"},
+    )
+    crop: GanCropSettings = GanCropSettings(
+        src_points=[(x / 112, y / 112) for x, y in ARCFACE_TEMPLATE_112], dst_points=list(ARCFACE_TEMPLATE_112)
+    )
+
+
+class ForceEmbedderSettings(_Section):
+    """The differentiable embedder identity forces go through: a facegen IResNet folder or an
+    insightface arcface_torch ``.pth`` (with ``arch``); same names as ``faces.embedder``."""
+
+    kind: Literal["facegen", "arcface_torch"] = "facegen"
+    path: str | None = Field(default=None, json_schema_extra={"input_path": "required"})
+    arch: Literal["iresnet18", "iresnet34", "iresnet50", "iresnet100"] | None = Field(
+        default=None, description="arcface_torch only: the network the .pth belongs to"
+    )
+    device: str = "auto"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "checkpoint" in data:
+            raise ValueError("checkpoint was renamed: use generator.embedder.path (and generator.embedder.kind)")
+        return data
+
+    @model_validator(mode="after")
+    def _complete(self) -> "ForceEmbedderSettings":
+        if self.kind == "arcface_torch" and self.path and self.arch is None:
+            raise ValueError("arch: an arcface_torch .pth needs its network (iresnet18/34/50/100)")
+        return self
+
+
+class DispersionSettings(_Section):
+    """Variations of one identity (ALGORITHMS.md 2): variants pulled back to the reference embedding,
+    repelled from each other in latent space, pulled toward w_avg, with noise."""
+
+    sigma: float = Field(default=0.2, ge=0.0, description="initial spread w_ref + sigma N(0, I); also the spread of plain noise")
+    iterations: int = Field(default=20, ge=0)
+    k_e: float = Field(default=20.0, ge=0.0)
+    k_w: float = Field(default=1.0, ge=0.0)
+    r_w: float = Field(default=12.0, gt=0.0)
+    k_g: float = Field(default=1.0, ge=0.0)
+    eta0: float = Field(default=0.05, ge=0.0)
+    dt: float = Field(default=0.05, gt=0.0)
+
+
+class DiscoSettings(_Section):
+    """DisCo covariates: latent directions (pose, illumination, expressions) with their spreads."""
+
+    directions: str | None = Field(
+        default=None, description=".npy: [D, latent] unit directions, or a dict-like .npz with 'directions' and 'spreads'",
+        json_schema_extra={"input_path": "required"},
+    )
+    spreads: list[float] | None = Field(default=None, description="per-direction spread in latent units (None = the vectors' norms)")
+    amplitude: float = Field(default=0.5, gt=0.0, description="u_d ~ U(-amplitude, amplitude)")
+
+
+class GeneratorSettings(_Section):
+    """Which backend renders images and how its Ray Data actor pool is sized."""
+
+    backend: Literal["parametric", "diffusion", "hybrid", "stylegan2", "dcgan"] = "parametric"
+    images_per_identity: int = Field(default=20, ge=1)
+    batch_size: int = Field(default=8, ge=1, description="identities per map_batches call")
+    concurrency: int = Field(default=1, ge=1, description="actors in the pool")
+    num_gpus: float = Field(default=0.0, ge=0.0)
+    num_cpus: float = Field(default=0.5, gt=0.0)
+    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources, e.g. {generation: 1}")
+    parametric: ParametricSettings = ParametricSettings()
+    diffusion: DiffusionSettings = DiffusionSettings()
+    variation: Literal["noise", "dispersion", "disco"] = Field(default="noise", description="GAN backends: how the images of one identity vary")
+    device: str = Field(default="auto", description="GAN backends: torch device")
+    stylegan2: StyleGAN2Settings = StyleGAN2Settings()
+    dcgan: DcganSettings = DcganSettings()
+    embedder: ForceEmbedderSettings = ForceEmbedderSettings()
+    dispersion: DispersionSettings = DispersionSettings()
+    disco: DiscoSettings = DiscoSettings()
+    hybrid: HybridSettings = Field(default_factory=lambda: HybridSettings())
+
+    @model_validator(mode="after")
+    def _hybrid_complete(self) -> "GeneratorSettings":
+        if self.backend != "hybrid":
+            return self
+        h = self.hybrid
+        if not h.embedder.enabled:
+            raise ValueError("hybrid.embedder: the identity feature needs an embedder (kind and path)")
+        if h.detector.kind == "none":
+            raise ValueError("hybrid.detector.kind: references must go through a face detector, not 'none'")
+        if h.expander == "vec2face" and not h.vec2face.checkpoint:
+            raise ValueError("hybrid.vec2face.checkpoint: the vec2face expander needs its .pth")
+        if h.reference.backend == "photos" and not h.reference.photos_dir:
+            raise ValueError("hybrid.reference.photos_dir: the photos reference backend needs a folder")
+        return self

@@ -1,0 +1,59 @@
+"""Identity seeds and identity-space samplers (Gaussian, Langevin) of ``facegen identities``."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from facegen.config._base import _Section
+
+
+class LangevinSettings(_Section):
+    """Brownian identity diffusion (ALGORITHMS.md 2): soft-sphere repulsion of radius d0 between
+    identity embeddings, latent pull toward w_avg, Brownian noise, adaptive time step."""
+
+    space: Literal["latent", "feature"] = Field(default="latent", description="latent: GAN latents through G and the embedder; feature: points on the embedding hypersphere")
+    iterations: int = Field(default=100, ge=0)
+    k: float = Field(default=1.0, ge=0.0, description="repulsion stiffness")
+    d0: float = Field(default=1.4, gt=0.0, le=3.1416, description="repulsion radius (angle, radians)")
+    k_l: float = Field(default=0.1, ge=0.0, description="latent pull toward w_avg (latent space only)")
+    eta0: float = Field(default=0.01, ge=0.0, description="Brownian noise; on the sphere the total step, spread over the dimensions")
+    tau: float = Field(default=0.3, gt=0.0, description="adaptive step: dt = tau * mu * min distance / max force")
+    mu: float = Field(default=1.0, gt=0.0)
+    dt_max: float = Field(default=1.0, gt=0.0, description="cap of the adaptive step (when forces vanish)")
+    skin: float = Field(default=0.01, ge=0.0, description="repulsion acts out to radius + skin, so Brownian jitter leaves no pair inside the radius")
+    batch_size: int = Field(default=64, ge=1, description="particles per pass through G and the embedder")
+    neighbours: int = Field(default=16, ge=1, description="k of the k-nearest-neighbour pair list")
+    neighbour_index: Literal["auto", "exact", "ivf"] = Field(default="auto", description="auto: exact up to 200k particles or on a GPU, faiss IVF beyond")
+    knn_every: int = Field(default=5, ge=1, description="iterations between neighbour-list rebuilds")
+    chunk_size: int = Field(default=65536, ge=1, description="queries per faiss search / force chunk")
+    checkpoint_every: int = Field(default=10, ge=1)
+    feature_dim: int = Field(default=512, ge=2, description="dimension of feature-space particles")
+    real_embeddings: str | None = Field(
+        default=None, description=".npy or Parquet of real-face embeddings to stay away from",
+        json_schema_extra={"input_path": "required"},
+    )
+    real_column: str = "embedding"
+    constant_radius: float = Field(default=1.4, gt=0.0, le=3.1416, description="repulsion radius around real embeddings (radians)")
+    k_cst: float = Field(default=1.0, ge=0.0, description="stiffness of the repulsion from real embeddings")
+    search_on_gpu: bool = Field(default=True, description="search neighbours on the GPU when CUDA is present")
+
+
+class SamplerSettings(_Section):
+    """How identity latents are drawn: independently (gaussian) or spread apart (langevin)."""
+
+    kind: Literal["gaussian", "langevin"] = "gaussian"
+    langevin: LangevinSettings = LangevinSettings()
+    num_gpus: float = Field(default=0.0, ge=0.0, description="> 0: run the sampler as a Ray task on a GPU worker")
+    num_cpus: float = Field(default=1.0, gt=0.0)
+    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources of the sampler task")
+
+
+class IdentitySettings(_Section):
+    """The identity seed stream: ids ``first_id .. first_id + num_identities - 1`` in blocks."""
+
+    num_identities: int = Field(default=100, ge=1)
+    first_id: int = Field(default=0, ge=0)
+    block_size: int = Field(default=50, ge=1, description="identities per resumable block/file")
+    sampler: SamplerSettings = SamplerSettings()

@@ -1,0 +1,111 @@
+"""Curriculum shards, training (Partial FC, data streams, augmentations) and evaluation."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from facegen.config._base import _Section
+
+
+class ShardSettings(_Section):
+    """Curriculum-ordered shards: difficulty = 1 - cos(embedding, identity centre)."""
+
+    num_buckets: int = Field(default=4, ge=1, description="easy-to-hard difficulty buckets")
+
+
+class PartialFCSettings(_Section):
+    """Partial FC (insightface v2): class centres sharded over workers, a sampled share of negatives."""
+
+    sample_rate: float = Field(default=1.0, gt=0.0, le=1.0, description="share of each worker's centres per step (positives always kept)")
+
+
+class TrainDataSettings(_Section):
+    """How training batches are read: streams (fixed, so resume works on any worker count), shuffling, threads."""
+
+    streams: int = Field(default=8, ge=1, description="independent readers; each worker serves streams/num_workers of them")
+    chunk_rows: int = Field(default=16384, ge=1, description="largest contiguous run of an epoch's rows given to one stream")
+    shuffle_rows: int = Field(default=4096, ge=1, description="rows a stream shuffles together (its shuffle buffer)")
+    decode_threads: int = Field(default=2, ge=0, description="threads decoding and augmenting per worker (0 = inline)")
+    prefetch_batches: int = Field(default=2, ge=1)
+    cached_shards: int = Field(default=4, ge=1, description="shard files a worker keeps in memory")
+
+
+class TrainAugmentSettings(_Section):
+    """Training augmentations (probabilities as data); AdaFace-style crop / low-res / photometric, flip, erasing."""
+
+    hflip_p: float = Field(default=0.5, ge=0.0, le=1.0)
+    crop_p: float = Field(default=0.0, ge=0.0, le=1.0, description="keep a random box in place, black elsewhere")
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    crop_ratio: tuple[float, float] = (0.75, 4.0 / 3.0)
+    low_res_p: float = Field(default=0.0, ge=0.0, le=1.0, description="down-sample and back with a random interpolation")
+    low_res_scale: tuple[float, float] = (0.2, 1.0)
+    photometric_p: float = Field(default=0.0, ge=0.0, le=1.0, description="brightness/contrast/saturation jitter")
+    photometric: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    erase_p: float = Field(default=0.0, ge=0.0, le=1.0, description="random erasing (grey box, after the rest)")
+    erase_scale: tuple[float, float] = (0.02, 0.33)
+    erase_ratio: tuple[float, float] = (0.3, 3.3)
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "TrainAugmentSettings":
+        for name in ("crop_scale", "crop_ratio", "low_res_scale", "erase_scale", "erase_ratio"):
+            lo, hi = getattr(self, name)
+            if not 0 < lo <= hi:
+                raise ValueError(f"{name}: need 0 < low <= high, got {(lo, hi)}")
+        if self.crop_scale[1] > 1 or self.low_res_scale[1] > 1 or self.erase_scale[1] > 1:
+            raise ValueError("crop_scale, low_res_scale and erase_scale must stay <= 1")
+        return self
+
+
+class TrainSettings(_Section):
+    """Ray Train IResNet + Partial FC margin head; defaults follow the DataCV recipe (ALGORITHMS.md 4)."""
+
+    arch: Literal["iresnet18", "iresnet34", "iresnet50", "iresnet100"] = "iresnet50"
+    width: int = Field(default=64, ge=4, description="channels of the first stage (64 = insightface)")
+    embedding_size: int = Field(default=512, ge=8)
+    head: Literal["arcface", "cosface", "combined"] = "arcface"
+    scale: float = Field(default=64.0, gt=0.0)
+    margin: float = Field(default=0.5, ge=0.0)
+    combined_margins: tuple[float, float, float] = Field(default=(1.0, 0.5, 0.0), description="(m1, m2, m3) of head: combined")
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(default=0.1, gt=0.0)
+    momentum: float = Field(default=0.9, ge=0.0)
+    weight_decay: float = Field(default=5e-4, ge=0.0)
+    batch_size: int = Field(default=512, ge=1, description="global batch, split evenly over the workers")
+    epochs: int = Field(default=26, ge=1)
+    lr_steps: list[int] = [12, 20, 24]
+    warmup_epochs: float = Field(default=0.0, ge=0.0)
+    grad_clip_norm: float = Field(default=5.0, ge=0.0, description="backbone gradient norm clip (0 = off)")
+    amp: Literal["auto", "bf16", "fp16", "off"] = Field(default="auto", description="auto: bf16 on GPUs that have it, else fp16 + scaler; off on CPU")
+    sync_bn: bool = Field(default=False, description="batch-norm statistics over the global batch")
+    curriculum: Literal["ordered", "shuffled"] = "ordered"
+    num_workers: int = Field(default=1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(default=1.0, gt=0.0)
+    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per worker, e.g. {training: 1}")
+    run_name: str | None = Field(default=None, description="defaults to run.name; same name resumes")
+    max_failures: int = Field(default=0, ge=-1, description="worker-group restarts from the latest checkpoint (-1 = unlimited)")
+    checkpoint_every_steps: int = Field(default=0, ge=0, description="also checkpoint every N steps (0 = per epoch only)")
+    max_steps: int = Field(default=0, ge=0, description="stop (with a checkpoint) after this many steps; 0 = all epochs")
+    checkpoints_to_keep: int = Field(default=2, ge=1)
+    eval_every_steps: int = Field(default=0, ge=0, description="validate every N steps (0 = after each epoch)")
+    partial_fc: PartialFCSettings = PartialFCSettings()
+    data: TrainDataSettings = TrainDataSettings()
+    augment: TrainAugmentSettings = TrainAugmentSettings()
+
+    @model_validator(mode="after")
+    def _divisible(self) -> "TrainSettings":
+        if self.data.streams % self.num_workers:
+            raise ValueError(f"data.streams ({self.data.streams}) must be a multiple of num_workers ({self.num_workers})")
+        if self.batch_size % self.data.streams:
+            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of data.streams ({self.data.streams})")
+        return self
+
+
+class EvalSettings(_Section):
+    """Verification sets in insightface ``.bin`` format, 10-fold accuracy."""
+
+    bins: list[str] = Field(default=[], json_schema_extra={"input_path": "required"})
+    batch_size: int = Field(default=64, ge=1)
+    nrof_folds: int = Field(default=10, ge=2)
