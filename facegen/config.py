@@ -433,9 +433,16 @@ class SearchSettings(_Section):
     hnsw_ef_construction: int = Field(default=64, ge=8)
     hnsw_ef_search: int = Field(default=64, ge=8)
     vectors_per_list: int = Field(default=64, ge=16, description="IVF: lists = vectors / this")
-    max_lists: int = Field(default=65_536, ge=1, description="IVF: at most this many lists")
+    # 4096: above it the CPU quantizer is an HNSW graph, which at 1M centres cost more than the scan and
+    # missed lists (dedup recall 0.98); a flat quantizer with 4096 lists (about 244 vectors each at 1M)
+    # is BLAS-fast and exact (bench/RESULTS.md, issue 10).
+    max_lists: int = Field(default=4096, ge=1, description="IVF: at most this many lists")
     nprobe: int = Field(default=16, ge=1, description="IVF: lists searched per query")
-    train_per_list: int = Field(default=32, ge=4, description="IVF k-means training points per list")
+    # Lists capped by max_lists hold more vectors, so fewer probes scan as much; at 1M, 8 of 4096
+    # found every planted pair (4: 99.8 %) for 55 % of the CPU time of 16.
+    capped_nprobe: int = Field(default=8, ge=1, description="IVF: at most this many lists searched when max_lists caps the lists")
+    # 16: list quality needs little; 32 gave the same recall at 1M for 1.6x the training time.
+    train_per_list: int = Field(default=16, ge=4, description="IVF k-means training points per list")
     train_iterations: int = Field(default=10, ge=1, description="IVF k-means iterations")
     query_chunk: int = Field(default=8192, ge=1)
     knn: int = Field(default=16, ge=1, description="first k per query; grown while the k-th is above threshold")

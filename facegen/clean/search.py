@@ -148,6 +148,7 @@ class SearchPlan:
     gpu: bool
     nlist: int
     parts: int
+    nprobe: int = 0  # IVF lists searched per query
 
 
 def build_plan(total: int, settings: SearchSettings) -> SearchPlan:
@@ -164,7 +165,10 @@ def build_plan(total: int, settings: SearchSettings) -> SearchPlan:
         raise ValueError("clean.search.index: hnsw runs on CPU only; use ivf or flat with device cuda, or device cpu")
     if kind != "ivf":
         return SearchPlan(kind, gpu, 0, parts)
-    return SearchPlan("ivf", gpu, min(settings.max_lists, max(1, per_part // settings.vectors_per_list)), parts)
+    wanted = max(1, per_part // settings.vectors_per_list)
+    nlist = min(settings.max_lists, wanted)
+    nprobe = settings.nprobe if wanted <= settings.max_lists else min(settings.nprobe, settings.capped_nprobe)
+    return SearchPlan("ivf", gpu, nlist, parts, min(nprobe, nlist))
 
 
 def _training_sample(base: ChunkSource, size: int, seed: int = 0) -> np.ndarray:
@@ -213,7 +217,7 @@ def _train_ivf(base: ChunkSource, plan: SearchPlan, settings: SearchSettings):
     index.train(sample)
     if assign is not None:
         index.clustering_index = None
-    index.nprobe = min(settings.nprobe, plan.nlist)
+    index.nprobe = plan.nprobe
     if large:
         faiss.downcast_index(index.quantizer).hnsw.efSearch = max(64, 4 * index.nprobe)
     index.own_fields = True
