@@ -441,8 +441,9 @@ class SearchSettings(_Section):
     # Lists capped by max_lists hold more vectors, so fewer probes scan as much; at 1M, 8 of 4096
     # found every planted pair (4: 99.8 %) for 55 % of the CPU time of 16.
     capped_nprobe: int = Field(default=8, ge=1, description="IVF: at most this many lists searched when max_lists caps the lists")
-    # 16: list quality needs little; 32 gave the same recall at 1M for 1.6x the training time.
-    train_per_list: int = Field(default=16, ge=4, description="IVF k-means training points per list")
+    # 32: at 100k (1562 lists of 64) 16 points per list let 1 % of planted pairs fall outside the probed
+    # lists one-sided (32: 0.08 %); at 1M 16 were enough, 32 cost 15 more CPU seconds there.
+    train_per_list: int = Field(default=32, ge=4, description="IVF k-means training points per list")
     train_iterations: int = Field(default=10, ge=1, description="IVF k-means iterations")
     query_chunk: int = Field(default=8192, ge=1)
     knn: int = Field(default=16, ge=1, description="first k per query; grown while the k-th is above threshold")
