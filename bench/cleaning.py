@@ -12,6 +12,7 @@
 
     python bench/cleaning.py                       # both parts, 100k and 1M centres
     python bench/cleaning.py --sizes 100000        # a quicker run
+    python bench/cleaning.py --skip-cluster --dedup-only --sizes 1000000   # one dedup trial
     python bench/cleaning.py --device cuda         # faiss on the GPU (needs faiss-gpu; no Ray needed)
 
 Imports only numpy, faiss, pyarrow, scikit-learn and facegen.clean/facegen.config (pydantic).
@@ -105,8 +106,8 @@ def exact_pairs(x: np.ndarray, queries: np.ndarray, threshold: float, base: np.n
     return found
 
 
-def bench_global(n: int, device: str, workdir: str, index: str = "auto") -> dict:
-    """One size: dedup (self-join) + leakage (vs 100k references), with recall on a query sample."""
+def bench_global(n: int, device: str, workdir: str, index: str = "auto", dedup_only: bool = False) -> dict:
+    """One size: dedup (self-join) + leakage (vs 100k references; not with ``dedup_only``), with recall on a query sample."""
     from facegen.clean.dedup import find_duplicates
     from facegen.clean.leakage import ReferenceSet, audit
     from facegen.clean.search import ArrayChunks
@@ -125,8 +126,9 @@ def bench_global(n: int, device: str, workdir: str, index: str = "auto") -> dict
     started = time.perf_counter()
     dedup = find_duplicates(ArrayChunks(centres), lambda ids: {int(i): 1 for i in ids}, dedup_cfg, search)
     dedup_s = time.perf_counter() - started
+    dedup_cpu_s = time.process_time() - cpu_started
     started = time.perf_counter()
-    leaks = audit(ArrayChunks(centres), ReferenceSet([ref_path]), leak_cfg, search)
+    leaks = None if dedup_only else audit(ArrayChunks(centres), ReferenceSet([ref_path]), leak_cfg, search)
     leakage_s = time.perf_counter() - started
     cpu_s = time.process_time() - cpu_started
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -134,13 +136,15 @@ def bench_global(n: int, device: str, workdir: str, index: str = "auto") -> dict
     sample = np.sort(rng.choice(n, 5000, replace=False))
     want = {tuple(sorted(p)) for p in exact_pairs(centres, sample, dedup_cfg.threshold)}
     got = set(zip(dedup.pairs.column("query_id").to_pylist(), dedup.pairs.column("base_id").to_pylist()))
+    row = {"centres": n, "index": dedup.plan.kind, "lists": dedup.plan.nlist, "nprobe": dedup.plan.nprobe or None, "gpu": dedup.plan.gpu,
+           "dedup_s": round(dedup_s, 1), "dedup_cpu_s": round(dedup_cpu_s, 1), "dedup_pairs": dedup.pairs.num_rows,
+           "dedup_recall": round(len(want & got) / max(1, len(want)), 4), "dedup_pairs_in_sample": len(want)}
+    if leaks is None:
+        return row | {"total_s": round(dedup_s, 1), "cpu_s": round(cpu_s, 1), "peak_rss_gib": round(peak_gib, 2)}
     want_leaks = exact_pairs(centres, np.sort(np.concatenate([sample, planted["planted_leaks"]])), leak_cfg.threshold,
                              base=np.load(ref_path, mmap_mode="r"))
     got_leaks = set(zip(leaks.pairs.column("query_id").to_pylist(), leaks.pairs.column("base_id").to_pylist()))
-    return {"centres": n, "index": dedup.plan.kind, "lists": dedup.plan.nlist, "nprobe": search.nprobe if dedup.plan.kind == "ivf" else None,
-            "leakage_index": leaks.plan.kind, "leakage_lists": leaks.plan.nlist, "gpu": dedup.plan.gpu,
-            "dedup_s": round(dedup_s, 1), "dedup_pairs": dedup.pairs.num_rows,
-            "dedup_recall": round(len(want & got) / max(1, len(want)), 4), "dedup_pairs_in_sample": len(want),
+    return row | {"leakage_index": leaks.plan.kind, "leakage_lists": leaks.plan.nlist,
             "leakage_s": round(leakage_s, 1), "leaked_identities": len(set(leaks.pairs.column("query_id").to_pylist())),
             "leakage_recall": round(len(want_leaks & got_leaks) / max(1, len(want_leaks)), 4), "leak_pairs_checked": len(want_leaks),
             "total_s": round(dedup_s + leakage_s, 1), "cpu_s": round(cpu_s, 1), "peak_rss_gib": round(peak_gib, 2)}
@@ -154,11 +158,12 @@ def main() -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--index", default="auto", choices=["auto", "flat", "ivf", "hnsw"], help="clean.search.index")
     parser.add_argument("--skip-cluster", action="store_true")
+    parser.add_argument("--dedup-only", action="store_true", help="time only the dedup (no leakage audit): a quicker trial")
     parser.add_argument("--one-size", type=int, help=argparse.SUPPRESS)  # child process of one size
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one_size:
-        print(json.dumps(bench_global(args.one_size, args.device, args.workdir, args.index)))
+        print(json.dumps(bench_global(args.one_size, args.device, args.workdir, args.index, args.dedup_only)))
         return
     if not args.skip_cluster:
         result = bench_cluster(args.identities, args.images)
@@ -167,7 +172,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="facegen-bench-") as workdir:
         for n in args.sizes:
             out = subprocess.run([sys.executable, __file__, "--one-size", str(n), "--device", args.device, "--index", args.index,
-                                  "--workdir", workdir],
+                                  "--workdir", workdir] + (["--dedup-only"] if args.dedup_only else []),
                                  check=True, capture_output=True, text=True)
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
             print("dedup + leakage:", json.dumps(rows[-1]), flush=True)

@@ -109,6 +109,22 @@ def test_automatic_index_is_exact_on_small_data_and_ivf_finds_every_planted_pair
     assert len(got & want) / len(want) == 1.0 and got <= want
 
 
+def test_capped_lists_probe_fewer_lists_and_still_find_every_pair():
+    # 1M centres: 4096 lists (the cap, flat quantizer), 8 probed; 100k: 64 per list, 16 probed
+    big, small = build_plan(1_000_000, SearchSettings()), build_plan(100_000, SearchSettings())
+    assert (big.nlist, big.nprobe, small.nlist, small.nprobe) == (4096, 8, 1562, 16)
+    rng = np.random.default_rng(5)
+    x = clustered_centres(rng, 6000, modes=20)  # more lists than modes, as at 1M (4096 lists, 1000 modes)
+    exact = x @ x.T
+    np.fill_diagonal(exact, -1)
+    want = {(int(i), int(j)) for i, j in zip(*np.nonzero(np.triu(exact >= 0.7, 1)))}
+    settings = SearchSettings(exact_max_cpu=5000, max_lists=24, query_chunk=2000)  # 250 vectors per list
+    pairs, plan = search_pairs(ArrayChunks(x), ArrayChunks(x), 0.7, settings, self_join=True)
+    got = set(zip(pairs.column("query_id").to_pylist(), pairs.column("base_id").to_pylist()))
+    assert (plan.kind, plan.nlist, plan.nprobe) == ("ivf", 24, 8) and len(want) >= 10
+    assert len(got & want) / len(want) == 1.0 and got <= want
+
+
 def test_dedup_keeps_the_identity_with_more_images():
     pairs = pa.table({"query_id": [1, 2, 7], "base_id": [2, 3, 8], "cosine": [0.9, 0.8, 0.95]})
     absorbed = survivors(pairs, {1: 10, 2: 30, 3: 5, 7: 4, 8: 4})

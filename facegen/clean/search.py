@@ -4,9 +4,10 @@ The base set is indexed in parts of at most ``max_vectors_per_part`` vectors (on
 a time); query vectors stream through each part in chunks. ``index: auto`` (the default) searches
 a part exactly (flat inner product) up to ``exact_max_cpu`` / ``exact_max_gpu`` base vectors and
 with IVF-Flat above, on the GPU when faiss has one (``device: auto``). IVF's lists hold about
-``vectors_per_list`` vectors each (at most ``max_lists`` lists), so with a fixed ``nprobe`` the
-scan per query does not grow with the base (above ``HNSW_QUANTIZER_LISTS`` lists the centroids
-are searched through a graph, whose cost and misses grow with N: see bench/RESULTS.md); the lists
+``vectors_per_list`` vectors each, so with a fixed ``nprobe`` the scan per query does not grow
+with the base, up to ``max_lists`` lists (4096: above ``HNSW_QUANTIZER_LISTS`` the centroids would
+be searched through a graph, whose cost and misses grew with N: see bench/RESULTS.md); capped lists
+hold more vectors and only ``capped_nprobe`` of them are searched; the lists
 come from spherical k-means on ``train_per_list`` sampled vectors per list. Small lists matter
 more than nprobe: on bench/cleaning.py's 512-d centres clustered around 1000 modes, a pair at
 cosine 0.75-0.9 fell outside the 16 lists probed for 4.6 % of queries with 390 lists over 100k
@@ -148,6 +149,7 @@ class SearchPlan:
     gpu: bool
     nlist: int
     parts: int
+    nprobe: int = 0  # IVF lists searched per query
 
 
 def build_plan(total: int, settings: SearchSettings) -> SearchPlan:
@@ -164,7 +166,10 @@ def build_plan(total: int, settings: SearchSettings) -> SearchPlan:
         raise ValueError("clean.search.index: hnsw runs on CPU only; use ivf or flat with device cuda, or device cpu")
     if kind != "ivf":
         return SearchPlan(kind, gpu, 0, parts)
-    return SearchPlan("ivf", gpu, min(settings.max_lists, max(1, per_part // settings.vectors_per_list)), parts)
+    wanted = max(1, per_part // settings.vectors_per_list)
+    nlist = min(settings.max_lists, wanted)
+    nprobe = settings.nprobe if wanted <= settings.max_lists else min(settings.nprobe, settings.capped_nprobe)
+    return SearchPlan("ivf", gpu, nlist, parts, min(nprobe, nlist))
 
 
 def _training_sample(base: ChunkSource, size: int, seed: int = 0) -> np.ndarray:
@@ -213,7 +218,7 @@ def _train_ivf(base: ChunkSource, plan: SearchPlan, settings: SearchSettings):
     index.train(sample)
     if assign is not None:
         index.clustering_index = None
-    index.nprobe = min(settings.nprobe, plan.nlist)
+    index.nprobe = plan.nprobe
     if large:
         faiss.downcast_index(index.quantizer).hnsw.efSearch = max(64, 4 * index.nprobe)
     index.own_fields = True

@@ -127,8 +127,16 @@ class SearchSettings(_Section):
     hnsw_ef_construction: int = Field(default=64, ge=8)
     hnsw_ef_search: int = Field(default=64, ge=8)
     vectors_per_list: int = Field(default=64, ge=16, description="IVF: lists = vectors / this")
-    max_lists: int = Field(default=65_536, ge=1, description="IVF: at most this many lists")
+    # 4096: above it the CPU quantizer is an HNSW graph, which at 1M centres cost more than the scan and
+    # missed lists (dedup recall 0.98); a flat quantizer with 4096 lists (about 244 vectors each at 1M)
+    # is BLAS-fast and exact (bench/RESULTS.md, issue 10).
+    max_lists: int = Field(default=4096, ge=1, description="IVF: at most this many lists")
     nprobe: int = Field(default=16, ge=1, description="IVF: lists searched per query")
+    # Lists capped by max_lists hold more vectors, so fewer probes scan as much; at 1M, 8 of 4096
+    # found every planted pair (4: 99.8 %) for 55 % of the CPU time of 16.
+    capped_nprobe: int = Field(default=8, ge=1, description="IVF: at most this many lists searched when max_lists caps the lists")
+    # 32: at 100k (1562 lists of 64) 16 points per list let 1 % of planted pairs fall outside the probed
+    # lists one-sided (32: 0.08 %); at 1M 16 were enough, 32 cost 15 more CPU seconds there.
     train_per_list: int = Field(default=32, ge=4, description="IVF k-means training points per list")
     train_iterations: int = Field(default=10, ge=1, description="IVF k-means iterations")
     query_chunk: int = Field(default=8192, ge=1)
