@@ -1,6 +1,15 @@
-"""Training benchmarks on the parametric renderer, measured side by side in one run.
+"""Training benchmarks on generated faces, measured side by side in one run.
 
-    python bench/training.py [--quick] [--seeds 3] [--json bench/training_results.json]
+    python bench/training.py [--quick] [--seeds 3] [--backend parametric|dcgan] [--only-conditions]
+                             [--identities N] [--json bench/training_results.json]
+
+``--backend parametric`` (default): the CPU renderer with planted wrong-identity images, cleaned
+with an embedder bootstrapped on separate rendered identities. ``--backend dcgan``: the DCGAN of
+gan-face-generate (64 px; DigiFace-1M weights, non-commercial research only); identities are
+Gaussian latents, each identity's images are Dispersion variants as configs/gan_local.yaml makes
+them (forces through an embedder bootstrapped on separate DCGAN identities), cleaning embeds with
+dlib's 128-d descriptor, and the held-out set is DCGAN identities disjoint from the training ones,
+varied the same way. The model and training settings are the same for both backends.
 
 1. Ray Train loop versus the plain PyTorch loop: the same ``fit`` (model, data, threads) run by a
    1-worker ``TorchTrainer`` and by :class:`facegen.train.fit.LocalSession` in this process,
@@ -14,7 +23,8 @@
    data set is the same), scored on held-out identities (insightface .bin protocol, 10 folds);
    accuracy mean and spread side by side.
 
-Needs Ray (data generation through the pipeline stages, and item 1). Record the printed figures
+``--only-conditions`` skips items 1-3. Needs Ray (data generation through the pipeline stages,
+and item 1). Record the printed figures
 in bench/RESULTS.md with the machine named.
 """
 
@@ -44,17 +54,35 @@ from facegen.config import FacegenConfig, config_from_dict  # noqa: E402
 THREADS = 2  # the CPUs of this machine: the Ray worker gets cpus_per_worker = 2, the plain loop 2 threads
 
 
-def settings(root: str, quick: bool) -> FacegenConfig:
-    """The benchmark's data and model: the local demo's recipe at a size that fits 2 cores."""
+def settings(root: str, quick: bool, backend: str = "parametric", identities: int | None = None) -> FacegenConfig:
+    """The benchmark's data and model: the local demo's recipe at a size that fits 2 cores.
+
+    ``dcgan`` changes only the data (generator, variation, cleaning embedder); model and training
+    settings are the parametric run's.
+    """
     ids, images = (24, 12) if quick else (100, 24)
+    ids = identities or ids
+    generator: dict = {"backend": "parametric", "images_per_identity": images, "batch_size": 4, "num_cpus": 0.5,
+                       "parametric": {"image_size": 128, "wrong_identity_rate": 0.1}}
+    if backend == "dcgan":  # configs/gan_local.yaml's generator; Gaussian identities (no Langevin stage)
+        generator = {"backend": "dcgan", "device": "cpu", "images_per_identity": images, "batch_size": 4,
+                     "num_cpus": 0.5, "variation": "dispersion", "dispersion": {"sigma": 0.2, "iterations": 5}}
+    clean: dict = {"min_images": 6 if quick else 10, "target_images": images, "num_cpus": 0.5}
+    if backend == "dcgan":
+        # dlib's uncentred descriptors put different DCGAN identities' images at cosine 0.83-0.92 and
+        # their centres at 0.91-0.97 (measured, 40 identities), where ArcFace-like embedders put
+        # different people near 0. No centre threshold separates a duplicate from a neighbour there,
+        # so dedup is off; DBSCAN's threshold range moves onto dlib's scale, t' = 0.88 + 0.12 t
+        # (0.88: the median cosine of different identities), or it keeps every image.
+        clean["dedup"] = {"enabled": False}
+        clean["dbscan"] = {"start_t": 0.952, "t_min": 0.916, "t_max": 0.988, "step": 0.005}
     return config_from_dict({
-        "run": {"name": "bench-train", "output_dir": root, "seed": 0},
+        "run": {"name": f"bench-train-{backend}", "output_dir": root, "seed": 0},
         "ray": {"num_cpus": 4},
         "identities": {"num_identities": ids, "block_size": 20},
-        "generator": {"backend": "parametric", "images_per_identity": images, "batch_size": 4, "num_cpus": 0.5,
-                      "parametric": {"image_size": 128, "wrong_identity_rate": 0.1}},
+        "generator": generator,
         "faces": {"batch_size": 96, "num_cpus": 0.5},
-        "clean": {"min_images": 6 if quick else 10, "target_images": images, "num_cpus": 0.5},
+        "clean": clean,
         "shards": {"num_buckets": 3},
         "train": {"arch": "iresnet18", "width": 8, "embedding_size": 128, "head": "arcface", "scale": 32.0,
                   "margin": 0.3, "lr": 0.1, "batch_size": 64, "epochs": 2 if quick else 4, "lr_steps": [3],
@@ -77,19 +105,30 @@ def prepare_data(cfg: FacegenConfig) -> dict[str, str]:
 
     laps = {}
     clock = time.perf_counter()
-    cfg.faces.embedder.kind, cfg.faces.embedder.path = "facegen", bootstrap_embedder(cfg, progress=False)
+    bootstrapped = bootstrap_embedder(cfg, progress=False)
+    dcgan = cfg.generator.backend == "dcgan"
+    if dcgan:
+        # The bootstrapped student only steers Dispersion; cleaning judges DCGAN faces by dlib, a
+        # descriptor trained on real faces that no part of this run fitted.
+        cfg.generator.embedder.kind, cfg.generator.embedder.path = "facegen", bootstrapped
+        cfg.faces.embedder.kind, cfg.faces.embedder.path = "dlib", None
+    else:
+        cfg.faces.embedder.kind, cfg.faces.embedder.path = "facegen", bootstrapped
     laps["bootstrap embedder"] = time.perf_counter() - clock
-    heldout = write_heldout_bin(cfg, progress=False)
+    heldout = write_heldout_bin(cfg, progress=False, same_variation=dcgan)
     gen = run_generate(cfg, progress=False)
     clean = run_clean(cfg, progress=False)
     run_shard(cfg, progress=False)
     raw_shards = f"{cfg.run.output_dir}/shards-raw"
     run_shard(cfg, source_dir=cfg.stage_dir("raw"), shards_dir=raw_shards, progress=False)
     laps["data"] = time.perf_counter() - clock - laps["bootstrap embedder"]
-    print(f"data: {gen.totals.get('images')} generated images ({gen.totals.get('injected_wrong')} wrong-identity), "
-          f"cleaning kept {clean.totals.get('images_out')} (removed {clean.totals.get('injected_wrong_removed')} of the "
-          f"wrong ones); bootstrap {laps['bootstrap embedder']:.0f} s, data {laps['data']:.0f} s", flush=True)
-    return {"clean": cfg.stage_dir("shards"), "raw": raw_shards, "heldout": heldout}
+    g, c = gen.totals, clean.totals
+    print(f"data: {g.get('images')} generated images of {g.get('identities')} identities ({g.get('images_error')} "
+          f"failed, {g.get('injected_wrong')} planted wrong-identity), cleaning kept {c.get('images_out')} images of "
+          f"{c.get('identities_kept')} identities (removed {c.get('images_removed')}, {c.get('injected_wrong_removed')} of "
+          f"them planted wrong ones); bootstrap {laps['bootstrap embedder']:.0f} s, data {laps['data']:.0f} s", flush=True)
+    return {"clean": cfg.stage_dir("shards"), "raw": raw_shards, "heldout": heldout, "generate": dict(g), "cleaning": dict(c),
+            "data_seconds": {k: round(v, 1) for k, v in laps.items()}}
 
 
 def ray_vs_plain(cfg: FacegenConfig, shards: str, reps: int) -> dict:
@@ -201,36 +240,9 @@ def conditions(cfg: FacegenConfig, data: dict[str, str], seeds: int) -> dict:
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run)")
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--reps", type=int, default=2, help="Ray / plain repetitions")
-    parser.add_argument("--json", default=None, help="also write the figures here")
-    parser.add_argument("--workdir", default=None, help="keep data here (default: a temporary folder)")
-    parser.add_argument("--verbose", action="store_true", help="show Ray's own logs")
-    args = parser.parse_args()
-    from facegen.ray_utils import init_ray
-
-    where = f"{platform.processor() or platform.machine()} x{os.cpu_count()}"
-    print(f"training benchmarks on {where}, torch {torch.__version__}", flush=True)
-    started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = settings(args.workdir or tmp, args.quick)
-        init_ray(cfg.ray, verbose=args.verbose)
-        data = prepare_data(cfg)
-        figures: dict = {"machine": where, "torch": torch.__version__}
-        print("1. Ray Train loop vs plain PyTorch loop (iresnet18 w8, batch 64, same data, 2 threads)", flush=True)
-        figures["ray_vs_plain"] = ray_vs_plain(cfg, data["clean"], 1 if args.quick else args.reps)
-        print("2. ingest alone vs train step alone", flush=True)
-        figures["ingest"] = ingest_vs_step(cfg, data["clean"], args.quick)
-        figures["mixing"] = mixing_and_amplification(cfg, data["clean"])
-        print(f"4. curriculum x cleaning, {args.seeds} seeds, {cfg.train.epochs} epochs each", flush=True)
-        figures["conditions"] = conditions(cfg, data, 1 if args.quick else args.seeds)
-    figures["seconds"] = time.perf_counter() - started
-
+def print_loop_figures(figures: dict) -> None:
+    """Items 1-3 of the results: Ray vs plain, ingest vs step, batch mixing."""
     rv = figures["ray_vs_plain"]
-    print("\n== results ==")
     print(f"Ray Train / plain loop: {rv['ratio']:.3f}  (Ray {rv['ray_img_s']}, plain {rv['plain_img_s']} img/s)")
     step = figures["ingest"]["step_img_s"]
     print(f"train step alone: {step:.1f} img/s")
@@ -240,6 +252,44 @@ def main() -> None:
     print(f"identities per batch of {m['batch']}: mean {m['identities_per_batch_mean']:.1f}, min "
           f"{m['identities_per_batch_min']} (a shard holds at most {m['identities_per_shard_max']}); rows read by 4 "
           f"workers per row of the set: {m['read_per_row_in_set']:.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run)")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=2, help="Ray / plain repetitions")
+    parser.add_argument("--backend", choices=["parametric", "dcgan"], default="parametric", help="what makes the faces")
+    parser.add_argument("--identities", type=int, default=None, help="training identities (default 24 quick, 100)")
+    parser.add_argument("--only-conditions", action="store_true", help="skip items 1-3 (Ray vs plain, ingest, mixing)")
+    parser.add_argument("--json", default=None, help="also write the figures here")
+    parser.add_argument("--workdir", default=None, help="keep data here (default: a temporary folder)")
+    parser.add_argument("--verbose", action="store_true", help="show Ray's own logs")
+    args = parser.parse_args()
+    from facegen.ray_utils import init_ray
+
+    where = f"{platform.processor() or platform.machine()} x{os.cpu_count()}"
+    print(f"training benchmarks on {where}, torch {torch.__version__}, backend {args.backend}", flush=True)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = settings(args.workdir or tmp, args.quick, args.backend, args.identities)
+        init_ray(cfg.ray, verbose=args.verbose)
+        data = prepare_data(cfg)
+        figures: dict = {"machine": where, "torch": torch.__version__, "backend": args.backend,
+                         "data": {k: data[k] for k in ("generate", "cleaning", "data_seconds")}}
+        if not args.only_conditions:
+            print("1. Ray Train loop vs plain PyTorch loop (iresnet18 w8, batch 64, same data, 2 threads)", flush=True)
+            figures["ray_vs_plain"] = ray_vs_plain(cfg, data["clean"], 1 if args.quick else args.reps)
+            print("2. ingest alone vs train step alone", flush=True)
+            figures["ingest"] = ingest_vs_step(cfg, data["clean"], args.quick)
+            figures["mixing"] = mixing_and_amplification(cfg, data["clean"])
+        print(f"4. curriculum x cleaning, {args.seeds} seeds, {cfg.train.epochs} epochs each", flush=True)
+        figures["conditions"] = conditions(cfg, data, 1 if args.quick else args.seeds)
+    figures["seconds"] = time.perf_counter() - started
+
+    print("\n== results ==")
+    if not args.only_conditions:
+        print_loop_figures(figures)
     print(f"{'condition':<18} {'held-out accuracy % (mean +- sd over seeds)':<44} runs")
     for key, rows in figures["conditions"].items():
         accs = [100 * r["accuracy"] for r in rows]

@@ -19,7 +19,8 @@ HELDOUT_FIRST_ID = 20_000_000
 HELDOUT_IMAGES_PER_IDENTITY = 4
 
 
-def _side_config(cfg: FacegenConfig, name: str, first_id: int, num_identities: int, images_per_identity: int) -> FacegenConfig:
+def _side_config(cfg: FacegenConfig, name: str, first_id: int, num_identities: int, images_per_identity: int,
+                 keep_variation: bool = False) -> FacegenConfig:
     side = cfg.model_copy(deep=True)
     side.run.output_dir = f"{cfg.run.output_dir.rstrip('/')}/{name}"
     side.run.name = f"{cfg.run.name}-{name}"
@@ -28,7 +29,8 @@ def _side_config(cfg: FacegenConfig, name: str, first_id: int, num_identities: i
     side.generator.images_per_identity = images_per_identity
     side.generator.parametric.wrong_identity_rate = 0.0
     side.faces.embedder.kind, side.faces.embedder.path = "facegen", None
-    side.generator.variation = "noise"  # Dispersion/DisCo need the embedder this side run may be training
+    if not keep_variation:
+        side.generator.variation = "noise"  # Dispersion/DisCo need the embedder this side run may be training
     return side
 
 
@@ -75,13 +77,20 @@ def heldout_pairs(identity_ids: np.ndarray, num_pairs: int, seed: int) -> tuple[
     return np.array(pairs, np.int64), np.array(same, bool)
 
 
-def write_heldout_bin(cfg: FacegenConfig, progress: bool = True) -> str:
-    """Render unseen identities, align them, and write ``<output>/heldout/heldout.bin``."""
+def write_heldout_bin(cfg: FacegenConfig, progress: bool = True, same_variation: bool = False) -> str:
+    """Render unseen identities, align them, and write ``<output>/heldout/heldout.bin``.
+
+    The held-out identities are ``demo.heldout_identities`` ids from :data:`HELDOUT_FIRST_ID` on, so a
+    GAN backend draws their latents apart from the training ones. Their images vary by plain noise,
+    unless ``same_variation``: then by ``generator.variation`` as the training data (Dispersion and
+    DisCo need ``generator.embedder``), so genuine pairs differ as much as training images do.
+    """
     from facegen.eval.report import load_samples
     from facegen.eval.verification import write_bin
     from facegen.stages.generate import run_generate
 
-    side = _side_config(cfg, "heldout", HELDOUT_FIRST_ID, cfg.demo.heldout_identities, HELDOUT_IMAGES_PER_IDENTITY)
+    side = _side_config(cfg, "heldout", HELDOUT_FIRST_ID, cfg.demo.heldout_identities, HELDOUT_IMAGES_PER_IDENTITY,
+                        keep_variation=same_variation)
     path = f"{side.run.output_dir}/heldout.bin"
     if storage.exists(path):
         return path
