@@ -6,13 +6,13 @@
     python bench/gpu_training.py --device cpu --quick     # a smoke run of the same code
 
 1. IResNet-50 (width 64, 512-d) training images/s at batch 128 and 256: a full step of the training
-   loop (``facegen.train.fit.train_step``'s work: forward under autocast, Partial FC ArcFace loss over
+   loop (``facegen.train.step.train_step``, the step ``fit`` runs: forward under autocast, Partial FC ArcFace loss over
    10k classes, backward with loss scaling when fp16, clipping, two SGD steps), synthetic inputs
    already on the GPU, channels-last; AMP bf16 where the GPU has it, else fp16.
 2. Partial FC at 1M classes on one GPU: the same step with 1,000,000 class centres (512-d) at
    sample rate 1.0 and 0.1, batch 128: step time and peak GPU memory.
 
-Imports only torch and facegen modules that need nothing else (models.iresnet, train.partial_fc,
+Imports only torch and facegen modules that need nothing else (models.iresnet, train.partial_fc, train.step,
 train.heads).
 """
 
@@ -30,13 +30,7 @@ import torch  # noqa: E402
 from facegen.models.iresnet import build_backbone  # noqa: E402
 from facegen.train.heads import ArcFace  # noqa: E402
 from facegen.train.partial_fc import PartialFC  # noqa: E402
-
-
-def amp_dtype(device: torch.device) -> torch.dtype | None:
-    """bf16 on GPUs that have it, else fp16; None on CPU (no autocast)."""
-    if device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+from facegen.train.step import resolve_amp, train_step  # noqa: E402
 
 
 def sync(device: torch.device) -> None:
@@ -47,7 +41,7 @@ def sync(device: torch.device) -> None:
 def measure(device: torch.device, arch: str, width: int, batch: int, classes: int, sample_rate: float,
             warmup: int, steps: int, channels_last: bool, compile_backbone: bool = False) -> dict:
     """Images/s, ms/step and peak memory of full training steps on synthetic data."""
-    dtype = amp_dtype(device)
+    dtype, use_scaler = resolve_amp("auto", device)  # as train.amp: auto
     torch.manual_seed(0)
     model = build_backbone(arch, width=width, embedding_size=512, fp16=dtype is not None)
     model.amp_dtype = dtype or torch.float16
@@ -60,27 +54,14 @@ def measure(device: torch.device, arch: str, width: int, batch: int, classes: in
     head = PartialFC(ArcFace(s=64.0, m=0.5), 512, classes, sample_rate=sample_rate, amp_dtype=dtype).to(device)
     optimizers = [torch.optim.SGD(optimizer_params, lr=0.1, momentum=0.9, weight_decay=5e-4),
                   torch.optim.SGD([head.weight], lr=0.1, momentum=0.9, weight_decay=5e-4)]
-    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    scaler = torch.amp.GradScaler("cuda") if use_scaler else None
     x = torch.randn(batch, 3, 112, 112, device=device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, classes, (batch,), device=device)
 
     def step(i: int) -> None:
-        loss = head(model(x), y, i)
-        for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            for opt in optimizers:
-                scaler.unscale_(opt)
-        else:
-            loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-        for opt in optimizers:
-            scaler.step(opt) if scaler is not None else opt.step()
-        if scaler is not None:
-            scaler.update()
+        train_step(model, head, optimizers, scaler, x, y, i, clip_norm=5.0)
 
     for i in range(warmup):
         step(i)
@@ -137,7 +118,7 @@ def main() -> None:
     else:
         name = f"CPU x{os.cpu_count()}"
     channels_last = device.type == "cuda" and not args.no_channels_last
-    print(f"device {name}, torch {torch.__version__}, AMP {amp_dtype(device) or 'off'}, channels_last {channels_last}", flush=True)
+    print(f"device {name}, torch {torch.__version__}, AMP {resolve_amp('auto', device)[0] or 'off'}, channels_last {channels_last}", flush=True)
     arch, width, batches, million = ("iresnet18", 8, (8, 16), 20_000) if args.quick else ("iresnet50", 64, (128, 256), 1_000_000)
     arch, width = args.arch or arch, args.width or width
     batches, million = args.batches or batches, args.classes or million

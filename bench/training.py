@@ -157,7 +157,8 @@ def ingest_vs_step(cfg: FacegenConfig, shards: str, quick: bool) -> dict:
     from facegen.config import TrainAugmentSettings
     from facegen.models.iresnet import build_backbone
     from facegen.train.data import CurriculumReader
-    from facegen.train.fit import build_optimizer, train_step
+    from facegen.train.fit import build_optimizer
+    from facegen.train.step import train_step
     from facegen.train.heads import build_margin
     from facegen.train.partial_fc import PartialFC
 

@@ -34,6 +34,7 @@ from facegen.train.checkpoint import load_checkpoint, save_checkpoint
 from facegen.train.data import CurriculumReader, prefetch
 from facegen.train.heads import build_margin
 from facegen.train.partial_fc import PartialFC
+from facegen.train.step import resolve_amp, train_step
 from facegen.train.sync_bn import convert_sync_batchnorm
 from facegen.train.validation import Validator
 
@@ -98,48 +99,11 @@ def lr_at(settings: TrainSettings, epoch: float) -> float:
     return settings.lr * 0.1 ** sum(1 for step in settings.lr_steps if epoch >= step)
 
 
-def resolve_amp(mode: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
-    """``(autocast dtype or None, use a loss scaler)``: bf16 where the GPU has it, else fp16 + scaler."""
-    if device.type != "cuda" or mode == "off":
-        return None, False
-    if mode == "bf16" and not torch.cuda.is_bf16_supported():
-        raise ValueError("train.amp: bf16 requested but this GPU does not support it (use auto or fp16)")
-    if mode == "bf16" or (mode == "auto" and torch.cuda.is_bf16_supported()):
-        return torch.bfloat16, False
-    return torch.float16, True
-
-
 def build_optimizer(settings: TrainSettings, params: list[nn.Parameter]) -> torch.optim.Optimizer:
     """SGD with momentum (the DataCV recipe) or AdamW over ``params``."""
     if settings.optimizer == "sgd":
         return torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
     return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
-
-
-def train_step(
-    model: nn.Module, head: PartialFC, optimizers: list[torch.optim.Optimizer], scaler: torch.amp.GradScaler | None,
-    images: torch.Tensor, labels: torch.Tensor, step: int, clip_norm: float,
-) -> torch.Tensor:
-    """Forward, Partial FC loss, backward (scaled when fp16), backbone clipping, optimizer steps; the loss."""
-    loss = head(model(images), labels, step)
-    for optimizer in optimizers:
-        optimizer.zero_grad(set_to_none=True)
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        for optimizer in optimizers:
-            scaler.unscale_(optimizer)
-    else:
-        loss.backward()
-    if clip_norm > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
-    for optimizer in optimizers:
-        if scaler is not None:
-            scaler.step(optimizer)
-        else:
-            optimizer.step()
-    if scaler is not None:
-        scaler.update()
-    return loss.detach()
 
 
 def _sum_over_workers(values: list[float], device: torch.device) -> list[float]:
