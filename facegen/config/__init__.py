@@ -53,6 +53,7 @@ from facegen.config.generation import (  # noqa: F401  (re-exported: one import 
 from facegen.config.faces import (  # noqa: F401  (re-exported: one import path for every setting)
     DetectorSettings,
     EmbedderSettings,
+    EmbedderWeights,
     FaceSettings,
     IngestSettings,
 )

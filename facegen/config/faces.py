@@ -2,14 +2,41 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
 from facegen.config._base import _Section
 
 
-class EmbedderSettings(_Section):
+class EmbedderWeights(_Section):
+    """What every embedder setting names: the weights (``path``), an arcface_torch ``.pth``'s
+    network (``arch``) and the device; ``faces.embedder`` and ``generator.embedder`` build on it."""
+
+    where: ClassVar[str] = "faces.embedder"  # the dotted section, for messages
+
+    kind: str = Field(default="facegen", description="each subclass narrows it to the kinds it can build")
+    path: str | None = Field(default=None, json_schema_extra={"input_path": "required"})
+    arch: Literal["iresnet18", "iresnet34", "iresnet50", "iresnet100"] | None = Field(
+        default=None, description="arcface_torch only: the network the .pth belongs to"
+    )
+    device: str = "auto"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "checkpoint" in data:
+            raise ValueError(f"checkpoint was renamed: use {cls.where}.path (and {cls.where}.kind)")
+        return data
+
+    @model_validator(mode="after")
+    def _arch_named(self) -> "EmbedderWeights":
+        if self.kind == "arcface_torch" and self.path and self.arch is None:
+            raise ValueError("arch: an arcface_torch .pth needs its network (iresnet18/34/50/100)")
+        return self
+
+
+class EmbedderSettings(EmbedderWeights):
     """The face embedder (``facegen.faces.embed.build_embedder``); no ``path`` skips embedding.
 
     ``facegen``: a facegen IResNet folder (``backbone.json`` + safetensors); ``arcface_torch``: an
@@ -19,24 +46,10 @@ class EmbedderSettings(_Section):
     """
 
     kind: Literal["facegen", "arcface_torch", "onnx", "dlib"] = "facegen"
-    path: str | None = Field(default=None, json_schema_extra={"input_path": "required"})
-    arch: Literal["iresnet18", "iresnet34", "iresnet50", "iresnet100"] | None = Field(
-        default=None, description="arcface_torch only: the network the .pth belongs to"
-    )
     batch_size: int = Field(default=64, ge=1)
-    device: str = "auto"
-
-    @model_validator(mode="before")
-    @classmethod
-    def _renamed(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "checkpoint" in data:
-            raise ValueError("checkpoint was renamed: use faces.embedder.path (and faces.embedder.kind)")
-        return data
 
     @model_validator(mode="after")
-    def _complete(self) -> "EmbedderSettings":
-        if self.kind == "arcface_torch" and self.path and self.arch is None:
-            raise ValueError("arch: an arcface_torch .pth needs its network (iresnet18/34/50/100)")
+    def _weights_given(self) -> "EmbedderSettings":
         if self.kind in ("arcface_torch", "onnx") and not self.path:
             raise ValueError(f"path: the {self.kind} embedder needs a weights file")
         return self

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from facegen.config._base import _Section
-from facegen.config.faces import DetectorSettings, EmbedderSettings
+from facegen.config.faces import DetectorSettings, EmbedderSettings, EmbedderWeights
 
 
 class ParametricSettings(_Section):
@@ -200,29 +200,13 @@ class DcganSettings(_Section):
     )
 
 
-class ForceEmbedderSettings(_Section):
+class ForceEmbedderSettings(EmbedderWeights):
     """The differentiable embedder identity forces go through: a facegen IResNet folder or an
     insightface arcface_torch ``.pth`` (with ``arch``); same names as ``faces.embedder``."""
 
+    where: ClassVar[str] = "generator.embedder"
+
     kind: Literal["facegen", "arcface_torch"] = "facegen"
-    path: str | None = Field(default=None, json_schema_extra={"input_path": "required"})
-    arch: Literal["iresnet18", "iresnet34", "iresnet50", "iresnet100"] | None = Field(
-        default=None, description="arcface_torch only: the network the .pth belongs to"
-    )
-    device: str = "auto"
-
-    @model_validator(mode="before")
-    @classmethod
-    def _renamed(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "checkpoint" in data:
-            raise ValueError("checkpoint was renamed: use generator.embedder.path (and generator.embedder.kind)")
-        return data
-
-    @model_validator(mode="after")
-    def _complete(self) -> "ForceEmbedderSettings":
-        if self.kind == "arcface_torch" and self.path and self.arch is None:
-            raise ValueError("arch: an arcface_torch .pth needs its network (iresnet18/34/50/100)")
-        return self
 
 
 class DispersionSettings(_Section):
