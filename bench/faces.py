@@ -22,22 +22,13 @@ import os
 import platform
 import sys
 import tempfile
-import time
 
 import cv2
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-
-def _rate(fn, items: int, repeat: int = 2) -> float:
-    fn()  # warm-up
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return items / best
+from bench.timing import best_rate  # noqa: E402
 
 
 def photos_512(n: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -61,11 +52,11 @@ def bench_detectors(images: list[np.ndarray], device: str) -> list[tuple[str, fl
     from facegen.faces.detect import DlibDetector, MtcnnDetector
 
     mtcnn = MtcnnDetector(device=device)
-    rows = [("detect mtcnn batched (one detect_batch)", _rate(lambda: mtcnn.detect_batch(images), len(images)), "img/s"),
-            ("detect mtcnn one image at a time", _rate(lambda: [mtcnn.detect(im) for im in images], len(images)), "img/s")]
+    rows = [("detect mtcnn batched (one detect_batch)", best_rate(lambda: mtcnn.detect_batch(images), len(images)), "img/s"),
+            ("detect mtcnn one image at a time", best_rate(lambda: [mtcnn.detect(im) for im in images], len(images)), "img/s")]
     for upsample in (0, 1):
         hog = DlibDetector("hog", upsample)
-        rows.append((f"detect dlib HOG upsample {upsample}", _rate(lambda: [hog.detect(im) for im in images], len(images), 1), "img/s"))
+        rows.append((f"detect dlib HOG upsample {upsample}", best_rate(lambda: [hog.detect(im) for im in images], len(images), 1), "img/s"))
     rows.append(("  ratio mtcnn batched / dlib HOG upsample 1", rows[0][1] / rows[3][1], "x"))
     rows.append(("  ratio mtcnn batched / dlib HOG upsample 0", rows[0][1] / rows[2][1], "x"))
     rows.append(("  ratio mtcnn batched / one at a time", rows[0][1] / rows[1][1], "x"))
@@ -114,9 +105,9 @@ def bench_stage(images: list[np.ndarray], device: str) -> list[tuple[str, float,
             result = stage(batch)
             if list(result["status"]).count("ok") != len(images):
                 raise RuntimeError(f"{name}: {list(result['reason'])}")
-            out.append((f"faces stage, mtcnn + {name}", _rate(lambda: stage(batch), len(images)), "img/s"))
+            out.append((f"faces stage, mtcnn + {name}", best_rate(lambda: stage(batch), len(images)), "img/s"))
         stage = FaceStage(FaceSettings(detector=DetectorSettings(kind="mtcnn", device=device)))
-        out.append(("faces stage, mtcnn, no embedder", _rate(lambda: stage(batch), len(images), 1), "img/s"))
+        out.append(("faces stage, mtcnn, no embedder", best_rate(lambda: stage(batch), len(images), 1), "img/s"))
     return out
 
 

@@ -35,6 +35,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.timing import best_rate  # noqa: E402
+
 _MERGES = [("i", "d</w>"), ("p", "h"), ("o", "t"), ("e", "r"), ("o", "n")]
 
 
@@ -97,19 +99,7 @@ def build_sd15_folders(root: str, shape: dict) -> dict[str, str]:
 
 def timed(fn, images: int, repeat: int, device: str) -> float:
     """images/s of ``fn`` (one warm-up call, then the best of ``repeat``)."""
-    import torch
-
-    fn()
-    best = float("inf")
-    for _ in range(repeat):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return images / best
+    return best_rate(fn, images, repeat, cuda=device == "cuda")
 
 
 def main() -> None:

@@ -20,11 +20,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.timing import best_rate  # noqa: E402
 
 
 def photos_512(n: int) -> list[np.ndarray]:
@@ -49,27 +50,13 @@ def photos_512(n: int) -> list[np.ndarray]:
     return [np.ascontiguousarray(pool[i % len(pool)]) for i in range(n)]
 
 
-def _best(fn, repeat: int) -> float:
-    import torch
-
-    fn()  # warm-up (cuDNN autotune, allocator)
-    best = float("inf")
-    for _ in range(repeat):
-        torch.cuda.synchronize() if torch.cuda.is_available() else None
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize() if torch.cuda.is_available() else None
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def bench_mtcnn(images: list[np.ndarray], device: str, repeat: int) -> None:
     from facegen.models.mtcnn import MTCNN
 
     detector = MTCNN(device=device, min_face=20)
     found = [len(boxes) for boxes, _, _ in detector.detect_batch(images)]
-    batched = len(images) / _best(lambda: detector.detect_batch(images), repeat)
-    single = len(images) / _best(lambda: [detector.detect_batch([im]) for im in images], repeat)
+    batched = best_rate(lambda: detector.detect_batch(images), len(images), repeat, cuda=device == "cuda")
+    single = best_rate(lambda: [detector.detect_batch([im]) for im in images], len(images), repeat, cuda=device == "cuda")
     print(f"MTCNN 512 px, min_face 20: faces per image {sorted(set(found))} (mean {np.mean(found):.2f})")
     print(f"| MTCNN batched (one detect_batch of {len(images)}) | {batched:.1f} img/s |")
     print(f"| MTCNN one image per call | {single:.1f} img/s |")
@@ -92,7 +79,7 @@ def bench_iresnet(device: str, batch: int, repeat: int) -> None:
             out = net(x) + net(torch.flip(x, dims=[3]))
         return torch.nn.functional.normalize(out.float(), dim=1)
 
-    rates = {fp16: batch / _best(lambda fp16=fp16: embed(fp16), repeat) for fp16 in (False, True)}
+    rates = {fp16: best_rate(lambda fp16=fp16: embed(fp16), batch, repeat, cuda=device == "cuda") for fp16 in (False, True)}
     print(f"| IResNet-50 + flip, batch {batch}, fp32 | {rates[False]:.0f} crops/s |")
     print(f"| IResNet-50 + flip, batch {batch}, fp16 autocast | {rates[True]:.0f} crops/s |")
     print(f"| ratio fp16 / fp32 | {rates[True] / rates[False]:.2f}x |")

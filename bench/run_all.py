@@ -12,23 +12,13 @@ import argparse
 import os
 import platform
 import sys
-import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.timing import best_rate  # noqa: E402
 from facegen.config import GeneratorSettings, ParametricSettings  # noqa: E402
-
-
-def _rate(fn, items: int, repeat: int = 3) -> float:
-    fn()  # warm-up (model load caches, allocator)
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return items / best
 
 
 def bench_parametric(quick: bool) -> list[tuple[str, float, str]]:
@@ -40,7 +30,7 @@ def bench_parametric(quick: bool) -> list[tuple[str, float, str]]:
         settings = GeneratorSettings(images_per_identity=8, parametric=ParametricSettings(image_size=size))
         gen = ParametricGenerator(settings, seed=0)
         batch = {"identity_id": np.arange(ids, dtype=np.int64), "block_id": np.zeros(ids, np.int64)}
-        rows.append((f"parametric render {size}px", _rate(lambda: gen(batch), ids * 8), "img/s"))
+        rows.append((f"parametric render {size}px", best_rate(lambda: gen(batch), ids * 8, repeat=3), "img/s"))
     rows.append(("  ratio 128px / 256px", rows[0][1] / rows[1][1], "x"))
     return rows
 
@@ -61,7 +51,7 @@ def bench_embed(quick: bool, device: str) -> list[tuple[str, float, str]]:
             save_backbone(path, build_backbone(arch, width=width), arch=arch, width=width, embedding_size=512)
             embedder = IResNetEmbedder(path, device=device, batch_size=32)
             for flip in (False, True):
-                rate = _rate(lambda: embedder.embed(images, flip=flip), n, repeat=2)
+                rate = best_rate(lambda: embedder.embed(images, flip=flip), n, repeat=2)
                 rows.append((f"embed {arch} w{width} flip={flip}", rate, "img/s"))
     rows.append(("  ratio flip off / on (r50)", rows[2][1] / rows[3][1], "x"))
     return rows
@@ -91,7 +81,7 @@ def bench_train_step(quick: bool, device: str) -> list[tuple[str, float, str]]:
             if device == "cuda":
                 torch.cuda.synchronize()
 
-        rows.append((f"train step iresnet18 w{width} b{batch}", _rate(step, batch, repeat=2), "img/s"))
+        rows.append((f"train step iresnet18 w{width} b{batch}", best_rate(step, batch, repeat=2), "img/s"))
     rows.append(("  ratio width 16 / 64", rows[0][1] / rows[1][1], "x"))
     return rows
 
@@ -116,7 +106,7 @@ def bench_neighbours(quick: bool) -> list[tuple[str, float, str]]:
             sims = queries[start : start + 500] @ base.T
             np.argpartition(-sims, k, axis=1)[:, :k]
 
-    a, b = _rate(with_faiss, q, repeat=1), _rate(with_numpy, q, repeat=1)
+    a, b = best_rate(with_faiss, q, repeat=1), best_rate(with_numpy, q, repeat=1)
     return [(f"top-{k} faiss IndexFlatIP {n}x{d}", a, "query/s"), (f"top-{k} numpy matmul {n}x{d}", b, "query/s"),
             ("  ratio faiss / numpy", a / b, "x")]
 
