@@ -47,12 +47,16 @@ def test_pipeline_summary_accounts_for_every_image(pipeline_run):
     assert gen["injected_wrong"] > 0
     assert clean["images_in"] == gen["images"]
     assert clean["injected_wrong_in"] == gen["injected_wrong"]
-    assert 0 <= clean["injected_wrong_removed"] <= clean["injected_wrong_in"]
+    # measured 19 of 23 with the 2-epoch bootstrap embedder: cleaning catches most planted images
+    assert clean["injected_wrong_removed"] >= 0.6 * clean["injected_wrong_in"]
     assert clean["identities_kept"] + clean["identities_dropped"] == 12
     assert clean["images_out"] == 12 * clean["identities_kept"]  # topped up to target_images
     assert summary.train["epochs_completed"] == 2
     [heldout] = summary.verification
-    assert heldout["pairs"] == 60 and 0.0 <= heldout["accuracy_mean"] <= 1.0
+    assert heldout["pairs"] == 60
+    # 10 folds of 6 pairs: the mean is a whole number of pairs out of 60; above chance (measured 0.617)
+    assert heldout["accuracy_mean"] * 60 == pytest.approx(round(heldout["accuracy_mean"] * 60))
+    assert heldout["accuracy_mean"] > 0.5
     on_disk = storage.read_json(summary.outputs["summary"])
     assert on_disk["clean"]["totals"] == clean
     table = dict(summary_rows(summary))
