@@ -7,16 +7,14 @@ full softmax restricted to the kept classes.
 """
 
 import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from facegen.train.heads import ArcFace, CombinedMargin, CosFace, MarginClassifier
 from facegen.train.partial_fc import PartialFC, class_range, init_centres
+from gloo_workers import spawn_gloo
 
 WORLD = 2
 ROWS_PER_WORKER = 6
@@ -42,42 +40,30 @@ def _problem(num_classes: int, seed: int = 0):
     return x, labels, backbone, centres
 
 
-def _worker(rank: int, port: int, out_dir: str, num_classes: int, sample_rate: float) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    torch.set_num_threads(1)
-    try:
-        x, labels, backbone, _ = _problem(num_classes)
-        rows = slice(rank * ROWS_PER_WORKER, (rank + 1) * ROWS_PER_WORKER)
-        model = torch.nn.parallel.DistributedDataParallel(backbone)
-        results = {}
-        for name, margin in _margins().items():
-            model.zero_grad()
-            head = PartialFC(margin, DIM, num_classes, sample_rate=sample_rate, seed=3)
-            embeddings = model(x[rows])
-            embeddings.retain_grad()
-            loss = head(embeddings, labels[rows], step=7)
-            loss.backward()
-            results[name] = {
-                "loss": loss.detach(), "weight_grad": head.weight.grad.clone(), "embedding_grad": embeddings.grad.clone(),
-                "backbone_grad": model.module.weight.grad.clone(), "class_start": head.class_start,
-                "num_local": head.num_local, "index": None if head.last_index is None else head.last_index.clone(),
-                "correct": int(head.last_correct), "weight": head.weight.detach().clone(),
-            }
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _worker(rank: int, out_dir: str, num_classes: int, sample_rate: float) -> None:
+    x, labels, backbone, _ = _problem(num_classes)
+    rows = slice(rank * ROWS_PER_WORKER, (rank + 1) * ROWS_PER_WORKER)
+    model = torch.nn.parallel.DistributedDataParallel(backbone)
+    results = {}
+    for name, margin in _margins().items():
+        model.zero_grad()
+        head = PartialFC(margin, DIM, num_classes, sample_rate=sample_rate, seed=3)
+        embeddings = model(x[rows])
+        embeddings.retain_grad()
+        loss = head(embeddings, labels[rows], step=7)
+        loss.backward()
+        results[name] = {
+            "loss": loss.detach(), "weight_grad": head.weight.grad.clone(), "embedding_grad": embeddings.grad.clone(),
+            "backbone_grad": model.module.weight.grad.clone(), "class_start": head.class_start,
+            "num_local": head.num_local, "index": None if head.last_index is None else head.last_index.clone(),
+            "correct": int(head.last_correct), "weight": head.weight.detach().clone(),
+        }
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 def _run(tmp_path, num_classes: int, sample_rate: float) -> list[dict]:
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path), num_classes, sample_rate), nprocs=WORLD, join=True)
-    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    spawn_gloo(_worker, str(tmp_path), num_classes, sample_rate, world_size=WORLD)
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 
 def _reference(num_classes: int, margin, columns: torch.Tensor | None = None):

@@ -4,7 +4,6 @@ step checkpoint, validation, W&B, the finished-run shortcut and the shard-set gu
 import json
 import os
 import signal
-import socket
 import threading
 import time
 
@@ -12,8 +11,6 @@ import numpy as np
 import psutil
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from facegen.config import config_from_dict
@@ -21,6 +18,7 @@ from facegen.lineage import TrainingInputChanged, check_training_input, shard_se
 from facegen.train.checkpoint import read_state
 from facegen.train.fit import LocalSession, fit
 from facegen.train.loop import check_run_against_shards, train
+from gloo_workers import spawn_gloo
 from train_shards import make_shard_set, write_pairs_bin
 
 SETTINGS = {"arch": "iresnet18", "width": 8, "embedding_size": 32, "batch_size": 8, "epochs": 2, "lr": 0.05,
@@ -64,16 +62,10 @@ def _params(checkpoint_dir: str) -> dict[str, torch.Tensor]:
     return {k: v for k, v in out.items() if "running" not in k and "num_batches" not in k}
 
 
-def _local_worker(rank: int, port: int, tmp: str, shards: str) -> None:
+def _local_worker(rank: int, tmp: str, shards: str) -> None:
     from pathlib import Path
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    torch.set_num_threads(1)  # as Ray sets OMP_NUM_THREADS for a worker with 0.5 CPU
-    try:
-        fit(LocalSession(f"{tmp}/local"), _cfg(Path(tmp), max_failures=0), shards, [], "local")
-    finally:
-        dist.destroy_process_group()
+    fit(LocalSession(f"{tmp}/local"), _cfg(Path(tmp), max_failures=0), shards, [], "local")
 
 
 @pytest.mark.slow
@@ -118,10 +110,7 @@ def test_killed_worker_resumes_and_matches_an_uninterrupted_run(tmp_path, ray_lo
     assert [row["epoch"] for row in tracked.history if "epoch" in row][-2:] == [1, 2]
 
     # The same training by two plain-PyTorch workers (gloo), uninterrupted: the same parameters.
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.spawn(_local_worker, args=(port, str(tmp_path), str(shards)), nprocs=2, join=True)
+    spawn_gloo(_local_worker, str(tmp_path), str(shards))
     got, want = _params(final), _params(str(tmp_path / "local" / "step-000000012"))
     for key, value in want.items():
         torch.testing.assert_close(got[key], value, rtol=1e-6, atol=1e-7, msg=key)

@@ -5,13 +5,9 @@ reaches the parameters of an uninterrupted run: exactly on the same worker count
 summation order when 2 gloo workers hand over to 1 (``sync_bn``: statistics over the global batch).
 """
 
-import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from facegen.config import TrainSettings, config_from_dict
@@ -20,6 +16,7 @@ from facegen.train.checkpoint import load_checkpoint, read_state, save_checkpoin
 from facegen.train.fit import LocalSession, build_optimizer, fit, lr_at, resolve_amp
 from facegen.train.heads import ArcFace
 from facegen.train.partial_fc import PartialFC, init_centres
+from gloo_workers import spawn_gloo
 from train_shards import make_shard_set, write_pairs_bin
 
 
@@ -120,23 +117,14 @@ def test_mid_epoch_resume_reaches_the_uninterrupted_parameters(tmp_path, shards)
 HANDOVER = {"sync_bn": True, "epochs": 1, "lr": 0.05, "scale": 16.0, "margin": 0.2, "grad_clip_norm": 1.0}
 
 
-def _two_workers(rank: int, port: int, tmp: str, shards: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    torch.set_num_threads(1)
-    try:
-        from pathlib import Path
+def _two_workers(rank: int, tmp: str, shards: str) -> None:
+    from pathlib import Path
 
-        fit(LocalSession(f"{tmp}/c"), _cfg(Path(tmp), max_steps=3, **HANDOVER), shards, [], "c")
-    finally:
-        dist.destroy_process_group()
+    fit(LocalSession(f"{tmp}/c"), _cfg(Path(tmp), max_steps=3, **HANDOVER), shards, [], "c")
 
 
 def test_resume_on_another_worker_count_reaches_the_same_parameters(tmp_path, shards):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_two_workers, args=(port, str(tmp_path), shards), nprocs=2, join=True)
+    spawn_gloo(_two_workers, str(tmp_path), shards)
     # The same thread count as the workers: CPU kernels pick other algorithms (other rounding) for 2 threads.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
