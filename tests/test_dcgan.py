@@ -1,6 +1,5 @@
 """The real DCGAN of gan-face-generate: weights-only loading into facegen's network, and its backend."""
 
-import os
 
 import numpy as np
 import pytest
@@ -10,6 +9,7 @@ from facegen.config import load_config
 from facegen.faces.align import decode_image
 from facegen.generators import generator_class
 from facegen.models.dcgan import DCGANGenerator, load_dcgan, packaged_weights
+from untrusted import RunsShell
 
 
 def test_packaged_weights_load_weights_only_and_render_faces():
@@ -27,18 +27,10 @@ def test_packaged_weights_load_weights_only_and_render_faces():
         assert torch.equal(G(z[:1]), images[:1])
 
 
-class _RunsShell:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
 def test_checkpoints_that_need_code_or_are_not_dcgans_fail_with_the_file_named(tmp_path):
     marker = tmp_path / "ran"
     evil = tmp_path / "evil.tar"
-    torch.save({"netG_state_dict": _RunsShell(marker)}, evil)
+    torch.save({"netG_state_dict": RunsShell(marker)}, evil)
     with pytest.raises(ValueError, match="evil.tar: not a readable weights-only torch checkpoint"):
         load_dcgan(str(evil))
     assert not marker.exists()

@@ -16,6 +16,7 @@ from facegen.faces.detect import REASON_NO_FACE, REASON_SEVERAL, REASON_TOO_SMAL
 from facegen.models.dlib_face import DLIB5_IN_ARCFACE_112, DlibFaces, measure_dlib5_in_arcface
 from facegen.models.mtcnn import read_joblib_arrays, mtcnn_weights_dir
 from tiny_scrfd import BOX_DISTANCES, LANDMARK_OFFSETS, build_tiny_scrfd
+from untrusted import RunsShell
 
 PAD, UP = 56, 3  # the 112 px Tom Hanks crop, padded by 56 px and upscaled 3x (dlib's HOG needs ~80 px faces)
 
@@ -155,11 +156,8 @@ def test_mtcnn_weights_are_read_without_unpickling_code(tmp_path):
     assert [a.shape for a in arrays][:2] == [(3, 3, 3, 32), (32,)] and all(a.dtype == np.float32 for a in arrays)
     import pickle
 
-    class Evil:
-        def __reduce__(self):
-            return (os.system, ("echo pwned",))
-
     path = tmp_path / "evil.lz4"
-    path.write_bytes(pickle.dumps([Evil()]))
+    path.write_bytes(pickle.dumps([RunsShell(tmp_path / "ran")]))
     with pytest.raises(ValueError, match="os.system is not allowed|posix.system is not allowed"):
         read_joblib_arrays(str(path))
+    assert not (tmp_path / "ran").exists()

@@ -13,6 +13,7 @@ from facegen.config import TrainSettings
 from facegen.models.iresnet_checkpoint import load_backbone, save_backbone
 from facegen.train.heads import ArcFace, CombinedMargin, CosFace, MarginClassifier, build_head
 from facegen.models.iresnet import build_backbone
+from untrusted import RunsShell
 
 
 # --- margins --------------------------------------------------------------------------------
@@ -120,16 +121,12 @@ def test_insightface_pth_loads_strict_with_arch(tmp_path):
         load_backbone(str(path), arch="iresnet34")  # depth mismatch under strict=True
 
 
-class _Payload:
-    def __reduce__(self):
-        return (os.system, ("echo unsafe",))
-
-
 def test_pth_with_arbitrary_pickle_is_refused(tmp_path):
     path = tmp_path / "evil.pth"
-    path.write_bytes(pickle.dumps({"conv1.weight": _Payload()}, protocol=2))
+    path.write_bytes(pickle.dumps({"conv1.weight": RunsShell(tmp_path / "ran")}, protocol=2))
     with pytest.raises(ValueError, match="evil.pth"):
         load_backbone(str(path), arch="iresnet18")
+    assert not (tmp_path / "ran").exists()
 
 
 def test_missing_and_corrupt_backbone_name_the_path(tmp_path):

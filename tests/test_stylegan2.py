@@ -1,7 +1,6 @@
 """StyleGAN2: NVIDIA pickle and rosinality .pt loading, the equations, and refusal of carried code."""
 
 import math
-import os
 import pickle
 
 import numpy as np
@@ -12,6 +11,7 @@ from facegen.generators.stylegan2 import StyleGAN2Config, StyleGAN2Generator, lo
 from facegen.models.stylegan2 import SynthesisLayer
 from facegen.models.stylegan2_checkpoint import read_network_pickle
 from stylegan2_files import randomized, write_nvidia_pickle, write_rosinality_checkpoint
+from untrusted import RunsShell
 
 
 def small_generator(seed=0, **overrides) -> StyleGAN2Generator:
@@ -151,18 +151,10 @@ def test_upsampling_conv_is_fir_upsampling_then_true_convolution():
 
 # --- untrusted files -----------------------------------------------------------------------------------
 
-class _RunsShell:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
 def test_pickle_whose_reduce_calls_os_system_is_refused_without_running(tmp_path):
     marker = tmp_path / "ran"
     path = tmp_path / "evil.pkl"
-    path.write_bytes(pickle.dumps({"G_ema": _RunsShell(marker)}))
+    path.write_bytes(pickle.dumps({"G_ema": RunsShell(marker)}))
     with pytest.raises(ValueError, match=r"evil.pkl: unsafe or unsupported network pickle \(refusing global (posix|os)\.system"):
         load_stylegan2(str(path))
     assert not marker.exists()

@@ -2,7 +2,6 @@
 
 import argparse
 import io
-import os
 
 import numpy as np
 import pytest
@@ -10,6 +9,7 @@ import torch
 
 from facegen.generators.vec2face import vec2face_vit_base_patch16
 from facegen.models.vec2face import draw_token_masks, load_vec2face, save_vec2face
+from untrusted import RunsShell
 
 
 def _block(prefix, width):
@@ -126,15 +126,12 @@ def test_mismatched_or_unsafe_checkpoints_fail_with_one_line(release_checkpoint,
     with pytest.raises(ValueError, match=r"renamed.pth: weights do not match the Vec2Face base model .*norm.weight"):
         load_vec2face(str(tmp_path / "renamed.pth"))
 
-    class Payload:  # a pickle that would run code when loaded without weights_only
-        def __reduce__(self):
-            return (os.system, ("echo unsafe",))
-
     buffer = io.BytesIO()
-    torch.save({"model_vec2face": {}, "x": Payload()}, buffer)
+    torch.save({"model_vec2face": {}, "x": RunsShell(tmp_path / "ran")}, buffer)
     (tmp_path / "evil.pth").write_bytes(buffer.getvalue())
     with pytest.raises(ValueError, match=r"evil.pth: not a readable Vec2Face checkpoint \(UnpicklingError"):
         load_vec2face(str(tmp_path / "evil.pth"))
+    assert not (tmp_path / "ran").exists()
     with pytest.raises(FileNotFoundError, match="missing.pth: Vec2Face checkpoint not found"):
         load_vec2face(str(tmp_path / "missing.pth"))
 
