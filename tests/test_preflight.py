@@ -1,5 +1,6 @@
 """Input paths named by the settings are checked before Ray starts: one line naming the field."""
 
+import pytest
 from typer.testing import CliRunner
 
 from facegen.cli import app
@@ -26,21 +27,14 @@ def test_every_marked_input_path_is_checked(tmp_path):
     # the hybrid reference model is a hub id by default: listed, but only a path-like value is checked
     assert fields == {"eval.bins[0]", "eval.bins[1]", "generator.diffusion.model",
                       "generator.hybrid.reference.text_to_image.model"}
-    try:
+    with pytest.raises(ValueError) as missing_bin:
         check_input_paths(cfg, "x.yaml")
-    except ValueError as exc:
-        assert str(exc) == f"x.yaml: eval.bins[1]: {tmp_path / 'agedb_30.bin'}: no such file or folder"
-    else:
-        raise AssertionError("a missing .bin set passed the check")
+    assert str(missing_bin.value) == f"x.yaml: eval.bins[1]: {tmp_path / 'agedb_30.bin'}: no such file or folder"
     cfg.eval.bins = [str(good)]
     check_input_paths(cfg)  # a hub id is not a path: not checked
     cfg.generator.diffusion.model = str(tmp_path / "sd")
-    try:
+    with pytest.raises(ValueError, match=r"generator\.diffusion\.model"):
         check_input_paths(cfg)
-    except ValueError as exc:
-        assert "generator.diffusion.model" in str(exc)
-    else:
-        raise AssertionError("a missing local model folder passed the check")
 
 
 def test_gan_input_paths_are_marked_and_checked(tmp_path):
@@ -54,9 +48,7 @@ def test_gan_input_paths_are_marked_and_checked(tmp_path):
     fields = {field for field, _, kind in input_paths(cfg) if kind == "required"}
     assert {"generator.stylegan2.checkpoint", "generator.dcgan.weights", "generator.embedder.path",
             "generator.disco.directions", "identities.sampler.langevin.real_embeddings"} <= fields
-    try:
+    with pytest.raises(ValueError) as missing_file:
         check_input_paths(cfg, "gan.yaml")
-    except ValueError as exc:
-        assert str(exc) == f"gan.yaml: identities.sampler.langevin.real_embeddings: {tmp_path / 'real.npy'}: no such file or folder"
-    else:
-        raise AssertionError("a missing real-embeddings file passed the check")
+    assert str(missing_file.value) == (
+        f"gan.yaml: identities.sampler.langevin.real_embeddings: {tmp_path / 'real.npy'}: no such file or folder")
