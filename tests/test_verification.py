@@ -1,6 +1,5 @@
 """.bin verification sets: safe loading, round trips, and insightface-exact K-fold accuracy."""
 
-import os
 import pickle
 
 import numpy as np
