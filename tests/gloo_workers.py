@@ -3,18 +3,12 @@ facegen's distributed code against a single process."""
 
 import gc
 import os
-import socket
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    """A free TCP port on loopback."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from loopback import free_port
 
 
 def _entry(rank: int, fn, world_size: int, port: int, args: tuple) -> None:

@@ -9,7 +9,6 @@ the test reads the results back with the endpoint in the usual ``AWS_ENDPOINT_UR
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,15 +17,10 @@ from pathlib import Path
 import pytest
 
 from facegen import blocks as blk
+from loopback import free_port
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_http(port: int, timeout: float) -> None:
@@ -71,7 +65,7 @@ def s3_server():
 @pytest.fixture(scope="module")
 def head_node():
     bin_dir = Path(sys.executable).parent
-    gcs_port, dashboard_port, agent_port, client_port = (_free_port() for _ in range(4))
+    gcs_port, dashboard_port, agent_port, client_port = (free_port() for _ in range(4))
     # the job's `python` must be this environment's interpreter, as on a cluster where facegen is installed
     path = f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"
     # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 keeps this head, its GCS and its jobs on 127.0.0.1

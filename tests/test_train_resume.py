@@ -5,7 +5,6 @@ reaches the parameters of an uninterrupted run: exactly on the same worker count
 summation order when 2 gloo workers hand over to 1 (``sync_bn``: statistics over the global batch).
 """
 
-
 import pytest
 import torch
 from safetensors.torch import load_file
