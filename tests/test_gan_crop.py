@@ -3,9 +3,9 @@
 import numpy as np
 import torch
 
-from facegen.config import ForceEmbedderSettings, GanCropSettings
+from facegen.config import FFHQ_EYES, ForceEmbedderSettings, GanCropSettings
 from facegen.faces.align import ARCFACE_TEMPLATE, align_face
-from facegen.generators.crop import FFHQ_EYES, FaceCrop, similarity_from_points, to_uint8_images
+from facegen.generators.crop import FaceCrop, similarity_from_points, to_uint8_images
 from facegen.generators.gan import LatentGAN
 from facegen.identities.encoder import ForceEmbedder, IdentityEncoder
 from facegen.models.iresnet import build_backbone

@@ -21,14 +21,6 @@ import torch.nn.functional as F
 from facegen.faces.align import ARCFACE_TEMPLATE
 from facegen.schema import ALIGNED_SIZE
 
-#: FFHQ eye centres (image-left first) as fractions of the aligned image side.
-FFHQ_EYES = ((380 / 1024, 480 / 1024), (650 / 1024, 480 / 1024))
-#: ArcFace eye positions in the 112x112 crop.
-ARCFACE_EYES = tuple(tuple(float(v) for v in p) for p in ARCFACE_TEMPLATE[:2])
-#: The whole ArcFace template as fractions of 112 px: for generators trained on ArcFace-aligned crops.
-ARCFACE_FRACTIONS = tuple(tuple(float(v) / ALIGNED_SIZE for v in p) for p in ARCFACE_TEMPLATE)
-
-
 def similarity_from_points(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     """Least-squares similarity (rotation, scale, translation; no reflection) with ``dst ~= M [x, y, 1]``.
 

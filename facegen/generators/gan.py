@@ -13,19 +13,13 @@ import numpy as np
 import torch
 
 from facegen.config import GeneratorSettings
+from facegen.faces.embed import resolve_device
 from facegen.generators.crop import FaceCrop
 from facegen.identities.seeds import identity_rng
 
 #: Domain tag of the identity-level latent draw (distinct from every other identity-level tag).
 LATENT_TAG = 0x6A7E
 GAN_BACKENDS = ("stylegan2", "dcgan")
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` -> cuda when available, else cpu."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 class LatentGAN:
@@ -89,7 +83,7 @@ def crop_detector(settings: GeneratorSettings):
 
 def build_gan(settings: GeneratorSettings, device: str | torch.device | None = None) -> LatentGAN:
     """Load the GAN of ``settings.backend`` (``stylegan2`` or ``dcgan``) with its crop."""
-    device = resolve_device(str(device or settings.device))
+    device = resolve_device(device or settings.device)
     if settings.backend == "stylegan2":
         from facegen.models.stylegan2_checkpoint import load_stylegan2
 

@@ -14,14 +14,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import cv2
 import numpy as np
-import torch
 
 from facegen.config import GeneratorSettings
 from facegen.generators import check_identity_id, failure_reason, identity_rows, sample_seed
-from facegen.generators.crop import to_uint8_images
+from facegen.faces.align import encode_image
 from facegen.generators.gan import build_gan, crop_detector, crop_settings
+from facegen.generators.latent import render_latents
 from facegen.identities.seeds import identity_rng
 from facegen.schema import GENERATED, LANDMARK_DIM, STATUS_OK, error_row, rows_to_batch
 
@@ -81,18 +80,9 @@ class GanGenerator:
         info.update({k: round(v, 5) for k, v in summary.items()})
         return variants, info
 
-    @torch.no_grad()
     def render_png(self, latents: np.ndarray) -> list[bytes]:
         """PNG bytes of each latent's image."""
-        out = []
-        for start in range(0, len(latents), RENDER_BATCH):
-            images = to_uint8_images(self.gan.render(torch.from_numpy(latents[start : start + RENDER_BATCH])))
-            for image in images:
-                ok, buf = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
-                if not ok:
-                    raise ValueError("PNG encoding failed")
-                out.append(buf.tobytes())
-        return out
+        return [encode_image(image, "png") for image in render_latents(self.gan, latents, RENDER_BATCH)]
 
     def _identity_rows(self, identity_id: Any, block_id: Any, latent: np.ndarray | None) -> list[dict[str, Any]]:
         per_id = self.settings.images_per_identity

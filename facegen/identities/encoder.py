@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from facegen.config import ForceEmbedderSettings
+from facegen.faces.embed import resolve_device
 from facegen.generators.crop import to_uint8_images
-from facegen.generators.gan import LatentGAN, resolve_device
+from facegen.generators.gan import LatentGAN
 from facegen.models.iresnet_checkpoint import load_backbone
 
 
@@ -27,7 +28,7 @@ class ForceEmbedder:
     def __init__(self, settings: ForceEmbedderSettings, device: str | torch.device | None = None):
         if not settings.path:
             raise ValueError("generator.embedder.path: identity forces need a differentiable embedder (a facegen backbone folder or an arcface_torch .pth)")
-        self.device = resolve_device(str(device or settings.device))
+        self.device = resolve_device(device or settings.device)
         arch = settings.arch if settings.kind == "arcface_torch" else None
         self.model = load_backbone(settings.path, device=self.device, arch=arch).requires_grad_(False)
 

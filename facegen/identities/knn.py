@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from facegen.clean.search import gpu_available
+
 #: Inner-product scores held at once by an exact search (floats): bounds its memory to ~1 GiB.
 _SCORE_BUDGET = 1 << 28
 
@@ -84,15 +86,6 @@ def _search_in_chunks(index, queries: np.ndarray, k: int, chunk_size: int) -> tu
     return sims, ids
 
 
-def faiss_gpu_available() -> bool:
-    """Whether faiss was built with GPU support and sees a GPU."""
-    try:
-        import faiss
-    except ImportError:
-        return False
-    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
-
-
 class IvfIndex:
     """faiss ``IndexIVFFlat`` (inner product) with an HNSW coarse quantizer."""
 
@@ -108,7 +101,7 @@ class IvfIndex:
         sample = points[np.random.default_rng(0).choice(n, size=min(n, 64 * nlist), replace=False)]
         self.index.train(sample)
         self.index.nprobe = options.nprobe
-        if options.use_gpu and faiss_gpu_available():
+        if options.use_gpu and gpu_available():
             self.index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, self.index)
         for start in range(0, n, options.chunk_size):
             self.index.add(points[start : start + options.chunk_size])
@@ -130,7 +123,7 @@ def build_index(points: np.ndarray, options: KnnOptions) -> ExactIndex | FaissGp
     if kind == "auto":
         kind = "exact" if len(points) <= options.exact_max or device.type == "cuda" else "ivf"
     if kind == "exact":
-        if device.type == "cuda" and faiss_gpu_available():
+        if device.type == "cuda" and gpu_available():
             return FaissGpuExact(points, options.chunk_size)
         return ExactIndex(points, device)
     if kind == "ivf":

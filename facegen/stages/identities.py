@@ -85,10 +85,11 @@ def load_reference_embeddings(path: str, column: str, dim: int) -> np.ndarray:
 def _digest(cfg: FacegenConfig) -> str:
     """What shapes the identities: seed, identity and sampler settings, the GAN and the force
     embedder (input files by content, scheduling fields left out: :mod:`facegen.lineage`)."""
+    from facegen.generators.gan import GAN_BACKENDS
     from facegen.lineage import settings_digest
 
     g = cfg.generator
-    gan = getattr(g, g.backend) if g.backend in ("stylegan2", "dcgan") else None
+    gan = getattr(g, g.backend) if g.backend in GAN_BACKENDS else None
     return settings_digest(cfg.run.seed, cfg.identities, g.backend, gan, g.embedder)
 
 
@@ -164,7 +165,7 @@ def _langevin_space(cfg: FacegenConfig, ids: np.ndarray):
     return LatentSpace(encoder, gan.latent_mean.cpu().numpy()), start, dim
 
 
-def _run_langevin(cfg: FacegenConfig, out: str, progress: bool) -> dict[str, Any]:
+def _run_langevin(cfg: FacegenConfig, out: str, progress: bool, digest: str) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     from facegen.identities.langevin import LangevinSampler, LangevinState
@@ -177,7 +178,6 @@ def _run_langevin(cfg: FacegenConfig, out: str, progress: bool) -> dict[str, Any
     reference = load_reference_embeddings(ls.real_embeddings, ls.real_column, embed_dim) if ls.real_embeddings else None
     sampler = LangevinSampler(ls, space, reference)
     ckpt_dir = f"{out}/{CHECKPOINT_DIR}"
-    digest = _digest(cfg)
     state, record = _load_checkpoint(ckpt_dir, digest, start.shape)
     if state is None:
         initial = sampler.measure(start)
@@ -215,11 +215,11 @@ def _run_langevin(cfg: FacegenConfig, out: str, progress: bool) -> dict[str, Any
             "blocks_written": written, "iterations": state.history}
 
 
-def _sample(cfg: FacegenConfig, out: str, progress: bool) -> dict[str, Any]:
+def _sample(cfg: FacegenConfig, out: str, progress: bool, digest: str) -> dict[str, Any]:
     started = time.time()
-    summary = _run_gaussian(cfg, out) if cfg.identities.sampler.kind == "gaussian" else _run_langevin(cfg, out, progress)
+    summary = _run_gaussian(cfg, out) if cfg.identities.sampler.kind == "gaussian" else _run_langevin(cfg, out, progress, digest)
     summary["seconds"] = round(time.time() - started, 2)
-    summary["digest"] = _digest(cfg)
+    summary["digest"] = digest
     storage.write_json_atomic(summary, f"{out}/{SAMPLER_JSON}")
     return summary
 
@@ -248,9 +248,9 @@ def run_identities(cfg: FacegenConfig, progress: bool = True) -> StageReport:
             import ray
 
             task = ray.remote(num_gpus=s.num_gpus, num_cpus=s.num_cpus, resources=s.resources or None)(_sample)
-            summary = ray.get(task.remote(cfg, out, False))
+            summary = ray.get(task.remote(cfg, out, False, digest))
         else:
-            summary = _sample(cfg, out, progress)
+            summary = _sample(cfg, out, progress, digest)
         return StageReport("identities", out, len(planned), len(done), summary["blocks_written"], round(time.time() - started, 2), _totals(summary))
 
 
