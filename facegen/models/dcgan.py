@@ -14,13 +14,12 @@ and so are images made with these weights; the package's code is MIT.
 from __future__ import annotations
 
 import importlib.util
-import io
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from facegen.storage import exists, read_bytes
+from facegen.models.iresnet_checkpoint import load_state_dict_strict, load_weights_only, read_required
 
 PACKAGE = "gan_face_generate"
 WEIGHTS_NAME = "weights.tar"
@@ -64,19 +63,11 @@ def load_dcgan(path: str | None = None, device: str | torch.device = "cpu") -> D
     size and width are read off the weights.
     """
     path = str(path) if path else packaged_weights()
-    if not exists(path):
-        raise FileNotFoundError(f"{path}: DCGAN weights not found")
-    try:
-        ckpt = torch.load(io.BytesIO(read_bytes(path)), map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle and zip errors vary by torch version; all mean "unreadable"
-        raise ValueError(f"{path}: not a readable weights-only torch checkpoint ({type(exc).__name__}: {exc})"[:400]) from None
+    ckpt = load_weights_only(read_required(path, "DCGAN weights"), path)
     state = ckpt.get("netG_state_dict", ckpt) if isinstance(ckpt, dict) else None
     first = state.get("main.0.weight") if isinstance(state, dict) else None
     if not isinstance(first, torch.Tensor) or first.ndim != 4:
         raise ValueError(f"{path}: not a DCGAN generator checkpoint (no netG_state_dict with main.0.weight)")
     model = DCGANGenerator(nz=int(first.shape[0]), width=int(first.shape[1]) // 8)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise ValueError(f"{path}: weights do not match the DCGAN generator ({' '.join(str(exc).split())[:300]})") from None
+    load_state_dict_strict(model, state, path, "the DCGAN generator")
     return model.to(device).eval().requires_grad_(False)

@@ -13,6 +13,8 @@ public insightface arcface_torch ``.pth`` state dict (``arch=`` required), read 
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -39,6 +41,7 @@ def state_dict_bytes(model: nn.Module) -> bytes:
 
 
 def read_required(path: str, what: str) -> bytes:
+    """The bytes of ``path``; ``FileNotFoundError`` "<path>: <what> not found" when it is missing."""
     if not exists(path):
         raise FileNotFoundError(f"{path}: {what} not found")
     return read_bytes(path)
@@ -52,12 +55,23 @@ def load_safetensors_file(path: str, what: str) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path}: corrupt {what} ({exc})") from None
 
 
-def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], path: str) -> None:
+def load_weights_only(data: bytes, path: str, safe_globals: Sequence[type] = ()) -> Any:
+    """``torch.load(weights_only=True)`` of a checkpoint's bytes (plus ``safe_globals`` as plain
+    data); whatever goes wrong is one ``ValueError`` naming ``path``."""
+    try:
+        with torch.serialization.safe_globals(list(safe_globals)):
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle / zip errors vary by torch version; all mean "unreadable"
+        raise ValueError(f"{path}: not a readable weights-only torch checkpoint ({type(exc).__name__}: {exc})"[:400]) from None
+
+
+def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], path: str, what: str = "the model") -> None:
+    """``load_state_dict(strict=True)``; a name or shape mismatch is one ``ValueError`` naming ``path``."""
     try:
         unwrap(model).load_state_dict(state, strict=True)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()
-        raise ValueError(f"{path}: weights do not match the model ({' '.join(first[:2])[:300]})") from None
+        raise ValueError(f"{path}: weights do not match {what} ({' '.join(first[:2])[:300]})") from None
 
 
 def save_backbone(directory: str, model: nn.Module, arch: str, width: int, embedding_size: int) -> str:
@@ -80,11 +94,7 @@ def _strip_prefix(state: dict[str, torch.Tensor], prefix: str = "module.") -> di
 def _load_pth(path: str, arch: str | None) -> IResNet:
     if arch is None:
         raise ValueError(f"{path}: an insightface .pth state dict needs arch= (one of {sorted(ARCH_DEPTHS)})")
-    data = read_required(path, "insightface checkpoint")
-    try:
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle / zip errors vary by torch version; all mean "unreadable"
-        raise ValueError(f"{path}: not a readable weights-only torch checkpoint ({type(exc).__name__}: {exc})"[:400]) from None
+    state = load_weights_only(read_required(path, "insightface checkpoint"), path)
     if not isinstance(state, dict) or "conv1.weight" not in _strip_prefix(state):
         raise ValueError(f"{path}: not an IResNet state dict (no conv1.weight)")
     state = _strip_prefix(state)

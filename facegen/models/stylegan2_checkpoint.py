@@ -31,9 +31,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from facegen.models.iresnet_checkpoint import load_state_dict_strict, load_weights_only, read_required
 from facegen.models.stylegan2 import StyleGAN2Config, StyleGAN2Generator
-from facegen.storage import exists, read_bytes
 
+STYLEGAN2_MODEL = "a StyleGAN2 generator"  # how load errors name the model
 _STYLEGAN2_CLASSES = {"Generator", "MappingNetwork", "SynthesisNetwork", "SynthesisBlock", "SynthesisLayer",
                       "ToRGBLayer", "FullyConnectedLayer", "Conv2dLayer"}
 
@@ -263,18 +264,8 @@ def generator_from_records(g: PersistentRecord, source: str) -> StyleGAN2Generat
     except ValueError as exc:
         raise ValueError(f"{source}: {exc}") from None
     model = StyleGAN2Generator(cfg)
-    _load_strict(model, g.tensors(), source)
+    load_state_dict_strict(model, g.tensors(), source, STYLEGAN2_MODEL)
     return model
-
-
-def _load_strict(model: StyleGAN2Generator, state: dict[str, torch.Tensor], source: str) -> None:
-    own = model.state_dict()
-    state = {k: v.to(own[k].dtype) if k in own else v for k, v in state.items()}
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        lines = " ".join(str(exc).split())
-        raise ValueError(f"{source}: weights do not match a StyleGAN2 generator ({lines[:300]})") from None
 
 
 # --- rosinality state dicts -> NVIDIA layout ---------------------------------------------------------
@@ -333,11 +324,7 @@ def _mean_w(model: StyleGAN2Generator, samples: int = 10_000, seed: int = 0) -> 
 
 def load_rosinality_checkpoint(data: bytes, source: str) -> StyleGAN2Generator:
     """A rosinality ``.pt`` (``g_ema`` state dict, optional ``latent_avg``) as a facegen generator."""
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):  # training checkpoints store args
-            ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle and zip errors vary by torch version; all mean "unreadable"
-        raise ValueError(f"{source}: not a readable weights-only torch checkpoint ({type(exc).__name__}: {exc})"[:400]) from None
+    ckpt = load_weights_only(data, source, [argparse.Namespace])  # training checkpoints store their args
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("g_ema"), dict):
         raise ValueError(f"{source}: a rosinality checkpoint needs a 'g_ema' state dict")
     sd = ckpt["g_ema"]
@@ -348,12 +335,11 @@ def load_rosinality_checkpoint(data: bytes, source: str) -> StyleGAN2Generator:
     model = StyleGAN2Generator(cfg)
     # rosinality keeps its blur kernels per layer; facegen's filters are the same taps, normalised.
     state.update({k: v for k, v in model.state_dict().items() if k.endswith("resample_filter")})
-    if "mapping.w_avg" not in state:
-        state["mapping.w_avg"] = torch.zeros(cfg.w_dim)
-        _load_strict(model, state, source)
+    has_w_avg = "mapping.w_avg" in state
+    state.setdefault("mapping.w_avg", torch.zeros(cfg.w_dim))
+    load_state_dict_strict(model, state, source, STYLEGAN2_MODEL)
+    if not has_w_avg:
         model.mapping.w_avg.copy_(_mean_w(model))
-    else:
-        _load_strict(model, state, source)
     return model
 
 
@@ -364,9 +350,7 @@ def load_stylegan2(path: str, device: str | torch.device = "cpu", key: str = "G_
     checkpoints through ``torch.load(weights_only=True)``. ``key`` picks the network of a pickle.
     """
     path = str(path)
-    if not exists(path):
-        raise FileNotFoundError(f"{path}: StyleGAN2 checkpoint not found")
-    data = read_bytes(path)
+    data = read_required(path, "StyleGAN2 checkpoint")
     if data[:2] == b"PK" or path.endswith((".pt", ".pth")):
         model = load_rosinality_checkpoint(data, path)
     else:
