@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 from facegen.config import SearchSettings
 
 GPU_MAX_K = 2048  # faiss GPU k-NN limit: a query with more neighbours above the threshold is cut there
-HNSW_QUANTIZER_LISTS = 4096  # from this many IVF lists on (CPU), centroids are found through an HNSW graph
+HNSW_QUANTIZER_LISTS = 4096  # above this many IVF lists (CPU), centroids are found through an HNSW graph
 PAIRS = pa.schema([pa.field("query_id", pa.int64()), pa.field("base_id", pa.int64()), pa.field("cosine", pa.float32())])
 
 
@@ -204,7 +204,7 @@ def _new_index(plan: SearchPlan, dim: int, trained: "object | None", settings: S
 def _train_ivf(base: ChunkSource, plan: SearchPlan, settings: SearchSettings):
     import faiss
 
-    large = plan.nlist >= HNSW_QUANTIZER_LISTS and not plan.gpu  # a GPU index needs a flat quantizer
+    large = plan.nlist > HNSW_QUANTIZER_LISTS and not plan.gpu  # a GPU index needs a flat quantizer
     quantizer = faiss.IndexHNSWFlat(base.dim, 32, faiss.METRIC_INNER_PRODUCT) if large else faiss.IndexFlatIP(base.dim)
     index = faiss.IndexIVFFlat(quantizer, base.dim, plan.nlist, faiss.METRIC_INNER_PRODUCT)
     index.cp.seed = 1234
