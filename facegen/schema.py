@@ -47,6 +47,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 #: Width of the (all-null) embedding column of tables that no embedder has seen.
 DEFAULT_EMBEDDING_DIM = 512
@@ -170,14 +171,23 @@ def identity_table(identity_ids: np.ndarray, latents: np.ndarray, sampler: str) 
     return pa.Table.from_arrays([ids, latent, pa.array([sampler] * len(ids), pa.string())], schema=IDENTITY)
 
 
+def vectors_from_column(column: pa.Array | pa.ChunkedArray, what: str) -> np.ndarray:
+    """A list column of equal-length numeric lists as float32 ``[n, d]``, without a Python object
+    per value; null rows or rows of different lengths are a ``ValueError`` naming ``what``."""
+    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if len(column) == 0:
+        return np.zeros((0, 0), np.float32)
+    if column.null_count:
+        raise ValueError(f"{what}: null rows are not allowed")
+    lengths = set(pc.list_value_length(column).to_numpy(zero_copy_only=False).tolist())
+    if len(lengths) > 1:
+        raise ValueError(f"{what} have different lengths {sorted(lengths)}")
+    return pc.list_flatten(column).to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(column), lengths.pop())
+
+
 def latents_from_table(table: pa.Table) -> np.ndarray:
     """The ``latent`` column of an IDENTITY table as float32 ``[n, d]`` (all rows the same length)."""
-    column = table.column("latent").combine_chunks()
-    lengths = set(column.value_lengths().to_numpy(zero_copy_only=False).tolist())
-    if len(lengths) > 1:
-        raise ValueError(f"identity latents have different lengths {sorted(lengths)}")
-    dim = lengths.pop() if lengths else 0
-    return column.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(column), dim)
+    return vectors_from_column(table.column("latent"), "identity latents")
 
 
 def _column_array(field: pa.Field, values: Any) -> pa.Array:

@@ -17,25 +17,18 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from facegen.clean.search import ChunkSource, SearchPlan, search_pairs
 from facegen.config import LeakageSettings, SearchSettings
 from facegen.curriculum import l2_normalize
+from facegen.schema import vectors_from_column
 
 HISTOGRAM_BINS = 100  # of the best cosine per synthetic vector, over [-1, 1]
 MAX_VERIFICATION = 20_000  # embeddings used for impostor pairs (about 2e8 pairs)
 
 
 def _vectors(column: pa.ChunkedArray) -> np.ndarray:
-    """A list column of equal-length float lists as float32 ``[k, d]`` (no Python objects per value)."""
-    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    if len(column) == 0:
-        return np.zeros((0, 0), np.float32)
-    if column.null_count:
-        raise ValueError("reference embeddings: null rows are not allowed")
-    flat = pc.list_flatten(column).to_numpy(zero_copy_only=False).astype(np.float32)
-    return flat.reshape(len(column), -1)
+    return vectors_from_column(column, "reference embeddings")
 
 
 class ReferenceSet(ChunkSource):

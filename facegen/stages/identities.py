@@ -22,12 +22,13 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from facegen import blocks as blk
 from facegen import storage
 from facegen.claims import StageClaim
 from facegen.config import FacegenConfig
-from facegen.schema import identity_table, latents_from_table
+from facegen.schema import identity_table, latents_from_table, vectors_from_column
 from facegen.stages import StageReport
 
 SAMPLER_JSON = "sampler.json"
@@ -72,7 +73,10 @@ def load_reference_embeddings(path: str, column: str, dim: int) -> np.ndarray:
         table = storage.read_table(path)
         if column not in table.column_names:
             raise ValueError(f"{path}: no column {column!r} (has {table.column_names})")
-        array = np.array(table.column(column).to_pylist(), dtype=np.float32)
+        kind = table.schema.field(column).type
+        if not (pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)):
+            raise ValueError(f"{path}: column {column!r} is not a list of floats ({kind})")
+        array = vectors_from_column(table.column(column), f"{path}: real embeddings")
     array = np.asarray(array, np.float32)
     if array.ndim != 2 or array.shape[1] != dim or len(array) == 0:
         raise ValueError(f"{path}: real embeddings must have shape [M, {dim}], got {array.shape}")
