@@ -15,7 +15,6 @@ uninterrupted run (up to summation order when the worker count changes, with ``s
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import tempfile
@@ -30,6 +29,7 @@ from torch import nn
 from facegen.config import FacegenConfig, TrainSettings
 from facegen.lineage import manifest_set_digest
 from facegen.models.iresnet import build_backbone
+from facegen.storage import read_json, write_json_atomic
 from facegen.train.checkpoint import load_checkpoint, save_checkpoint
 from facegen.train.data import CurriculumReader, prefetch
 from facegen.train.heads import build_margin
@@ -67,7 +67,7 @@ class LocalSession:
 
     def latest_checkpoint(self) -> contextlib.AbstractContextManager[str | None]:
         path = os.path.join(self.storage_dir, "latest.json")
-        name = json.load(open(path))["name"] if os.path.exists(path) else None
+        name = read_json(path)["name"] if os.path.exists(path) else None
         return contextlib.nullcontext(os.path.join(self.storage_dir, name) if name else None)
 
     def prepare(self, model: nn.Module) -> nn.Module:
@@ -85,9 +85,7 @@ class LocalSession:
             done = sorted(d for d in os.listdir(self.storage_dir) if d.startswith("step-"))
             for old in done[: -self.keep]:
                 shutil.rmtree(os.path.join(self.storage_dir, old))
-            tmp = os.path.join(self.storage_dir, ".latest.json.tmp")
-            json.dump({"name": name}, open(tmp, "w"))
-            os.replace(tmp, os.path.join(self.storage_dir, "latest.json"))
+            write_json_atomic({"name": name}, os.path.join(self.storage_dir, "latest.json"))
         if self.distributed:
             dist.barrier()
 
