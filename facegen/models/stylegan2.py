@@ -20,7 +20,7 @@ Blocks at resolutions >= ``fp16_min_resolution`` run in fp16 on CUDA (like NVIDI
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -83,21 +83,6 @@ class StyleGAN2Config:
         channels = {2**i: min(channel_base // 2**i, channel_max) for i in range(2, log2 + 1)}
         fp16 = max(2 ** (log2 + 1 - num_fp16_res), 8) if num_fp16_res > 0 else None
         return cls(img_resolution=img_resolution, channels=channels, fp16_min_resolution=fp16, **kwargs)
-
-    def to_json(self) -> dict:
-        """JSON-friendly form (channel keys become strings)."""
-        data = asdict(self)
-        data["channels"] = {str(k): v for k, v in self.channels.items()}
-        data["resample_filter"] = list(self.resample_filter)
-        return data
-
-    @classmethod
-    def from_json(cls, data: dict) -> "StyleGAN2Config":
-        """Inverse of :meth:`to_json`."""
-        data = dict(data)
-        data["channels"] = {int(k): int(v) for k, v in data["channels"].items()}
-        data["resample_filter"] = tuple(data.get("resample_filter", (1, 3, 3, 1)))
-        return cls(**data)
 
 
 class FullyConnectedLayer(nn.Module):
