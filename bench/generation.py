@@ -1,4 +1,4 @@
-"""Generation throughput: each backend through the Ray Data actor pool vs the same class in a loop.
+"""Generation throughput: the bare generator in a loop vs Ray Data on it vs facegen's generate stage.
 
     python bench/generation.py [--backends parametric,diffusion,hybrid] [--identities 24] [--images 4]
 
@@ -16,7 +16,13 @@ each (Ray sets their ``OMP_NUM_THREADS`` to 1). Both clocks start when the gener
 loading (in the actor, for the pool: actor start-up and model loading are excluded on both sides)
 and stop when the last batch is done, so the pool's figure includes Ray Data's per-batch work
 between calls. Loop and pool alternate for ``--rounds`` and the medians are compared, so load from
-other processes favours neither. ``ratio per core`` = pool rate / (actors x loop rate): target >= 0.9.
+other processes favours neither. ``ratio per core`` = pool rate / (actors x loop rate).
+
+The third column is the whole generate stage (``run_generate``: facegen's Ray Data block runner
+with ``--actors`` block workers of one CPU, the faces stage with the generator's landmarks or no
+detector, no embedder, every block committed to a temporary folder), clocked from the first block's
+start to the last block's end (the blocks' stats records). ``stage / bare`` = stage rate /
+(actors x loop rate), the same process count on both sides: target >= 0.9.
 """
 
 from __future__ import annotations
@@ -46,7 +52,9 @@ def settings_for(backend: str, workdir: str, per_identity: int, batch: int):
         GeneratorSettings, HybridSettings, ParametricSettings, ReferenceSettings,
     )
 
-    common = dict(backend=backend, images_per_identity=per_identity, batch_size=batch, num_cpus=1.0, concurrency=1)
+    from facegen.config import PoolSettings
+
+    common = dict(backend=backend, images_per_identity=per_identity, batch_size=batch, pool=PoolSettings(num_cpus=1.0))
     if backend == "parametric":
         return GeneratorSettings(parametric=ParametricSettings(image_size=128, wrong_identity_rate=0.0), **common)
     from tiny_sd import build_tiny_arc2face, build_tiny_sd
@@ -125,6 +133,26 @@ def pool_rate(backend: str, settings, identities: int, actors: int) -> tuple[flo
     return rate(ds.iter_batches(batch_size=None, batch_format="numpy"))
 
 
+def stage_rate(backend: str, settings, identities: int, actors: int, workdir: str, round_: int) -> tuple[float, int]:
+    """Images/s of ``run_generate`` from its first block's start to its last block's end."""
+    from facegen import blocks as blk
+    from facegen.config import FacegenConfig, PoolSettings
+    from facegen.stages.generate import run_generate
+
+    generator = settings.model_copy(update={"pool": PoolSettings(min_size=actors, num_cpus=1.0)})
+    cfg = FacegenConfig.model_validate({
+        "run": {"output_dir": f"{workdir}/stage-{backend}-{round_}", "verify": "size"},
+        "identities": {"num_identities": identities, "block_size": max(1, identities // (2 * actors))},
+        "faces": {"detector": {"kind": "none"}, "batch_size": 64}, "tracking": {"mode": "disabled"},
+    })
+    cfg.generator = generator
+    run_generate(cfg, progress=False)
+    records = blk.read_stats(cfg.stage_dir("raw"))
+    seconds = max(r["finished"] for r in records) - min(r["started"] for r in records)
+    images = sum(r["images"] for r in records)
+    return images / seconds, images
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backends", default="parametric,diffusion,hybrid")
@@ -155,20 +183,24 @@ def main() -> None:
                 settings = settings_for(backend, workdir, args.images, batch_of[backend])
                 # loop and pool alternate for --rounds; medians, so a busy moment on a shared
                 # machine favours neither side
-                loops, pools = [], []
-                for _ in range(args.rounds):
+                loops, pools, stages = [], [], []
+                for r in range(args.rounds):
                     rate_loop, n_loop = loop_rate(backend, settings, args.identities)
                     rate_pool, n_pool = pool_rate(backend, settings, args.identities, args.actors)
-                    assert n_loop == n_pool == args.identities * args.images, (n_loop, n_pool)
+                    rate_stage, n_stage = stage_rate(backend, settings, args.identities, args.actors, workdir, r)
+                    assert n_loop == n_pool == n_stage == args.identities * args.images, (n_loop, n_pool, n_stage)
                     loops.append(rate_loop)
                     pools.append(rate_pool)
-                loop, pool = float(np.median(loops)), float(np.median(pools))
-                results.append((backend, batch_of[backend], loop, pool, pool / (args.actors * loop)))
+                    stages.append(rate_stage)
+                loop, pool, stage = float(np.median(loops)), float(np.median(pools)), float(np.median(stages))
+                results.append((backend, batch_of[backend], loop, pool, pool / (args.actors * loop), stage,
+                                stage / (args.actors * loop)))
     finally:
         ray.shutdown()
-    print(f"{'backend':<11} {'ids/batch':>9} {'loop img/s':>11} {'pool img/s':>11} {'ratio per core':>15}")
-    for backend, batch, loop, pool, ratio in results:
-        print(f"{backend:<11} {batch:>9} {loop:>11.2f} {pool:>11.2f} {ratio:>15.2f}")
+    print(f"{'backend':<11} {'ids/batch':>9} {'loop img/s':>11} {'pool img/s':>11} {'ratio per core':>15} "
+          f"{'stage img/s':>12} {'stage / bare':>13}")
+    for backend, batch, loop, pool, ratio, stage, stage_ratio in results:
+        print(f"{backend:<11} {batch:>9} {loop:>11.2f} {pool:>11.2f} {ratio:>15.2f} {stage:>12.2f} {stage_ratio:>13.2f}")
 
 
 if __name__ == "__main__":

@@ -42,9 +42,10 @@ def _settings(out: str, identities: int, images_per_identity: int, block_size: i
         "run": {"output_dir": out, "seed": 0, "verify": "size"},
         "ray": {"num_cpus": 2},
         "identities": {"num_identities": identities, "block_size": block_size},
-        "generator": {"images_per_identity": images_per_identity, "batch_size": 10, "concurrency": pool,
-                      "num_cpus": 0.5, "parametric": {"image_size": 64, "wrong_identity_rate": 0.1}},
-        "faces": {"batch_size": 200, "num_cpus": 0.5},
+        "generator": {"images_per_identity": images_per_identity, "batch_size": 10,
+                      "pool": {"min_size": pool, "num_cpus": 1.0},  # an actor holds the generator and the face stage
+                      "parametric": {"image_size": 64, "wrong_identity_rate": 0.1}},
+        "faces": {"batch_size": 200},
         "tracking": {"mode": "disabled"},
     }
 

@@ -41,7 +41,7 @@ def run_config(root: str, mode: str, args):
         "ray": {"num_cpus": 4},
         "identities": {"num_identities": args.identities, "block_size": args.identities},
         "generator": {
-            "backend": "hybrid", "images_per_identity": args.images, "batch_size": 4, "num_cpus": 1.0,
+            "backend": "hybrid", "images_per_identity": args.images, "batch_size": 4, "pool": {"num_cpus": 1.0},
             "hybrid": {
                 "reference": {"backend": "dcgan", "max_attempts": 4},
                 "detector": {"kind": "mtcnn", "min_size": 20, "mtcnn_min_face": 12},
@@ -50,7 +50,7 @@ def run_config(root: str, mode: str, args):
                 "expansion": expansion,
             },
         },
-        "faces": {"num_cpus": 0.5, "image_format": "png"},
+        "faces": {"pool": {"num_cpus": 0.5}, "image_format": "png"},
         "tracking": {"mode": "disabled"},
     }, "semihard_bands")
 

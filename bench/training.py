@@ -62,12 +62,12 @@ def settings(root: str, quick: bool, backend: str = "parametric", identities: in
     """
     ids, images = (24, 12) if quick else (100, 24)
     ids = identities or ids
-    generator: dict = {"backend": "parametric", "images_per_identity": images, "batch_size": 4, "num_cpus": 0.5,
+    generator: dict = {"backend": "parametric", "images_per_identity": images, "batch_size": 4, "pool": {"num_cpus": 0.5},
                        "parametric": {"image_size": 128, "wrong_identity_rate": 0.1}}
     if backend == "dcgan":  # configs/gan_local.yaml's generator; Gaussian identities (no Langevin stage)
         generator = {"backend": "dcgan", "device": "cpu", "images_per_identity": images, "batch_size": 4,
-                     "num_cpus": 0.5, "variation": "dispersion", "dispersion": {"sigma": 0.2, "iterations": 5}}
-    clean: dict = {"min_images": 6 if quick else 10, "target_images": images, "num_cpus": 0.5}
+                     "pool": {"num_cpus": 0.5}, "variation": "dispersion", "dispersion": {"sigma": 0.2, "iterations": 5}}
+    clean: dict = {"min_images": 6 if quick else 10, "target_images": images, "pool": {"num_cpus": 0.5}}
     if backend == "dcgan":
         # dlib's uncentred descriptors put different DCGAN identities' images at cosine 0.83-0.92 and
         # their centres at 0.91-0.97 (measured, 40 identities), where ArcFace-like embedders put
@@ -81,7 +81,7 @@ def settings(root: str, quick: bool, backend: str = "parametric", identities: in
         "ray": {"num_cpus": 4},
         "identities": {"num_identities": ids, "block_size": 20},
         "generator": generator,
-        "faces": {"batch_size": 96, "num_cpus": 0.5},
+        "faces": {"batch_size": 96, "pool": {"num_cpus": 0.5}},
         "clean": clean,
         "shards": {"num_buckets": 3},
         "train": {"arch": "iresnet18", "width": 8, "embedding_size": 128, "head": "arcface", "scale": 32.0,

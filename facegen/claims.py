@@ -113,5 +113,5 @@ class StageClaim:
         return len(temps)
 
     def _temp_subdirs(self) -> list[str]:
-        # the shard set writes into bucket-XXX/ folders; everything else writes at the top level
-        return [n for n in storage.list_dirs(self.stage_dir) if n.startswith("bucket-")]
+        # the shard set writes into bucket-XXX/ and blocks/ folders; everything else writes at the top level
+        return [n for n in storage.list_dirs(self.stage_dir) if n.startswith("bucket-") or n == "blocks"]

@@ -39,15 +39,24 @@ def _one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def _load(config: Optional[str], overrides: Optional[list[str]], verbose: bool = False) -> FacegenConfig:
-    """Settings, every input path they name checked, then Ray (quiet unless ``verbose``)."""
-    cfg = load_config(config, overrides or [])
+def _load(config: Optional[str], overrides: Optional[list[str]], verbose: bool = False,
+          cfg: FacegenConfig | None = None, stages: tuple[str, ...] = ()) -> FacegenConfig:
+    """Settings, every input path they name checked (storage metadata only), then Ray (quiet unless
+    ``verbose``), then the output storage and the resources of ``stages``' pools checked against the
+    cluster's nodes: all before any work."""
+    import os
+
     from facegen.preflight import check_input_paths
+    from facegen.ray_utils import check_output_storage, init_ray, storage_env
 
+    cfg = cfg or load_config(config, overrides or [])
+    os.environ.update(storage_env(cfg.storage))  # the endpoint of s3:// inputs, for the checks below
     check_input_paths(cfg, config or "settings")
-    from facegen.ray_utils import init_ray
-
     init_ray(cfg.ray, cfg.storage, verbose=verbose)
+    check_output_storage(cfg.run.output_dir, cfg.storage.shared)
+    from facegen.stages.tasks import check_stage_resources
+
+    check_stage_resources(cfg, list(stages))
     return cfg
 
 
@@ -80,7 +89,7 @@ def identities(config: Optional[str] = ConfigOption, set_: Optional[list[str]] =
     """Sample every identity's latent (gaussian or Langevin) into <output_dir>/identities/."""
     from facegen.stages.identities import run_identities
 
-    _print_report(run_identities(_load(config, set_, verbose), progress=progress))
+    _print_report(run_identities(_load(config, set_, verbose, stages=("identities",)), progress=progress))
 
 
 @app.command()
@@ -90,7 +99,7 @@ def generate(config: Optional[str] = ConfigOption, set_: Optional[list[str]] = S
     """Generate, align and embed images for every identity block not done yet."""
     from facegen.stages.generate import run_generate
 
-    _print_report(run_generate(_load(config, set_, verbose), progress=progress))
+    _print_report(run_generate(_load(config, set_, verbose, stages=("generate",)), progress=progress))
 
 
 @app.command()
@@ -103,20 +112,14 @@ def ingest(
     verbose: bool = VerboseOption,
 ) -> None:
     """Detect, align and embed the faces of an image folder into raw blocks (then clean/shard/train)."""
-    from facegen.ray_utils import init_ray
-    from facegen.stages.ingest import run_ingest, scan_image_folder
+    from facegen.stages.ingest import run_ingest
 
     cfg = load_config(config, set_ or [])
     if images is not None:
         cfg.ingest.images_dir = images
     if not cfg.ingest.images_dir:
         raise ValueError("ingest.images_dir: no image folder given (facegen ingest --images DIR)")
-    plan = scan_image_folder(cfg.ingest.images_dir, cfg.ingest.extensions, cfg.identities.first_id, cfg.identities.block_size)
-    from facegen.preflight import check_input_paths
-
-    check_input_paths(cfg, config or "settings")
-    init_ray(cfg.ray, cfg.storage, verbose=verbose)
-    _print_report(run_ingest(cfg, plan, progress=progress))
+    _print_report(run_ingest(_load(config, set_, verbose, cfg=cfg, stages=("ingest",)), progress=progress))
 
 
 @app.command()
@@ -126,7 +129,7 @@ def clean(config: Optional[str] = ConfigOption, set_: Optional[list[str]] = SetO
     """Clean every generated block: expert votes and fusion, dedup and leakage audit, semi-hard trim, top-up."""
     from facegen.stages.clean import run_clean
 
-    _print_report(run_clean(_load(config, set_, verbose), progress=progress))
+    _print_report(run_clean(_load(config, set_, verbose, stages=("clean",)), progress=progress))
 
 
 @app.command()
@@ -136,7 +139,7 @@ def shard(config: Optional[str] = ConfigOption, set_: Optional[list[str]] = SetO
     """Write curriculum-ordered (easy to hard) shards with a manifest and checksums."""
     from facegen.stages.shard import run_shard
 
-    _print_report(run_shard(_load(config, set_, verbose), progress=progress))
+    _print_report(run_shard(_load(config, set_, verbose, stages=("shard",)), progress=progress))
 
 
 @app.command()
@@ -145,7 +148,7 @@ def train(config: Optional[str] = ConfigOption, set_: Optional[list[str]] = SetO
     """Train IResNet + margin head with Ray Train on the shards (same run name resumes)."""
     from facegen.train.loop import train as run_train
 
-    cfg = _load(config, set_, verbose)
+    cfg = _load(config, set_, verbose, stages=("train",))
     result = run_train(cfg, cfg.stage_dir("shards"), eval_bins=list(cfg.eval.bins))
     last = result.history[-1] if result.history else {}
     _print_pairs("facegen train", [("run", result.run_dir), ("backbone", result.backbone_dir),
@@ -163,13 +166,29 @@ def eval_(
     folds: int = typer.Option(10, "--folds"),
     device: str = typer.Option("auto", "--device"),
 ) -> None:
-    """10-fold verification accuracy on LFW / CFP-FP / AgeDB-30 style ``.bin`` files."""
+    """10-fold verification accuracy on LFW / CFP-FP / AgeDB-30 style ``.bin`` files.
+
+    Submitted to a cluster (``RAY_ADDRESS`` set, as under ``ray job submit``) it runs as a Ray task on
+    a worker (with a GPU for ``--device cuda``); run by hand, in this process."""
+    import os
+
     from facegen.pipeline import run_eval
 
+    args = (checkpoint, bins, batch_size, folds, device, kind, arch)
+    if os.environ.get("RAY_ADDRESS"):
+        from facegen.config import RaySettings, TaskSettings
+        from facegen.ray_utils import init_ray
+        from facegen.stages.tasks import run_task
+
+        init_ray(RaySettings(), verbose=False)
+        resources = TaskSettings(num_cpus=1.0, num_gpus=1.0 if device.startswith("cuda") else 0.0)
+        results = run_task(run_eval, *args, resources=resources, field="--device", name="eval")
+    else:
+        results = run_eval(*args)
     table = Table(title=f"verification: {kind} {checkpoint or 'packaged model'}", title_justify="left")
     for column in ("set", "pairs", "accuracy", "std"):
         table.add_column(column)
-    for r in run_eval(checkpoint, bins, batch_size, folds, device, kind=kind, arch=arch):
+    for r in results:
         table.add_row(r["name"], str(r["pairs"]), f"{100 * r['accuracy_mean']:.2f}%", f"{100 * r['accuracy_std']:.2f}")
     console.print(table)
 
@@ -197,7 +216,8 @@ def pipeline(config: Optional[str] = ConfigOption, set_: Optional[list[str]] = S
     """Run generate -> clean -> shard -> train -> eval; prints one summary table."""
     from facegen.pipeline import run_pipeline, summary_rows
 
-    summary = run_pipeline(_load(config, set_, verbose), progress=progress)
+    stages = ("identities", "generate", "clean", "shard", "train")
+    summary = run_pipeline(_load(config, set_, verbose, stages=stages), progress=progress)
     _print_pairs("facegen pipeline summary", summary_rows(summary))
 
 

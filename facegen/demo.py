@@ -85,9 +85,9 @@ def write_heldout_bin(cfg: FacegenConfig, progress: bool = True, same_variation:
     unless ``same_variation``: then by ``generator.variation`` as the training data (Dispersion and
     DisCo need ``generator.embedder``), so genuine pairs differ as much as training images do.
     """
-    from facegen.eval.report import load_samples
-    from facegen.eval.verification import write_bin
+    from facegen.config import TaskSettings
     from facegen.stages.generate import run_generate
+    from facegen.stages.tasks import run_task
 
     side = _side_config(cfg, "heldout", HELDOUT_FIRST_ID, cfg.demo.heldout_identities, HELDOUT_IMAGES_PER_IDENTITY,
                         keep_variation=same_variation)
@@ -95,8 +95,17 @@ def write_heldout_bin(cfg: FacegenConfig, progress: bool = True, same_variation:
     if storage.exists(path):
         return path
     run_generate(side, progress=progress)
-    table = load_samples(side.stage_dir("raw"), columns=["identity_id", "image"])
+    return run_task(_write_bin_task, side.stage_dir("raw"), path, cfg.demo.heldout_pairs, cfg.run.seed,
+                    resources=TaskSettings(num_cpus=0.25), field="demo.heldout_identities", name="heldout .bin")
+
+
+def _write_bin_task(raw_dir: str, path: str, num_pairs: int, seed: int) -> str:
+    """The held-out raw blocks as an insightface ``.bin`` (a Ray task body: images never reach the driver)."""
+    from facegen.eval.report import load_samples
+    from facegen.eval.verification import write_bin
+
+    table = load_samples(raw_dir, columns=["identity_id", "image"])
     images = table.column("image").to_pylist()
-    pairs, issame = heldout_pairs(table.column("identity_id").to_numpy(), cfg.demo.heldout_pairs, cfg.run.seed)
+    pairs, issame = heldout_pairs(table.column("identity_id").to_numpy(), num_pairs, seed)
     write_bin(path, [images[i] for pair in pairs for i in pair], issame)
     return path

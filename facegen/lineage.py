@@ -9,8 +9,10 @@ current ones, and training refuses to resume on another shard set (:func:`check_
 
 Settings that only schedule work (pool sizes, batch sizes, devices, resources) are left out of the
 digests, so moving a run to a bigger cluster does not redo it. Fields marked as input paths
-(``json_schema_extra={"input_path": ...}`` in :mod:`facegen.config`) enter a digest by their
-content, not their name, so a moved model folder is the same input and a retrained one is not.
+(``json_schema_extra={"input_path": ...}`` in :mod:`facegen.config`) enter a digest by what storage
+says of their files (names, sizes, modification times) or by a ``<path>.sha256`` sidecar
+(:func:`facegen.cache.input_digest`): a retrained model is a new input, and the driver never reads
+a model's bytes to know it.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import hashlib
 import json
 from typing import Any
 
-import pyarrow.fs as pafs
 from pydantic import BaseModel
 
 from facegen import storage
@@ -28,7 +29,7 @@ from facegen.config import FacegenConfig
 #: Settings that change where and how fast work runs, never what it produces.
 SCHEDULING_FIELDS = frozenset({
     "batch_size", "concurrency", "num_gpus", "num_cpus", "resources", "device", "micro_batch",
-    "dataloader_workers", "cpus_per_worker",
+    "dataloader_workers", "cpus_per_worker", "pool", "global_task", "max_tasks_in_flight",
 })
 DATASET_FILE = "dataset.json"
 
@@ -39,22 +40,6 @@ class TrainingInputChanged(ValueError):
 
 def _short(blob: bytes) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def path_digest(path: str) -> str:
-    """sha256 (16 hex) of a file's content, or of a folder's files (relative names and contents)."""
-    fs, p = storage.filesystem(path)
-    info = fs.get_file_info(p)
-    if info.type == pafs.FileType.File:
-        return storage.sha256_of(path)[:16]
-    if info.type != pafs.FileType.Directory:
-        raise FileNotFoundError(f"{path}: no such file or folder")
-    files = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(p, recursive=True)) if i.type == pafs.FileType.File)
-    h = hashlib.sha256()
-    for full in files:
-        rel = full[len(p.rstrip("/")) + 1 :]
-        h.update(rel.encode() + b"\0" + storage.sha256_of(f"{path.rstrip('/')}/{rel}").encode() + b"\0")
-    return h.hexdigest()[:16]
 
 
 def _digestible(model: BaseModel) -> dict[str, Any]:
@@ -69,18 +54,21 @@ def _digestible(model: BaseModel) -> dict[str, Any]:
             out[name] = _digestible(value)
         elif marker and value:
             values = value if isinstance(value, list) else [value]
-            out[name] = [_input_digest(str(v)) for v in values]
+            out[name] = [_input_digest(str(v), str(marker)) for v in values]
         else:
             out[name] = json.loads(json.dumps(value, default=str))
     return out
 
 
-def _input_digest(path: str) -> str:
-    fs_path = path.removeprefix("file://")
+def _input_digest(path: str, kind: str) -> str:
+    from facegen.cache import input_digest, looks_like_path
+
+    if not looks_like_path(path, kind):
+        return f"name:{path}"  # a hub id: its name stands for it
     try:
-        return path_digest(fs_path)
+        return input_digest(path)
     except (FileNotFoundError, OSError, ValueError):
-        return f"name:{path}"  # a hub id or a path this process cannot see: its name stands for it
+        return f"name:{path}"  # a path this process cannot see: its name stands for it
 
 
 def settings_digest(*parts: Any) -> str:

@@ -33,11 +33,16 @@ def run_eval(
     checkpoint: str | None, bins: list[str], batch_size: int = 64, nrof_folds: int = 10, device: str = "auto",
     kind: str = "facegen", arch: str | None = None,
 ) -> list[dict[str, Any]]:
-    """10-fold verification accuracy of an embedder (any ``faces.embedder.kind``) on ``.bin`` sets."""
+    """10-fold verification accuracy of an embedder (any ``faces.embedder.kind``) on ``.bin`` sets
+    (local paths or URIs: fetched to this node first)."""
+    from facegen.cache import fetch
     from facegen.config import config_from_dict
     from facegen.eval.verification import verify_bins
     from facegen.faces.embed import build_embedder
 
+    if checkpoint:
+        checkpoint = fetch(checkpoint, "--checkpoint")
+    bins = [fetch(b, "--bin") for b in bins]
     embedder_fields = {"kind": kind, "path": checkpoint, "arch": arch, "device": device, "batch_size": batch_size}
     settings = config_from_dict({"faces": {"embedder": embedder_fields}}, "facegen eval").faces.embedder
     embedder = build_embedder(settings)
@@ -56,12 +61,20 @@ def run_eval_on_cluster(cfg: FacegenConfig, checkpoint: str, bins: list[str]) ->
     so the final evaluation never runs in the driver on the CPU-only head node."""
     import os
 
-    import ray
+    from facegen.config import TaskSettings
+    from facegen.stages.tasks import run_task
 
     absolute = [b if "://" in b else os.path.abspath(b) for b in [checkpoint, *bins]]
-    task = ray.remote(num_cpus=cfg.train.cpus_per_worker, num_gpus=1 if cfg.train.use_gpu else 0,
-                      resources=cfg.train.resources or None)(_eval_task)
-    return ray.get(task.remote(absolute[0], absolute[1:], cfg.eval.batch_size, cfg.eval.nrof_folds))
+    resources = TaskSettings(num_cpus=cfg.train.cpus_per_worker, num_gpus=1 if cfg.train.use_gpu else 0,
+                             resources=cfg.train.resources)
+    return run_task(_eval_task, absolute[0], absolute[1:], cfg.eval.batch_size, cfg.eval.nrof_folds,
+                    resources=resources, field="train.resources", name="eval")
+
+
+def _report_task(cfg_json: str, path: str) -> str:
+    from facegen.eval.html_report import write_report
+
+    return write_report(FacegenConfig.model_validate_json(cfg_json), path)
 
 
 def run_pipeline(cfg: FacegenConfig, progress: bool = True) -> PipelineSummary:
@@ -134,9 +147,12 @@ def run_pipeline(cfg: FacegenConfig, progress: bool = True) -> PipelineSummary:
         "report": f"{cfg.run.output_dir.rstrip('/')}/report.html",
     }
     storage.write_json_atomic(asdict(summary), summary.outputs["summary"])
-    from facegen.eval.html_report import write_report
+    from facegen.config import TaskSettings
+    from facegen.stages.tasks import run_task
 
-    write_report(cfg, summary.outputs["report"])  # last: it shows the verification results
+    # last: it shows the verification results; read and drawn on a worker, not on the head
+    run_task(_report_task, cfg.model_dump_json(), summary.outputs["report"], resources=TaskSettings(num_cpus=0.25),
+             field="report", name="report")
     return summary
 
 

@@ -37,6 +37,8 @@ def storage_env(settings: StorageSettings | None) -> dict[str, str]:
         env["AWS_ENDPOINT_URL"] = settings.s3_endpoint
     if settings is not None and settings.s3_region:
         env["AWS_DEFAULT_REGION"] = settings.s3_region
+    if settings is not None and settings.cache_dir:
+        env["FACEGEN_CACHE_DIR"] = settings.cache_dir
     return env
 
 
@@ -53,6 +55,76 @@ def quiet_ray_logs() -> None:
     context.print_on_execution_start = False
     for name in RAY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _cluster_message(line: str) -> str | None:
+    """facegen's one line for a message Ray pushes to every driver, or None to keep it in the logs."""
+    if "has been marked dead" in line:
+        node = line.split("node id:", 1)[-1].split()[0][:8] if "node id:" in line else "?"
+        return f"note: node {node} left the cluster; its blocks are being made again on the others"
+    return None
+
+
+def quiet_cluster_messages() -> None:
+    """Replace the messages Ray pushes to drivers (retried tasks, dead nodes: several lines each)
+    with facegen's one-line notes; the rest stays in Ray's session logs (a private Ray API: if it
+    moves, Ray's messages are shown as before)."""
+    try:
+        from ray._private import worker as ray_worker
+    except ImportError:
+        return
+    original = ray_worker.print_to_stdstream
+    if getattr(original, "facegen_quiet", False):
+        return
+
+    def printer(data: dict, ignore_prefix: bool = False) -> None:
+        if data.get("pid") != "raylet":
+            return original(data, ignore_prefix=ignore_prefix)
+        for line in data.get("lines", []):
+            note = _cluster_message(str(line))
+            if note:
+                print(note, file=sys.stderr, flush=True)
+
+    printer.facegen_quiet = True  # type: ignore[attr-defined]
+    ray_worker.print_to_stdstream = printer
+
+
+#: Lines Ray's C++ core worker writes to the driver's stderr that say nothing a user acts on: every
+#: Ray Data actor pool (its constructor arguments live in the object store) prints this one.
+NATIVE_NOISE = ("has constructor arguments in the object store and max_restarts",)
+_native_filter: list[int] = []
+
+
+def filter_native_stderr(noise: tuple[str, ...] = NATIVE_NOISE) -> None:
+    """Drop :data:`NATIVE_NOISE` lines from what C++ code writes to this process's stderr.
+
+    Python's own ``sys.stderr`` (progress bars, errors) keeps writing to the terminal directly; file
+    descriptor 2, where Ray's core worker logs, becomes a pipe read by a thread that forwards every
+    other line unchanged. Installed once per process.
+    """
+    import threading
+
+    if _native_filter:
+        return
+    try:
+        sys.stderr.flush()
+        terminal = os.dup(2)
+        sys.stderr = os.fdopen(os.dup(terminal), "w", buffering=1, encoding=sys.stderr.encoding or "utf-8",
+                               errors="backslashreplace")
+        read_end, write_end = os.pipe()
+        os.dup2(write_end, 2)
+        os.close(write_end)
+    except (OSError, ValueError, AttributeError):  # no real stderr (e.g. captured): leave it as it is
+        return
+    _native_filter.append(terminal)
+
+    def forward() -> None:
+        with os.fdopen(read_end, "rb") as pipe:
+            for line in pipe:
+                if not any(n.encode() in line for n in noise):
+                    os.write(terminal, line)
+
+    threading.Thread(target=forward, name="facegen-native-stderr", daemon=True).start()
 
 
 def forward_worker_stdout_only() -> None:
@@ -100,6 +172,7 @@ def init_ray(settings: RaySettings, storage: StorageSettings | None = None, verb
     if not verbose:
         common.update(logging_level=logging.ERROR, logging_config=ray.LoggingConfig(log_level="ERROR"))
         quiet_ray_logs()
+        quiet_cluster_messages()
     if settings.address:
         ray.init(address=settings.address, log_to_driver=True, **common)
         how = "address"
@@ -115,4 +188,56 @@ def init_ray(settings: RaySettings, storage: StorageSettings | None = None, verb
         how = "local"
     if not verbose:
         forward_worker_stdout_only()
+        filter_native_stderr()
     return how
+
+
+SHARED_MARKERS = ".facegen-shared"
+
+
+def _sees_marker(marker: str, node_marker: str) -> bool:
+    """On one node: whether it sees the driver's marker; if so it leaves its own beside it."""
+    from facegen import storage
+
+    if not os.path.exists(marker):
+        return False
+    storage.write_bytes_atomic(b"seen\n", node_marker)
+    return True
+
+
+def check_output_storage(output_dir: str, shared: bool) -> None:
+    """Refuse (one line) a local ``run.output_dir`` on a cluster of several nodes, where each node
+    would write its own copy, unless ``storage.shared`` declares it mounted on every node, which is
+    then checked: each node must see a marker the driver writes and leave its own."""
+    import uuid
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from facegen import storage
+    from facegen.stages import StageError
+
+    if storage.is_remote(output_dir):
+        return
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) <= 1:
+        return
+    if not shared:
+        raise StageError(f"run.output_dir: {output_dir} is a local path and this cluster has {len(nodes)} nodes, each of "
+                         "which would write its own copy: use s3://... or, if every node mounts it (NFS), set "
+                         "storage.shared: true")
+    folder = os.path.abspath(f"{output_dir.rstrip('/')}/{SHARED_MARKERS}")
+    token = uuid.uuid4().hex[:12]
+    storage.write_bytes_atomic(b"driver\n", f"{folder}/{token}")
+    check = ray.remote(num_cpus=0)(_sees_marker)
+    refs = [check.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
+        f"{folder}/{token}", f"{folder}/{token}.{n['NodeID'][:12]}") for n in nodes]
+    blind = [n["NodeID"][:8] for n, seen in zip(nodes, ray.get(refs)) if not seen]
+    blind += [n["NodeID"][:8] for n in nodes if n["NodeID"][:8] not in blind
+              and not os.path.exists(f"{folder}/{token}.{n['NodeID'][:12]}")]
+    for name in os.listdir(folder):
+        if name.startswith(token):
+            os.remove(f"{folder}/{name}")
+    if blind:
+        raise StageError(f"run.output_dir: {output_dir} is declared shared (storage.shared) but node(s) "
+                         f"{', '.join(sorted(set(blind)))} do not see what the others write there")

@@ -29,8 +29,9 @@ from facegen.storage import is_remote
 class Tracker:
     """A W&B run (or nothing, when ``run`` is None): ``log`` per step, ``summary`` once, ``finish``."""
 
-    def __init__(self, run: Any = None):
+    def __init__(self, run: Any = None, upload: tuple[str, str] | None = None):
         self.run = run
+        self.upload = upload  # (local folder, destination URI): an output on object storage
 
     @property
     def enabled(self) -> bool:
@@ -58,6 +59,23 @@ class Tracker:
             # offline runs in 0.31); teardown waits for it, which matters in short-lived Ray workers.
             if wandb.run is None:
                 wandb.teardown()
+            if self.upload is not None:
+                upload_tree(*self.upload)
+
+
+def upload_tree(local: str, destination: str) -> int:
+    """Copy every file under ``local`` to the same relative path under ``destination`` (atomic
+    writes); returns how many files were copied."""
+    from facegen.storage import write_bytes_atomic
+
+    copied = 0
+    for folder, _, files in os.walk(local):
+        for name in files:
+            path = os.path.join(folder, name)
+            with open(path, "rb") as f:
+                write_bytes_atomic(f.read(), f"{destination.rstrip('/')}/{os.path.relpath(path, local)}")
+            copied += 1
+    return copied
 
 
 def run_id(name: str, job_type: str) -> str:
@@ -83,8 +101,13 @@ def start_run(cfg: FacegenConfig, job_type: str, run_dir: str | None = None, nam
 
     name = name or cfg.run.name
     root = run_dir or cfg.run.output_dir
-    if is_remote(root):  # wandb writes local files only; keep them next to the process instead
-        root = os.path.abspath("outputs")
+    upload = None
+    if is_remote(root):  # wandb writes local files only: stage them on this node, upload them on finish
+        from facegen.cache import cache_root
+
+        remote = root
+        root = str(cache_root().parent / "wandb-staging" / run_id(name, job_type))
+        upload = (f"{root}/wandb", f"{remote.rstrip('/')}/wandb")
     root = os.path.abspath(root.removeprefix("file://"))
     os.makedirs(root, exist_ok=True)
     run = wandb.init(
@@ -100,7 +123,7 @@ def start_run(cfg: FacegenConfig, job_type: str, run_dir: str | None = None, nam
         config=cfg.model_dump(mode="json"),
         settings=wandb.Settings(silent=True, console="off", x_disable_stats=True, save_code=False),
     )
-    return Tracker(run)
+    return Tracker(run, upload)
 
 
 class StageTracker:
@@ -111,7 +134,7 @@ class StageTracker:
     (``counts`` over ``bin_edges``) becomes a W&B histogram.
     """
 
-    SKIP = frozenset({"bytes", "sha256", "config_digest", "source_sha256"})
+    SKIP = frozenset({"bytes", "sha256", "config_digest", "source_sha256", "node_id", "started", "finished"})
 
     def __init__(self, tracker: Tracker):
         self.tracker = tracker
@@ -146,6 +169,10 @@ class StageTracker:
         self.tracker.log({f"{prefix}/{name}": wandb.Histogram(np_histogram=(h["counts"], h["edges"]))
                           for name, h in histograms.items()})
         self.tracker.summary({f"{prefix}/{name}_count": int(sum(h["counts"])) for name, h in histograms.items()})
+
+    def finish(self) -> None:
+        """Close the run without a summary (a stage that stopped early)."""
+        self.tracker.finish()
 
     def finish_stage(self, report: Any) -> None:
         """The stage's totals and block counts as the run summary; closes the run."""

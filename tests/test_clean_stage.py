@@ -33,7 +33,7 @@ def write_raw(raw_dir):
 def config(tmp_path, **clean):
     return config_from_dict({"run": {"output_dir": str(tmp_path / "run"), "seed": 1},
                              "identities": {"num_identities": 12, "block_size": 6},
-                             "clean": {"min_images": 5, "target_images": 8, "num_cpus": 0.25, **clean}}, "test")
+                             "clean": {"min_images": 5, "target_images": 8, "pool": {"num_cpus": 0.25}, **clean}}, "test")
 
 
 def test_stage_dedups_audits_and_finishes_blocks(ray_local, tmp_path):
@@ -105,9 +105,9 @@ def test_removed_identities_are_replaced_by_new_ones_from_the_generator(ray_loca
     cfg = config_from_dict({
         "run": {"output_dir": str(tmp_path / "run"), "seed": 2},
         "identities": {"num_identities": 6, "block_size": 4},
-        "generator": {"images_per_identity": 8, "batch_size": 3, "num_cpus": 0.25, "parametric": {"image_size": 96, "wrong_identity_rate": 0.2}},
-        "faces": {"batch_size": 32, "num_cpus": 0.25, "embedder": {"path": embedder}},
-        "clean": {"min_images": 6, "target_images": 8, "num_cpus": 0.25, "replace_dropped": True, "dedup": {"enabled": False}},
+        "generator": {"images_per_identity": 8, "batch_size": 3, "pool": {"num_cpus": 0.25}, "parametric": {"image_size": 96, "wrong_identity_rate": 0.2}},
+        "faces": {"batch_size": 32, "pool": {"num_cpus": 0.25}, "embedder": {"path": embedder}},
+        "clean": {"min_images": 6, "target_images": 8, "pool": {"num_cpus": 0.25}, "replace_dropped": True, "dedup": {"enabled": False}},
         "tracking": {"mode": "disabled"},
     }, "test")
     run_generate(cfg, progress=False)

@@ -23,14 +23,12 @@ def test_cluster_config_resources_match_node_types():
     types = yaml.safe_load(open("cluster.yaml"))["available_node_types"]
     for name in ("configs/sd_cluster.yaml", "configs/hybrid.yaml"):
         cfg = load_config(name)
-        assert set(cfg.generator.resources) <= set(types["gpu_generation"]["resources"]), name
+        assert set(cfg.generator.pool.resources) <= set(types["gpu_generation"]["resources"]), name
         assert set(cfg.train.resources) <= set(types["gpu_training"]["resources"]), name
-    from facegen.stages.generate import pool_resources
-
     hybrid = load_config("configs/hybrid.yaml")
     assert hybrid.generator.backend == "hybrid" and hybrid.generator.hybrid.expander == "arc2face"
     # one generation actor (hybrid backend + faces stage) per generation GPU
-    assert pool_resources(hybrid)["num_gpus"] <= types["gpu_generation"]["resources"]["GPU"]
+    assert hybrid.generator.pool.num_gpus <= types["gpu_generation"]["resources"]["GPU"]
 
 
 def test_cluster_yaml_keeps_the_dashboard_local_uploads_no_venv_and_names_one_image():

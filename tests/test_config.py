@@ -23,10 +23,10 @@ def test_repo_configs_load():
 def test_overrides_parse_yaml_values(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("train: {epochs: 3}\n")
-    cfg = load_config(path, ["train.epochs=5", "train.lr_steps=[1, 2]", "generator.resources={generation: 0.5}", "run.name=x y"])
+    cfg = load_config(path, ["train.epochs=5", "train.lr_steps=[1, 2]", "generator.pool.resources={generation: 0.5}", "run.name=x y"])
     assert cfg.train.epochs == 5
     assert cfg.train.lr_steps == [1, 2]
-    assert cfg.generator.resources == {"generation": 0.5}
+    assert cfg.generator.pool.resources == {"generation": 0.5}
     assert cfg.run.name == "x y"
     assert parse_override("a.b=") == ("a.b", "")
 
@@ -77,3 +77,18 @@ def test_digest_is_stable_and_sensitive():
     assert a.digest() == b.digest()
     b.train.epochs = 3
     assert a.digest() != b.digest()
+
+
+def test_the_old_pool_fields_still_load_and_mixing_both_spellings_names_the_new_one():
+    old = config_from_dict({"generator": {"concurrency": 3, "num_gpus": 0.5, "resources": {"generation": 0.5}},
+                            "faces": {"num_cpus": 0.25}, "clean": {"concurrency": 2},
+                            "identities": {"sampler": {"num_gpus": 1}}}, "old.yaml")
+    pool = old.generator.pool
+    assert (pool.min_size, pool.max_size, pool.num_gpus, pool.resources) == (3, 3, 0.5, {"generation": 0.5})
+    assert old.faces.pool.num_cpus == 0.25 and old.clean.pool.largest == 2 and old.identities.sampler.pool.num_gpus == 1
+    new = load_config(None, ["generator.pool.min_size=2", "generator.pool.max_size=8"])
+    assert new.generator.pool.largest == 8 and new.generator.pool.ray_resources() == {"CPU": 0.5}
+    with pytest.raises(ConfigError, match=r"^x.yaml: generator: Value error, concurrency is now pool.min_size; give only pool.min_size"):
+        config_from_dict({"generator": {"concurrency": 3, "pool": {"min_size": 2}}}, "x.yaml")
+    with pytest.raises(ConfigError, match=r"generator.pool: Value error, max_size \(1\) must be >= min_size \(2\)"):
+        config_from_dict({"generator": {"pool": {"min_size": 2, "max_size": 1}}}, "x.yaml")

@@ -1,7 +1,6 @@
 """A diffusion run on the tiny test pipeline goes through detection: images without a face become
 error rows with the reason, and the job still commits every block."""
 
-import numpy as np
 import pytest
 
 from facegen import blocks as blk
@@ -19,9 +18,9 @@ def test_diffusion_images_without_faces_are_error_rows(ray_local, tmp_path):
     cfg = config_from_dict({
         "run": {"name": "sd-faces", "output_dir": str(tmp_path / "run")},
         "identities": {"num_identities": 3, "block_size": 2},
-        "generator": {"backend": "diffusion", "images_per_identity": 2, "batch_size": 2, "num_cpus": 0.5,
+        "generator": {"backend": "diffusion", "images_per_identity": 2, "batch_size": 2, "pool": {"num_cpus": 0.5},
                       "diffusion": {"model": model, "num_inference_steps": 2, "height": 64, "width": 64, "local_files_only": True}},
-        "faces": {"detector": {"kind": "mtcnn", "device": "cpu"}, "embedder": {"kind": "dlib"}, "num_cpus": 0.25},
+        "faces": {"detector": {"kind": "mtcnn", "device": "cpu"}, "embedder": {"kind": "dlib"}, "pool": {"num_cpus": 0.25}},
     })
     report = run_generate(cfg, progress=False)
     assert report.blocks_written == 2 and report.totals == {"identities": 3, "images": 6, "images_ok": 0, "images_error": 6,

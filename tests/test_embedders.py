@@ -60,8 +60,15 @@ def test_facegen_folder_embedder_and_its_record(seeded_r18, tmp_path):
     settings = EmbedderSettings(kind="facegen", path=folder, device="cpu")
     embedder = build_embedder(settings)
     np.testing.assert_allclose(embedder.embed(_crops(3)), embed_with_model(seeded_r18, _crops(3), flip=False), atol=1e-5)
-    assert describe_embedder(settings) == embedder.record
     assert embedder.record["file"] == "backbone.safetensors" and embedder.record["dim"] == 512
+    # what the driver records reads no weights: the folder's metadata digest, stable until the folder changes
+    described = describe_embedder(settings)
+    assert described == {"kind": "facegen", "file": "r18", "digest": described["digest"]} and described["digest"].startswith("meta:")
+    assert describe_embedder(settings) == described
+    save_backbone(folder, seeded_r18, "iresnet18", 8, 512)  # rewritten: a new input
+    assert describe_embedder(settings)["digest"] != described["digest"]
+    (tmp_path / "r18.sha256").write_text("ab12" * 16 + "  r18\n")  # a recorded content digest wins
+    assert describe_embedder(settings)["digest"] == "sha256:" + ("ab12" * 4)
     assert describe_embedder(EmbedderSettings()) is None  # no path: nothing is embedded
 
 
@@ -73,7 +80,7 @@ def test_dlib_embedder_is_128_wide_and_reads_its_own_chip():
     assert out.shape == (2, 128) and out.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
     np.testing.assert_allclose(embedder.embed_crops(embedder.crop.from_aligned(images)), out, atol=1e-6)
-    assert describe_embedder(EmbedderSettings(kind="dlib")) == embedder.record
+    assert describe_embedder(EmbedderSettings(kind="dlib"))["file"] == embedder.record["file"]
 
 
 def test_embedder_settings_fail_with_one_line_naming_the_field(tmp_path):
@@ -104,7 +111,7 @@ def test_clean_refuses_raw_blocks_of_another_embedder(seeded_r18, tmp_path):
     dlib_record = describe_embedder(EmbedderSettings(kind="dlib"))
     blk.commit_block(raw, 0, pa.table({"x": [1]}), {"embedder": dlib_record})
     cfg = config_from_dict({"faces": {"embedder": {"kind": "facegen", "path": folder}}})
-    with pytest.raises(ValueError, match=r"faces.embedder: .*raw block 0 was embedded by dlib dlib_face_recognition_resnet_model_v1.dat \(.*\), the config names facegen backbone.safetensors"):
+    with pytest.raises(ValueError, match=r"faces.embedder: .*raw block 0 was embedded by dlib dlib_face_recognition_resnet_model_v1.dat \(.*\), the config names facegen r18"):
         check_same_embedder(cfg, raw)
     check_same_embedder(config_from_dict({"faces": {"embedder": {"kind": "dlib"}}}), raw)  # the same one passes
 

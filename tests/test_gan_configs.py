@@ -12,7 +12,7 @@ def test_disco_config_is_seed_001_on_stylegan2_ffhq256():
     assert (lv.iterations, lv.k, lv.d0, lv.k_l, lv.eta0, lv.tau, lv.batch_size, lv.checkpoint_every) == (100, 1.0, 1.4, 0.1, 0.01, 0.3, 64, 10)
     d = cfg.generator.dispersion
     assert (d.sigma, d.iterations, d.k_e, d.k_w, d.r_w, d.k_g, d.eta0, d.dt) == (0.2, 20, 20.0, 1.0, 12.0, 1.0, 0.05, 0.05)
-    assert cfg.identities.sampler.num_gpus == 1
+    assert cfg.identities.sampler.pool.num_gpus == 1
 
 
 def test_gan_local_config_runs_the_dcgan_with_langevin_and_dispersion():

@@ -18,7 +18,7 @@ from facegen import storage
 from facegen.config import config_from_dict
 
 KILL_SETTINGS = ["identities.num_identities=60", "identities.block_size=2", "generator.images_per_identity=8",
-                 "generator.parametric.image_size=96", "generator.concurrency=2", "run.seed=11",
+                 "generator.parametric.image_size=96", "generator.pool.min_size=2", "run.seed=11",
                  "ray.num_cpus=2", "tracking.mode=disabled"]
 
 
@@ -27,9 +27,9 @@ def _config(tmp_path, **identities):
         {
             "run": {"output_dir": str(tmp_path / "run"), "seed": 7},
             "identities": {"num_identities": 10, "block_size": 4, **identities},
-            "generator": {"images_per_identity": 3, "batch_size": 3, "num_cpus": 0.25,
+            "generator": {"images_per_identity": 3, "batch_size": 3, "pool": {"num_cpus": 0.25},
                           "parametric": {"image_size": 64, "wrong_identity_rate": 0.2}},
-            "faces": {"batch_size": 16, "num_cpus": 0.25, "image_format": "png"},
+            "faces": {"batch_size": 16, "pool": {"num_cpus": 0.25}, "image_format": "png"},
             "tracking": {"mode": "disabled"},
         },
         "test",
@@ -76,7 +76,7 @@ def test_generate_writes_one_file_per_block_and_skips_done(ray_local, tmp_path):
 
     # a setting that shapes the images makes every block stale; a pool size does not
     bigger_pool = cfg.model_copy(deep=True)
-    bigger_pool.generator.concurrency = 3
+    bigger_pool.generator.pool.min_size = 3
     assert run_generate(bigger_pool, progress=False).blocks_written == 0
     changed = cfg.model_copy(deep=True)
     changed.generator.parametric.wrong_identity_rate = 0.0

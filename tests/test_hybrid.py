@@ -16,6 +16,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from facegen.config import (  # noqa: E402
+    PoolSettings,
     Arc2FaceSettings,
     DetectorSettings,
     DiffusionSettings,
@@ -200,8 +201,8 @@ def _actor_pool(ds, settings):
 
     return ds.map_batches(HybridGenerator, fn_constructor_kwargs={"settings": settings, "seed": 0},
                           batch_size=settings.batch_size, batch_format="numpy",
-                          compute=ActorPoolStrategy(size=settings.concurrency), num_cpus=settings.num_cpus,
-                          num_gpus=settings.num_gpus)
+                          compute=ActorPoolStrategy(size=settings.pool.min_size), num_cpus=settings.pool.num_cpus,
+                          num_gpus=settings.pool.num_gpus or None)
 
 
 @pytest.mark.slow
@@ -213,13 +214,13 @@ def test_the_ray_data_pool_gives_the_loops_bytes_and_the_run_its_histograms(ray_
     from facegen.identities.seeds import identity_dataset
     from facegen.stages.generate import run_generate
 
-    generator = hybrid_settings(models, per_identity=2).model_copy(update={"batch_size": 2, "num_cpus": 0.5})
+    generator = hybrid_settings(models, per_identity=2).model_copy(update={"batch_size": 2, "pool": PoolSettings(num_cpus=0.5)})
     cfg = FacegenConfig(
         run=RunSettings(output_dir=str(tmp_path / "run"), seed=0),
         identities=IdentitySettings(num_identities=4, block_size=2),
         generator=generator,
         faces=FaceSettings(image_format="png", detector=DetectorSettings(kind="none"), embedder=EmbedderSettings(kind="dlib"),
-                           batch_size=8, num_cpus=0.5),
+                           batch_size=8),
         tracking=TrackingSettings(mode="disabled"),
     )
     pending = blk.plan_blocks(cfg.identities)
@@ -247,7 +248,7 @@ def test_the_ray_data_pool_gives_the_loops_bytes_and_the_run_its_histograms(ray_
     sdxl = DiffusionSettings(model=models["sdxl"], num_inference_steps=2, height=64, width=64, local_files_only=True,
                              micro_batch=2)
     xl = hybrid_settings(models, per_identity=2, reference=ReferenceSettings(
-        backend="text_to_image", text_to_image=sdxl, max_attempts=2)).model_copy(update={"batch_size": 2, "num_cpus": 0.5})
+        backend="text_to_image", text_to_image=sdxl, max_attempts=2)).model_copy(update={"batch_size": 2, "pool": PoolSettings(num_cpus=0.5)})
     ds = _actor_pool(identity_dataset(pending[:1], 2), xl)
     rows = [r for b in ds.iter_batches(batch_size=None, batch_format="numpy") for r in zip(b["status"], b["reason"])]
     assert [s for s, _ in rows] == [STATUS_ERROR] * 4

@@ -38,7 +38,7 @@ def _feature_config(tmp_path, n, iterations=10, extra=()):
         f"identities.sampler.langevin.iterations={iterations}", "identities.sampler.langevin.search_on_gpu=false", *extra])
 
 
-def test_feature_space_langevin_spreads_identities_and_keeps_away_from_real_faces(tmp_path):
+def test_feature_space_langevin_spreads_identities_and_keeps_away_from_real_faces(tmp_path, ray_local):
     """ALGORITHMS.md 2 at test size: 3,000 identities in 512-d, d0 = 1.4 rad, 1,000 real embeddings."""
     np.save(tmp_path / "real.npy", np.random.default_rng(9).standard_normal((1000, 512)).astype(np.float32))
     cfg = _feature_config(tmp_path, 3000, extra=[f"identities.sampler.langevin.real_embeddings={tmp_path}/real.npy"])
@@ -61,7 +61,7 @@ def test_feature_space_langevin_spreads_identities_and_keeps_away_from_real_face
     assert run_identities(cfg, progress=False).blocks_skipped == 3
 
 
-def test_langevin_resumes_from_its_checkpoint_to_the_same_particles(tmp_path, monkeypatch):
+def test_langevin_resumes_from_its_checkpoint_to_the_same_particles(tmp_path, monkeypatch, ray_local):
     extra = ["identities.sampler.langevin.feature_dim=32", "identities.sampler.langevin.d0=1.2",
              "identities.sampler.langevin.checkpoint_every=5", "identities.block_size=100"]
     whole = _feature_config(tmp_path / "a", 300, iterations=12, extra=extra)
@@ -74,9 +74,12 @@ def test_langevin_resumes_from_its_checkpoint_to_the_same_particles(tmp_path, mo
             raise KeyboardInterrupt("killed")
         return original_step(self, state, rebuild)
 
+    # the Langevin task itself, killed at iteration 8 in this process (on a cluster: its node dies)
+    from facegen.stages.identities import _digest, langevin_task
+
     monkeypatch.setattr(LangevinSampler, "step", crash_at_8)
     with pytest.raises(KeyboardInterrupt):
-        run_identities(broken, progress=False)
+        langevin_task(broken.model_dump_json(), broken.stage_dir("identities"), _digest(broken), lambda *a: None)
     assert not (tmp_path / "b/out/identities/sampler.json").exists()
     monkeypatch.setattr(LangevinSampler, "step", original_step)
     run_identities(broken, progress=False)
@@ -124,7 +127,7 @@ def tiny_embedder(tmp_path_factory):
     return save_backbone(directory, build_backbone("iresnet18", width=4, embedding_size=32).eval(), "iresnet18", 4, 32)
 
 
-def test_latent_space_langevin_pushes_dcgan_identities_apart_through_g_and_the_embedder(tmp_path, tiny_embedder):
+def test_latent_space_langevin_pushes_dcgan_identities_apart_through_g_and_the_embedder(tmp_path, tiny_embedder, ray_local):
     from facegen.generators.gan import build_gan
     from facegen.identities.encoder import ForceEmbedder, IdentityEncoder
 
@@ -170,7 +173,7 @@ def test_cli_identities_prints_the_sampler_figures_and_names_a_bad_real_file(tmp
     assert "Traceback" not in bad.output
 
 
-def test_new_sampler_settings_sample_again(tmp_path):
+def test_new_sampler_settings_sample_again(tmp_path, ray_local):
     extra = ["identities.sampler.langevin.feature_dim=16", "identities.block_size=20", "identities.sampler.langevin.d0=1.2"]
     run_identities(_feature_config(tmp_path, 40, iterations=2, extra=extra), progress=False)
     before = read_latents(_feature_config(tmp_path, 40, iterations=2, extra=extra))[1]
@@ -179,7 +182,7 @@ def test_new_sampler_settings_sample_again(tmp_path):
     assert not np.allclose(read_latents(changed)[1], before)
 
 
-def test_generation_reads_the_sampled_latents_and_their_digest(tmp_path):
+def test_generation_reads_the_sampled_latents_and_their_digest(tmp_path, ray_local):
     from facegen import blocks as blk
     from facegen.generators.gan_backend import GanGenerator
     from facegen.stages.identities import identity_block_inputs, with_latents

@@ -72,8 +72,8 @@ def test_a_changed_raw_block_is_recleaned_and_resharded_and_training_refuses(ray
     again = run_clean(cfg, progress=False)
     assert (again.blocks_written, again.blocks_skipped, again.blocks_redone) == (1, 1, 1), again.notes
     # the expert pass and the final pass each redo block 1, and only block 1
-    assert again.notes == ["clean experts: block 1 redone: its input block changed",
-                           "clean: block 1 redone: its input block changed"]
+    assert again.notes == ["clean: experts: block 1 redone: its input block changed",
+                           "clean: finish: block 1 redone: its input block changed"]
     assert storage.read_json(blk.stats_path(clean, 1))["source_sha256"] == storage.read_json(blk.stats_path(raw, 1))["sha256"]
     resharded = run_shard(cfg, progress=False)
     assert resharded.blocks_written == 2 and "source blocks changed" in resharded.notes[-1]

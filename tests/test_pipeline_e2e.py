@@ -21,10 +21,10 @@ def pipeline_run(ray_local, tmp_path_factory):
         {
             "run": {"name": "e2e", "output_dir": str(out), "seed": 3},
             "identities": {"num_identities": 12, "block_size": 6},
-            "generator": {"images_per_identity": 12, "batch_size": 4, "num_cpus": 0.25,
+            "generator": {"images_per_identity": 12, "batch_size": 4, "pool": {"num_cpus": 0.25},
                           "parametric": {"image_size": 96, "wrong_identity_rate": 0.15}},
-            "faces": {"batch_size": 64, "num_cpus": 0.25},
-            "clean": {"min_images": 5, "target_images": 12, "num_cpus": 0.25,
+            "faces": {"batch_size": 64, "pool": {"num_cpus": 0.25}},
+            "clean": {"min_images": 5, "target_images": 12, "pool": {"num_cpus": 0.25},
                       "dedup": {"threshold": 0.97}},  # the 2-epoch embedder puts different identities close
             "shards": {"num_buckets": 2},
             "train": {"arch": "iresnet18", "width": 8, "epochs": 2, "lr_steps": [1], "batch_size": 32,

@@ -24,9 +24,10 @@ def test_every_marked_input_path_is_checked(tmp_path):
     cfg = config_from_dict({"eval": {"bins": [str(good), str(tmp_path / "agedb_30.bin")]},
                             "generator": {"diffusion": {"model": "stabilityai/sd-turbo"}}}, "test")
     fields = {field for field, _, _ in input_paths(cfg)}
-    # the hybrid reference model is a hub id by default: listed, but only a path-like value is checked
+    # the hybrid models are hub ids by default: listed, but only a path-like value is checked
     assert fields == {"eval.bins[0]", "eval.bins[1]", "generator.diffusion.model",
-                      "generator.hybrid.reference.text_to_image.model"}
+                      "generator.hybrid.reference.text_to_image.model", "generator.hybrid.arc2face.unet",
+                      "generator.hybrid.arc2face.encoder", "generator.hybrid.arc2face.base_model"}
     with pytest.raises(ValueError) as missing_bin:
         check_input_paths(cfg, "x.yaml")
     assert str(missing_bin.value) == f"x.yaml: eval.bins[1]: {tmp_path / 'agedb_30.bin'}: no such file or folder"

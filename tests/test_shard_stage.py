@@ -16,8 +16,8 @@ def test_shard_set_is_reused_until_its_source_blocks_change(ray_local, tmp_path)
     settings = {
         "run": {"output_dir": str(tmp_path / "run")},
         "identities": {"num_identities": 4, "block_size": 2},
-        "generator": {"images_per_identity": 3, "num_cpus": 0.25, "parametric": {"image_size": 64}},
-        "faces": {"num_cpus": 0.25},
+        "generator": {"images_per_identity": 3, "pool": {"num_cpus": 0.25}, "parametric": {"image_size": 64}},
+        "faces": {"pool": {"num_cpus": 0.25}},
         "shards": {"num_buckets": 1},
     }
     cfg = config_from_dict(settings, "test")

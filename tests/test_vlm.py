@@ -7,7 +7,6 @@ import time
 
 import numpy as np
 import pyarrow.compute as pc
-import pytest
 
 from facegen import storage
 from facegen.clean.view import block_view

@@ -25,11 +25,11 @@ def tiny_settings(output_dir: str, embedder: str, name: str = "tiny") -> dict[st
     return {
         "run": {"name": name, "output_dir": output_dir, "seed": 5},
         "identities": {"num_identities": 8, "block_size": 4},
-        "generator": {"images_per_identity": 6, "batch_size": 4, "num_cpus": 0.25,
+        "generator": {"images_per_identity": 6, "batch_size": 4, "pool": {"num_cpus": 0.25},
                       "parametric": {"image_size": 64, "wrong_identity_rate": 0.2}},
-        "faces": {"batch_size": 32, "num_cpus": 0.25, "embedder": {"path": embedder}},
+        "faces": {"batch_size": 32, "pool": {"num_cpus": 0.25}, "embedder": {"path": embedder}},
         # a randomly initialised embedder puts every face close to every other: no cross-identity dedup
-        "clean": {"min_images": 2, "target_images": 6, "num_cpus": 0.25, "dedup": {"enabled": False}},
+        "clean": {"min_images": 2, "target_images": 6, "pool": {"num_cpus": 0.25}, "dedup": {"enabled": False}},
         "shards": {"num_buckets": 2},
         "train": {"arch": "iresnet18", "width": 8, "epochs": 1, "lr_steps": [1], "batch_size": 8,
                   "scale": 16.0, "margin": 0.2, "cpus_per_worker": 0.5},

@@ -143,6 +143,8 @@ def run_global(votes_dir: str, global_dir: str, settings: CleanSettings, overwri
     if settings.leakage.references and centres.total:
         summary["leakage"] = _leakage(votes_dir, global_dir, paths, centres, records, settings, plan)
     storage.write_table_atomic(plan.table(), plan_path)
+    plan.for_block(-1)  # index the plan by block: every block it touches gets its own digest below
+    summary["block_digests"] = {str(b): plan.block_digest(b) for b in sorted(plan._by_block or {}) if b is not None}
     storage.write_json_atomic(summary, summary_path)
     return plan, summary
 

@@ -19,6 +19,7 @@ import yaml
 from pydantic import ValidationError, field_validator
 
 from facegen.config._base import ConfigError, _Section  # noqa: F401
+from facegen.config.resources import PoolSettings, TaskSettings  # noqa: F401
 from facegen.config.run import (  # noqa: F401  (re-exported: one import path for every setting)
     DemoSettings,
     RaySettings,

@@ -8,6 +8,7 @@ from pydantic import Field, model_validator
 
 from facegen.config._base import _Section
 from facegen.config.faces import EmbedderSettings
+from facegen.config.resources import PooledSection, PoolSettings, TaskSettings
 
 
 class DbscanSettings(_Section):
@@ -155,10 +156,11 @@ class DedupSettings(_Section):
 class LeakageSettings(_Section):
     """Privacy audit: synthetic identities against embeddings of real people (.npy or Parquet)."""
 
-    references: list[str] = []
+    references: list[str] = Field(default=[], json_schema_extra={"input_path": "required"})
     threshold: float = Field(default=0.4, gt=-1.0, lt=1.0, description="fixed cosine when far is not set")
     far: float | None = Field(default=None, gt=0.0, lt=1.0, description="calibrate to this false-accept rate")
-    verification: str | None = Field(default=None, description=".npz/.parquet with embedding + label, for far")
+    verification: str | None = Field(default=None, description=".npz/.parquet with embedding + label, for far",
+                                     json_schema_extra={"input_path": "required"})
     samples: bool = Field(default=False, description="also compare every kept sample, not only centres")
     report_pairs: int = Field(default=24, ge=0)
 
@@ -169,7 +171,7 @@ class LeakageSettings(_Section):
         return self
 
 
-class CleanSettings(_Section):
+class CleanSettings(PooledSection):
     """Cleaning: expert votes fused per sample, dedup and leakage over all identities, selection, top-up."""
 
     dbscan: DbscanSettings = DbscanSettings()
@@ -184,7 +186,6 @@ class CleanSettings(_Section):
     min_images: int = Field(default=10, ge=1, description="identities with fewer kept images are dropped")
     target_images: int = Field(default=50, ge=1, description="top up each kept identity to this count")
     augment: AugmentSettings = AugmentSettings()
-    concurrency: int = Field(default=1, ge=1)
-    num_cpus: float = Field(default=0.5, gt=0.0)
-    num_gpus: float = Field(default=0.0, ge=0.0)
-    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources, e.g. {generation: 1}")
+    pool: PoolSettings = Field(default_factory=PoolSettings, description="actor pool of the expert and final passes")
+    global_task: TaskSettings = Field(default_factory=lambda: TaskSettings(num_cpus=1.0),
+                                      description="the Ray task of dedup + leakage (a GPU for faiss where configured)")

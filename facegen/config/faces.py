@@ -7,6 +7,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, model_validator
 
 from facegen.config._base import _Section
+from facegen.config.resources import PooledSection, PoolSettings
 
 
 class EmbedderWeights(_Section):
@@ -81,7 +82,8 @@ class DetectorSettings(_Section):
     mtcnn_thresholds: tuple[float, float, float] = (0.6, 0.7, 0.8)
     dlib_model: Literal["hog", "cnn"] = "hog"
     dlib_upsample: int = Field(default=1, ge=0, le=3)
-    path: str | None = Field(default=None, description="insightface: a model folder (e.g. buffalo_l) or a detection .onnx")
+    path: str | None = Field(default=None, description="insightface: a model folder (e.g. buffalo_l) or a detection .onnx",
+                             json_schema_extra={"input_path": "required"})
     det_size: int = Field(default=640, ge=32, description="insightface: network input side (px)")
 
     @model_validator(mode="after")
@@ -91,22 +93,21 @@ class DetectorSettings(_Section):
         return self
 
 
-class FaceSettings(_Section):
+class FaceSettings(PooledSection):
     """Detection, alignment to the 112x112 ArcFace template and embedding, as one actor-pool stage."""
 
     image_format: Literal["png", "jpeg"] = "jpeg"
     jpeg_quality: int = Field(default=95, ge=50, le=100)
     embedder: EmbedderSettings = EmbedderSettings()
     detector: DetectorSettings = DetectorSettings()
-    batch_size: int = Field(default=64, ge=1, description="sample rows per map_batches call")
-    concurrency: int = Field(default=1, ge=1)
-    num_gpus: float = Field(default=0.0, ge=0.0)
-    num_cpus: float = Field(default=0.5, gt=0.0)
-    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources, e.g. {generation: 1}")
+    batch_size: int = Field(default=64, ge=1, description="sample rows per face-stage call inside a block")
+    pool: PoolSettings = Field(default_factory=PoolSettings, description="the ingest stage's Ray Data actor pool "
+                               "(generation runs the face stage inside generator.pool)")
 
 
 class IngestSettings(_Section):
     """``facegen ingest``: an image folder ``images_dir/<identity>/<image>`` as raw blocks."""
 
-    images_dir: str | None = Field(default=None, description="set here or with facegen ingest --images DIR")
+    images_dir: str | None = Field(default=None, description="set here or with facegen ingest --images DIR; read in "
+                                   "place by the ingest workers, never copied", json_schema_extra={"input_path": "folder"})
     extensions: list[str] = [".jpg", ".jpeg", ".png", ".bmp", ".webp"]

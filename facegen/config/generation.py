@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from facegen.config._base import _Section
 from facegen.config.faces import DetectorSettings, EmbedderSettings, EmbedderWeights
+from facegen.config.resources import PooledSection, PoolSettings
 
 
 class ParametricSettings(_Section):
@@ -34,7 +35,8 @@ class DiffusionSettings(_Section):
     local_files_only: bool = False
     micro_batch: int = Field(default=8, ge=1, description="images per pipeline call (one identity at a time)")
     half_dtype: Literal["float16", "bfloat16"] = Field(default="float16", description="the dtype of fp16 on GPU")
-    lcm_lora: str | None = Field(default=None, description="LCM-LoRA folder or hub id: LCMScheduler, few steps")
+    lcm_lora: str | None = Field(default=None, description="LCM-LoRA folder or hub id: LCMScheduler, few steps",
+                                 json_schema_extra={"input_path": "local_or_hub"})
     compile_unet: bool = Field(default=False, description="torch.compile the UNet (GPU)")
     variation_phrases: bool = Field(default=False, description="append a per-sample pose/expression/light phrase")
 
@@ -77,7 +79,8 @@ class ReferenceSettings(_Section):
     text_to_image: DiffusionSettings = DiffusionSettings(
         model="stabilityai/stable-diffusion-xl-base-1.0", height=1024, width=1024, micro_batch=1
     )
-    photos_dir: str | None = Field(default=None, description="backend photos: a folder of face photos")
+    photos_dir: str | None = Field(default=None, description="backend photos: a folder of face photos",
+                                   json_schema_extra={"input_path": "required"})
     max_attempts: int = Field(default=5, ge=1)
 
     @field_validator("backend")
@@ -95,11 +98,11 @@ class Arc2FaceSettings(_Section):
     """Arc2Face through diffusers: its UNet and ID encoder with the VAE, tokenizer and scheduler of
     the base SD 1.5 model (folders or hub ids; ``*_subfolder`` as in the public model repository)."""
 
-    unet: str = "FoivosPar/Arc2Face"
+    unet: str = Field(default="FoivosPar/Arc2Face", json_schema_extra={"input_path": "local_or_hub"})
     unet_subfolder: str | None = "arc2face"
-    encoder: str = "FoivosPar/Arc2Face"
+    encoder: str = Field(default="FoivosPar/Arc2Face", json_schema_extra={"input_path": "local_or_hub"})
     encoder_subfolder: str | None = "encoder"
-    base_model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    base_model: str = Field(default="stable-diffusion-v1-5/stable-diffusion-v1-5", json_schema_extra={"input_path": "local_or_hub"})
     id_prompt: str = "photo of a id person"
     id_token: str = "id"
     scheduler: Literal["dpm_multistep", "ddim", "base"] = "dpm_multistep"
@@ -109,7 +112,8 @@ class Arc2FaceSettings(_Section):
     width: int = Field(default=512, ge=8)
     fp16: bool = True
     half_dtype: Literal["float16", "bfloat16"] = "float16"
-    lcm_lora: str | None = Field(default=None, description="LCM-LoRA for SD 1.5: LCMScheduler, 2-4 steps, guidance 1")
+    lcm_lora: str | None = Field(default=None, description="LCM-LoRA for SD 1.5: LCMScheduler, 2-4 steps, guidance 1",
+                                 json_schema_extra={"input_path": "local_or_hub"})
     compile_unet: bool = False
     micro_batch: int = Field(default=8, ge=1, description="images per pipeline call (one identity at a time)")
     variation_phrases: bool = Field(default=False, description="append a per-sample phrase to the ID prompt")
@@ -119,7 +123,7 @@ class Arc2FaceSettings(_Section):
 class Vec2FaceSettings(_Section):
     """Vec2Face (facegen.models.vec2face): a ``.pth`` holding ``model_vec2face``, 112 px output."""
 
-    checkpoint: str | None = None
+    checkpoint: str | None = Field(default=None, json_schema_extra={"input_path": "required"})
     arch: Literal["vec2face_vit_base_patch16"] = "vec2face_vit_base_patch16"
     mask_ratio_min: float = Field(default=0.1, ge=0.0, le=1.0)
     mask_ratio_max: float = Field(default=1.0, ge=0.0, le=1.0)
@@ -234,16 +238,14 @@ class DiscoSettings(_Section):
     amplitude: float = Field(default=0.5, gt=0.0, description="u_d ~ U(-amplitude, amplitude)")
 
 
-class GeneratorSettings(_Section):
+class GeneratorSettings(PooledSection):
     """Which backend renders images and how its Ray Data actor pool is sized."""
 
     backend: Literal["parametric", "diffusion", "hybrid", "stylegan2", "dcgan"] = "parametric"
     images_per_identity: int = Field(default=20, ge=1)
-    batch_size: int = Field(default=8, ge=1, description="identities per map_batches call")
-    concurrency: int = Field(default=1, ge=1, description="actors in the pool")
-    num_gpus: float = Field(default=0.0, ge=0.0)
-    num_cpus: float = Field(default=0.5, gt=0.0)
-    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources, e.g. {generation: 1}")
+    batch_size: int = Field(default=8, ge=1, description="identities per generator call inside a block")
+    pool: PoolSettings = Field(default_factory=PoolSettings, description="the generate stage's Ray Data actor pool: each "
+                               "actor holds the generator and the face stage, and asks for what both need")
     parametric: ParametricSettings = ParametricSettings()
     diffusion: DiffusionSettings = DiffusionSettings()
     variation: Literal["noise", "dispersion", "disco"] = Field(default="noise", description="GAN backends: how the images of one identity vary")

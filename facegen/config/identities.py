@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field
 
 from facegen.config._base import _Section
+from facegen.config.resources import PooledSection, PoolSettings
 
 
 class LangevinSettings(_Section):
@@ -40,14 +41,13 @@ class LangevinSettings(_Section):
     search_on_gpu: bool = Field(default=True, description="search neighbours on the GPU when CUDA is present")
 
 
-class SamplerSettings(_Section):
+class SamplerSettings(PooledSection):
     """How identity latents are drawn: independently (gaussian) or spread apart (langevin)."""
 
     kind: Literal["gaussian", "langevin"] = "gaussian"
     langevin: LangevinSettings = LangevinSettings()
-    num_gpus: float = Field(default=0.0, ge=0.0, description="> 0: run the sampler as a Ray task on a GPU worker")
-    num_cpus: float = Field(default=1.0, gt=0.0)
-    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources of the sampler task")
+    pool: PoolSettings = Field(default_factory=lambda: PoolSettings(num_cpus=1.0),
+                               description="resources of the Langevin task and of the actors writing identity blocks")
 
 
 class IdentitySettings(_Section):

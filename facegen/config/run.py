@@ -46,6 +46,12 @@ class StorageSettings(_Section):
 
     s3_endpoint: str | None = None
     s3_region: str | None = None
+    shared: bool = Field(
+        default=False, description="a local run.output_dir is on storage every node mounts (NFS): allowed on a "
+        "multi-node cluster, checked by a marker each node must see")
+    cache_dir: str | None = Field(
+        default=None, description="node-local cache of fetched inputs (s3:// models, .bin sets, references); "
+        "default $FACEGEN_CACHE_DIR or ~/.cache/facegen/inputs")
 
 
 class DemoSettings(_Section):

@@ -7,12 +7,14 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from facegen.config._base import _Section
+from facegen.config.resources import PooledSection, PoolSettings
 
 
-class ShardSettings(_Section):
+class ShardSettings(PooledSection):
     """Curriculum-ordered shards: difficulty = 1 - cos(embedding, identity centre)."""
 
     num_buckets: int = Field(default=4, ge=1, description="easy-to-hard difficulty buckets")
+    pool: PoolSettings = Field(default_factory=lambda: PoolSettings(max_size=2), description="actor pool splitting blocks into bucket files")
 
 
 class PartialFCSettings(_Section):

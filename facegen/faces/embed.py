@@ -33,7 +33,7 @@ from torch import nn
 from facegen.curriculum import l2_normalize
 from facegen.faces.align import ARCFACE_CROP, FaceCrop
 from facegen.schema import ALIGNED_SIZE
-from facegen.storage import exists, read_json, sha256_of
+from facegen.storage import exists, sha256_of
 
 if TYPE_CHECKING:
     from facegen.config import EmbedderSettings
@@ -254,6 +254,32 @@ class DlibEmbedder:
         return self.embed_crops(self.crop.from_aligned(check_crops(images)), flip)
 
 
+def describe_embedder(settings: "EmbedderSettings") -> dict[str, Any] | None:
+    """What the driver records of the embedder ``settings`` describe, without loading it or reading
+    its weights: ``{"kind", "file", "digest"}`` (the digest from storage metadata or a sidecar,
+    :func:`facegen.cache.input_digest`); ``None`` when nothing is embedded. Blocks add the width."""
+    if not settings.enabled:
+        return None
+    from facegen.cache import input_digest
+
+    if settings.kind == "dlib":
+        from facegen.models.dlib_face import dlib_model_path
+
+        path = settings.path or dlib_model_path("dlib_face_recognition_resnet_model_v1.dat")
+    else:
+        path = str(settings.path).rstrip("/")
+    if settings.kind == "facegen":
+        from facegen.models.iresnet_checkpoint import BACKBONE_META
+
+        if not exists(f"{path}/{BACKBONE_META}"):
+            raise FileNotFoundError(f"faces.embedder.path: {path}: not a backbone directory ({BACKBONE_META} not found)")
+    try:
+        digest = input_digest(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"faces.embedder.path: {path}: no such file or folder") from None
+    return {"kind": settings.kind, "file": os.path.basename(path), "digest": digest}
+
+
 def build_embedder(settings: "EmbedderSettings") -> Embedder:
     """The embedder ``settings`` describe (``faces.embedder``); one-line errors naming the field."""
     kind = settings.kind
@@ -266,23 +292,3 @@ def build_embedder(settings: "EmbedderSettings") -> Embedder:
     if kind == "onnx":
         return OnnxEmbedder(settings.path, batch_size=settings.batch_size)
     return IResNetEmbedder(settings.path, kind, settings.arch, settings.device, settings.batch_size)
-
-
-def describe_embedder(settings: "EmbedderSettings") -> dict[str, Any] | None:
-    """The ``record`` of the embedder ``settings`` describe, without building a network where the
-    files tell (facegen folders, dlib); ``None`` when nothing is embedded."""
-    if not settings.enabled:
-        return None
-    if settings.kind == "facegen":
-        from facegen.models.iresnet_checkpoint import BACKBONE_META, BACKBONE_WEIGHTS
-
-        path = settings.path.rstrip("/")
-        meta_path = f"{path}/{BACKBONE_META}"
-        if not exists(meta_path):
-            raise FileNotFoundError(f"faces.embedder.path: {path}: not a backbone directory ({BACKBONE_META} not found)")
-        return weights_record("facegen", f"{path}/{BACKBONE_WEIGHTS}", int(read_json(meta_path)["embedding_size"]))
-    if settings.kind == "dlib":
-        from facegen.models.dlib_face import dlib_model_path
-
-        return weights_record("dlib", settings.path or dlib_model_path("dlib_face_recognition_resnet_model_v1.dat"), 128)
-    return build_embedder(settings).record

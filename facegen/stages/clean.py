@@ -1,11 +1,12 @@
 """Cleaning stage: expert pass per block, global dedup + leakage, final pass per block.
 
-1. Expert pass (a pool of block actors, one call per raw block, the raw block's sha256 checked as
-   it is read): the experts vote, fusion decides; the block's rows with their votes go to
-   ``<output>/clean_votes`` with one centre per identity.
-2. Global steps on the driver (:mod:`facegen.clean.global_steps`), streaming the centres.
-3. Final pass (a pool of block actors, one call per block): the global plan applied, minimum
-   size, semi-hard trim, top-up; the final blocks go to ``<output>/clean``.
+1. Expert pass (a Ray Data actor pool, ``clean.pool``, one call per raw block, the raw block's
+   sha256 checked as it is read): the experts vote, fusion decides; the block's rows with their
+   votes go to ``<output>/clean_votes`` with one centre per identity.
+2. Global steps (:mod:`facegen.clean.global_steps`) in one Ray task on a worker
+   (``clean.global_task``: a GPU for faiss where configured), streaming the centres.
+3. Final pass (the same pool, one call per block): the global plan applied, minimum size,
+   semi-hard trim, top-up; the final blocks go to ``<output>/clean``.
 
 Every part resumes, and every output records what it was made from (:mod:`facegen.lineage`): a
 votes block its raw block's sha256 and the expert settings' digest; a final block the same raw
@@ -23,10 +24,9 @@ import numpy as np
 
 from facegen import blocks as blk
 from facegen import storage
-from facegen.claims import StageClaim
-from facegen.config import FacegenConfig
-from facegen.stages import StageError, StageReport
-from facegen.stages.blockpool import BlockWorker, map_blocks
+from facegen.config import CleanSettings, FacegenConfig
+from facegen.stages import StageReport
+from facegen.stages.runner import BlockStage, BlockWorker, run_block_stage
 
 CLEAN_COUNTERS = [
     "identities_in", "identities_kept", "identities_dropped", "identities_removed_dedup", "identities_removed_leakage",
@@ -57,6 +57,7 @@ class BlockVoter(BlockWorker):
     """Block actor of the expert pass: reads a raw block (sha256 checked), writes its votes block."""
 
     def __init__(self, cfg_json: str, raw_dir: str, votes_dir: str, config_digest: str):
+        from facegen.cache import localized
         from facegen.clean.block import Experts
 
         self.cfg = FacegenConfig.model_validate_json(cfg_json)
@@ -66,7 +67,7 @@ class BlockVoter(BlockWorker):
         if settings.independent.enabled:
             from facegen.clean.independent import IndependentExpert
 
-            self.experts.independent = IndependentExpert.from_settings(settings.independent)
+            self.experts.independent = IndependentExpert.from_settings(localized(settings.independent, "clean.independent"))
         if settings.vlm.enabled:
             from facegen.clean.vlm import VlmExpert
 
@@ -84,7 +85,7 @@ class BlockVoter(BlockWorker):
         stats.update(source_sha256=source, config_digest=self.config_digest,
                      embedder=storage.read_json(blk.stats_path(self.raw_dir, block_id)).get("embedder"))
         storage.write_table_atomic(centres, centres_path(self.votes_dir, block_id))
-        return blk.commit_block(self.votes_dir, block_id, voted, stats)
+        return self.commit(self.votes_dir, block_id, voted, stats)
 
 
 class BlockFinisher(BlockWorker):
@@ -99,9 +100,10 @@ class BlockFinisher(BlockWorker):
         self.plan = GlobalPlan.from_table(summary["digest"], storage.read_table(f"{global_dir.rstrip('/')}/plan.parquet"))
         self.embed_fn = None
         if self.cfg.faces.embedder.enabled:
+            from facegen.cache import localized
             from facegen.faces.embed import build_embedder
 
-            self.embed_fn = build_embedder(self.cfg.faces.embedder).embed
+            self.embed_fn = build_embedder(localized(self.cfg.faces.embedder, "faces.embedder")).embed
 
     def make(self, row: dict[str, Any]) -> dict[str, Any]:
         """Finish the block of a ``{"block_id", "source_sha256", "votes_sha256"}`` row."""
@@ -126,7 +128,7 @@ class BlockFinisher(BlockWorker):
         stats = combine_stats(votes_stats, final_stats)
         stats.update(source_sha256=row.get("source_sha256"), config_digest=self.config_digest,
                      plan_digest=self.plan.block_digest(block_id), difficulty_histogram=difficulty_histogram_of(out))
-        return blk.commit_block(self.clean_dir, block_id, out, stats)
+        return self.commit(self.clean_dir, block_id, out, stats)
 
 
 def check_same_embedder(cfg: FacegenConfig, raw_dir: str) -> None:
@@ -137,32 +139,40 @@ def check_same_embedder(cfg: FacegenConfig, raw_dir: str) -> None:
     wanted = describe_embedder(cfg.faces.embedder)
     for record in blk.read_stats(raw_dir):
         used = record.get("embedder")
-        if wanted and used and used.get("sha256") != wanted["sha256"]:
+        if wanted and used and used.get("digest") != wanted["digest"]:
             raise ValueError(
                 f"faces.embedder: {raw_dir} block {record['block_id']} was embedded by {used['kind']} {used['file']} "
-                f"({used['sha256'][:12]}), the config names {wanted['kind']} {wanted['file']} ({wanted['sha256'][:12]})"
+                f"({used.get('digest')}), the config names {wanted['kind']} {wanted['file']} ({wanted['digest']}); "
+                "re-run generate/ingest with this embedder, or name the one the blocks record"
             )
 
 
-def _run_pool(cfg: FacegenConfig, task: type, kwargs: dict[str, Any], rows: list[dict[str, Any]], desc: str,
-              progress: bool, on_record=None) -> int:
-    """Every row's block through a pool of ``task`` actors; returns how many were written."""
-    from tqdm.auto import tqdm
+def _pass(cfg: FacegenConfig, name: str, out: str, worker: type, kwargs: dict[str, Any], jobs: dict[int, dict[str, Any]],
+          digest: str, sources: dict[int, str], progress: bool, **options: Any):
+    """One per-block pass of cleaning on the ``clean.pool`` actor pool (resumable, checked)."""
+    return run_block_stage(BlockStage(name, out, worker, kwargs, cfg.clean.pool, "clean.pool", jobs, config_digest=digest,
+                                      sources=sources, verify=cfg.run.verify, overwrite=cfg.run.overwrite, **options),
+                           progress=progress)
 
-    failures, written = [], 0
-    with tqdm(total=len(rows), unit="block", desc=desc, disable=not progress or not rows) as bar:
-        for record in map_blocks(task, kwargs, rows, pool_size=cfg.clean.concurrency, num_cpus=cfg.clean.num_cpus,
-                                 num_gpus=cfg.clean.num_gpus, resources=cfg.clean.resources):
-            if "error" in record:
-                failures.append(record["error"])
-            else:
-                written += 1
-                if on_record is not None:
-                    on_record(record)
-            bar.update(1)
-    if failures:
-        raise StageError(f"{desc}: {len(failures)} block(s) failed; first: {failures[0]}")
-    return written
+
+def _global_task(votes_dir: str, global_dir: str, settings_json: str) -> tuple[Any, dict[str, Any]]:
+    """Dedup + leakage on a worker, the references fetched to its node (a Ray task body)."""
+    from facegen.cache import localized
+    from facegen.clean.global_steps import run_global
+
+    settings = CleanSettings.model_validate_json(settings_json)
+    settings = settings.model_copy(update={"leakage": localized(settings.leakage, "clean.leakage")})
+    plan, summary = run_global(votes_dir, global_dir, settings)
+    return plan.digest, summary
+
+
+def _check_references(settings_json: str) -> int:
+    """Open the leakage references (headers only) on a worker: a bad file fails before any block is cleaned."""
+    from facegen.cache import localized
+    from facegen.clean.leakage import ReferenceSet
+
+    leakage = localized(CleanSettings.model_validate_json(settings_json).leakage, "clean.leakage")
+    return ReferenceSet(leakage.references).dim
 
 
 def _record_summary(global_dir: str, totals: dict[str, int], records: list[dict[str, Any]],
@@ -208,9 +218,9 @@ def _replace_dropped(cfg: FacegenConfig, global_dir: str, totals: dict[str, int]
 
 
 def _clean_blocks(cfg: FacegenConfig, raw_dir: str, clean_dir: str, progress: bool) -> StageReport:
-    from facegen.clean.global_steps import run_global
+    from facegen.clean.global_steps import GlobalPlan
     from facegen.lineage import clean_digest
-    from facegen.stages.generate import checksum_fn
+    from facegen.stages.tasks import run_task
     from facegen.tracking import start_stage_tracker
 
     votes_dir, global_dir = f"{clean_dir.rstrip('/')}_votes", f"{clean_dir.rstrip('/')}_global"
@@ -223,39 +233,37 @@ def _clean_blocks(cfg: FacegenConfig, raw_dir: str, clean_dir: str, progress: bo
     sources = {b: raw.valid[b]["sha256"] for b in available}
     expert_digest, final_digest = votes_digest(cfg), clean_digest(cfg)
     cfg_json = cfg.model_dump_json()
-    with StageClaim(votes_dir) as votes_claim, StageClaim(clean_dir) as clean_claim:
-        votes_claim.remove_stale_temp_files()
-        clean_claim.remove_stale_temp_files()
-        if cfg.run.overwrite:
-            blk.reset_blocks(votes_dir, available)
-            blk.reset_blocks(clean_dir, available)
-        voted = blk.check_blocks(votes_dir, available, config_digest=expert_digest, sources=sources, checksum=checksum_fn(cfg))
-        blk.reset_blocks(votes_dir, voted.invalid)
-        pending = [b for b in available if b not in voted.valid]
-        _run_pool(cfg, BlockVoter, {"cfg_json": cfg_json, "raw_dir": raw_dir, "votes_dir": votes_dir, "config_digest": expert_digest},
-                  [{"block_id": b, "source_sha256": sources[b]} for b in pending], "clean: experts", progress)
+    voted = _pass(cfg, "clean: experts", votes_dir, BlockVoter,
+                  {"cfg_json": cfg_json, "raw_dir": raw_dir, "votes_dir": votes_dir, "config_digest": expert_digest},
+                  {b: {"source_sha256": sources[b]} for b in available}, expert_digest, sources, progress,
+                  notes_outcome="redone")
 
-        plan, global_summary = run_global(votes_dir, global_dir, cfg.clean)
-        votes = {int(r["block_id"]): r for r in blk.read_stats(votes_dir)}
-        final = blk.check_blocks(clean_dir, available, config_digest=final_digest, sources=sources, checksum=checksum_fn(cfg))
-        for block_id, record in list(final.valid.items()):
-            if record.get("plan_digest") != plan.block_digest(block_id):
-                del final.valid[block_id]
-                final.invalid[block_id] = "dedup / leakage decisions for its identities changed"
-        blk.reset_blocks(clean_dir, final.invalid)
-        todo = [b for b in available if b not in final.valid]
-        report = StageReport("clean", clean_dir, len(available), len(available) - len(todo), 0, 0.0,
-                             blocks_redone=len(final.invalid),
-                             notes=raw.notes("raw", "not cleaned") + voted.notes("clean experts") + final.notes("clean"))
-        tracker = start_stage_tracker(cfg, "clean")
-        rows = [{"block_id": b, "source_sha256": sources[b], "votes_sha256": votes[b]["sha256"]} for b in todo]
-        kwargs = {"cfg_json": cfg_json, "votes_dir": votes_dir, "clean_dir": clean_dir, "global_dir": global_dir,
-                  "config_digest": final_digest}
-        report.blocks_written = _run_pool(cfg, BlockFinisher, kwargs, rows, "clean: finish", progress, tracker.log_block)
-    records = blk.read_stats(clean_dir)
+    plan_digest, global_summary = run_task(_global_task, votes_dir, global_dir, cfg.clean.model_dump_json(),
+                                           resources=cfg.clean.global_task, field="clean.global_task", name="clean: dedup + leakage")
+    plan = GlobalPlan(plan_digest)  # empty: the digest of a block the plan leaves alone; the finishers read the plan
+    plan_digests = global_summary.get("block_digests", {})
+
+    def plan_unchanged(block_id: int, record: dict[str, Any]) -> str | None:
+        wanted = plan_digests.get(str(block_id), plan.block_digest(block_id))
+        return None if record.get("plan_digest") == wanted else "dedup / leakage decisions for its identities changed"
+
+    tracker = start_stage_tracker(cfg, "clean")
+    kwargs = {"cfg_json": cfg_json, "votes_dir": votes_dir, "clean_dir": clean_dir, "global_dir": global_dir,
+              "config_digest": final_digest}
+    jobs = {b: {"source_sha256": sources[b], "votes_sha256": voted.records[b]["sha256"]} for b in available}
+    try:
+        final = _pass(cfg, "clean: finish", clean_dir, BlockFinisher, kwargs, jobs, final_digest, sources, progress,
+                      still_valid=plan_unchanged, on_record=tracker.log_block)
+    except BaseException:
+        tracker.finish()
+        raise
+    report = final.report
+    report.stage = "clean"
+    report.notes = raw.notes("raw", "not cleaned") + voted.report.notes + report.notes
+    records = list(final.records.values())
     report.totals = blk.sum_stats(records, CLEAN_COUNTERS)
     report.seconds = round(time.time() - started, 2)
-    if todo or not storage.exists(f"{global_dir}/clean_summary.json"):
+    if report.blocks_written or not storage.exists(f"{global_dir}/clean_summary.json"):
         _record_summary(global_dir, report.totals, records, global_summary, tracker)
     tracker.finish_stage(report)
     return report
@@ -267,9 +275,10 @@ def run_clean(cfg: FacegenConfig, raw_dir: str | None = None, clean_dir: str | N
     raw_dir = raw_dir or cfg.stage_dir("raw")
     clean_dir = clean_dir or cfg.stage_dir("clean")
     if cfg.clean.leakage.references:  # fail before any expensive work
-        from facegen.clean.leakage import ReferenceSet
+        from facegen.stages.tasks import run_task
 
-        ReferenceSet(cfg.clean.leakage.references)
+        run_task(_check_references, cfg.clean.model_dump_json(), resources=cfg.clean.global_task,
+                 field="clean.leakage.references", name="clean: check references")
     if cfg.clean.replace_dropped and raw_dir != cfg.stage_dir("raw"):
         raise ValueError("clean.replace_dropped: replacements are generated into the run's raw directory; do not pass another raw_dir")
     report = _clean_blocks(cfg, raw_dir, clean_dir, progress)

@@ -1,11 +1,11 @@
 """Generation stage: identity blocks -> generator -> faces -> one raw Parquet file per block.
 
-A pool of :class:`BlockGenerator` actors (each holding a generator backend and a
-:class:`~facegen.faces.stage.FaceStage`, loaded once) takes one pending block at a time, renders,
-aligns and embeds its images in micro-batches, and commits the block itself: data file, then
-stats record, both atomic. The driver only plans, hands out block ids and receives one small
-record per finished block, in whatever order they finish, so its memory and bandwidth do not grow
-with the dataset. A block is done when its file and stats record exist and check out (size,
+A Ray Data actor pool of :class:`BlockGenerator` actors (each holding a generator backend and a
+:class:`~facegen.faces.stage.FaceStage`, loaded once from this node's copies of the models) takes
+one pending block at a time, renders, aligns and embeds its images in micro-batches, and commits
+the block itself: data file, then stats record, both atomic (:mod:`facegen.stages.runner`). The
+driver only plans and receives one small record per finished block, in whatever order they
+finish, so its memory and bandwidth do not grow with the dataset. A block is done when its file and stats record exist and check out (size,
 sha256, settings digest: :func:`facegen.blocks.check_blocks`); a re-run after a crash, or after a
 block went bad, makes exactly the missing blocks again, with identical bytes.
 """
@@ -22,11 +22,10 @@ import numpy as np
 import pyarrow as pa
 
 from facegen import blocks as blk
-from facegen.claims import StageClaim
-from facegen.config import FacegenConfig
+from facegen.config import FacegenConfig, PoolSettings
 from facegen.schema import STATUS_OK, batch_embedding_dim, sample_schema, table_from_batch
-from facegen.stages import StageError, StageReport
-from facegen.stages.blockpool import BlockWorker, cluster_checksums, map_blocks
+from facegen.stages import StageReport
+from facegen.stages.runner import BlockStage, BlockWorker, run_block_stage
 
 GENERATE_COUNTERS = ["identities", "images", "images_ok", "images_error", "faces_rejected", "injected_wrong"]
 
@@ -119,29 +118,36 @@ def block_stats(table: pa.Table, block: blk.Block, embedder: dict[str, Any] | No
 
 
 class BlockGenerator(BlockWorker):
-    """Callable class for ``map_batches``: makes and commits whole blocks, returns one record each.
+    """Block worker of generation: makes and commits whole blocks, returns one record each.
 
     The source of GENERATED rows is :meth:`build_source` (a generator backend); a stage that starts
     from existing images overrides it and keeps everything else (alignment, embedding, commit).
+    Models load from this node's copies of the configured inputs (:func:`facegen.cache.localized`).
     """
 
     def __init__(self, cfg_json: str, stage_dir: str, config_digest: str, embedder: dict[str, Any] | None = None):
+        from facegen.cache import localized
+
         self.cfg = FacegenConfig.model_validate_json(cfg_json)
         self.stage_dir, self.config_digest, self.embedder = stage_dir, config_digest, embedder
         self.source = self.build_source(self.cfg)
-        self.faces = self.build_faces(self.cfg)
+        self.faces = self.build_faces(localized(self.cfg.faces, "faces"))
+        if self.embedder is not None:
+            self.embedder = {**self.embedder, "dim": int(self.faces.dim)}
 
     def build_source(self, cfg: FacegenConfig) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None:
         """The callable turning identity rows into GENERATED rows: the configured generator."""
+        from facegen.cache import localized
         from facegen.generators import generator_class
 
-        return generator_class(cfg.generator.backend)(cfg.generator, cfg.run.seed)
+        settings = localized(cfg.generator, "generator")
+        return generator_class(settings.backend)(settings, cfg.run.seed)
 
-    def build_faces(self, cfg: FacegenConfig) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+    def build_faces(self, settings: Any) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
         """The face stage (detection, alignment, embedding) the GENERATED rows go through."""
         from facegen.faces.stage import FaceStage
 
-        return FaceStage(cfg.faces)
+        return FaceStage(settings)
 
     def source_for(self, row: dict[str, Any]) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
         """The source of one block's GENERATED rows (a stage whose rows carry their inputs overrides it);
@@ -159,79 +165,52 @@ class BlockGenerator(BlockWorker):
         table = generate_block_table(self.source_for(row), self.faces, block, self.cfg.generator.batch_size, self.cfg.faces.batch_size)
         stats = block_stats(table, block, self.embedder, self.cfg.generator.hybrid.expansion.histogram_bins)
         stats.update(config_digest=self.config_digest, seconds=round(time.time() - started, 2),
-                     cpu_seconds=round(time.process_time() - cpu_started, 2))
-        return blk.commit_block(self.stage_dir, block.block_id, table, stats)
-
-
-def pool_resources(cfg: FacegenConfig) -> dict[str, Any]:
-    """One generation actor holds the generator and the face stage: it asks for the CPUs of both
-    and the larger GPU (and custom resource) share, since both use the one device it gets."""
-    gen, faces = cfg.generator, cfg.faces
-    resources = {k: max(gen.resources.get(k, 0.0), faces.resources.get(k, 0.0)) for k in {**gen.resources, **faces.resources}}
-    return {"num_cpus": gen.num_cpus + faces.num_cpus, "num_gpus": max(gen.num_gpus, faces.num_gpus), "resources": resources}
-
-
-def checksum_fn(cfg: FacegenConfig) -> Callable[[list[str]], list[str | None]] | None:
-    """How finished blocks are checked (``run.verify``): sha256 in the cluster, or size only (None)."""
-    return cluster_checksums if cfg.run.verify == "sha256" else None
+                     cpu_seconds=round(time.process_time() - cpu_started, 2), started=round(started, 3),
+                     finished=round(time.time(), 3))
+        if row.get("source_sha256"):
+            stats["source_sha256"] = row["source_sha256"]  # what the block was made from (an ingest listing)
+        return self.commit(self.stage_dir, block.block_id, table, stats)
 
 
 def run_blocks(
-    cfg: FacegenConfig, stage: str, out: str, planned: list[blk.Block], digest: str, actor_class: type,
-    pool_size: int, extra_kwargs: dict[str, Any] | None = None, row_inputs: Callable[[blk.Block], dict[str, Any]] | None = None,
-    images_of: Callable[[blk.Block], int] | None = None, progress: bool = True,
+    cfg: FacegenConfig, stage: str, out: str, planned: list[blk.Block], digest: str, worker: type,
+    pool: PoolSettings, pool_field: str, extra_kwargs: dict[str, Any] | None = None,
+    row_inputs: Callable[[blk.Block], dict[str, Any]] | None = None, images_of: Callable[[blk.Block], int] | None = None,
+    progress: bool = True, embedder: dict[str, Any] | None = None, sources: dict[int, str] | None = None,
 ) -> StageReport:
     """Make every block of ``planned`` that is not done (or no longer valid) in ``out`` with a pool
-    of ``actor_class`` block actors; the driver keeps one small record per block.
+    of ``worker`` block actors (:func:`facegen.stages.runner.run_block_stage`), tracked in W&B.
 
-    ``row_inputs(block)`` adds a block's own inputs to its work row (an ingested folder's files);
-    ``images_of(block)`` is how many images it will hold (for the progress bar).
+    ``row_inputs(block)`` adds a block's own inputs to its work row (its identity block's path);
+    ``images_of(block)`` is how many images it will hold (for the progress bar); ``sources`` (block
+    id -> digest of its inputs) redoes a block whose inputs changed.
     """
-    from tqdm.auto import tqdm
-
-    from facegen.faces.embed import describe_embedder
     from facegen.tracking import start_stage_tracker
 
-    started = time.time()
-    embedder = describe_embedder(cfg.faces.embedder)
-    with StageClaim(out) as claim:
-        claim.remove_stale_temp_files()
-        if cfg.run.overwrite:
-            blk.reset_blocks(out, [b.block_id for b in planned])
-        check = blk.check_blocks(out, [b.block_id for b in planned], config_digest=digest, checksum=checksum_fn(cfg))
-        blk.reset_blocks(out, check.invalid)
-        pending = [b for b in planned if b.block_id not in check.valid]
-        report = StageReport(stage, out, len(planned), len(planned) - len(pending), 0, 0.0,
-                             blocks_redone=len(check.invalid), notes=check.notes(stage))
-        records = list(check.valid.values())
-        failures: list[str] = []
-        tracker = start_stage_tracker(cfg, stage)
-        rows = [{"block_id": b.block_id, "first_id": b.first_id, "end_id": b.end_id, **(row_inputs(b) if row_inputs else {})}
-                for b in pending]
-        total = sum(images_of(b) if images_of else 0 for b in pending)
-        kwargs = {"cfg_json": cfg.model_dump_json(), "stage_dir": out, "config_digest": digest, "embedder": embedder,
-                  **(extra_kwargs or {})}
-        with tqdm(total=total, unit="img", desc=f"{stage} ({len(pending)} blocks)", disable=not progress or not pending) as bar:
-            for record in map_blocks(actor_class, kwargs, rows, pool_size=pool_size, **pool_resources(cfg)):
-                if "error" in record:
-                    failures.append(record["error"])
-                    continue
-                records.append(record)
-                report.blocks_written += 1
-                tracker.log_block(record)
-                bar.update(int(record.get("images", 0)))
+    tracker = start_stage_tracker(cfg, stage)
+    kwargs = {"cfg_json": cfg.model_dump_json(), "stage_dir": out, "config_digest": digest, "embedder": embedder,
+              **(extra_kwargs or {})}
+    jobs = {b.block_id: {"first_id": b.first_id, "end_id": b.end_id, **(row_inputs(b) if row_inputs else {})} for b in planned}
+    units = {b.block_id: images_of(b) for b in planned} if images_of else None
+    try:
+        outcome = run_block_stage(BlockStage(
+            stage, out, worker, kwargs, pool, pool_field, jobs, config_digest=digest, sources=sources, verify=cfg.run.verify,
+            overwrite=cfg.run.overwrite, units=units, unit="img" if units else "block", on_record=tracker.log_block,
+        ), progress=progress)
+    except BaseException:
+        tracker.finish()
+        raise
+    report, records = outcome.report, list(outcome.records.values())
     report.totals = blk.sum_stats(records, GENERATE_COUNTERS)
     report.histograms = run_similarity_histograms(records)
-    report.seconds = round(time.time() - started, 2)
     tracker.log_histograms(report.histograms, "similarity")
     tracker.finish_stage(report)
-    if failures:
-        raise StageError(f"{stage}: {len(failures)} block(s) failed (re-run to retry them); first: {failures[0]}")
     return report
 
 
 def run_generate(cfg: FacegenConfig, output_dir: str | None = None, progress: bool = True) -> StageReport:
     """Generate every block of ``cfg.identities`` that is not done (or no longer valid) into ``output_dir``."""
+    from facegen.faces.embed import describe_embedder
     from facegen.lineage import raw_digest, settings_digest
     from facegen.stages.identities import identity_block_inputs
 
@@ -242,6 +221,7 @@ def run_generate(cfg: FacegenConfig, output_dir: str | None = None, progress: bo
     if sampled is not None:
         row_inputs, identities_digest = sampled
         digest = settings_digest(digest, identities_digest)  # resampled identities redo the raw blocks
-    return run_blocks(cfg, "generate", output_dir or cfg.stage_dir("raw"), planned, digest,
-                      BlockGenerator, cfg.generator.concurrency, row_inputs=row_inputs,
-                      images_of=lambda b: b.num_identities * per_id, progress=progress)
+    return run_blocks(cfg, "generate", output_dir or cfg.stage_dir("raw"), planned, digest, BlockGenerator,
+                      cfg.generator.pool, "generator.pool", row_inputs=row_inputs,
+                      images_of=lambda b: b.num_identities * per_id, progress=progress,
+                      embedder=describe_embedder(cfg.faces.embedder))

@@ -5,6 +5,11 @@
 sampler, its settings, per-iteration statistics, the start and end measurements), written last:
 the stage is done when it and every block exist. Generation reads the latents when they exist.
 
+Nothing runs in the driver: Langevin is one Ray task on a worker (``identities.sampler.pool``'s
+resources: a GPU where configured) that checkpoints and, restarted after a node loss, resumes; the
+identity blocks are a block stage on a Ray Data actor pool (:mod:`facegen.stages.runner`) whose
+workers draw Gaussian latents or read their rows of Langevin's final particles.
+
 ``gaussian`` draws each identity's latent independently (the GAN's own prior); ``langevin`` moves all
 of them together (:mod:`facegen.identities.langevin`), in the GAN's latent space (forces through G,
 the ArcFace crop and a differentiable embedder) or on the embedding hypersphere (``feature``, for
@@ -16,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import time
 from collections.abc import Callable
 from typing import Any
@@ -26,10 +30,10 @@ import pyarrow as pa
 
 from facegen import blocks as blk
 from facegen import storage
-from facegen.claims import StageClaim
 from facegen.config import FacegenConfig
 from facegen.schema import identity_table, latents_from_table, vectors_from_column
 from facegen.stages import StageReport
+from facegen.stages.runner import BlockStage, BlockWorker, run_block_stage
 
 SAMPLER_JSON = "sampler.json"
 CHECKPOINT_DIR = "langevin-checkpoint"
@@ -121,35 +125,60 @@ def _load_checkpoint(directory: str, digest: str, shape: tuple[int, int]):
     return LangevinState(np.ascontiguousarray(particles, np.float32), int(record["iteration"]), rng, list(record["history"])), record
 
 
-def _write_blocks(out: str, cfg: FacegenConfig, ids: np.ndarray, latents: np.ndarray, name: str) -> int:
-    written = 0
-    first = cfg.identities.first_id
-    for block in blk.plan_blocks(cfg.identities):
-        if blk.is_done(out, block.block_id):
-            continue
-        rows = slice(block.first_id - first, block.end_id - first)
-        table = identity_table(ids[rows], latents[rows], name)
-        blk.commit_block(out, block.block_id, table, {"identities": block.num_identities, "sampler": name,
-                                                      "latent_dim": int(latents.shape[1])})
-        written += 1
-    return written
+FINAL_PARTICLES = "final.npy"
 
 
-def _run_gaussian(cfg: FacegenConfig, out: str) -> dict[str, Any]:
-    from facegen.generators.gan import build_gan
+def read_npy_rows(path: str, start: int, stop: int) -> np.ndarray:
+    """Rows ``start:stop`` of a 2-D ``.npy`` on any storage, reading only those bytes."""
+    fs, p = storage.filesystem(path)
+    with fs.open_input_file(p) as f:
+        version = np.lib.format.read_magic(f)
+        reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = reader(f)
+        if fortran or len(shape) != 2 or dtype.hasobject:
+            raise ValueError(f"{path}: expected a C-ordered numeric [n, d] array, got shape {shape}")
+        row = shape[1] * dtype.itemsize
+        f.seek(f.tell() + start * row)
+        data = f.read((stop - start) * row)
+    return np.frombuffer(data, dtype).reshape(stop - start, shape[1])
 
-    gan = build_gan(cfg.generator)
-    written = 0
-    for block in blk.plan_blocks(cfg.identities):
-        if blk.is_done(out, block.block_id):
-            continue
-        ids = np.arange(block.first_id, block.end_id, dtype=np.int64)
-        latents = gan.gaussian_latents(cfg.run.seed, ids)
-        blk.commit_block(out, block.block_id, identity_table(ids, latents, "gaussian"),
-                         {"identities": block.num_identities, "sampler": "gaussian", "latent_dim": gan.latent_dim})
-        written += 1
-    return {"kind": "gaussian", "space": "latent", "backend": cfg.generator.backend, "latent_dim": gan.latent_dim,
-            "identities": cfg.identities.num_identities, "blocks_written": written}
+
+class IdentityBlockWriter(BlockWorker):
+    """Block worker of the identity blocks: each block's latents drawn from the GAN's Gaussian
+    prior, or read from Langevin's final particles (``particles``)."""
+
+    def __init__(self, cfg_json: str, stage_dir: str, name: str, particles: str | None = None):
+        self.cfg = FacegenConfig.model_validate_json(cfg_json)
+        self.stage_dir, self.name, self.particles = stage_dir, name, particles
+        self.gan = None
+        if particles is None:
+            from facegen.cache import localized
+            from facegen.generators.gan import build_gan
+
+            self.gan = build_gan(localized(self.cfg.generator, "generator"))
+
+    def make(self, row: dict[str, Any]) -> dict[str, Any]:
+        block_id, first, end = int(row["block_id"]), int(row["first_id"]), int(row["end_id"])
+        ids = np.arange(first, end, dtype=np.int64)
+        if self.gan is not None:
+            latents = self.gan.gaussian_latents(self.cfg.run.seed, ids)
+        else:
+            offset = first - self.cfg.identities.first_id
+            latents = read_npy_rows(self.particles, offset, offset + len(ids))
+        return self.commit(self.stage_dir, block_id, identity_table(ids, latents, self.name),
+                           {"identities": len(ids), "sampler": self.name, "latent_dim": int(latents.shape[1])})
+
+
+def _write_blocks(cfg: FacegenConfig, out: str, name: str, particles: str | None, progress: bool) -> int:
+    """Every identity block through the block runner; returns how many were written."""
+    planned = blk.plan_blocks(cfg.identities)
+    pool = cfg.identities.sampler.pool
+    outcome = run_block_stage(BlockStage(
+        "identities", out, IdentityBlockWriter, {"cfg_json": cfg.model_dump_json(), "stage_dir": out, "name": name,
+                                                 "particles": particles},
+        pool, "identities.sampler.pool", {b.block_id: {"first_id": b.first_id, "end_id": b.end_id} for b in planned},
+        verify="size", overwrite=cfg.run.overwrite), progress=progress)
+    return outcome.report.blocks_written
 
 
 def _langevin_space(cfg: FacegenConfig, ids: np.ndarray):
@@ -169,13 +198,17 @@ def _langevin_space(cfg: FacegenConfig, ids: np.ndarray):
     return LatentSpace(encoder, gan.latent_mean.cpu().numpy()), start, dim
 
 
-def _run_langevin(cfg: FacegenConfig, out: str, progress: bool, digest: str) -> dict[str, Any]:
-    from tqdm.auto import tqdm
-
+def langevin_task(cfg_json: str, out: str, digest: str, report: Callable[..., None]) -> dict[str, Any]:
+    """Run (or resume) Langevin over every identity on this worker; writes checkpoints and the
+    final particles (``langevin-checkpoint/final.npy``); returns the sampler's summary."""
+    from facegen.cache import localized
     from facegen.identities.langevin import LangevinSampler, LangevinState
     from facegen.identities.seeds import identity_rng
     from facegen.tracking import start_run
 
+    cfg = FacegenConfig.model_validate_json(cfg_json)
+    cfg = cfg.model_copy(update={"generator": localized(cfg.generator, "generator"),
+                                 "identities": localized(cfg.identities, "identities")})
     ls = cfg.identities.sampler.langevin
     ids = identity_ids(cfg)
     space, start, embed_dim = _langevin_space(cfg, ids)
@@ -191,11 +224,10 @@ def _run_langevin(cfg: FacegenConfig, out: str, progress: bool, digest: str) -> 
     resumed_from = state.iteration
     extra = {"digest": digest, "gaussian": initial}
     tracker = start_run(cfg, "identities")
-    bar = tqdm(total=ls.iterations, initial=state.iteration, unit="it", desc=f"langevin ({len(ids)} identities)", disable=not progress)
+    report(state.iteration, ls.iterations)
 
     def on_step(st: Any, stats: dict[str, Any]) -> None:
-        bar.update(1)
-        bar.set_postfix(within_d0=stats["pairs_within_d0"], min_angle=f"{stats['min_angle']:.3f}")
+        report(st.iteration, ls.iterations, f"within_d0={stats['pairs_within_d0']}, min_angle={stats['min_angle']:.3f}")
         tracker.log({f"langevin/{k}": v for k, v in stats.items() if isinstance(v, (int, float))}, step=st.iteration)
         if st.iteration % ls.checkpoint_every == 0 or st.iteration == ls.iterations:
             _save_checkpoint(ckpt_dir, st, extra)
@@ -208,20 +240,40 @@ def _run_langevin(cfg: FacegenConfig, out: str, progress: bool, digest: str) -> 
         tracker.summary({"langevin/final_pairs_within_d0": final["pairs_within_d0"], "langevin/final_min_angle": final["min_angle"],
                          "langevin/gaussian_pairs_within_d0": initial["pairs_within_d0"], "langevin/final_within_real": final["within_real"]})
     finally:
-        bar.close()
         tracker.finish()
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(state.particles, np.float32))
+    storage.write_bytes_atomic(buf.getvalue(), f"{ckpt_dir}/{FINAL_PARTICLES}")
     reduction = initial["pairs_within_d0"] / max(final["pairs_within_d0"], 1)
-    written = _write_blocks(out, cfg, ids, state.particles, sampler_name(cfg))
     return {"kind": "langevin", "space": ls.space, "backend": cfg.generator.backend if ls.space == "latent" else None,
             "latent_dim": int(state.particles.shape[1]), "embedding_dim": embed_dim, "identities": len(ids),
             "settings": ls.model_dump(mode="json"), "resumed_from_iteration": resumed_from,
             "gaussian": initial, "final": final, "pairs_within_d0_reduction": round(reduction, 2),
-            "blocks_written": written, "iterations": state.history}
+            "iterations": state.history}
 
 
 def _sample(cfg: FacegenConfig, out: str, progress: bool, digest: str) -> dict[str, Any]:
+    from facegen.stages.tasks import run_tracked
+
     started = time.time()
-    summary = _run_gaussian(cfg, out) if cfg.identities.sampler.kind == "gaussian" else _run_langevin(cfg, out, progress, digest)
+    s = cfg.identities.sampler
+    if s.kind == "gaussian":
+        from facegen.generators.gan import GAN_BACKENDS
+
+        if cfg.generator.backend not in GAN_BACKENDS:
+            raise ValueError(f"identities.sampler.kind: gaussian latents need a GAN backend (generator.backend is "
+                             f"{cfg.generator.backend})")
+        written = _write_blocks(cfg, out, "gaussian", None, progress)
+        summary = {"kind": "gaussian", "space": "latent", "backend": cfg.generator.backend,
+                   "identities": cfg.identities.num_identities, "blocks_written": written}
+    else:
+        summary = run_tracked(langevin_task, cfg.model_dump_json(), out, digest, resources=s.pool,
+                              field="identities.sampler.pool", name=f"langevin ({cfg.identities.num_identities} identities)",
+                              progress=progress)
+        summary["blocks_written"] = _write_blocks(cfg, out, sampler_name(cfg), f"{out}/{CHECKPOINT_DIR}/{FINAL_PARTICLES}", progress)
+    if "latent_dim" not in summary:
+        first = blk.plan_blocks(cfg.identities)[0].block_id
+        summary["latent_dim"] = int(storage.read_json(blk.stats_path(out, first))["latent_dim"])
     summary["seconds"] = round(time.time() - started, 2)
     summary["digest"] = digest
     storage.write_json_atomic(summary, f"{out}/{SAMPLER_JSON}")
@@ -233,29 +285,20 @@ def run_identities(cfg: FacegenConfig, progress: bool = True) -> StageReport:
     out = cfg.stage_dir("identities")
     started = time.time()
     planned = blk.plan_blocks(cfg.identities)
-    with StageClaim(out) as claim:  # another run sampling here keeps its temp files
-        claim.remove_stale_temp_files()
-        if cfg.run.overwrite:
-            storage.remove(f"{out}/{SAMPLER_JSON}")
-            blk.reset_blocks(out, [b.block_id for b in planned])
-            storage.remove(f"{out}/{CHECKPOINT_DIR}/state.json")
-        digest = _digest(cfg)
-        if storage.exists(f"{out}/{SAMPLER_JSON}") and storage.read_json(f"{out}/{SAMPLER_JSON}").get("digest") != digest:
-            storage.remove(f"{out}/{SAMPLER_JSON}")  # sampled under other settings: sample again
-            blk.reset_blocks(out, [b.block_id for b in planned])
-        done = [b for b in planned if blk.is_done(out, b.block_id)]
-        if storage.exists(f"{out}/{SAMPLER_JSON}") and len(done) == len(planned):
-            summary = storage.read_json(f"{out}/{SAMPLER_JSON}")
-            return StageReport("identities", out, len(planned), len(planned), 0, 0.0, _totals(summary))
-        s = cfg.identities.sampler
-        if s.num_gpus > 0 or s.resources:
-            import ray
-
-            task = ray.remote(num_gpus=s.num_gpus, num_cpus=s.num_cpus, resources=s.resources or None)(_sample)
-            summary = ray.get(task.remote(cfg, out, False, digest))
-        else:
-            summary = _sample(cfg, out, progress, digest)
-        return StageReport("identities", out, len(planned), len(done), summary["blocks_written"], round(time.time() - started, 2), _totals(summary))
+    if cfg.run.overwrite:
+        storage.remove(f"{out}/{SAMPLER_JSON}")
+        storage.remove(f"{out}/{CHECKPOINT_DIR}/state.json")
+    digest = _digest(cfg)
+    if storage.exists(f"{out}/{SAMPLER_JSON}") and storage.read_json(f"{out}/{SAMPLER_JSON}").get("digest") != digest:
+        storage.remove(f"{out}/{SAMPLER_JSON}")  # sampled under other settings: sample again
+        blk.reset_blocks(out, [b.block_id for b in planned])
+    done = [b for b in planned if blk.is_done(out, b.block_id)]
+    if storage.exists(f"{out}/{SAMPLER_JSON}") and len(done) == len(planned) and not cfg.run.overwrite:
+        summary = storage.read_json(f"{out}/{SAMPLER_JSON}")
+        return StageReport("identities", out, len(planned), len(planned), 0, 0.0, _totals(summary))
+    summary = _sample(cfg, out, progress, digest)
+    return StageReport("identities", out, len(planned), len(planned) - summary["blocks_written"], summary["blocks_written"],
+                       round(time.time() - started, 2), _totals(summary))
 
 
 def _totals(summary: dict[str, Any]) -> dict[str, Any]:

@@ -2,25 +2,33 @@
 
 The layout of HSFace, CASIA-WebFace exports and most released synthetic sets. Identity ids are the
 positions of the sorted folder names (plus ``identities.first_id``), images are taken in sorted
-name order (``sample_idx``), and each row keeps its file as ``source``. Blocks of
-``identities.block_size`` consecutive ids are the resumable work units, as in generation; the
-files go through the same faces stage (detection, alignment, embedding) in the same block actors
-as generation (each reads, processes and writes whole blocks), so ``facegen clean``, ``shard`` and
-``train`` work on the result unchanged. An unreadable file
-becomes an error row; the job goes on.
+name order (``sample_idx``), and each row keeps its file as ``source``.
+
+1. The folder is listed by one Ray task on a worker (a local path every node sees, or ``s3://``):
+   ``<output_dir>/ingest/listing.parquet`` holds one row per identity (id, folder name, files), and
+   the driver gets back only counts per block.
+2. Blocks of ``identities.block_size`` consecutive ids are the resumable work units, as in
+   generation: ingest block workers (a Ray Data actor pool, ``faces.pool``) read their part of the
+   listing and their files, run the same faces stage (detection, alignment, embedding) and write
+   whole blocks, so ``facegen clean``, ``shard`` and ``train`` work on the result unchanged.
+
+A block records the digest of its identities' listing rows: when a folder's files change, its
+block is made again. An unreadable file becomes an error row; the job goes on.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from facegen import blocks as blk
 from facegen import storage
-from facegen.config import FacegenConfig
+from facegen.config import FacegenConfig, TaskSettings
 from facegen.schema import GENERATED, LANDMARK_DIM, STATUS_ERROR, STATUS_OK, rows_to_batch
 from facegen.stages import StageReport
 from facegen.stages.generate import BlockGenerator, run_blocks
@@ -28,20 +36,13 @@ from facegen.stages.generate import BlockGenerator, run_blocks
 ORIGIN_INGESTED = "ingested"
 #: ``seed`` of ingested rows: they were not generated from one.
 NO_SEED = -1
+LISTING_FILE = "listing.parquet"
+LISTING = pa.schema([pa.field("identity_id", pa.int64()), pa.field("name", pa.string()), pa.field("files", pa.list_(pa.string()))])
 
 
-@dataclass(frozen=True)
-class IngestPlan:
-    """The folder as work: per identity id its folder name and image paths; the blocks."""
-
-    images_dir: str
-    names: dict[int, str]
-    files: dict[int, list[str]]
-    blocks: list[blk.Block]
-
-    def expected_rows(self, blocks: list[blk.Block]) -> dict[int, int]:
-        """Rows each block will hold: one per image file of its identities."""
-        return {b.block_id: sum(len(self.files[i]) for i in range(b.first_id, b.end_id)) for b in blocks}
+def listing_path(cfg: FacegenConfig) -> str:
+    """``<output_dir>/ingest/listing.parquet``."""
+    return f"{cfg.stage_dir('ingest')}/{LISTING_FILE}"
 
 
 def _filesystem(path: str):
@@ -52,8 +53,9 @@ def _filesystem(path: str):
     return pafs.LocalFileSystem(), path
 
 
-def scan_image_folder(images_dir: str, extensions: list[str], first_id: int, block_size: int) -> IngestPlan:
-    """List ``images_dir/<identity>/<image>``; one-line errors for a missing or empty folder."""
+def scan_image_folder(images_dir: str, extensions: list[str], first_id: int) -> pa.Table:
+    """``images_dir/<identity>/<image>`` as LISTING rows (sorted names, ids from ``first_id``);
+    one-line errors for a missing or empty folder."""
     import pyarrow.fs as pafs
 
     fs, root = _filesystem(images_dir)
@@ -72,12 +74,29 @@ def scan_image_folder(images_dir: str, extensions: list[str], first_id: int, blo
     if not names:
         raise FileNotFoundError(f"ingest.images_dir: {images_dir}: no <identity>/<image> files ({', '.join(extensions)})")
     prefix = images_dir.rstrip("/")
-    identity_names = {first_id + k: name for k, name in enumerate(names)}
-    files = {i: [f"{prefix}/{name}/{f}" for f in sorted(by_identity[name])] for i, name in identity_names.items()}
-    last = first_id + len(names)
-    blocks = [blk.Block(b, max(first_id, b * block_size), min(last, (b + 1) * block_size))
-              for b in range(first_id // block_size, (last - 1) // block_size + 1)]
-    return IngestPlan(images_dir, identity_names, files, blocks)
+    return pa.table({"identity_id": np.arange(first_id, first_id + len(names), dtype=np.int64), "name": names,
+                     "files": [[f"{prefix}/{name}/{f}" for f in sorted(by_identity[name])] for name in names]}, schema=LISTING)
+
+
+def _rows_digest(table: pa.Table) -> str:
+    blob = json.dumps({"names": table.column("name").to_pylist(), "files": table.column("files").to_pylist()})
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def list_folder(images_dir: str, extensions: list[str], first_id: int, block_size: int, out: str) -> dict[str, Any]:
+    """Scan the folder, write the listing to ``out``; returns per-block ``[block_id, first, end,
+    files, digest]`` and totals (run as a Ray task, so the driver never lists millions of files)."""
+    table = scan_image_folder(images_dir, extensions, first_id)
+    storage.write_table_atomic(table, out)
+    ids = table.column("identity_id").to_numpy()
+    counts = pc.list_value_length(table.column("files")).to_numpy()
+    blocks = []
+    last = first_id + len(ids)
+    for b in range(first_id // block_size, (last - 1) // block_size + 1):
+        first, end = max(first_id, b * block_size), min(last, (b + 1) * block_size)
+        part = table.slice(first - first_id, end - first)
+        blocks.append([b, first, end, int(counts[first - first_id : end - first_id].sum()), _rows_digest(part)])
+    return {"identities": len(ids), "files": int(counts.sum()), "blocks": blocks}
 
 
 def _image_row(identity_id: int, block_id: int, sample_idx: int, path: str, name: str) -> dict[str, Any]:
@@ -93,28 +112,31 @@ def _image_row(identity_id: int, block_id: int, sample_idx: int, path: str, name
     return row
 
 
-def read_images(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """File rows (identity_id, block_id, sample_idx, path, name) -> GENERATED rows."""
-    rows = [_image_row(int(i), int(b), int(k), str(p), str(n))
-            for i, b, k, p, n in zip(batch["identity_id"], batch["block_id"], batch["sample_idx"], batch["path"], batch["name"])]
-    return rows_to_batch(rows, GENERATED)
-
-
 class IngestBlocks(BlockGenerator):
-    """Block actor of ingestion: a block's work row carries its identities' files and names; the
-    face stage and the block commit are generation's."""
+    """Block worker of ingestion: a block's identities and files come from the listing; the face
+    stage and the block commit are generation's."""
+
+    def __init__(self, cfg_json: str, stage_dir: str, config_digest: str, embedder: dict[str, Any] | None = None,
+                 listing: str = ""):
+        self.listing = listing
+        super().__init__(cfg_json, stage_dir, config_digest, embedder)
 
     def build_source(self, cfg: FacegenConfig) -> None:
         return None
 
-    def build_faces(self, cfg: FacegenConfig):
+    def build_faces(self, settings: Any):
         from facegen.faces.stage import FaceStage
 
-        return FaceStage(cfg.faces, origin=ORIGIN_INGESTED)
+        return FaceStage(settings, origin=ORIGIN_INGESTED)
 
     def source_for(self, row: dict[str, Any]):
-        files = {int(i): paths for i, paths in row["files"].items()}
-        names = {int(i): name for i, name in row["names"].items()}
+        import pyarrow.parquet as pq
+
+        fs, listing = storage.filesystem(self.listing)
+        part = pq.read_table(listing, filesystem=fs, filters=[("identity_id", ">=", int(row["first_id"])),
+                                                           ("identity_id", "<", int(row["end_id"]))])
+        files = dict(zip(part.column("identity_id").to_pylist(), part.column("files").to_pylist()))
+        names = dict(zip(part.column("identity_id").to_pylist(), part.column("name").to_pylist()))
 
         def source(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             rows = [_image_row(int(i), int(b), k, path, names[int(i)])
@@ -124,26 +146,31 @@ class IngestBlocks(BlockGenerator):
         return source
 
 
-def run_ingest(cfg: FacegenConfig, plan: IngestPlan | None = None, output_dir: str | None = None, progress: bool = True) -> StageReport:
+def run_ingest(cfg: FacegenConfig, output_dir: str | None = None, progress: bool = True) -> StageReport:
     """Ingest ``cfg.ingest.images_dir`` into raw blocks (``<run.output_dir>/raw``); resumable by block.
 
-    Each block is read, detected, aligned, embedded and written by one actor of a pool of
-    ``faces.concurrency`` (see :func:`facegen.stages.generate.run_blocks`).
+    The folder is listed by a Ray task; each block is read, detected, aligned, embedded and written
+    by one actor of the ``faces.pool`` Ray Data pool (see :func:`facegen.stages.generate.run_blocks`).
     """
+    from facegen.faces.embed import describe_embedder
     from facegen.lineage import settings_digest
+    from facegen.stages.tasks import run_task
 
-    if plan is None:
-        if not cfg.ingest.images_dir:
-            raise ValueError("ingest.images_dir: no image folder given (facegen ingest --images DIR)")
-        plan = scan_image_folder(cfg.ingest.images_dir, cfg.ingest.extensions, cfg.identities.first_id, cfg.identities.block_size)
-    digest = settings_digest("ingest", cfg.identities.block_size, cfg.ingest, cfg.faces)
-
-    def inputs(block: blk.Block) -> dict[str, Any]:
-        ids = range(block.first_id, block.end_id)
-        return {"files": {str(i): plan.files[i] for i in ids}, "names": {str(i): plan.names[i] for i in ids}}
-
-    report = run_blocks(cfg, "ingest", output_dir or cfg.stage_dir("raw"), plan.blocks, digest, IngestBlocks,
-                        cfg.faces.concurrency, row_inputs=inputs, images_of=lambda b: plan.expected_rows([b])[b.block_id],
-                        progress=progress)
+    if not cfg.ingest.images_dir:
+        raise ValueError("ingest.images_dir: no image folder given (facegen ingest --images DIR)")
+    embedder = describe_embedder(cfg.faces.embedder)  # a bad embedder fails before the folder is listed
+    listing = listing_path(cfg)
+    scan = run_task(list_folder, cfg.ingest.images_dir, cfg.ingest.extensions, cfg.identities.first_id,
+                    cfg.identities.block_size, listing, resources=TaskSettings(num_cpus=0.25), field="ingest.images_dir",
+                    name="ingest: list folder")
+    planned = [blk.Block(b, first, end) for b, first, end, _, _ in scan["blocks"]]
+    files = {b: n for b, _, _, n, _ in scan["blocks"]}
+    listed = {b: d for b, _, _, _, d in scan["blocks"]}
+    digest = settings_digest("ingest", cfg.identities.block_size, cfg.ingest.extensions, cfg.faces)
+    report = run_blocks(cfg, "ingest", output_dir or cfg.stage_dir("raw"), planned, digest, IngestBlocks,
+                        cfg.faces.pool, "faces.pool", extra_kwargs={"listing": listing},
+                        row_inputs=lambda b: {"source_sha256": listed[b.block_id]},
+                        images_of=lambda b: files[b.block_id], progress=progress, embedder=embedder,
+                        sources=listed)
     report.totals = {k: v for k, v in report.totals.items() if k in ("identities", "images", "images_ok", "images_error", "faces_rejected")}
     return report

@@ -134,6 +134,15 @@ def _finished(run_dir: str, epochs: int, digest: str) -> TrainResult | None:
                        done.get("best"), digest)
 
 
+def export_final_backbone(checkpoint: Any, backbone_dir: str, arch: str, width: int, embedding_size: int) -> dict[str, Any]:
+    """Copy the final checkpoint's backbone to ``backbone_dir``; returns the checkpoint's state (a Ray task body)."""
+    with checkpoint.as_directory() as ckpt_dir:
+        model = load_backbone(f"{ckpt_dir}/backbone", arch=arch)
+        state: dict[str, Any] = read_json(f"{ckpt_dir}/{STATE_FILE}")
+    save_backbone(backbone_dir, model, arch, width, embedding_size)
+    return state
+
+
 def train(cfg: FacegenConfig, shards_dir: str, eval_bins: list[str] | None = None) -> TrainResult:
     """Train (or resume) ``cfg.train`` on a shard set with Ray Train; exports ``<run_dir>/backbone``.
 
@@ -188,10 +197,14 @@ def train(cfg: FacegenConfig, shards_dir: str, eval_bins: list[str] | None = Non
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"{run_dir}: training finished without a checkpoint")
-    with result.checkpoint.as_directory() as ckpt_dir:
-        model = load_backbone(f"{ckpt_dir}/backbone", arch=settings.arch)
-        state: dict[str, Any] = read_json(f"{ckpt_dir}/{STATE_FILE}")
-    save_backbone(backbone_dir, model, settings.arch, settings.width, settings.embedding_size)
+    from facegen.config import TaskSettings
+    from facegen.stages.tasks import run_task
+
+    # the backbone is read and written on a worker: the driver (on the head) holds no model
+    export = TaskSettings(num_cpus=min(settings.cpus_per_worker, 1.0), resources=settings.resources)
+    state: dict[str, Any] = run_task(export_final_backbone, result.checkpoint, backbone_dir, settings.arch, settings.width,
+                                     settings.embedding_size, resources=export, field="train.resources",
+                                     name="train: export backbone")
     outcome = TrainResult(run_dir, backbone_dir, int(state["epoch"]), list(state.get("history", [])),
                           int(previous["epoch"]) if previous else 0, int(state["global_step"]),
                           list(state.get("resumes", [])), state.get("best"), digest)
