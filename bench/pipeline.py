@@ -3,9 +3,9 @@
     python bench/pipeline.py [--images 16000] [--pool 2] [--rounds 2] [--memory 10000,100000] [--skip-throughput]
 
 1. Throughput: the same parametric generator (64 px, no embedder) and face stage make and write
-   the same blocks twice, side by side: once in a plain single-process loop
-   (``generate_block_table`` + ``commit_block`` per block), once through ``run_generate`` on a
-   local Ray with a pool of ``--pool`` block actors. Prints images/s of both and the ratio.
+   the same blocks twice, side by side: once in a plain single-process loop (the generate stage's
+   ``BlockGenerator.make`` per block), once through ``run_generate``: Ray Data with a pool of
+   ``--pool`` actors of that class. Prints images/s of both and the ratio.
 2. Driver memory: ``run_generate`` over 10k and 100k identities (one 64 px image each, the
    cheapest generator setting) in fresh processes; prints the driver's resident memory after
    start-up and its peak during the stage (sampled every 50 ms), so growth with the identity
@@ -51,18 +51,17 @@ def _settings(out: str, identities: int, images_per_identity: int, block_size: i
 
 
 def plain_loop(cfg) -> tuple[float, float]:
-    """Wall and CPU seconds to make and write every block in this process, one after the other."""
+    """Wall and CPU seconds to make and write every block in this process, one after the other,
+    with the generate stage's own block worker class (the one the Ray Data actors hold)."""
     from facegen import blocks as blk
-    from facegen.faces.stage import FaceStage
-    from facegen.generators import generator_class
-    from facegen.stages.generate import block_stats, generate_block_table
+    from facegen.faces.embed import describe_embedder
+    from facegen.lineage import raw_digest
+    from facegen.stages.generate import BlockGenerator
 
     started, cpu_started = time.perf_counter(), time.process_time()
-    source = generator_class(cfg.generator.backend)(cfg.generator, cfg.run.seed)
-    faces = FaceStage(cfg.faces)
+    worker = BlockGenerator(cfg.model_dump_json(), cfg.stage_dir("raw"), raw_digest(cfg), describe_embedder(cfg.faces.embedder))
     for block in blk.plan_blocks(cfg.identities):
-        table = generate_block_table(source, faces, block, cfg.generator.batch_size, cfg.faces.batch_size)
-        blk.commit_block(cfg.stage_dir("raw"), block.block_id, table, block_stats(table, block))
+        worker.make({"block_id": block.block_id, "first_id": block.first_id, "end_id": block.end_id})
     return time.perf_counter() - started, time.process_time() - cpu_started
 
 
@@ -132,7 +131,7 @@ def measure_driver(identities: int) -> dict:
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
-        seconds = through_ray(cfg)
+        seconds, _ = through_ray(cfg)
         stop.set()
         sampler.join()
     return {"identities": identities, "blocks": -(-identities // 50), "baseline_mb": baseline, "peak_mb": peak[0],

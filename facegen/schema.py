@@ -9,6 +9,10 @@ Two row shapes travel through a run:
     the generator knows it, -1 otherwise), meta:string (JSON: prompt, attributes, ...),
     status:string ("ok" | "error"), reason:string.
 
+Inside one block worker a generator may hand its images to the face stage undecoded: an optional
+in-memory column ``pixels`` (uint8 RGB arrays, object-typed; :data:`PIXELS`) next to an empty
+``image``. It is never written to storage.
+
 ``SAMPLE`` (faces -> raw shards -> clean -> curriculum shards -> training)
     the same identity columns, image:binary (112x112 aligned, JPEG or PNG), embedding:
     fixed_size_list<float32>[D] (L2-normalised; null before an embedder exists), quality:float32
@@ -77,6 +81,16 @@ SIMILARITY_FIELDS = [
 SIMILARITY_COLUMNS = tuple(f.name for f in SIMILARITY_FIELDS)
 #: Columns a row or batch may leave out, and the value they get.
 OPTIONAL_DEFAULTS: dict[str, Any] = {name: np.float32(np.nan) for name in SIMILARITY_COLUMNS}
+#: The in-memory column of decoded GENERATED images (see the module docstring).
+PIXELS = "pixels"
+
+
+def object_column(values: list[Any]) -> np.ndarray:
+    """A 1-D object array holding ``values`` as they are (numpy would stack equal-shape arrays)."""
+    out = np.empty(len(values), dtype=object)
+    for i, value in enumerate(values):
+        out[i] = value
+    return out
 
 GENERATED = pa.schema(
     _IDENTITY_FIELDS

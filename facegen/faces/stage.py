@@ -31,6 +31,7 @@ from facegen.schema import (
     DEFAULT_EMBEDDING_DIM,
     GENERATED,
     OPTIONAL_DEFAULTS,
+    PIXELS,
     SIMILARITY_COLUMNS,
     STATUS_ERROR,
     STATUS_OK,
@@ -166,7 +167,8 @@ class FaceStage:
                 rows[i]["reason"] = row["reason"] or "error upstream"
                 continue
             try:
-                image = decode_image(row["image"])
+                pixels = row.get(PIXELS)  # decoded by a generator in this process: no round trip through PNG
+                image = pixels if pixels is not None else decode_image(row["image"])
                 landmarks = finite_landmarks(row["landmarks"])
                 if landmarks is None and self.detector is not None:
                     to_detect.append((i, image))

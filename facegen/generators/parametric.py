@@ -24,7 +24,7 @@ import numpy as np
 from facegen.config import GeneratorSettings, ParametricSettings
 from facegen.generators import MAX_IDENTITY_ID, check_identity_id, failure_reason, identity_rows, sample_seed
 from facegen.identities.seeds import identity_rng
-from facegen.schema import GENERATED, STATUS_OK, error_row, rows_to_batch
+from facegen.schema import GENERATED, PIXELS, STATUS_OK, error_row, object_column, rows_to_batch
 
 SOURCE = "parametric"
 #: Domain tag of the identity-level appearance draws.
@@ -282,8 +282,10 @@ def render_face(
     return image, landmarks.astype(np.float32)
 
 
-def render_sample(seed: int, identity_id: int, sample_idx: int, options: ParametricSettings) -> dict[str, Any]:
-    """One GENERATED row (without ``block_id``) for ``(seed, identity_id, sample_idx)``."""
+def render_sample(seed: int, identity_id: int, sample_idx: int, options: ParametricSettings,
+                  encode: bool = True) -> dict[str, Any]:
+    """One GENERATED row (without ``block_id``) for ``(seed, identity_id, sample_idx)``; with
+    ``encode=False`` its image is left as ``pixels`` (uint8 RGB) for a face stage in the same process."""
     identity_id = check_identity_id(identity_id)
     row_seed = sample_seed(seed, identity_id, sample_idx)
     rng = np.random.default_rng(row_seed)
@@ -292,15 +294,19 @@ def render_sample(seed: int, identity_id: int, sample_idx: int, options: Paramet
     shown = impostor if wrong else identity_id
     nuisance = draw_nuisance(rng, options.nuisance)
     image, landmarks = render_face(identity_params(int(seed), shown), nuisance, options.image_size, rng)
-    ok, png = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), _PNG_FLAGS)
-    if not ok:
-        raise ValueError("PNG encoding failed")
+    data = b""
+    if encode:
+        ok, png = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), _PNG_FLAGS)
+        if not ok:
+            raise ValueError("PNG encoding failed")
+        data = png.tobytes()
     meta = {"wrong_identity": wrong, "nuisance": _rounded(nuisance)}
-    return {
+    row = {
         "identity_id": identity_id, "sample_idx": int(sample_idx), "seed": row_seed, "source": SOURCE,
-        "image": png.tobytes(), "landmarks": landmarks.reshape(-1), "true_identity_id": shown,
+        "image": data, "landmarks": landmarks.reshape(-1), "true_identity_id": shown,
         "meta": json.dumps(meta, sort_keys=True), "status": STATUS_OK, "reason": "",
     }
+    return row if encode else row | {PIXELS: image}
 
 
 def _rounded(value: Any) -> Any:
@@ -312,7 +318,13 @@ def _rounded(value: Any) -> Any:
 
 
 class ParametricGenerator:
-    """Ray Data stage: identity rows -> ``images_per_identity`` rendered GENERATED rows each."""
+    """Ray Data stage: identity rows -> ``images_per_identity`` rendered GENERATED rows each.
+
+    With :attr:`emit_pixels` (set by a block worker whose face stage runs in the same process) the
+    images stay decoded in a ``pixels`` column instead of being PNG-encoded only to be decoded again.
+    """
+
+    emit_pixels = False
 
     def __init__(self, settings: GeneratorSettings, seed: int):
         if int(seed) < 0:
@@ -324,11 +336,14 @@ class ParametricGenerator:
         for identity_id, block_id in identity_rows(batch):
             for sample_idx in range(self.settings.images_per_identity):
                 rows.append(self._row(identity_id, block_id, sample_idx))
-        return rows_to_batch(rows, GENERATED)
+        out = rows_to_batch(rows, GENERATED)
+        if self.emit_pixels:
+            out[PIXELS] = object_column([row.get(PIXELS) for row in rows])
+        return out
 
     def _row(self, identity_id: Any, block_id: Any, sample_idx: int) -> dict[str, Any]:
         try:
-            row = render_sample(self.seed, identity_id, sample_idx, self.settings.parametric)
+            row = render_sample(self.seed, identity_id, sample_idx, self.settings.parametric, encode=not self.emit_pixels)
         except Exception as exc:  # one bad sample must not end the batch
             try:
                 seed = sample_seed(self.seed, identity_id, sample_idx)

@@ -141,7 +141,10 @@ class BlockGenerator(BlockWorker):
         from facegen.generators import generator_class
 
         settings = localized(cfg.generator, "generator")
-        return generator_class(settings.backend)(settings, cfg.run.seed)
+        source = generator_class(settings.backend)(settings, cfg.run.seed)
+        if hasattr(source, "emit_pixels"):
+            source.emit_pixels = True  # the face stage runs in this process: no PNG round trip
+        return source
 
     def build_faces(self, settings: Any) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
         """The face stage (detection, alignment, embedding) the GENERATED rows go through."""
