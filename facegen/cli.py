@@ -35,6 +35,10 @@ def _one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except (ConfigError, FileNotFoundError, ValueError, StageError) as exc:
             console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
+        except OSError as exc:  # a filesystem fault met after the checks (disk full, a file removed)
+            where = f"{exc.filename}: " if exc.filename else ""
+            console.print(f"[bold red]error:[/] {where}{exc.strerror or exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
 
     return wrapper
 
@@ -46,12 +50,14 @@ def _load(config: Optional[str], overrides: Optional[list[str]], verbose: bool =
     cluster's nodes: all before any work."""
     import os
 
-    from facegen.preflight import check_input_paths
+    from facegen.config import source_of
+    from facegen.preflight import check_input_paths, check_output_location
     from facegen.ray_utils import check_output_storage, init_ray, storage_env
 
     cfg = cfg or load_config(config, overrides or [])
     os.environ.update(storage_env(cfg.storage))  # the endpoint of s3:// inputs, for the checks below
-    check_input_paths(cfg, config or "settings")
+    check_input_paths(cfg, config or "settings", overrides)
+    check_output_location("run.output_dir", cfg.run.output_dir, source_of("run.output_dir", config or "settings", overrides))
     init_ray(cfg.ray, cfg.storage, verbose=verbose)
     check_output_storage(cfg.run.output_dir, cfg.storage.shared)
     from facegen.stages.tasks import check_stage_resources
@@ -189,8 +195,14 @@ def eval_(
     for column in ("set", "pairs", "accuracy", "std"):
         table.add_column(column)
     for r in results:
-        table.add_row(r["name"], str(r["pairs"]), f"{100 * r['accuracy_mean']:.2f}%", f"{100 * r['accuracy_std']:.2f}")
+        if r.get("error"):
+            table.add_row(r["name"], "-", "failed", "-")
+        else:
+            table.add_row(r["name"], str(r["pairs"]), f"{100 * r['accuracy_mean']:.2f}%", f"{100 * r['accuracy_std']:.2f}")
     console.print(table)
+    failed = [r["error"] for r in results if r.get("error")]
+    if failed:
+        raise ValueError(f"{len(failed)} of {len(results)} set(s) could not be scored; first: {failed[0]}")
 
 
 @app.command()
@@ -232,10 +244,14 @@ def report(
     from facegen.eval.html_report import write_report
     from facegen.ray_utils import storage_env
 
-    cfg = load_config(config, set_ or [])
     import os
 
+    from facegen.preflight import check_output_file
+
+    cfg = load_config(config, set_ or [])
     os.environ.update(storage_env(cfg.storage))
+    if output:
+        check_output_file("--output", output)
     console.print(f"report: {write_report(cfg, output)}", highlight=False, soft_wrap=True)
 
 

@@ -175,7 +175,10 @@ def summary_rows(summary: PipelineSummary) -> list[tuple[str, str]]:
         ("training epochs", str(summary.train.get("epochs_completed", 0))),
     ]
     for v in summary.verification:
-        rows.append((f"verification accuracy: {v['name']}", f"{100 * v['accuracy_mean']:.2f}% +- {100 * v['accuracy_std']:.2f} ({v['pairs']} pairs, chance 50%)"))
+        if v.get("error"):
+            rows.append((f"verification accuracy: {v['name']}", f"failed: {v['error']}"))
+        else:
+            rows.append((f"verification accuracy: {v['name']}", f"{100 * v['accuracy_mean']:.2f}% +- {100 * v['accuracy_std']:.2f} ({v['pairs']} pairs, chance 50%)"))
     for stage in (summary.generate, summary.clean, summary.shard):
         rows.extend(("note", note) for note in stage.get("notes", []))  # blocks found bad and redone
     rows.extend((f"output: {k}", str(v)) for k, v in summary.outputs.items() if v)

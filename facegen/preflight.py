@@ -17,7 +17,7 @@ from pydantic import BaseModel
 
 from facegen import storage
 from facegen.cache import input_fields, looks_like_path
-from facegen.config import ConfigError, FacegenConfig
+from facegen.config import ConfigError, FacegenConfig, source_of
 
 
 def input_paths(model: BaseModel, prefix: str = "") -> Iterator[tuple[str, str, str]]:
@@ -46,8 +46,71 @@ def check_input_path(field: str, path: str, source: str = "config") -> None:
         raise ConfigError(f"{source}: {field}: {path}: no such file or folder")
 
 
-def check_input_paths(cfg: FacegenConfig, source: str = "config") -> None:
-    """Raise :class:`ConfigError` (one line) for the first input path that does not exist."""
+def check_input_paths(cfg: FacegenConfig, source: str = "config", overrides: list[str] | None = None) -> None:
+    """Raise :class:`ConfigError` (one line) for the first input path that does not exist, naming
+    the ``--set`` it came from when one of ``overrides`` gave it."""
     for field, path, kind in input_paths(cfg):
         if looks_like_path(path, kind):
-            check_input_path(field, path, source)
+            check_input_path(field, path, source_of(field, source, overrides))
+
+
+#: Less free space than this at a local output location is refused before any work.
+MIN_FREE_BYTES = 64 * 2**20
+
+
+def _local_output_fault(path: str) -> str | None:
+    """Why a local output folder cannot be written, or None (it exists afterwards)."""
+    import shutil
+    import tempfile
+
+    folder = os.path.abspath(os.path.expanduser(path.removeprefix("file://")))
+    existing = folder
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f"{existing} is a file, not a folder"
+    try:
+        os.makedirs(folder, exist_ok=True)
+        handle, probe = tempfile.mkstemp(prefix=".facegen-write-check-", dir=folder)
+        os.close(handle)
+        os.remove(probe)
+    except OSError as exc:
+        return f"not writable ({exc.strerror or exc})"
+    free = shutil.disk_usage(folder).free
+    if free < MIN_FREE_BYTES:
+        return f"out of space ({free / 2**20:.0f} MiB free)"
+    return None
+
+
+def output_fault(path: str) -> str | None:
+    """Why the output folder ``path`` cannot be written, or None: a file where a folder is meant (or
+    above it), no permission, a read-only or full filesystem, object storage that cannot be reached.
+    A local folder is created; an object store gets a probe object written and removed."""
+    if not storage.is_remote(path):
+        return _local_output_fault(path)
+    probe = f"{path.rstrip('/')}/.facegen-write-check"
+    try:
+        storage.write_bytes_atomic(b"", probe)
+        storage.remove(probe)
+    except (OSError, ValueError) as exc:
+        return f"not writable ({_short(exc)})"
+    return None
+
+
+def check_output_location(field: str, path: str, source: str = "settings") -> None:
+    """Raise :class:`ConfigError` (one line naming ``field``) when the folder ``path`` cannot be
+    written (see :func:`output_fault`)."""
+    fault = output_fault(path)
+    if fault:
+        raise ConfigError(f"{source}: {field}: {path}: {fault}")
+
+
+def check_output_file(field: str, path: str) -> None:
+    """Raise :class:`ConfigError` (one line naming ``field``) when the file ``path`` cannot be
+    written: it is a folder, or its folder cannot be written."""
+    if not storage.is_remote(path) and os.path.isdir(os.path.expanduser(path)):
+        raise ConfigError(f"{field}: {path}: is a folder; give a file name")
+    parent = path.rstrip("/").rsplit("/", 1)[0] if "/" in path.rstrip("/") else "."
+    fault = output_fault(parent or "/")
+    if fault:
+        raise ConfigError(f"{field}: {path}: {fault}")

@@ -140,11 +140,11 @@ def test_bad_inputs_fail_in_one_line_before_ray_starts(s3_endpoint, monkeypatch)
     missing = CliRunner().invoke(app, ["generate", "--set", f"faces.embedder.path=s3://{BUCKET}/models/absent", *common],
                                  terminal_width=300)
     assert missing.exit_code == 2
-    assert missing.output.strip() == f"error: settings: faces.embedder.path: s3://{BUCKET}/models/absent: no such file or folder"
+    assert missing.output.strip() == f"error: --set faces.embedder.path=s3://{BUCKET}/models/absent: faces.embedder.path: s3://{BUCKET}/models/absent: no such file or folder"
     unreachable = CliRunner().invoke(app, ["generate", "--set", f"faces.embedder.path=s3://{BUCKET}/models/x",
                                            "--set", "storage.s3_endpoint=http://127.0.0.1:9"], terminal_width=300)
     assert unreachable.exit_code == 2 and len(unreachable.output.strip().splitlines()) == 1
-    assert unreachable.output.startswith(f"error: settings: faces.embedder.path: s3://{BUCKET}/models/x: storage not reachable (")
+    assert unreachable.output.startswith(f"error: --set faces.embedder.path=s3://{BUCKET}/models/x: faces.embedder.path: s3://{BUCKET}/models/x: storage not reachable (")
     assert ray.is_initialized() == started_before
 
 

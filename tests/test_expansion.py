@@ -137,7 +137,7 @@ def test_run_histograms_go_to_wandb(tmp_path, monkeypatch):
 def test_hybrid_settings_are_checked_when_the_config_loads():
     base = {"backend": "hybrid", "hybrid": {"embedder": {"kind": "dlib"}}}
     config_from_dict({"generator": base})
-    with pytest.raises(ConfigError, match=r"generator: Value error, hybrid.embedder: the identity feature needs an embedder"):
+    with pytest.raises(ConfigError, match=r"generator: hybrid.embedder: the identity feature needs an embedder"):
         config_from_dict({"generator": {"backend": "hybrid"}})
     with pytest.raises(ConfigError, match=r"hybrid.vec2face.checkpoint: the vec2face expander needs its .pth"):
         config_from_dict({"generator": base | {"hybrid": {"embedder": {"kind": "dlib"}, "expander": "vec2face"}}})

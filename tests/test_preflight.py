@@ -14,7 +14,7 @@ def test_a_missing_checkpoint_fails_in_one_line_before_ray_starts():
     started_before = ray.is_initialized()
     result = CliRunner().invoke(app, ["generate", "--set", "faces.embedder.path=/nope"], terminal_width=300)
     assert result.exit_code == 2
-    assert result.output.strip() == "error: settings: faces.embedder.path: /nope: no such file or folder"
+    assert result.output.strip() == "error: --set faces.embedder.path=/nope: faces.embedder.path: /nope: no such file or folder"
     assert ray.is_initialized() == started_before  # nothing was started for it
 
 

@@ -143,13 +143,24 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
-def _format_validation_error(source: str, exc: ValidationError) -> str:
+def source_of(field: str, source: str, overrides: list[str] | None) -> str:
+    """Where the value of dotted ``field`` came from: the last ``--set`` that names it (or a section
+    above it), else ``source`` (the YAML file), so an error blames what the user typed."""
+    for text in reversed(overrides or []):
+        key = text.split("=", 1)[0].strip()
+        if field == key or field.startswith(f"{key}."):
+            return f"--set {text}"
+    return source
+
+
+def _format_validation_error(source: str, exc: ValidationError, overrides: list[str] | None = None) -> str:
     err = exc.errors()[0]
     field = ".".join(str(p) for p in err["loc"]) or "<root>"
     value = err.get("input")
     shown = "" if isinstance(value, dict) else f" (got {value!r})"
     more = f" [+{len(exc.errors()) - 1} more]" if len(exc.errors()) > 1 else ""
-    return f"{source}: {field}: {err['msg']}{shown}{more}"
+    message = err["msg"].removeprefix("Value error, ")
+    return f"{source_of(field, source, overrides)}: {field}: {message}{shown}{more}"
 
 
 def config_from_dict(data: dict[str, Any], source: str = "<dict>", overrides: list[str] | None = None) -> FacegenConfig:
@@ -157,11 +168,11 @@ def config_from_dict(data: dict[str, Any], source: str = "<dict>", overrides: li
     tree = json.loads(json.dumps(data or {}))
     for text in overrides or []:
         key, value = parse_override(text)
-        _set_dotted(tree, key, value, source)
+        _set_dotted(tree, key, value, f"--set {text}")
     try:
         return FacegenConfig.model_validate(tree)
     except ValidationError as exc:
-        raise ConfigError(_format_validation_error(source, exc)) from None
+        raise ConfigError(_format_validation_error(source, exc, overrides)) from None
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> FacegenConfig:

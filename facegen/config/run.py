@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from facegen.config._base import _Section
 
@@ -18,6 +18,15 @@ class RunSettings(_Section):
     overwrite: bool = False
     verify: Literal["sha256", "size"] = Field(
         default="sha256", description="how finished blocks are checked before a stage trusts them")
+
+    @field_validator("output_dir")
+    @classmethod
+    def _names_a_folder(cls, value: str) -> str:
+        # an empty value would put every stage's folder at the filesystem root (raw/, clean/, ...)
+        path = value.strip().split("://", 1)[-1].strip("/")
+        if path in ("", "."):
+            raise ValueError("names no folder of its own: give a path such as outputs/run or s3://bucket/run")
+        return value
 
 
 class RaySettings(_Section):

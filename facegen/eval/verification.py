@@ -89,6 +89,8 @@ def _parse_bin(obj: Any, path: str) -> tuple[list[bytes], np.ndarray]:
 def load_bin(path: str, image_size: int = ALIGNED_SIZE) -> tuple[np.ndarray, np.ndarray]:
     """Read a ``.bin`` set: uint8 RGB images ``[2N, S, S, 3]`` (resized when not S x S) and bool ``[N]``."""
     path = str(path)
+    if "://" not in path and os.path.isdir(path):
+        raise ValueError(f"{path}: is a folder, not a .bin file")
     data = read_bytes(path)
     try:
         obj = restricted_loads(data)
@@ -194,12 +196,14 @@ def embed_images(model: nn.Module, images_uint8: np.ndarray, batch_size: int = 6
 
 @dataclass(frozen=True)
 class VerificationResult:
-    """One verification set's score: accuracy mean +- std over the folds."""
+    """One verification set's score: accuracy mean +- std over the folds; ``error`` (accuracy nan)
+    when the set could not be read or scored."""
 
     name: str
     pairs: int
     accuracy_mean: float
     accuracy_std: float
+    error: str = ""
 
 
 def _set_name(path: str) -> str:
@@ -226,6 +230,8 @@ def verify_bin(
         )
     else:
         raise TypeError(f"verify_bin: expected an Embedder or torch.nn.Module, got {type(embedder_or_model).__name__}")
+    if not 2 <= nrof_folds <= len(issame):
+        raise ValueError(f"{path}: its {len(issame)} pairs cannot make {nrof_folds} folds (folds: 2 to {len(issame)})")
     mean, std = evaluate(embeddings, issame, nrof_folds)
     return VerificationResult(_set_name(path), int(len(issame)), mean, std)
 
@@ -233,5 +239,13 @@ def verify_bin(
 def verify_bins(
     embedder_or_model: Embedder | nn.Module, paths: list[str], batch_size: int = 64, nrof_folds: int = 10
 ) -> list[VerificationResult]:
-    """:func:`verify_bin` for each path, in order."""
-    return [verify_bin(embedder_or_model, p, batch_size, nrof_folds) for p in paths]
+    """:func:`verify_bin` for each path, in order; a set that cannot be read or scored comes back with
+    its ``error`` (one line naming the file) and the others are still scored."""
+    results = []
+    for path in paths:
+        try:
+            results.append(verify_bin(embedder_or_model, path, batch_size, nrof_folds))
+        except (OSError, ValueError) as exc:
+            reason = f"{exc.filename}: {exc.strerror}" if isinstance(exc, OSError) and exc.filename else str(exc)
+            results.append(VerificationResult(_set_name(path), 0, float("nan"), float("nan"), error=reason))
+    return results

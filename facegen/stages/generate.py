@@ -34,6 +34,8 @@ def reason_kind(reason: str | None) -> str:
     """An error reason without the sample it names and its details: what the stats count."""
     text = re.sub(r"^faces: identity -?\d+ sample -?\d+: ", "", reason or "")
     text = re.sub(r"^identity_id=-?\d+ sample_idx=-?\d+: ", "", text)
+    # files and URIs named in a reason would give every file a key of its own
+    text = re.sub(r"(?:\b[a-z][a-z0-9+.-]*:/)?(?:/[^\s:'\"/]+)+/?", "<path>", text)
     return text.split(" (")[0][:120]
 
 
