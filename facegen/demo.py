@@ -29,6 +29,9 @@ def _side_config(cfg: FacegenConfig, name: str, first_id: int, num_identities: i
     side.generator.images_per_identity = images_per_identity
     side.generator.parametric.wrong_identity_rate = 0.0
     side.faces.embedder.kind, side.faces.embedder.path = "facegen", None
+    # Langevin's repulsion needs the embedder the bootstrap side run is about to train, and held-out
+    # people are plain draws from the generator: both sides sample gaussian identities.
+    side.identities.sampler.kind = "gaussian"
     if not keep_variation:
         side.generator.variation = "noise"  # Dispersion/DisCo need the embedder this side run may be training
     return side
@@ -51,6 +54,28 @@ def bootstrap_embedder(cfg: FacegenConfig, progress: bool = True) -> str:
     run_shard(side, source_dir=side.stage_dir("raw"), progress=progress)
     result = train(side, side.stage_dir("shards"), eval_bins=[])
     return result.backbone_dir
+
+
+def with_run_embedders(cfg: FacegenConfig, progress: bool = True) -> FacegenConfig:
+    """``cfg`` with the embedders its settings imply filled in, the same for ``facegen pipeline`` and
+    for each stage command, so both compute the same lineage digests and reuse each other's blocks:
+
+    - no ``faces.embedder.path`` and ``demo.bootstrap_identities > 0``: the bootstrap embedder
+      (trained on first use, then found where that run left it; its training resumes like any);
+    - a GAN backend without ``generator.embedder.path``: identity forces (Langevin, Dispersion) go
+      through the run's own facegen / arcface_torch embedder.
+    """
+    from facegen.generators.gan import GAN_BACKENDS
+
+    cfg = cfg.model_copy(deep=True)
+    if cfg.demo.bootstrap_identities and not cfg.faces.embedder.enabled:
+        cfg.faces.embedder.kind, cfg.faces.embedder.path = "facegen", bootstrap_embedder(cfg, progress=progress)
+    faces_embedder = cfg.faces.embedder
+    if (cfg.generator.backend in GAN_BACKENDS and faces_embedder.enabled and not cfg.generator.embedder.path
+            and faces_embedder.kind in ("facegen", "arcface_torch")):
+        cfg.generator.embedder.kind, cfg.generator.embedder.path = faces_embedder.kind, faces_embedder.path
+        cfg.generator.embedder.arch = faces_embedder.arch
+    return cfg
 
 
 def heldout_pairs(identity_ids: np.ndarray, num_pairs: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

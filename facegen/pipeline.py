@@ -79,7 +79,7 @@ def _report_task(cfg_json: str, path: str) -> str:
 
 def run_pipeline(cfg: FacegenConfig, progress: bool = True) -> PipelineSummary:
     """Run every stage of ``cfg`` in order on the connected Ray cluster."""
-    from facegen.demo import bootstrap_embedder, write_heldout_bin
+    from facegen.demo import with_run_embedders, write_heldout_bin
     from facegen.generators.gan import GAN_BACKENDS
     from facegen.stages.clean import run_clean
     from facegen.stages.generate import run_generate
@@ -96,17 +96,13 @@ def run_pipeline(cfg: FacegenConfig, progress: bool = True) -> PipelineSummary:
         summary.seconds[name] = round(time.time() - clock, 1)
         clock = time.time()
 
-    if cfg.demo.bootstrap_identities and not cfg.faces.embedder.enabled:
-        cfg.faces.embedder.kind, cfg.faces.embedder.path = "facegen", bootstrap_embedder(cfg, progress=progress)
+    bootstraps = bool(cfg.demo.bootstrap_identities and not cfg.faces.embedder.enabled)
+    cfg = with_run_embedders(cfg, progress=progress)
+    if bootstraps:
         lap("bootstrap_embedder")
     if not cfg.faces.embedder.enabled:
         raise ValueError("faces.embedder.path: the pipeline needs an embedder (or demo.bootstrap_identities > 0)")
     gan = cfg.generator.backend in GAN_BACKENDS
-    faces_embedder = cfg.faces.embedder
-    if gan and not cfg.generator.embedder.path and faces_embedder.kind in ("facegen", "arcface_torch"):
-        # identity forces (Langevin, Dispersion) go through the run's own embedder unless one is named
-        cfg.generator.embedder.kind, cfg.generator.embedder.path = faces_embedder.kind, faces_embedder.path
-        cfg.generator.embedder.arch = faces_embedder.arch
     bins = list(cfg.eval.bins)
     if cfg.demo.heldout_identities:
         bins.insert(0, write_heldout_bin(cfg, progress=progress))

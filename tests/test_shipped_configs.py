@@ -1,0 +1,111 @@
+"""The shipped configs and README's commands run as documented, as a user runs them (the facegen
+command in a process of its own, its own local Ray), on a fresh output directory shrunk with --set."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from facegen import storage
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def facegen(*args: str, timeout: float = 900) -> str:
+    """Run ``facegen ARGS`` from the repository root; returns its output, asserting a clean success."""
+    env = {**os.environ, "TQDM_DISABLE": "1", "COLUMNS": "300"}  # tables unfolded, paths on one line
+    done = subprocess.run([sys.executable, "-m", "facegen", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-6000:]
+    assert "Traceback" not in output, output[-6000:]
+    return output
+
+
+def _sets(values: dict) -> list[str]:
+    return [a for key, value in values.items() for a in ("--set", f"{key}={value}")]
+
+
+SMALL_TRAINING = {"train.epochs": 1, "train.lr_steps": "[1]", "train.width": 8, "train.batch_size": 16,
+                  "train.cpus_per_worker": 0.5, "eval.batch_size": 64}
+
+
+def test_make_demo_config_and_readme_commands_run_on_a_fresh_output(tmp_path):
+    out = tmp_path / "local"
+    shrink = _sets({"run.output_dir": out, "identities.num_identities": 8, "identities.block_size": 4,
+                    "generator.images_per_identity": 8, "generator.pool.num_cpus": 0.5, "generator.parametric.image_size": 96,
+                    "clean.min_images": 4, "clean.target_images": 8, "clean.pool.num_cpus": 0.25, **SMALL_TRAINING,
+                    "demo.bootstrap_identities": 8, "demo.bootstrap_images_per_identity": 6, "demo.bootstrap_epochs": 1,
+                    "demo.heldout_identities": 6, "demo.heldout_pairs": 20})
+    output = facegen("pipeline", "--config", "configs/local.yaml", *shrink)
+    assert "facegen pipeline summary" in output
+    # worker lines are shown as facegen wrote them: no Ray prefix, no colour codes
+    assert "RayTrainWorker" not in output and "pid=" not in output and "\x1b[" not in output, output[-3000:]
+    summary = storage.read_json(str(out / "summary.json"))
+    assert summary["generate"]["totals"]["images"] == 8 * 8 and summary["train"]["epochs_completed"] == 1
+    [heldout] = summary["verification"]
+    assert heldout["pairs"] == 20
+
+    # README's per-stage commands on the same settings resume what the pipeline made
+    for command in ("generate", "clean", "shard"):
+        again = facegen(command, "--config", "configs/local.yaml", "--no-progress", *shrink)
+        assert re.search(r"blocks_written\W+0\b", again), again
+    run_dir = summary["train"]["run_dir"]
+    backbone = summary["train"]["backbone_dir"]
+    table = facegen("eval", "--checkpoint", backbone, "--bin", str(out / "heldout" / "heldout.bin"))
+    assert re.search(r"heldout\W+20\W", table), table
+    exported = facegen("export", "--checkpoint", run_dir, "--format", "onnx")
+    assert Path(re.search(r"file\W+(/\S+\.onnx)", exported).group(1)).is_file()
+    report = facegen("report", "--config", "configs/local.yaml", *shrink)
+    assert (out / "report.html").stat().st_size > 10_000 and "report.html" in report
+
+
+def test_gan_local_pipeline_runs_as_documented_with_its_langevin_sampler(tmp_path):
+    out = tmp_path / "gan_local"
+    shrink = _sets({
+        "run.output_dir": out,
+        "identities.num_identities": 8, "identities.block_size": 4,
+        "identities.sampler.langevin.iterations": 2, "identities.sampler.langevin.knn_every": 1,
+        "identities.sampler.langevin.checkpoint_every": 1, "identities.sampler.langevin.neighbours": 4,
+        "identities.sampler.langevin.batch_size": 8,
+        "generator.images_per_identity": 6, "generator.dispersion.iterations": 1, "generator.pool.num_cpus": 0.5,
+        "clean.min_images": 3, "clean.target_images": 6, "clean.pool.num_cpus": 0.25, **SMALL_TRAINING,
+        "demo.bootstrap_identities": 8, "demo.bootstrap_images_per_identity": 4, "demo.bootstrap_epochs": 1,
+        "demo.heldout_identities": 6, "demo.heldout_pairs": 20,
+    })
+    facegen("pipeline", "--config", "configs/gan_local.yaml", *shrink)
+    summary = storage.read_json(str(out / "summary.json"))
+    # the main run's identities are Langevin's (the bootstrap side run trained their embedder first)
+    assert storage.read_json(str(out / "identities" / "sampler.json"))["kind"] == "langevin"
+    assert summary["identities"]["totals"]["identities"] == 8
+    assert summary["generate"]["totals"]["images"] == 8 * 6 and summary["train"]["epochs_completed"] == 1
+    [heldout] = summary["verification"]
+    assert heldout["pairs"] == 20
+
+
+@pytest.mark.parametrize("name, command, first_input", [
+    ("sd_cluster.yaml", "pipeline", "faces.embedder.path"),
+    ("hybrid.yaml", "pipeline", "generator.hybrid.reference.text_to_image.model"),
+    ("disco.yaml", "pipeline", "identities.sampler.langevin.real_embeddings"),
+    ("train_datacv_r50.yaml", "train", "eval.bins[0]"),
+    ("ingest.yaml", "ingest", "ingest.images_dir"),
+])
+def test_configs_that_need_gpus_or_weights_validate_down_to_their_input_paths(name, command, first_input):
+    """Every setting of the config validates and its inputs are checked before any work: here, where
+    their weights and buckets are absent, the first one fails in one line naming its field."""
+    from typer.testing import CliRunner
+
+    from facegen.cli import app
+
+    # the bucket's endpoint is a closed loopback port: refused at once, never a request leaving the machine
+    result = CliRunner().invoke(app, [command, "--config", f"configs/{name}", "--set", "storage.s3_endpoint=http://127.0.0.1:9"],
+                                terminal_width=400)
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1, result.output
+    assert lines[0].startswith(f"error: configs/{name}: {first_input}: "), lines[0]
+    assert lines[0].endswith(("no such file or folder", ")")), lines[0]
