@@ -7,6 +7,10 @@ claim left by a process of this host that no longer exists is dead at once (a ki
 restarted straight away). Temp files (``.tmp-*``, see :mod:`facegen.storage`) are removed only by a
 run that sees no other live claim, and only those listed before it looked, so a run that claims
 the stage meanwhile cannot lose a file it is writing.
+
+A claim also records its run's settings digest: a second run on a stage that a live run holds is
+refused in one line when its settings differ, and waits for the first when they match (then it
+finds the first run's blocks done and makes only the rest), so no block is made twice.
 """
 
 from __future__ import annotations
@@ -44,8 +48,9 @@ def claim_is_live(claim: dict[str, Any], now: float, stale_after: float) -> bool
 class StageClaim:
     """Context manager: this run works in ``stage_dir`` (see the module docstring)."""
 
-    def __init__(self, stage_dir: str, heartbeat_s: float = 20.0, stale_after: float = 120.0):
+    def __init__(self, stage_dir: str, heartbeat_s: float = 20.0, stale_after: float = 120.0, settings: str = ""):
         self.stage_dir = stage_dir.rstrip("/")
+        self.settings = settings
         self.token = uuid.uuid4().hex[:16]
         self.heartbeat_s, self.stale_after = heartbeat_s, stale_after
         self.started = time.time()
@@ -59,7 +64,8 @@ class StageClaim:
 
     def _write(self) -> None:
         storage.write_json_atomic({"token": self.token, "host": socket.gethostname(), "pid": os.getpid(),
-                                   "started": self.started, "heartbeat": time.time()}, self.path)
+                                   "started": self.started, "heartbeat": time.time(), "settings": self.settings},
+                                  self.path)
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
@@ -95,6 +101,31 @@ class StageClaim:
             else:
                 storage.remove(f"{self.stage_dir}/{CLAIMS_DIR}/{name}")
         return live
+
+    def runs_ahead(self) -> list[dict[str, Any]]:
+        """The live claims of runs that started on this stage before this one (ties broken by token):
+        the runs this one must not work beside. Two runs that start together agree on which is first."""
+        mine = (self.started, self.token)
+        return [c for c in self.other_live_claims() if (float(c.get("started", 0.0)), str(c.get("token"))) < mine]
+
+    def wait_for_runs_ahead(self, poll_s: float = 2.0, on_wait: Any = None) -> None:
+        """Block until no run ahead of this one holds the stage. A run ahead with other settings is
+        refused at once (``ValueError``, one line): both would write the same blocks differently."""
+        announced = False
+        while True:
+            ahead = self.runs_ahead()
+            if not ahead:
+                return
+            other = ahead[0]
+            who = f"host {other.get('host')} pid {other.get('pid')}, started {time.strftime('%H:%M:%S', time.localtime(float(other.get('started', 0))))}"
+            if other.get("settings", "") != self.settings:
+                raise ValueError(f"{self.stage_dir}: another run with other settings is writing this stage ({who}); "
+                                 "wait for it to end or give this run another run.output_dir")
+            if not announced and on_wait is not None:
+                on_wait(f"{self.stage_dir}: another run with the same settings is writing this stage ({who}); waiting "
+                        "for it, then only what it left is done")
+                announced = True
+            time.sleep(poll_s)
 
     def remove_stale_temp_files(self) -> int:
         """Delete temp files that crashed writes left here, unless another run holds the stage.

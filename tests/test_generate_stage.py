@@ -182,6 +182,34 @@ def test_truncated_and_corrupt_blocks_are_detected_and_redone(uninterrupted, tmp
     assert _checksums(raw) == _checksums(reference)
 
 
+def test_a_second_run_on_a_held_stage_is_refused_with_other_settings_and_waits_with_the_same(tmp_path):
+    import threading
+
+    from facegen.claims import StageClaim
+
+    stage = str(tmp_path / "raw")
+    with StageClaim(stage, settings="digest-a") as first:
+        with StageClaim(stage, settings="digest-b") as other:
+            with pytest.raises(ValueError) as info:
+                other.wait_for_runs_ahead(poll_s=0.05)
+        message = str(info.value)
+        assert message.startswith(f"{stage}: another run with other settings is writing this stage (host ") and "\n" not in message
+        assert f"pid {os.getpid()}" in message
+        assert first.runs_ahead() == []  # the first run never waits for a later one
+
+        waited, notes = [], []
+        with StageClaim(stage, settings="digest-a") as same:
+            waiter = threading.Thread(target=lambda: (same.wait_for_runs_ahead(poll_s=0.05, on_wait=notes.append),
+                                                      waited.append(time.time())))
+            waiter.start()
+            time.sleep(0.5)
+            assert waited == [] and len(notes) == 1 and "same settings" in notes[0]
+            released = time.time()
+            first.__exit__(None, None, None)
+            waiter.join(timeout=5)
+    assert waited and waited[0] >= released
+
+
 def test_temp_files_are_kept_while_another_run_holds_the_stage(tmp_path):
     from facegen.claims import StageClaim
 
