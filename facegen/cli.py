@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from facegen.config import ConfigError, FacegenConfig, load_config
-from facegen.stages import StageError
+from facegen.stages import StageError, StageInterrupted
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Synthetic face-recognition datasets on Ray.")
 console = Console()
@@ -27,11 +27,48 @@ ProgressOption = typer.Option(True, "--progress/--no-progress", help="progress b
 VerboseOption = typer.Option(False, "--verbose", "-v", help="also show Ray's own logs (off by default)")
 
 
+#: What an interrupt outside a block stage says (start-up, training: finished work is kept there too).
+INTERRUPTED = "interrupted; run the same command again to resume (finished work is kept)"
+
+
+def _interrupt_on_sigterm() -> None:
+    """SIGTERM ends the command as Ctrl-C does: one line, Ray shut down (it otherwise meets Ray's
+    handlers, which dump native stacks). Installed again after Ray starts, which replaces it."""
+    import signal
+    import threading
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
+
+
+def _stop_ray_quietly() -> None:
+    """Shut a Ray this process started (or joined) down, so none of its processes outlive it."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not interrupt the shutdown
+    try:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    except Exception:  # noqa: BLE001 - best effort on the way out
+        pass
+
+
 def _one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        _interrupt_on_sigterm()
         try:
             return fn(*args, **kwargs)
+        except KeyboardInterrupt as exc:
+            message = str(exc) if isinstance(exc, StageInterrupted) else INTERRUPTED
+            console.print(f"[bold yellow]{message}[/]", highlight=False, soft_wrap=True)
+            _stop_ray_quietly()
+            raise typer.Exit(130) from None
         except (ConfigError, FileNotFoundError, ValueError, StageError) as exc:
             console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
@@ -44,10 +81,12 @@ def _one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _load(config: Optional[str], overrides: Optional[list[str]], verbose: bool = False,
-          cfg: FacegenConfig | None = None, stages: tuple[str, ...] = ()) -> FacegenConfig:
+          cfg: FacegenConfig | None = None, stages: tuple[str, ...] = (), progress: bool = True,
+          run_embedders: bool = False) -> FacegenConfig:
     """Settings, every input path they name checked (storage metadata only), then Ray (quiet unless
     ``verbose``), then the output storage and the resources of ``stages``' pools checked against the
-    cluster's nodes: all before any work."""
+    cluster's nodes: all before any work. ``run_embedders``: the embedders ``facegen pipeline`` would
+    use are filled in (:func:`facegen.demo.with_run_embedders`)."""
     import os
 
     from facegen.config import source_of
@@ -59,10 +98,17 @@ def _load(config: Optional[str], overrides: Optional[list[str]], verbose: bool =
     check_input_paths(cfg, config or "settings", overrides)
     check_output_location("run.output_dir", cfg.run.output_dir, source_of("run.output_dir", config or "settings", overrides))
     init_ray(cfg.ray, cfg.storage, verbose=verbose)
+    _interrupt_on_sigterm()
     check_output_storage(cfg.run.output_dir, cfg.storage.shared)
     from facegen.stages.tasks import check_stage_resources
 
     check_stage_resources(cfg, list(stages))
+    if run_embedders:
+        from facegen.demo import with_run_embedders
+
+        # the embedders `facegen pipeline` would use, so a stage command on the same config makes
+        # (and skips) the same blocks
+        cfg = with_run_embedders(cfg, progress=progress)
     return cfg
 
 
@@ -95,7 +141,8 @@ def identities(config: Optional[str] = ConfigOption, set_: Optional[list[str]] =
     """Sample every identity's latent (gaussian or Langevin) into <output_dir>/identities/."""
     from facegen.stages.identities import run_identities
 
-    _print_report(run_identities(_load(config, set_, verbose, stages=("identities",)), progress=progress))
+    _print_report(run_identities(_load(config, set_, verbose, stages=("identities",), progress=progress, run_embedders=True),
+                                 progress=progress))
 
 
 @app.command()
@@ -105,7 +152,8 @@ def generate(config: Optional[str] = ConfigOption, set_: Optional[list[str]] = S
     """Generate, align and embed images for every identity block not done yet."""
     from facegen.stages.generate import run_generate
 
-    _print_report(run_generate(_load(config, set_, verbose, stages=("generate",)), progress=progress))
+    _print_report(run_generate(_load(config, set_, verbose, stages=("generate",), progress=progress, run_embedders=True),
+                                 progress=progress))
 
 
 @app.command()
@@ -135,7 +183,8 @@ def clean(config: Optional[str] = ConfigOption, set_: Optional[list[str]] = SetO
     """Clean every generated block: expert votes and fusion, dedup and leakage audit, semi-hard trim, top-up."""
     from facegen.stages.clean import run_clean
 
-    _print_report(run_clean(_load(config, set_, verbose, stages=("clean",)), progress=progress))
+    _print_report(run_clean(_load(config, set_, verbose, stages=("clean",), progress=progress, run_embedders=True),
+                                 progress=progress))
 
 
 @app.command()

@@ -128,7 +128,7 @@ def filter_native_stderr(noise: tuple[str, ...] = NATIVE_NOISE) -> None:
 
 
 def forward_worker_stdout_only() -> None:
-    """Show what workers print to stdout (training progress lines), not their stderr.
+    """Show what workers print to stdout (training progress lines) as they wrote it, not their stderr.
 
     Workers' stderr carries Ray's own messages: C++ core-worker warnings, Ray Train's and Ray
     Data's log lines, retried-task tracebacks; they stay in the session's log files. Ray offers
@@ -141,7 +141,8 @@ def forward_worker_stdout_only() -> None:
         from ray._private import worker as ray_worker
 
         dispatcher = ray_worker.global_worker_stdstream_dispatcher
-        printer = functools.partial(ray_worker.print_to_stdstream, ignore_prefix=False)
+        # without Ray's "(RayTrainWorker pid=..., ip=...)" prefix and its colour codes: the lines are facegen's own
+        printer = functools.partial(ray_worker.print_to_stdstream, ignore_prefix=True)
         dispatcher.remove_handler("ray_print_logs")
     except (ImportError, AttributeError, KeyError, ValueError):
         return
@@ -184,7 +185,8 @@ def init_ray(settings: RaySettings, storage: StorageSettings | None = None, verb
             common["num_cpus"] = settings.num_cpus
         if settings.object_store_memory_gb:
             common["object_store_memory"] = int(settings.object_store_memory_gb * (1 << 30))
-        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=True, dashboard_host="127.0.0.1", **common)
+        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=settings.dashboard,
+                 dashboard_host="127.0.0.1", **common)
         how = "local"
     if not verbose:
         forward_worker_stdout_only()

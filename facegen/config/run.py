@@ -35,6 +35,8 @@ class RaySettings(_Section):
     address: str | None = None
     num_cpus: float | None = Field(default=None, gt=0, description="CPUs for a local Ray only")
     object_store_memory_gb: float | None = Field(default=None, gt=0)
+    dashboard: bool = Field(
+        default=False, description="a local Ray also starts its dashboard on 127.0.0.1 (a cluster keeps its own)")
 
 
 class TrackingSettings(_Section):

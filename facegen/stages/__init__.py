@@ -9,6 +9,11 @@ class StageError(RuntimeError):
     """A stage could not finish some of its work; the message is one line naming what failed."""
 
 
+class StageInterrupted(KeyboardInterrupt):
+    """A stage stopped by Ctrl-C or SIGTERM; the message is one line: how many blocks are done and
+    that the same command resumes (finished blocks are kept, unfinished ones leave nothing)."""
+
+
 @dataclass
 class StageReport:
     """What a stage did: blocks planned/skipped/written and summed counters.

@@ -34,7 +34,7 @@ import numpy as np
 from facegen import blocks as blk
 from facegen.claims import StageClaim
 from facegen.config import PoolSettings
-from facegen.stages import StageError, StageReport
+from facegen.stages import StageError, StageInterrupted, StageReport
 from facegen.stages.tasks import check_resources_fit, cluster_checksums, one_line
 
 
@@ -187,6 +187,15 @@ def _standard_check(stage: BlockStage, block_ids: list[int]) -> blk.BlockCheck:
                             checksum=checksum)
 
 
+def _blocks_done(stage: BlockStage, planned: list[int], records: dict[int, Any]) -> int:
+    # a worker may have committed blocks whose records had not reached the driver yet: count storage
+    try:
+        on_storage = set(planned) & set(blk.done_block_ids(stage.output_dir))
+    except OSError:
+        on_storage = set()
+    return len(on_storage | set(records))
+
+
 def run_block_stage(stage: BlockStage, progress: bool = True) -> StageOutcome:
     """Make every block of ``stage`` that is not done (or no longer valid); see the module docstring."""
     from tqdm.auto import tqdm
@@ -194,7 +203,8 @@ def run_block_stage(stage: BlockStage, progress: bool = True) -> StageOutcome:
     started = time.time()
     planned = sorted(stage.jobs)
     reset = stage.reset or (lambda ids: blk.reset_blocks(stage.output_dir, ids))
-    with StageClaim(stage.output_dir) as claim:
+    with StageClaim(stage.output_dir, settings=stage.config_digest or "") as claim:
+        claim.wait_for_runs_ahead(on_wait=lambda line: print(f"note: {line}", flush=True) if progress else None)
         claim.remove_stale_temp_files()
         if stage.overwrite:
             reset(planned)
@@ -215,16 +225,21 @@ def run_block_stage(stage: BlockStage, progress: bool = True) -> StageOutcome:
         with tqdm(total=total, unit=stage.unit, desc=f"{stage.name} ({len(pending)} blocks)",
                   disable=not progress or not pending) as bar:
             rows = [(b, stage.jobs[b]) for b in pending]
-            for record in map_blocks(stage.worker, stage.worker_kwargs, rows, stage.pool, stage.pool_field):
-                block_id = int(record["block_id"])
-                bar.update((stage.units or {}).get(block_id, 1))
-                if "error" in record:
-                    failures.append(record["error"])
-                    continue
-                records[block_id] = record
-                report.blocks_written += 1
-                if stage.on_record is not None:
-                    stage.on_record(record)
+            try:
+                for record in map_blocks(stage.worker, stage.worker_kwargs, rows, stage.pool, stage.pool_field):
+                    block_id = int(record["block_id"])
+                    bar.update((stage.units or {}).get(block_id, 1))
+                    if "error" in record:
+                        failures.append(record["error"])
+                        continue
+                    records[block_id] = record
+                    report.blocks_written += 1
+                    if stage.on_record is not None:
+                        stage.on_record(record)
+            except KeyboardInterrupt:
+                raise StageInterrupted(f"{stage.name} interrupted: {_blocks_done(stage, planned, records)} of "
+                                       f"{len(planned)} blocks done in {stage.output_dir}; run the same command again "
+                                       "to resume") from None
     report.seconds = round(time.time() - started, 2)
     if failures:
         raise StageError(f"{stage.name}: {len(failures)} block(s) failed (re-run to retry them); first: {failures[0]}")
