@@ -104,3 +104,71 @@ def test_ingest_names_a_missing_folder_in_one_line(tmp_path):
     result = CliRunner().invoke(app, ["ingest", "--images", str(tmp_path / "nowhere")], terminal_width=200)
     assert result.exit_code == 2
     assert result.output.strip() == f"error: settings: ingest.images_dir: {tmp_path}/nowhere: no such file or folder"
+
+
+def _ingest(folder, out, **overrides):
+    from facegen.config import config_from_dict
+    from facegen.stages.ingest import run_ingest
+
+    cfg = config_from_dict({
+        "run": {"name": "ingest-ids", "output_dir": str(out), **overrides},
+        "ingest": {"images_dir": str(folder)},
+        "identities": {"block_size": 2},
+        "faces": {"detector": {"kind": "mtcnn", "device": "cpu"}, "batch_size": 8, "pool": {"num_cpus": 0.25}},
+        "tracking": {"mode": "disabled"},
+    }, "test")
+    return run_ingest(cfg, progress=False)
+
+
+def _ids_by_name(out) -> dict[str, int]:
+    table = storage.read_table(str(out / "ingest" / "listing.parquet"))
+    return dict(zip(table.column("name").to_pylist(), table.column("identity_id").to_pylist()))
+
+
+def test_ingest_ids_stay_stable_as_the_folder_changes_and_skips_are_counted(ray_local, face_folder, tmp_path):
+    import shutil
+
+    folder, out = tmp_path / "faces", tmp_path / "run"
+    for person in ("alice", "bob"):
+        (folder / person).mkdir(parents=True)
+        for name in ("00.jpg", "01.jpg"):
+            shutil.copy(face_folder / person / name, folder / person / name)
+    (folder / "README.txt").write_text("about this set")
+    (folder / "bob" / "extra").mkdir()
+    shutil.copy(face_folder / "bob" / "02.jpg", folder / "bob" / "extra" / "02.jpg")
+    (folder / "bob" / ".DS_Store").write_bytes(b"\0")
+    (folder / "bob" / "notes.txt").write_text("x")
+    (folder / "empty").mkdir()
+
+    first = _ingest(folder, out)
+    assert _ids_by_name(out) == {"alice": 0, "bob": 1}
+    assert (first.blocks_total, first.blocks_written) == (1, 1)
+    skipped = {"skipped: file beside the identity folders": 1, "skipped: file in a nested folder": 1,
+               "skipped: hidden file or folder": 1, "skipped: not an image extension": 1,
+               "skipped: identity folder without images": 1}
+    assert {k: v for k, v in first.totals.items() if k.startswith("skipped")} == skipped
+    listing = storage.read_json(str(out / "ingest" / "listing.json"))
+    assert listing["skipped"] == {k.removeprefix("skipped: "): v for k, v in skipped.items()}
+    assert (listing["identities"], listing["files"]) == (2, 4)
+
+    # a new person whose name sorts first gets the next id; the finished block is not touched
+    shutil.copytree(face_folder / "carol", folder / "aaron")
+    added = _ingest(folder, out)
+    assert _ids_by_name(out) == {"alice": 0, "bob": 1, "aaron": 2}
+    assert (added.blocks_total, added.blocks_skipped, added.blocks_written, added.blocks_redone) == (2, 1, 1, 0)
+    aaron = storage.read_table(blk.block_path(str(out / "raw"), 1))
+    assert set(aaron.column("identity_id").to_pylist()) == {2} and aaron.num_rows == 6
+
+    # a changed folder redoes its block only; a removed one leaves its id unused
+    shutil.copy(face_folder / "bob" / "03.jpg", folder / "bob" / "03.jpg")
+    shutil.rmtree(folder / "alice")
+    changed = _ingest(folder, out)
+    assert _ids_by_name(out) == {"bob": 1, "aaron": 2}
+    assert (changed.blocks_skipped, changed.blocks_redone) == (1, 1)
+    block0 = storage.read_table(blk.block_path(str(out / "raw"), 0))
+    assert set(block0.column("identity_id").to_pylist()) == {1} and block0.num_rows == 3
+    assert storage.read_json(blk.stats_path(str(out / "raw"), 0))["identities"] == 1
+
+    # starting over keeps the ids: the listing is the name -> id map
+    _ingest(folder, out, overwrite=True)
+    assert _ids_by_name(out) == {"bob": 1, "aaron": 2}

@@ -174,6 +174,8 @@ class BlockGenerator(BlockWorker):
                      finished=round(time.time(), 3))
         if row.get("source_sha256"):
             stats["source_sha256"] = row["source_sha256"]  # what the block was made from (an ingest listing)
+        if row.get("identities") is not None:
+            stats["identities"] = int(row["identities"])  # a block whose id range has gaps (ingest)
         return self.commit(self.stage_dir, block.block_id, table, stats)
 
 
