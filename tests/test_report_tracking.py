@@ -99,6 +99,17 @@ def test_report_page_shows_the_dataset_in_headless_chromium(tiny_run, tmp_path):
     assert dom.count('stroke-dasharray="3,3"') == manifest["num_buckets"] - 1  # the bucket edges
     [heldout] = summary.verification
     assert f"{100 * heldout['accuracy_mean']:.2f}%" in dom
+    # training curves: loss, training accuracy and the held-out validation against the step
+    curves = re.search(r'<div class="training-curves" data-run="tiny-report">(.*?)</div>', dom, re.S)
+    assert curves, "no training curves"
+    names = re.findall(r'<polyline class="curve" data-name="([^"]+)"', curves.group(1))
+    assert names == ["loss", "train accuracy", "validation heldout", "validation mean"], names
+    # what cleaning removed: thumbnails, each with its recorded reason
+    removed = re.search(r'<div class="grid" id="removed-grid".*?</div>(?=<h2>)', dom, re.S).group(0)
+    reasons = re.findall(r'<span class="why">([^<]+)</span>', removed)
+    dropped = int(re.search(r"\((\d+) dropped in the blocks shown", dom).group(1))
+    assert dropped >= summary.clean["totals"]["images_removed"] > 0 and len(reasons) == min(24, dropped)
+    assert removed.count("<img") == len(reasons) and all(r.strip() for r in reasons)
 
     from PIL import Image
 

@@ -2,8 +2,8 @@
 
 The page shows an identity grid (images inlined as data URIs), genuine/impostor similarity
 histograms of the raw and the clean blocks, what cleaning removed and why (counts and examples),
-generation errors by kind, the difficulty distribution with the curriculum bucket edges, and the
-verification results of training. Charts are inline SVG, styles inline, no external resource.
+generation errors by kind, the difficulty distribution with the curriculum bucket edges, the
+training curves (loss, accuracy, validation against the step) and the verification results. Charts are inline SVG, styles inline, no external resource.
 It reads the stats records of every block but the rows of a few blocks only, so it stays quick
 on large datasets.
 """
@@ -125,25 +125,82 @@ def _similarity_svg(table: pa.Table | None, title: str) -> str:
         f'the 5th percentile of genuine ones: {100 * summary["inter_above_intra_p5"]:.1f}%</p>')
 
 
-def _removed_examples(raw_dir: str, clean: pa.Table, block_ids: list[int], dropped: set[int], limit: int = 24) -> tuple[str, int]:
-    """Thumbnails of raw images that cleaning left out, each with the reason; and how many there were."""
-    raw = _read_rows(raw_dir, block_ids, ["identity_id", "sample_idx", "image", "status", "true_identity_id"])
-    if raw is None:
-        return "", 0
-    raw = raw.filter(pc.equal(raw.column("status"), "ok"))
-    kept = set(zip(clean.column("identity_id").to_pylist(), clean.column("sample_idx").to_pylist()))
+def _removed_examples(clean_dir: str, block_ids: list[int], limit: int = 24) -> tuple[str, int]:
+    """Thumbnails of images that cleaning dropped, each captioned with its recorded reason (read
+    from the clean blocks, block after block until ``limit`` are shown); and how many were dropped
+    in the blocks read."""
     cells, count = [], 0
-    for i, (ident, idx) in enumerate(zip(raw.column("identity_id").to_pylist(), raw.column("sample_idx").to_pylist())):
-        if (ident, idx) in kept:
+    for block_id in block_ids:
+        rows = storage.read_table(blk.block_path(clean_dir, block_id),
+                                  columns=["identity_id", "sample_idx", "image", "status", "reason", "decided_by", "true_identity_id"])
+        rows = rows.filter(pc.equal(rows.column("status"), "dropped"))
+        count += rows.num_rows
+        for row in rows.slice(0, max(0, limit - len(cells))).to_pylist():
+            truth = row["true_identity_id"]
+            wrong = '<br><b class="wrong-truth">wrong identity</b>' if truth not in (None, -1, row["identity_id"]) else ""
+            why = row["reason"] or row["decided_by"] or "dropped"
+            image = f'<img alt="removed" src="{_data_uri(row["image"])}"/>' if row["image"] else '<img alt="no image"/>'
+            cells.append(f'<figure title="{_e(why)}">{image}id {row["identity_id"]}#{row["sample_idx"]}<br>'
+                         f'<span class="why">{_e(why[:60])}</span>{wrong}</figure>')
+        if len(cells) >= limit:
+            break
+    return '<div class="grid" id="removed-grid" style="grid-template-columns:repeat(8,120px)">' + "".join(cells) + "</div>", count
+
+
+def svg_lines(series: list[tuple[str, np.ndarray, np.ndarray, str]], width: int = 640, height: int = 180,
+              label: str = "", y_range: tuple[float, float] | None = None) -> str:
+    """Line charts (``(name, x, y, colour)``) on shared axes as an inline SVG, a dot on each point."""
+    xs = np.concatenate([np.asarray(x, np.float64) for _, x, _, _ in series]) if series else np.zeros(1)
+    ys = np.concatenate([np.asarray(y, np.float64) for _, _, y, _ in series]) if series else np.zeros(1)
+    x_lo, x_hi = float(xs.min()), float(xs.max())
+    y_lo, y_hi = y_range or (float(min(ys.min(), 0.0)), float(ys.max()))
+    sx = lambda v: 40 + (float(v) - x_lo) / max(x_hi - x_lo, 1e-12) * (width - 50)  # noqa: E731
+    sy = lambda v: height - 5 - (float(v) - y_lo) / max(y_hi - y_lo, 1e-12) * (height - 15)  # noqa: E731
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height + 40}" role="img" aria-label="{_e(label)}">',
+             f'<line x1="40" x2="{width - 10}" y1="{height}" y2="{height}" stroke="#999"/>',
+             f'<line x1="40" x2="40" y1="0" y2="{height}" stroke="#999"/>']
+    for tick in np.linspace(y_lo, y_hi, 3):
+        parts.append(f'<text x="36" y="{sy(tick) + 4:.1f}" font-size="10" text-anchor="end">{tick:.2f}</text>')
+    for tick in np.linspace(x_lo, x_hi, 5):
+        parts.append(f'<text x="{sx(tick):.1f}" y="{height + 14}" font-size="10" text-anchor="middle">{tick:.0f}</text>')
+    for i, (name, x, y, colour) in enumerate(series):
+        points = " ".join(f"{sx(a):.1f},{sy(b):.1f}" for a, b in zip(x, y))
+        parts.append(f'<polyline class="curve" data-name="{_e(name)}" points="{points}" fill="none" stroke="{colour}" stroke-width="2"/>')
+        parts += [f'<circle cx="{sx(a):.1f}" cy="{sy(b):.1f}" r="3" fill="{colour}"><title>{_e(name)} step {a:.0f}: {b:.4f}</title></circle>'
+                  for a, b in zip(x, y)]
+        parts.append(f'<text x="{50 + 190 * i}" y="{height + 32}" font-size="11" fill="{colour}">&#9632; {_e(name)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+_COLOURS = ("#d2452a", "#2a6fdb", "#5a3", "#a3a", "#e90", "#333")
+
+
+def training_curves(cfg: FacegenConfig) -> str:
+    """Loss, training accuracy and validation accuracy against the step, for every training run
+    under ``<output_dir>/train`` that has finished (its ``result.json``)."""
+    train_dir = cfg.stage_dir("train")
+    charts = []
+    for run in sorted(storage.list_dirs(train_dir)) if storage.exists(train_dir) else []:
+        path = f"{train_dir}/{run}/result.json"
+        if not storage.exists(path):
             continue
-        count += 1
-        if len(cells) < limit:
-            why = "identity dropped" if ident in dropped else "outlier or trimmed"
-            truth = raw.column("true_identity_id")[i].as_py()
-            wrong = " (wrong identity)" if truth not in (None, -1, ident) else ""
-            cells.append(f'<figure><img alt="removed" src="{_data_uri(raw.column("image")[i].as_py())}"/>'
-                         f'id {ident}#{idx}<br>{_e(why)}{wrong}</figure>')
-    return '<div class="grid" id="removed-grid" style="grid-template-columns:repeat(8,96px)">' + "".join(cells) + "</div>", count
+        result = storage.read_json(path)
+        history = [h for h in result.get("history", []) if "step" in h]
+        points = sorted(history + list(result.get("validations", [])), key=lambda h: h["step"])
+        if not history:
+            continue
+        steps = np.array([h["step"] for h in history], np.float64)
+        loss = svg_lines([("loss", steps, np.array([h["loss"] for h in history]), _COLOURS[0])], label=f"{run} loss")
+        accuracy = [("train accuracy", steps, np.array([h["train_accuracy"] for h in history]), _COLOURS[1])]
+        names = sorted({k for h in points for k in h if k.startswith("val/") and not k.endswith("_std") and not k.startswith("val/best")})
+        for i, name in enumerate(names):
+            shown = [h for h in points if name in h]
+            accuracy.append((f"validation {name[4:]}", np.array([h["step"] for h in shown], np.float64),
+                             np.array([h[name] for h in shown]), _COLOURS[2 + i % 4]))
+        charts.append(f'<h3>{_e(run)}</h3><div class="training-curves" data-run="{_e(run)}">' + loss
+                      + svg_lines(accuracy, label=f"{run} accuracy", y_range=(0.0, 1.0)) + "</div>")
+    return "".join(charts) or '<p class="muted">no finished training run yet</p>'
 
 
 def _verification(cfg: FacegenConfig) -> list[tuple[Any, ...]]:
@@ -190,7 +247,6 @@ def build_report(cfg: FacegenConfig, identities: int = 8, per_identity: int = 8,
     sections.append("<h2>Generation errors by kind</h2>" + (_table(sorted(errors.items(), key=lambda kv: -kv[1]), ("kind", "images"))
                                                             if errors else '<p class="muted">none</p>'))
     if clean_stats:
-        dropped = {int(i) for r in clean_stats for i in r.get("dropped_identity_ids", [])}
         reasons = [("outliers removed by the consistency expert", clean_totals["images_removed"]),
                    ("kept images dropped with their identity (fewer than clean.min_images)", clean_totals["images_dropped_with_identity"]),
                    ("trimmed to clean.target_images", clean_totals["images_trimmed"]),
@@ -200,10 +256,10 @@ def build_report(cfg: FacegenConfig, identities: int = 8, per_identity: int = 8,
         for record in clean_stats:
             for why, n in (record.get("removed_by") or {}).items():
                 reasons.append((f"removed by {why}", n))
-        clean_sample = _read_rows(clean_dir, source_ids[:1], ["identity_id", "sample_idx"])
-        examples, count = _removed_examples(raw_dir, clean_sample, source_ids[:1], dropped)
+        examples, count = _removed_examples(clean_dir, source_ids)
         sections.append("<h2>What cleaning removed, and why</h2>" + _table(reasons, ("what", "images"), cls="removed")
-                        + f'<p class="muted">examples from block {source_ids[0]} ({count} left out there):</p>' + examples)
+                        + f'<p class="muted">examples with the reason each was dropped ({count} dropped in the blocks '
+                        'shown; red = another identity by ground truth):</p>' + examples)
 
     if storage.exists(f"{shards_dir}/manifest.json"):
         manifest = storage.read_json(f"{shards_dir}/manifest.json")
@@ -221,6 +277,7 @@ def build_report(cfg: FacegenConfig, identities: int = 8, per_identity: int = 8,
             markers=manifest["bucket_edges"][1:-1], label="difficulty")
             + _table([(f"bucket {b}", sum(s["rows"] for s in manifest["shards"] if s["bucket"] == b))
                       for b in range(manifest["num_buckets"])], ("curriculum bucket", "rows"), cls="buckets"))
+    sections.append("<h2>Training</h2>" + training_curves(cfg))
     verification = _verification(cfg)
     sections.append("<h2>Verification</h2>" + (_table(verification, ("set", "pairs", "accuracy", "std"), cls="verification")
                                                if verification else '<p class="muted">no verification results yet</p>'))

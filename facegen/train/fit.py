@@ -210,6 +210,8 @@ def fit(session: Session, cfg: FacegenConfig, shards_dir: str, eval_bins: list[s
                 checkpoint({"step": state["global_step"], "epoch": epoch + 1, "loss": float(loss_sum) / done, **step_metrics})
             elif eval_now:
                 session.report({"step": state["global_step"], "epoch": epoch + 1, **step_metrics}, None, "")
+            if step_metrics:  # kept for the report's curves, which plot validation against the step
+                state["validations"] = list(state.get("validations", [])) + [{"step": state["global_step"], **step_metrics}]
             if step_metrics and tracker is not None:
                 tracker.log(step_metrics, step=state["global_step"])
             if stopping:

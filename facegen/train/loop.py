@@ -210,6 +210,7 @@ def train(cfg: FacegenConfig, shards_dir: str, eval_bins: list[str] | None = Non
                           list(state.get("resumes", [])), state.get("best"), digest)
     write_json_atomic({"run_name": run_name, "epochs_completed": outcome.epochs_completed, "backbone_dir": backbone_dir,
                        "resumed_from_epoch": outcome.resumed_from_epoch, "global_step": outcome.global_step,
-                       "history": outcome.history, "resumes": outcome.resumes, "best": outcome.best,
+                       "history": outcome.history, "validations": list(state.get("validations", [])),
+                       "resumes": outcome.resumes, "best": outcome.best,
                        "shard_digest": digest}, f"{run_dir}/{RESULT_FILE}")
     return outcome
