@@ -256,6 +256,34 @@ def eval_(
 
 @app.command()
 @_one_line_errors
+def calibrate(
+    bins: list[str] = typer.Option(..., "--bin", help="insightface .bin verification set (repeatable; pairs pooled)"),
+    output: str = typer.Option(..., "--output", "-o", help="calibration JSON to write (for faces.embedder.calibration)"),
+    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="embedder weights (dlib: optional)"),
+    kind: str = typer.Option("facegen", "--kind", help="embedder kind: facegen | arcface_torch | onnx | dlib"),
+    arch: Optional[str] = typer.Option(None, "--arch", help="arcface_torch only: iresnet18/34/50/100"),
+    batch_size: int = typer.Option(64, "--batch-size"),
+    folds: int = typer.Option(10, "--folds"),
+    device: str = typer.Option("auto", "--device"),
+) -> None:
+    """Measure an embedder's similarity scale on .bin sets: genuine and impostor cosines and its
+    same-person threshold, so cleaning thresholds can be given on that scale (same_person, far:RATE)."""
+    from facegen.pipeline import run_calibrate
+    from facegen.preflight import check_output_file
+
+    check_output_file("--output", output)
+    c = run_calibrate(bins, output, kind, checkpoint, arch, device, batch_size, folds)
+    at = lambda values, p: f"{values[c['percentiles'].index(p)]:.3f}"  # noqa: E731
+    _print_pairs("facegen calibrate", [
+        ("file", output), ("embedder", kind), ("pairs", str(c["pairs"])), ("accuracy", f"{100 * c['accuracy']:.2f}%"),
+        ("same_person (cosine)", f"{c['same_person']:.4f}"),
+        ("genuine cosine p5 / p50", f"{at(c['genuine'], 5.0)} / {at(c['genuine'], 50.0)}"),
+        ("impostor cosine p50 / p99 / p99.9", f"{at(c['impostor'], 50.0)} / {at(c['impostor'], 99.0)} / {at(c['impostor'], 99.9)}"),
+    ])
+
+
+@app.command()
+@_one_line_errors
 def export(
     checkpoint: str = typer.Option(..., "--checkpoint", help="backbone directory, training checkpoint (step-*) or run directory"),
     fmt: str = typer.Option("onnx", "--format", help="onnx (insightface model zoo) or arcface_torch (.pth state dict)"),

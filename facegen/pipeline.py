@@ -36,18 +36,46 @@ def run_eval(
     """10-fold verification accuracy of an embedder (any ``faces.embedder.kind``) on ``.bin`` sets
     (local paths or URIs: fetched to this node first)."""
     from facegen.cache import fetch
-    from facegen.config import config_from_dict
     from facegen.eval.verification import verify_bins
+
+    embedder = embedder_from_options(kind, checkpoint, arch, device, batch_size, "facegen eval")
+    bins = [fetch(b, "--bin") for b in bins]
+    results = verify_bins(embedder, bins, batch_size=batch_size, nrof_folds=nrof_folds)
+    return [asdict(r) for r in results]
+
+
+def embedder_from_options(kind: str, checkpoint: str | None, arch: str | None, device: str, batch_size: int, source: str):
+    """The embedder a command's ``--kind / --checkpoint / --arch / --device`` name (the checkpoint
+    fetched to this node first), validated as ``faces.embedder`` settings."""
+    from facegen.cache import fetch
+    from facegen.config import config_from_dict
     from facegen.faces.embed import build_embedder
 
     if checkpoint:
         checkpoint = fetch(checkpoint, "--checkpoint")
-    bins = [fetch(b, "--bin") for b in bins]
-    embedder_fields = {"kind": kind, "path": checkpoint, "arch": arch, "device": device, "batch_size": batch_size}
-    settings = config_from_dict({"faces": {"embedder": embedder_fields}}, "facegen eval").faces.embedder
-    embedder = build_embedder(settings)
-    results = verify_bins(embedder, bins, batch_size=batch_size, nrof_folds=nrof_folds)
-    return [asdict(r) for r in results]
+    fields = {"kind": kind, "path": checkpoint, "arch": arch, "device": device, "batch_size": batch_size}
+    return build_embedder(config_from_dict({"faces": {"embedder": fields}}, source).faces.embedder)
+
+
+def run_calibrate(bins: list[str], output: str, kind: str = "facegen", checkpoint: str | None = None, arch: str | None = None,
+                  device: str = "auto", batch_size: int = 64, nrof_folds: int = 10) -> dict[str, Any]:
+    """Measure an embedder's similarity scale on ``.bin`` sets (their pairs pooled) and write it to
+    ``output`` as JSON for ``faces.embedder.calibration``; returns what was written."""
+    import numpy as np
+
+    from facegen.cache import fetch
+    from facegen.eval.verification import embed_set, load_bin
+    from facegen.faces.calibration import measure_calibration
+
+    embedder = embedder_from_options(kind, checkpoint, arch, device, batch_size, "facegen calibrate")
+    embeddings, issame = [], []
+    for path in bins:
+        images, same = load_bin(fetch(path, "--bin"))
+        embeddings.append(embed_set(embedder, images, batch_size))
+        issame.append(same)
+    calibration = measure_calibration(np.concatenate(embeddings), np.concatenate(issame), kind, ", ".join(bins), nrof_folds)
+    storage.write_json_atomic(calibration.model_dump(), output)
+    return calibration.model_dump()
 
 
 def _eval_task(checkpoint: str, bins: list[str], batch_size: int, nrof_folds: int) -> list[dict[str, Any]]:

@@ -63,6 +63,9 @@ def _drop_reason(votes: dict[str, ExpertVotes], row: int) -> str:
 
 def vote_block(table: pa.Table, block_id: int, settings: CleanSettings, experts: Experts | None = None) -> tuple[pa.Table, pa.Table, dict[str, Any]]:
     """Run the experts and the fusion on one block; returns (CLEAN rows, centres rows, stats)."""
+    from facegen.clean.thresholds import resolve_clean_settings
+
+    settings = resolve_clean_settings(settings)
     experts = experts or Experts()
     view = block_view(table)
     n = view.num_rows

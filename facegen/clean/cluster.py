@@ -243,8 +243,10 @@ def cluster_votes(view: BlockView, settings: DbscanSettings) -> ExpertVotes:
 
     votes = ExpertVotes.abstaining("cluster", view.num_rows)
     identities = [i for i, rows in view.groups.items() if len(rows)]
-    decisions = adaptive_dbscan_keep_many([view.unit[view.groups[i]] for i in identities], settings)
-    thresholds, landed = [], 0
+    calibrated = settings.mode == "calibrated"
+    search = calibrated_search(settings) if calibrated else settings
+    decisions = adaptive_dbscan_keep_many([view.unit[view.groups[i]] for i in identities], search)
+    thresholds, landed, rescued = [], 0, 0
     for ident, decision in zip(identities, decisions):
         rows = view.groups[ident]
         if decision.rounds == 0 or not decision.keep.any():
@@ -254,11 +256,17 @@ def cluster_votes(view: BlockView, settings: DbscanSettings) -> ExpertVotes:
         landed += decision.landed_in_band
         centre = view.unit[rows[decision.keep]].mean(axis=0)
         cos = view.unit[rows] @ (centre / np.linalg.norm(centre))
+        keep = decision.keep.copy()
+        if calibrated:  # never drop a face closer to the person than the embedder's same-person threshold
+            near = ~keep & (cos >= decision.threshold)
+            rescued += int(near.sum())
+            keep |= near
         confidence = np.abs(cos - decision.threshold) / 0.2
-        t = f"t={decision.threshold:.2f}, {decision.kept_fraction:.0%} kept"
-        kept, dropped = rows[decision.keep], rows[~decision.keep]
-        votes.set(kept, KEEP, confidence[decision.keep], f"cluster: in the largest cluster ({t})")
-        votes.set(dropped, DROP, confidence[~decision.keep], f"cluster: outside the largest cluster ({t})")
+        t = f"t={decision.threshold:.2f}, {keep.mean():.0%} kept"
+        kept, dropped = rows[keep], rows[~keep]
+        votes.set(kept, KEEP, confidence[keep], f"cluster: in the largest cluster or within t of it ({t})"
+                  if calibrated else f"cluster: in the largest cluster ({t})")
+        votes.set(dropped, DROP, confidence[~keep], f"cluster: outside the largest cluster ({t})")
     votes.info = {
         "identities": len(thresholds),
         "t_mean": float(np.mean(thresholds)) if thresholds else None,
@@ -266,5 +274,17 @@ def cluster_votes(view: BlockView, settings: DbscanSettings) -> ExpertVotes:
         "t_max": float(np.max(thresholds)) if thresholds else None,
         "rounds_mean": float(np.mean([d.rounds for d in decisions])) if decisions else None,
         "landed_in_band_fraction": landed / len(thresholds) if thresholds else None,
+        "mode": settings.mode,
+        "rescued_within_t": rescued,
     }
     return votes
+
+
+def calibrated_search(settings: DbscanSettings) -> DbscanSettings:
+    """The ``calibrated`` mode as one round of the search: ``t`` fixed at ``settings.threshold``
+    (a resolved cosine), any fraction accepted."""
+    if isinstance(settings.threshold, str):
+        raise ValueError(f"clean.dbscan.threshold: {settings.threshold} was not resolved to a cosine")
+    t = round(float(settings.threshold), _T_DECIMALS)
+    return settings.model_copy(update={"start_t": t, "t_min": t, "t_max": t, "keep_fraction_low": 0.0,
+                                       "keep_fraction_high": 1.0, "max_rounds": 1})

@@ -103,8 +103,11 @@ def finish_block(
     embedding comes from ``embed_fn`` or, without one, is the source's. Augmentation for an identity
     draws from ``np.random.default_rng([seed, identity_id, 0xA06])``. Sorted by (identity_id, sample_idx).
     """
+    from facegen.clean.thresholds import resolve_clean_settings
+
     if seed < 0:
         raise ValueError(f"clean: seed must be >= 0 (it seeds numpy's SeedSequence), got {seed}")
+    settings = resolve_clean_settings(settings)
     dim = embedding_dim(table.schema)
     schema = clean_schema(dim)
     table = table.select(list(CLEAN_NAMES)).cast(schema)

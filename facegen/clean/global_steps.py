@@ -115,6 +115,9 @@ def first_image(votes_dir: str, block_id: int, identity: int) -> bytes | None:
 
 def run_global(votes_dir: str, global_dir: str, settings: CleanSettings, overwrite: bool = False) -> tuple[GlobalPlan, dict[str, Any]]:
     """Dedup and leakage over all votes blocks of ``votes_dir``; returns the plan and its summary."""
+    from facegen.clean.thresholds import resolve_clean_settings
+
+    settings = resolve_clean_settings(settings)
     records = blk.read_stats(votes_dir)
     digest = plan_digest(records, settings)
     summary_path, plan_path = f"{global_dir.rstrip('/')}/global.json", f"{global_dir.rstrip('/')}/plan.parquet"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -154,11 +155,16 @@ def source_of(field: str, source: str, overrides: list[str] | None) -> str:
 
 
 def _format_validation_error(source: str, exc: ValidationError, overrides: list[str] | None = None) -> str:
+    def where(loc: tuple) -> str:
+        # pydantic adds the union member or validator it tried ("function-after[...]", "literal['auto']")
+        return ".".join(str(p) for p in loc if isinstance(p, int) or re.fullmatch(r"[A-Za-z_]\w*", str(p))) or "<root>"
+
     err = exc.errors()[0]
-    field = ".".join(str(p) for p in err["loc"]) or "<root>"
+    field = where(err["loc"])
     value = err.get("input")
     shown = "" if isinstance(value, dict) else f" (got {value!r})"
-    more = f" [+{len(exc.errors()) - 1} more]" if len(exc.errors()) > 1 else ""
+    others = {where(e["loc"]) for e in exc.errors()} - {field}
+    more = f" [+{len(others)} more]" if others else ""
     message = err["msg"].removeprefix("Value error, ")
     return f"{source_of(field, source, overrides)}: {field}: {message}{shown}{more}"
 

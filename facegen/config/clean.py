@@ -2,22 +2,37 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import AfterValidator, Field, model_validator
 
 from facegen.config._base import _Section
 from facegen.config.faces import EmbedderSettings
 from facegen.config.resources import PooledSection, PoolSettings, TaskSettings
+from facegen.faces.calibration import check_threshold_spec
+
+
+#: A similarity threshold: a cosine, or a spec on the embedder's own scale (same_person, far:RATE,
+#: genuine:PERCENTILE; :mod:`facegen.faces.calibration`), resolved when the clean stage starts.
+Threshold = Annotated[float | str, AfterValidator(check_threshold_spec)]
 
 
 class DbscanSettings(_Section):
-    """Adaptive per-identity DBSCAN (ALGORITHMS.md 1.2): ``eps = 1 - t``, cosine metric."""
+    """Per-identity DBSCAN (ALGORITHMS.md 1.2): ``eps = 1 - t``, cosine metric.
 
-    start_t: float = Field(default=0.6, gt=0.0, lt=1.0)
+    ``calibrated`` (the default): one DBSCAN at ``t = threshold`` on the embedder's own scale (its
+    same-person threshold unless given), the largest cluster kept, and no sample closer to that
+    cluster's centre than ``t`` ever dropped; an embedder without a calibration falls back to
+    ``band``. ``band``: HybridGen's adaptive search, ``t`` moved from ``start_t`` in ``step``s until
+    the largest cluster holds 50-80 % of the images (it drops some of every identity, clean or not).
+    """
+
+    mode: Literal["calibrated", "band"] = "calibrated"
+    threshold: Threshold = Field(default="same_person", description="calibrated mode's t")
+    start_t: Threshold = Field(default=0.6, description="band mode: where the search starts")
     step: float = Field(default=0.02, gt=0.0)
-    t_min: float = Field(default=0.3, gt=0.0, lt=1.0)
-    t_max: float = Field(default=0.9, gt=0.0, lt=1.0)
+    t_min: Threshold = Field(default=0.3, description="band mode: the loosest t")
+    t_max: Threshold = Field(default=0.9, description="band mode: the strictest t")
     keep_fraction_low: float = Field(default=0.5, ge=0.0, le=1.0)
     keep_fraction_high: float = Field(default=0.8, ge=0.0, le=1.0)
     max_rounds: int = Field(default=10, ge=1)
@@ -25,7 +40,7 @@ class DbscanSettings(_Section):
 
     @model_validator(mode="after")
     def _ordered(self) -> "DbscanSettings":
-        if self.t_min > self.t_max:
+        if not isinstance(self.t_min, str) and not isinstance(self.t_max, str) and self.t_min > self.t_max:
             raise ValueError("t_min must not exceed t_max")
         if self.keep_fraction_low > self.keep_fraction_high:
             raise ValueError("keep_fraction_low must not exceed keep_fraction_high")
@@ -105,12 +120,13 @@ class SelectionSettings(_Section):
     """Which kept samples survive the trim to ``target_images`` (CemiFace: semi-hard first)."""
 
     mode: Literal["semi_hard", "central"] = "semi_hard"
-    band: tuple[float, float] = (0.3, 0.8)
-    target: float = Field(default=0.7, description="inside the band, samples nearest this cosine go first")
+    band: tuple[Threshold, Threshold] = (0.3, 0.8)
+    target: Threshold = Field(default=0.7, description="inside the band, samples nearest this cosine go first")
 
     @model_validator(mode="after")
     def _ordered(self) -> "SelectionSettings":
-        if not -1.0 <= self.band[0] <= self.band[1] <= 1.0:
+        low, high = self.band
+        if not isinstance(low, str) and not isinstance(high, str) and not low <= high:
             raise ValueError("band must be [low, high] with -1 <= low <= high <= 1")
         return self
 
@@ -149,7 +165,9 @@ class DedupSettings(_Section):
     """Cross-identity deduplication of identity centres."""
 
     enabled: bool = True
-    threshold: float = Field(default=0.7, gt=-1.0, lt=1.0, description="centre cosine at or above = same person")
+    threshold: Threshold | Literal["auto"] = Field(
+        default="auto", description="centre cosine at or above = same person; auto: the embedder's same_person when "
+                                    "it has a calibration, else 0.7 (ArcFace's scale)")
     action: Literal["drop_smaller", "merge"] = "drop_smaller"
 
 
@@ -157,7 +175,9 @@ class LeakageSettings(_Section):
     """Privacy audit: synthetic identities against embeddings of real people (.npy or Parquet)."""
 
     references: list[str] = Field(default=[], json_schema_extra={"input_path": "required"})
-    threshold: float = Field(default=0.4, gt=-1.0, lt=1.0, description="fixed cosine when far is not set")
+    threshold: Threshold | Literal["auto"] = Field(
+        default="auto", description="when far is not set; auto: the embedder's same_person when it has a calibration, "
+                                    "else 0.4 (ArcFace's scale)")
     far: float | None = Field(default=None, gt=0.0, lt=1.0, description="calibrate to this false-accept rate")
     verification: str | None = Field(default=None, description=".npz/.parquet with embedding + label, for far",
                                      json_schema_extra={"input_path": "required"})

@@ -48,6 +48,9 @@ class EmbedderSettings(EmbedderWeights):
 
     kind: Literal["facegen", "arcface_torch", "onnx", "dlib"] = "facegen"
     batch_size: int = Field(default=64, ge=1)
+    calibration: str | None = Field(
+        default=None, description="the embedder's similarity scale (facegen calibrate writes it); cleaning thresholds "
+        "resolve on it. None: the kind's published rule (dlib), else cosines as written", json_schema_extra={"input_path": "required"})
 
     @model_validator(mode="after")
     def _weights_given(self) -> "EmbedderSettings":

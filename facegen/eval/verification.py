@@ -211,11 +211,9 @@ def _set_name(path: str) -> str:
     return base[: -len(".bin")] if base.endswith(".bin") else base
 
 
-def verify_bin(
-    embedder_or_model: Embedder | nn.Module, path: str, batch_size: int = 64, nrof_folds: int = 10
-) -> VerificationResult:
-    """Load a ``.bin`` set, embed it (flip-sum) and score it with K-fold verification."""
-    images, issame = load_bin(path)
+def embed_set(embedder_or_model: Embedder | nn.Module, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Flip-summed unit embeddings of a verification set's aligned images, by a facegen embedder
+    (any kind) or a bare torch backbone (left in the mode it was in)."""
     if isinstance(embedder_or_model, nn.Module):
         model = embedder_or_model
         was_training = model.training
@@ -229,7 +227,16 @@ def verify_bin(
             [embedder_or_model.embed(images[s : s + batch_size], flip=True) for s in range(0, len(images), batch_size)]
         )
     else:
-        raise TypeError(f"verify_bin: expected an Embedder or torch.nn.Module, got {type(embedder_or_model).__name__}")
+        raise TypeError(f"embed_set: expected an Embedder or torch.nn.Module, got {type(embedder_or_model).__name__}")
+    return embeddings
+
+
+def verify_bin(
+    embedder_or_model: Embedder | nn.Module, path: str, batch_size: int = 64, nrof_folds: int = 10
+) -> VerificationResult:
+    """Load a ``.bin`` set, embed it (flip-sum) and score it with K-fold verification."""
+    images, issame = load_bin(path)
+    embeddings = embed_set(embedder_or_model, images, batch_size)
     if not 2 <= nrof_folds <= len(issame):
         raise ValueError(f"{path}: its {len(issame)} pairs cannot make {nrof_folds} folds (folds: 2 to {len(issame)})")
     mean, std = evaluate(embeddings, issame, nrof_folds)

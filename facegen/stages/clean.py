@@ -271,7 +271,14 @@ def _clean_blocks(cfg: FacegenConfig, raw_dir: str, clean_dir: str, progress: bo
 
 def run_clean(cfg: FacegenConfig, raw_dir: str | None = None, clean_dir: str | None = None, progress: bool = True) -> StageReport:
     """Clean every finished raw block: expert pass, global steps, final pass (each resumable);
-    with ``clean.replace_dropped``, then generate replacements for the removed identities and clean again."""
+    with ``clean.replace_dropped``, then generate replacements for the removed identities and clean again.
+
+    Every threshold is first resolved on the embedder's own scale (its calibration,
+    :mod:`facegen.clean.thresholds`), so the workers and the blocks' settings digest see cosines."""
+    from facegen.clean.thresholds import resolve_clean_settings
+    from facegen.faces.calibration import load_calibration
+
+    cfg = cfg.model_copy(update={"clean": resolve_clean_settings(cfg.clean, load_calibration(cfg.faces.embedder))})
     raw_dir = raw_dir or cfg.stage_dir("raw")
     clean_dir = clean_dir or cfg.stage_dir("clean")
     if cfg.clean.leakage.references:  # fail before any expensive work

@@ -1,0 +1,50 @@
+"""Every similarity threshold of cleaning resolved to a cosine on the embedder's own scale, once.
+
+The clean stage resolves its settings before any block is read (:func:`resolve_clean_settings`),
+so the experts, dedup, the leakage audit and selection only ever see cosines, and the settings
+digest of the clean blocks holds the cosines they were cleaned with. Entry points that can be
+called without the stage (``vote_block``, ``run_global``, ``finish_block``) resolve again, which is
+a no-op on resolved settings and gives uncalibrated defaults otherwise.
+"""
+
+from __future__ import annotations
+
+from facegen.config import CleanSettings
+from facegen.faces.calibration import Calibration, resolve_threshold
+
+#: ``auto`` without a calibration: the cosines facegen's defaults were chosen for (ArcFace's scale).
+UNCALIBRATED = {"dedup": 0.7, "leakage": 0.4}
+
+
+def _auto(value: float | str, calibration: Calibration | None, field: str, fallback: float) -> float:
+    if value == "auto":
+        return calibration.same_person if calibration is not None else fallback
+    return resolve_threshold(value, calibration, field)
+
+
+def resolve_clean_settings(clean: CleanSettings, calibration: Calibration | None = None) -> CleanSettings:
+    """``clean`` with every threshold a cosine (see the module docstring); a calibrated cluster
+    expert without a calibration becomes HybridGen's ``band`` mode. ValueError names the field of a
+    spec that cannot be resolved."""
+    update = {}
+    dbscan = clean.dbscan.model_copy(update={
+        name: resolve_threshold(getattr(clean.dbscan, name), calibration, f"clean.dbscan.{name}") for name in ("start_t", "t_min", "t_max")})
+    if dbscan.t_min > dbscan.t_max:
+        raise ValueError(f"clean.dbscan: t_min {clean.dbscan.t_min} resolves above t_max {clean.dbscan.t_max}")
+    if dbscan.mode == "calibrated":
+        if isinstance(dbscan.threshold, str) and calibration is None:
+            dbscan = dbscan.model_copy(update={"mode": "band"})
+        else:
+            dbscan = dbscan.model_copy(update={"threshold": resolve_threshold(dbscan.threshold, calibration, "clean.dbscan.threshold")})
+    update["dbscan"] = dbscan
+    update["dedup"] = clean.dedup.model_copy(
+        update={"threshold": _auto(clean.dedup.threshold, calibration, "clean.dedup.threshold", UNCALIBRATED["dedup"])})
+    update["leakage"] = clean.leakage.model_copy(
+        update={"threshold": _auto(clean.leakage.threshold, calibration, "clean.leakage.threshold", UNCALIBRATED["leakage"])})
+    band = tuple(resolve_threshold(v, calibration, f"clean.selection.band[{i}]") for i, v in enumerate(clean.selection.band))
+    if band[0] > band[1]:
+        raise ValueError(f"clean.selection.band: {list(clean.selection.band)} resolves to [{band[0]:.3f}, {band[1]:.3f}], "
+                         "low above high")
+    update["selection"] = clean.selection.model_copy(
+        update={"band": band, "target": resolve_threshold(clean.selection.target, calibration, "clean.selection.target")})
+    return clean.model_copy(update=update)
