@@ -31,17 +31,19 @@ VerboseOption = typer.Option(False, "--verbose", "-v", help="also show Ray's own
 INTERRUPTED = "interrupted; run the same command again to resume (finished work is kept)"
 
 
-def _interrupt_on_sigterm() -> None:
+def _interrupt_on_sigterm() -> Any:
     """SIGTERM ends the command as Ctrl-C does: one line, Ray shut down (it otherwise meets Ray's
-    handlers, which dump native stacks). Installed again after Ray starts, which replaces it."""
+    handlers, which dump native stacks). Installed again after Ray starts, which replaces it.
+    Returns the handler it replaced (None off the main thread, where signals cannot be handled)."""
     import signal
     import threading
 
     def handler(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, handler)
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, handler)
 
 
 def _stop_ray_quietly() -> None:
@@ -61,7 +63,9 @@ def _stop_ray_quietly() -> None:
 def _one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        _interrupt_on_sigterm()
+        import signal
+
+        previous = _interrupt_on_sigterm()
         try:
             return fn(*args, **kwargs)
         except KeyboardInterrupt as exc:
@@ -76,6 +80,9 @@ def _one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             where = f"{exc.filename}: " if exc.filename else ""
             console.print(f"[bold red]error:[/] {where}{exc.strerror or exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
+        finally:
+            if previous is not None:  # a caller in this process (a test, a notebook) gets its own handler back
+                signal.signal(signal.SIGTERM, previous)
 
     return wrapper
 

@@ -31,6 +31,10 @@ SCHEDULING_FIELDS = frozenset({
     "batch_size", "concurrency", "num_gpus", "num_cpus", "resources", "device", "micro_batch",
     "dataloader_workers", "cpus_per_worker", "pool", "global_task", "max_tasks_in_flight",
 })
+#: Settings whose effect enters the digests in another form: an embedder's calibration only moves the
+#: cleaning thresholds, which the clean stage resolves to cosines before digesting its settings, so
+#: a new calibration redoes the clean blocks whose thresholds it moves and never the raw ones.
+RESOLVED_FIELDS = frozenset({"calibration"})
 DATASET_FILE = "dataset.json"
 
 
@@ -46,7 +50,7 @@ def _digestible(model: BaseModel) -> dict[str, Any]:
     """``model`` as plain data without scheduling fields, input paths replaced by content digests."""
     out: dict[str, Any] = {}
     for name, info in type(model).model_fields.items():
-        if name in SCHEDULING_FIELDS:
+        if name in SCHEDULING_FIELDS or name in RESOLVED_FIELDS:
             continue
         value = getattr(model, name)
         marker = (info.json_schema_extra or {}).get("input_path") if isinstance(info.json_schema_extra, dict) else None

@@ -59,7 +59,8 @@ MIN_FREE_BYTES = 64 * 2**20
 
 
 def _local_output_fault(path: str) -> str | None:
-    """Why a local output folder cannot be written, or None (it exists afterwards)."""
+    """Why a local output folder cannot be written, or None. Nothing is left behind: the probe is a
+    folder made and removed in the deepest part of the path that exists."""
     import shutil
     import tempfile
 
@@ -70,13 +71,10 @@ def _local_output_fault(path: str) -> str | None:
     if not os.path.isdir(existing):
         return f"{existing} is a file, not a folder"
     try:
-        os.makedirs(folder, exist_ok=True)
-        handle, probe = tempfile.mkstemp(prefix=".facegen-write-check-", dir=folder)
-        os.close(handle)
-        os.remove(probe)
+        os.rmdir(tempfile.mkdtemp(prefix=".facegen-write-check-", dir=existing))
     except OSError as exc:
         return f"not writable ({exc.strerror or exc})"
-    free = shutil.disk_usage(folder).free
+    free = shutil.disk_usage(existing).free
     if free < MIN_FREE_BYTES:
         return f"out of space ({free / 2**20:.0f} MiB free)"
     return None
@@ -85,7 +83,7 @@ def _local_output_fault(path: str) -> str | None:
 def output_fault(path: str) -> str | None:
     """Why the output folder ``path`` cannot be written, or None: a file where a folder is meant (or
     above it), no permission, a read-only or full filesystem, object storage that cannot be reached.
-    A local folder is created; an object store gets a probe object written and removed."""
+    A local path is probed where it exists; an object store gets a probe object written and removed."""
     if not storage.is_remote(path):
         return _local_output_fault(path)
     probe = f"{path.rstrip('/')}/.facegen-write-check"

@@ -65,9 +65,10 @@ def test_an_unwritable_output_dir_is_one_line(tmp_path):
     assert not os.path.exists(target)
 
 
-def test_a_writable_output_dir_is_created_and_left_clean(tmp_path):
+def test_a_writable_output_dir_passes_and_nothing_is_left_behind(tmp_path):
     check_output_location("run.output_dir", str(tmp_path / "new" / "run"))
-    assert os.listdir(tmp_path / "new" / "run") == []
+    check_output_location("run.output_dir", str(tmp_path))
+    assert os.listdir(tmp_path) == []
 
 
 def test_report_output_faults_are_one_line(tmp_path):

@@ -40,6 +40,14 @@ def _start(config: Path, ray_tmp: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
 
 
+def _started_run(tmp_path: Path, prefix: str) -> tuple[Path, Path, str, subprocess.Popen]:
+    """(output folder, config, Ray temp root, process) of a facegen generate just started."""
+    out, config = tmp_path / "run", tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(_settings(out)))
+    ray_tmp = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+    return out, config, ray_tmp, _start(config, ray_tmp)
+
+
 def _wait_for_blocks(out: Path, proc: subprocess.Popen, at_least: int, timeout: float = 180) -> None:
     deadline = time.time() + timeout
     while len(list((out / "raw").glob("block-*.stats.json"))) < at_least:
@@ -81,11 +89,7 @@ def _identities_once(out: Path) -> list[int]:
 
 @pytest.mark.parametrize("how", ["SIGINT", "SIGTERM"])
 def test_an_interrupted_stage_says_so_in_one_line_and_the_same_command_resumes(tmp_path, how):
-    out = tmp_path / "run"
-    config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump(_settings(out)))
-    ray_tmp = tempfile.mkdtemp(prefix="fgi", dir="/tmp")
-    proc = _start(config, ray_tmp)
+    out, config, ray_tmp, proc = _started_run(tmp_path, "fgi")
     _wait_for_blocks(out, proc, 2)
     if how == "SIGINT":
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the whole foreground group
@@ -111,11 +115,7 @@ def test_an_interrupted_stage_says_so_in_one_line_and_the_same_command_resumes(t
 
 
 def test_no_ray_process_outlives_a_killed_driver(tmp_path):
-    out = tmp_path / "run"
-    config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump(_settings(out)))
-    ray_tmp = tempfile.mkdtemp(prefix="fgk", dir="/tmp")
-    proc = _start(config, ray_tmp)
+    out, _, ray_tmp, proc = _started_run(tmp_path, "fgk")
     _wait_for_blocks(out, proc, 1)
     assert _ray_processes(ray_tmp)
     proc.kill()
