@@ -2,6 +2,9 @@
 
 import math
 import os
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -106,3 +109,17 @@ def test_error_reasons_are_counted_without_the_files_they_name():
     reasons = [f"identity_id={i} sample_idx=0: ValueError: /data/faces/p{i}/0{i}.jpg: cannot decode image" for i in range(3)]
     reasons.append("OSError: s3://bucket/faces/x.png: not found (HTTP 404)")
     assert {reason_kind(r) for r in reasons} == {"ValueError: <path>: cannot decode image", "OSError: <path>: not found"}
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="mounts a small tmpfs in a private mount namespace (root)")
+def test_a_full_disk_is_one_line_before_any_work(tmp_path):
+    """A real 1 MiB tmpfs, mounted in a mount namespace of the check's own process."""
+    small = tmp_path / "small"
+    small.mkdir()
+    check = ("from facegen.preflight import check_output_location\n"
+             f"check_output_location('run.output_dir', '{small}/run', 'c.yaml')\n")
+    done = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                           f"mount -t tmpfs -o size=1m tmpfs {small} && {sys.executable} -c \"{check}\""],
+                          capture_output=True, text=True, timeout=60)
+    last = done.stderr.strip().splitlines()[-1]
+    assert last == f"facegen.config._base.ConfigError: c.yaml: run.output_dir: {small}/run: out of space (1 MiB free)", done.stderr

@@ -257,16 +257,26 @@ def cluster_votes(view: BlockView, settings: DbscanSettings) -> ExpertVotes:
         centre = view.unit[rows[decision.keep]].mean(axis=0)
         cos = view.unit[rows] @ (centre / np.linalg.norm(centre))
         keep = decision.keep.copy()
-        if calibrated:  # never drop a face closer to the person than the embedder's same-person threshold
-            near = ~keep & (cos >= decision.threshold)
-            rescued += int(near.sum())
-            keep |= near
+        if calibrated:
+            # The cluster only finds the majority person; each face is then judged on the pair scale the
+            # threshold was calibrated on: its mean cosine to the majority's faces (itself left out).
+            # A face the same person as the majority on average is never dropped, one that is not is.
+            members = view.unit[rows[decision.keep]]
+            total = view.unit[rows] @ members.sum(axis=0)
+            others = np.where(decision.keep, len(members) - 1, len(members))
+            mean_pair = np.where(others > 0, (total - decision.keep) / np.maximum(others, 1), 1.0)
+            keep = mean_pair >= decision.threshold
+            rescued += int((keep & ~decision.keep).sum())
+            cos = mean_pair
         confidence = np.abs(cos - decision.threshold) / 0.2
         t = f"t={decision.threshold:.2f}, {keep.mean():.0%} kept"
         kept, dropped = rows[keep], rows[~keep]
-        votes.set(kept, KEEP, confidence[keep], f"cluster: in the largest cluster or within t of it ({t})"
-                  if calibrated else f"cluster: in the largest cluster ({t})")
-        votes.set(dropped, DROP, confidence[~keep], f"cluster: outside the largest cluster ({t})")
+        if calibrated:
+            votes.set(kept, KEEP, confidence[keep], f"cluster: the majority's person (mean cosine to it >= {t})")
+            votes.set(dropped, DROP, confidence[~keep], f"cluster: not the majority's person (mean cosine to it < {t})")
+        else:
+            votes.set(kept, KEEP, confidence[keep], f"cluster: in the largest cluster ({t})")
+            votes.set(dropped, DROP, confidence[~keep], f"cluster: outside the largest cluster ({t})")
     votes.info = {
         "identities": len(thresholds),
         "t_mean": float(np.mean(thresholds)) if thresholds else None,
@@ -275,7 +285,7 @@ def cluster_votes(view: BlockView, settings: DbscanSettings) -> ExpertVotes:
         "rounds_mean": float(np.mean([d.rounds for d in decisions])) if decisions else None,
         "landed_in_band_fraction": landed / len(thresholds) if thresholds else None,
         "mode": settings.mode,
-        "rescued_within_t": rescued,
+        "kept_outside_the_cluster": rescued,
     }
     return votes
 

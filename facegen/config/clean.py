@@ -21,9 +21,10 @@ class DbscanSettings(_Section):
     """Per-identity DBSCAN (ALGORITHMS.md 1.2): ``eps = 1 - t``, cosine metric.
 
     ``calibrated`` (the default): one DBSCAN at ``t = threshold`` on the embedder's own scale (its
-    same-person threshold unless given), the largest cluster kept, and no sample closer to that
-    cluster's centre than ``t`` ever dropped; an embedder without a calibration falls back to
-    ``band``. ``band``: HybridGen's adaptive search, ``t`` moved from ``start_t`` in ``step``s until
+    same-person threshold unless given) finds the identity's majority person (the largest cluster);
+    then every face whose mean cosine to the majority's faces is at least ``t`` is kept and every
+    other dropped, so no face that is on average the same person is lost; an embedder without a
+    calibration falls back to ``band``. ``band``: HybridGen's adaptive search, ``t`` moved from ``start_t`` in ``step``s until
     the largest cluster holds 50-80 % of the images (it drops some of every identity, clean or not).
     """
 
