@@ -174,7 +174,9 @@ def main() -> None:
     truth_wrong = shown != labels
     for (kind, source), calibration in calibrations.items():
         for mode in ("band", "calibrated"):
-            settings = resolve_clean_settings(CleanSettings(min_images=2, target_images=args.images, dbscan={"mode": mode}), calibration)
+            # min_calibration_accuracy 0: the calibrated rows are the calibrated mode, whatever the set's accuracy
+            dbscan = {"mode": mode, "min_calibration_accuracy": 0.0}
+            settings = resolve_clean_settings(CleanSettings(min_images=2, target_images=args.images, dbscan=dbscan), calibration)
             kept_clean = cleaned(sample_table(embedded[kind]["clean"], labels, labels, images["clean"]), settings)
             kept_planted = cleaned(sample_table(embedded[kind]["planted"], labels, shown, images["planted"]), settings)
             rows.append({

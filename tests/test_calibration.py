@@ -112,9 +112,14 @@ def test_threshold_specs_resolve_on_the_calibration_and_fail_in_one_line_without
     resolved = resolve_clean_settings(CleanSettings(dedup={"threshold": "far:0.01"}, selection={"band": ["genuine:0", "genuine:99"]}), cal)
     assert (resolved.dedup.threshold, resolved.leakage.threshold, resolved.dbscan.threshold) == (pytest.approx(0.3), 0.42, 0.42)
     assert resolved.selection.band == (pytest.approx(0.1), pytest.approx(0.9)) and resolved.dbscan.mode == "calibrated"
-    # no calibration: defaults on ArcFace's scale, the cluster expert in HybridGen's band mode
+    # no calibration, or one measured at under 80 % accuracy: defaults on ArcFace's scale, the cluster
+    # expert in HybridGen's band mode; explicit specs still resolve on it
     bare = resolve_clean_settings(CleanSettings())
     assert (bare.dedup.threshold, bare.leakage.threshold, bare.dbscan.mode) == (0.7, 0.4, "band")
+    weak = resolve_clean_settings(CleanSettings(leakage={"threshold": "far:0.01"}), cal.model_copy(update={"accuracy": 0.6}))
+    assert (weak.dedup.threshold, weak.leakage.threshold, weak.dbscan.mode) == (0.7, pytest.approx(0.3), "band")
+    trusted = resolve_clean_settings(CleanSettings(), cal.model_copy(update={"accuracy": 0.95}))
+    assert (trusted.dedup.threshold, trusted.dbscan.mode, trusted.dbscan.threshold) == (0.42, "calibrated", 0.42)
 
 
 def test_facegen_calibrate_measures_a_bin_and_the_clean_stage_reads_it(tmp_path, real_views, dlib_embedder):

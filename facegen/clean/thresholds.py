@@ -16,31 +16,33 @@ from facegen.faces.calibration import Calibration, resolve_threshold
 UNCALIBRATED = {"dedup": 0.7, "leakage": 0.4}
 
 
-def _auto(value: float | str, calibration: Calibration | None, field: str, fallback: float) -> float:
-    if value == "auto":
-        return calibration.same_person if calibration is not None else fallback
+def _auto(value: float | str, calibration: Calibration | None, trusted: Calibration | None, field: str, fallback: float) -> float:
+    if value == "auto":  # a default follows only a calibration it can trust; a spec the user wrote, any
+        return trusted.same_person if trusted is not None else fallback
     return resolve_threshold(value, calibration, field)
 
 
 def resolve_clean_settings(clean: CleanSettings, calibration: Calibration | None = None) -> CleanSettings:
     """``clean`` with every threshold a cosine (see the module docstring); a calibrated cluster
-    expert without a calibration becomes HybridGen's ``band`` mode. ValueError names the field of a
-    spec that cannot be resolved."""
+    expert without a calibration, or with one measured below ``dbscan.min_calibration_accuracy``,
+    becomes HybridGen's ``band`` mode. ValueError names the field of a spec that cannot be resolved."""
+    trusted = calibration if calibration is not None and (
+        calibration.accuracy is None or calibration.accuracy >= clean.dbscan.min_calibration_accuracy) else None
     update = {}
     dbscan = clean.dbscan.model_copy(update={
         name: resolve_threshold(getattr(clean.dbscan, name), calibration, f"clean.dbscan.{name}") for name in ("start_t", "t_min", "t_max")})
     if dbscan.t_min > dbscan.t_max:
         raise ValueError(f"clean.dbscan: t_min {clean.dbscan.t_min} resolves above t_max {clean.dbscan.t_max}")
     if dbscan.mode == "calibrated":
-        if isinstance(dbscan.threshold, str) and calibration is None:
+        if isinstance(dbscan.threshold, str) and trusted is None:
             dbscan = dbscan.model_copy(update={"mode": "band"})
         else:
             dbscan = dbscan.model_copy(update={"threshold": resolve_threshold(dbscan.threshold, calibration, "clean.dbscan.threshold")})
     update["dbscan"] = dbscan
     update["dedup"] = clean.dedup.model_copy(
-        update={"threshold": _auto(clean.dedup.threshold, calibration, "clean.dedup.threshold", UNCALIBRATED["dedup"])})
+        update={"threshold": _auto(clean.dedup.threshold, calibration, trusted, "clean.dedup.threshold", UNCALIBRATED["dedup"])})
     update["leakage"] = clean.leakage.model_copy(
-        update={"threshold": _auto(clean.leakage.threshold, calibration, "clean.leakage.threshold", UNCALIBRATED["leakage"])})
+        update={"threshold": _auto(clean.leakage.threshold, calibration, trusted, "clean.leakage.threshold", UNCALIBRATED["leakage"])})
     band = tuple(resolve_threshold(v, calibration, f"clean.selection.band[{i}]") for i, v in enumerate(clean.selection.band))
     if band[0] > band[1]:
         raise ValueError(f"clean.selection.band: {list(clean.selection.band)} resolves to [{band[0]:.3f}, {band[1]:.3f}], "

@@ -30,6 +30,10 @@ class DbscanSettings(_Section):
 
     mode: Literal["calibrated", "band"] = "calibrated"
     threshold: Threshold = Field(default="same_person", description="calibrated mode's t")
+    min_calibration_accuracy: float = Field(
+        default=0.8, ge=0.0, le=1.0, description="a measured calibration whose 10-fold accuracy is lower (an "
+        "embedder that cannot tell the people of its verification set apart) is not trusted: band mode, and auto "
+        "thresholds as without a calibration")
     start_t: Threshold = Field(default=0.6, description="band mode: where the search starts")
     step: float = Field(default=0.02, gt=0.0)
     t_min: Threshold = Field(default=0.3, description="band mode: the loosest t")
