@@ -254,20 +254,19 @@ def cluster_votes(view: BlockView, settings: DbscanSettings) -> ExpertVotes:
             continue
         thresholds.append(decision.threshold)
         landed += decision.landed_in_band
-        centre = view.unit[rows[decision.keep]].mean(axis=0)
-        cos = view.unit[rows] @ (centre / np.linalg.norm(centre))
-        keep = decision.keep.copy()
+        members = view.unit[rows[decision.keep]]
         if calibrated:
             # The cluster only finds the majority person; each face is then judged on the pair scale the
             # threshold was calibrated on: its mean cosine to the majority's faces (itself left out).
             # A face the same person as the majority on average is never dropped, one that is not is.
-            members = view.unit[rows[decision.keep]]
             total = view.unit[rows] @ members.sum(axis=0)
             others = np.where(decision.keep, len(members) - 1, len(members))
-            mean_pair = np.where(others > 0, (total - decision.keep) / np.maximum(others, 1), 1.0)
-            keep = mean_pair >= decision.threshold
+            cos = np.where(others > 0, (total - decision.keep) / np.maximum(others, 1), 1.0)
+            keep = cos >= decision.threshold
             rescued += int((keep & ~decision.keep).sum())
-            cos = mean_pair
+        else:  # cosine to the kept cluster's centre, for the confidence
+            centre = members.mean(axis=0)
+            cos, keep = view.unit[rows] @ (centre / np.linalg.norm(centre)), decision.keep
         confidence = np.abs(cos - decision.threshold) / 0.2
         t = f"t={decision.threshold:.2f}, {keep.mean():.0%} kept"
         kept, dropped = rows[keep], rows[~keep]
