@@ -101,7 +101,7 @@ def scan_image_folder(images_dir: str, extensions: list[str], first_id: int,
         elif not parts[1].lower().endswith(suffixes):
             skipped[SKIP_EXTENSION] += 1
         else:
-            by_identity[parts[0]].append(parts[1])
+            by_identity.setdefault(parts[0], []).append(parts[1])  # object stores may list a file before its folder
     skipped[SKIP_EMPTY] += sum(1 for files in by_identity.values() if not files)
     names = sorted(n for n, files in by_identity.items() if files)
     if not names:
