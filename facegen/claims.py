@@ -117,7 +117,8 @@ class StageClaim:
             if not ahead:
                 return
             other = ahead[0]
-            who = f"host {other.get('host')} pid {other.get('pid')}, started {time.strftime('%H:%M:%S', time.localtime(float(other.get('started', 0))))}"
+            since = time.strftime("%H:%M:%S", time.localtime(float(other.get("started", 0))))
+            who = f"host {other.get('host')} pid {other.get('pid')}, started {since}"
             if other.get("settings", "") != self.settings:
                 raise ValueError(f"{self.stage_dir}: another run with other settings is writing this stage ({who}); "
                                  "wait for it to end or give this run another run.output_dir")

@@ -3,8 +3,8 @@
 The page shows an identity grid (images inlined as data URIs), genuine/impostor similarity
 histograms of the raw and the clean blocks, what cleaning removed and why (counts and examples),
 generation errors by kind, the difficulty distribution with the curriculum bucket edges, the
-training curves (loss, accuracy, validation against the step) and the verification results. Charts are inline SVG, styles inline, no external resource.
-It reads the stats records of every block but the rows of a few blocks only, so it stays quick
+training curves (loss, accuracy, validation against the step) and the verification results.
+Charts are inline SVG, styles inline, no external resource. It reads the stats records of every block but the rows of a few blocks only, so it stays quick
 on large datasets.
 """
 
