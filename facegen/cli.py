@@ -77,8 +77,9 @@ def _one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except OSError as exc:  # a filesystem fault met after the checks (disk full, a file removed)
-            where = f"{exc.filename}: " if exc.filename else ""
-            console.print(f"[bold red]error:[/] {where}{exc.strerror or exc}", highlight=False, soft_wrap=True)
+            from facegen.storage import os_error_line
+
+            console.print(f"[bold red]error:[/] {os_error_line(exc)}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         finally:
             if previous is not None:  # a caller in this process (a test, a notebook) gets its own handler back

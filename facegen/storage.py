@@ -30,6 +30,12 @@ class FileRecord:
     sha256: str
 
 
+def os_error_line(exc: OSError) -> str:
+    """A filesystem error on one line: ``<file>: <what>`` (the file when the error names one)."""
+    what = exc.strerror or str(exc)
+    return f"{exc.filename}: {what}" if exc.filename else what
+
+
 def _resolve(path: str) -> tuple[pafs.FileSystem, str]:
     if "://" in str(path):
         return pafs.FileSystem.from_uri(str(path))

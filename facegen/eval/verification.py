@@ -27,7 +27,7 @@ from facegen.faces.align import decode_image, encode_image
 from facegen.curriculum import l2_normalize
 from facegen.faces.embed import Embedder, embed_with_model
 from facegen.schema import ALIGNED_SIZE
-from facegen.storage import read_bytes, write_bytes_atomic
+from facegen.storage import os_error_line, read_bytes, write_bytes_atomic
 
 THRESHOLDS = np.arange(0, 4, 0.01)
 
@@ -253,6 +253,6 @@ def verify_bins(
         try:
             results.append(verify_bin(embedder_or_model, path, batch_size, nrof_folds))
         except (OSError, ValueError) as exc:
-            reason = f"{exc.filename}: {exc.strerror}" if isinstance(exc, OSError) and exc.filename else str(exc)
+            reason = os_error_line(exc) if isinstance(exc, OSError) else str(exc)
             results.append(VerificationResult(_set_name(path), 0, float("nan"), float("nan"), error=reason))
     return results
