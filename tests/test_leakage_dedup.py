@@ -132,3 +132,37 @@ def test_dedup_keeps_the_identity_with_more_images():
     x = clustered_centres(np.random.default_rng(3), 500)
     result = find_duplicates(ArrayChunks(x), lambda ids: {int(i): int(i % 7) for i in ids}, DedupSettings(threshold=0.7), SearchSettings())
     assert result.pairs.num_rows >= 15 and len(result.absorbed) == result.pairs.num_rows
+
+
+def test_mean_pair_dedup_separates_people_whose_centres_averaging_brought_close():
+    """Images at pair cosine about 0.6 within a person: two different people at 0.3 between their
+    images have centres at about 0.5, above a same-person threshold of 0.45; compared as the mean
+    cosine between their images they stay apart, and one person split in two ids is still one."""
+    from facegen.clean.thresholds import resolve_clean_settings
+    from facegen.config import CleanSettings
+    from facegen.faces.calibration import Calibration
+
+    rng = np.random.default_rng(11)
+    a = unit(rng.standard_normal(DIM))
+    v = rng.standard_normal(DIM)
+    b = unit(0.5 * a + np.sqrt(0.75) * unit(v - (v @ a) * a))  # cos(a, b) = 0.5
+    people = {0: a, 1: b, 2: a}  # identity 2 is identity 0's person again
+    images = {i: unit(p + rng.standard_normal((40, DIM)) * np.sqrt(0.667 / DIM)) for i, p in people.items()}
+    means = {i: x.mean(axis=0) for i, x in images.items()}
+    centres = ArrayChunks(np.stack([unit(m) for m in means.values()]).astype(np.float32), np.array(list(means), np.int64))
+    lengths = {i: float(np.linalg.norm(m)) for i, m in means.items()}
+    assert float(images[0].mean(0) @ images[1].mean(0)) == pytest.approx(0.3, abs=0.03)  # their images' mean cosine
+    assert float(unit(means[0]) @ unit(means[1])) == pytest.approx(0.5, abs=0.05)  # their centres'
+
+    kept = lambda ids: {int(i): 40 for i in ids}  # noqa: E731
+    by_centre = find_duplicates(centres, kept, DedupSettings(threshold=0.45, measure="centre"), SearchSettings())
+    assert by_centre.absorbed == {1: 0, 2: 0}  # the other person is dropped as a duplicate
+    by_pairs = find_duplicates(centres, kept, DedupSettings(threshold=0.45, measure="mean_pair"), SearchSettings(),
+                               mean_length=lambda ids: {int(i): lengths[int(i)] for i in ids})
+    assert by_pairs.absorbed == {2: 0}
+
+    calibration = Calibration(embedder_kind="facegen", source="test", same_person=0.45, accuracy=0.97)
+    resolved = resolve_clean_settings(CleanSettings(), calibration).dedup  # auto on a calibration: mean pairs
+    assert (resolved.threshold, resolved.measure) == (0.45, "mean_pair")
+    assert resolve_clean_settings(CleanSettings(dedup={"threshold": 0.8})).dedup.measure == "centre"  # a cosine as written
+    assert resolve_clean_settings(CleanSettings()).dedup.measure == "centre"  # no calibration: ArcFace's 0.7 on centres

@@ -20,18 +20,25 @@ from facegen.clean.fusion import fuse, rows_needing
 from facegen.clean.view import BlockView, block_view
 from facegen.clean.votes import DROP, ExpertVotes, votes_column
 from facegen.config import CleanSettings
-from facegen.curriculum import identity_centre
+from facegen.curriculum import identity_centre, l2_normalize
 from facegen.schema import STATUS_DROPPED, STATUS_OK, clean_schema, embedding_dim
+
+#: Version of the centres files written beside each votes block (2: ``mean_length`` added); part of
+#: the votes blocks' digest, so blocks written in an older format are redone, never misread.
+CENTRES_FORMAT = 2
 
 EmbedFn = Callable[[np.ndarray], np.ndarray]
 
 def centres_schema(dim: int) -> pa.Schema:
-    """One row per identity with kept images: its unit centre (``dim`` = the block's embedding width)."""
+    """One row per identity with kept images: its unit centre (``dim`` = the block's embedding width)
+    and ``mean_length``, the length of the mean of its unit embeddings before renormalising: two
+    identities' mean cross-pair cosine is their centres' cosine times both lengths."""
     return pa.schema([
         pa.field("identity_id", pa.int64(), nullable=False),
         pa.field("block_id", pa.int64(), nullable=False),
         pa.field("num_kept", pa.int32(), nullable=False),
         pa.field("centre", pa.list_(pa.float32(), dim)),
+        pa.field("mean_length", pa.float32()),
     ])
 
 
@@ -113,12 +120,16 @@ def vote_block(table: pa.Table, block_id: int, settings: CleanSettings, experts:
     for ident, rows in view.groups.items():
         kept = rows[keep[rows]]
         if len(kept):
-            centre_rows.append((ident, len(kept), identity_centre(view.unit[kept]).astype(np.float32)))
+            mean = l2_normalize(view.unit[kept].astype(np.float64)).mean(axis=0)
+            length = float(np.linalg.norm(mean))
+            centre = identity_centre(view.unit[kept]) if length == 0.0 else mean / length
+            centre_rows.append((ident, len(kept), centre.astype(np.float32), length))
     centres = pa.Table.from_arrays([
         pa.array([c[0] for c in centre_rows], pa.int64()),
         pa.array([block_id] * len(centre_rows), pa.int64()),
         pa.array([c[1] for c in centre_rows], pa.int32()),
         pa.FixedSizeListArray.from_arrays(pa.array(np.concatenate([c[2] for c in centre_rows]) if centre_rows else np.zeros(0, np.float32)), dim),
+        pa.array([c[3] for c in centre_rows], pa.float32()),
     ], schema=centres_schema(dim))
 
     wrong = (view.true_identity >= 0) & (view.true_identity != view.identity)

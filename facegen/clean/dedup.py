@@ -1,7 +1,8 @@
 """Cross-identity deduplication: identities whose centres are too close are one person.
 
 The centres of all identities are searched against themselves (:mod:`facegen.clean.search`); pairs
-at or above ``threshold`` link identities into groups (connected components). In each group the
+at or above ``threshold`` (compared with the centres' cosine, or with ``measure: mean_pair`` the mean
+cosine between the two identities' images, which is the scale of a same-person threshold) link identities into groups (connected components). In each group the
 identity with the most kept images survives (ties: the lower id); the others are dropped or, with
 ``action: merge``, their kept images join the survivor. Every pair is recorded.
 """
@@ -58,10 +59,25 @@ def survivors(pairs: pa.Table, num_kept: dict[int, int]) -> dict[int, int]:
     return absorbed
 
 
+def mean_pair_cosines(pairs: pa.Table, lengths: dict[int, float]) -> np.ndarray:
+    """The mean cosine between two identities' images for each centre pair: the centres' cosine
+    times the lengths of both identities' mean unit embeddings."""
+    a = np.array([lengths[i] for i in pairs.column("query_id").to_pylist()], np.float64)
+    b = np.array([lengths[i] for i in pairs.column("base_id").to_pylist()], np.float64)
+    return pairs.column("cosine").to_numpy().astype(np.float64) * a * b
+
+
 def find_duplicates(centres: ChunkSource, num_kept: Callable[[np.ndarray], dict[int, int]], settings: DedupSettings,
-                    search: SearchSettings) -> DedupResult:
+                    search: SearchSettings, mean_length: Callable[[np.ndarray], dict[int, float]] | None = None) -> DedupResult:
     """Search ``centres`` (ids = identity ids) against themselves and decide who survives;
-    ``num_kept(ids)`` gives the kept-image counts of the identities found in pairs."""
+    ``num_kept(ids)`` gives the kept-image counts of the identities found in pairs, ``mean_length(ids)``
+    their mean unit embeddings' lengths (for ``measure: mean_pair``)."""
     pairs, plan = search_pairs(centres, centres, settings.threshold, search, self_join=True)
+    if settings.measure == "mean_pair" and pairs.num_rows:
+        # a mean pair cosine never exceeds the centres' cosine (lengths <= 1): the search above missed none
+        ids = np.unique(np.concatenate([pairs.column("query_id").to_numpy(), pairs.column("base_id").to_numpy()]))
+        if mean_length is None:
+            raise ValueError("clean.dedup.measure: mean_pair needs the identities' mean lengths")
+        pairs = pairs.filter(pa.array(mean_pair_cosines(pairs, mean_length(ids)) >= settings.threshold))
     involved = np.unique(np.concatenate([pairs.column("query_id").to_numpy(), pairs.column("base_id").to_numpy()]))
     return DedupResult(pairs, survivors(pairs, num_kept(involved) if involved.size else {}), plan)

@@ -95,7 +95,7 @@ def plan_digest(votes_stats: list[dict[str, Any]], settings: CleanSettings) -> s
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _lookup(paths: list[str], ids: np.ndarray, column: str) -> dict[int, int]:
+def _lookup(paths: list[str], ids: np.ndarray, column: str) -> dict[int, Any]:
     """``column`` of the centres rows of ``ids`` (one pass over the files, two columns each)."""
     wanted = pa.array(np.asarray(ids, np.int64))
     out: dict[int, int] = {}
@@ -131,7 +131,8 @@ def run_global(votes_dir: str, global_dir: str, settings: CleanSettings, overwri
     summary: dict[str, Any] = {"digest": digest, "identities": centres.total}
     if settings.dedup.enabled and centres.total > 1:
         started = time.time()
-        result = find_duplicates(centres, lambda ids: _lookup(paths, ids, "num_kept"), settings.dedup, settings.search)
+        result = find_duplicates(centres, lambda ids: _lookup(paths, ids, "num_kept"), settings.dedup, settings.search,
+                                 mean_length=lambda ids: _lookup(paths, ids, "mean_length"))
         storage.write_table_atomic(result.pairs, f"{global_dir.rstrip('/')}/dedup_pairs.parquet")
         involved = np.array(sorted(set(result.absorbed) | set(result.absorbed.values())), np.int64)
         plan.block_of.update(_lookup(paths, involved, "block_id"))
@@ -140,7 +141,7 @@ def run_global(votes_dir: str, global_dir: str, settings: CleanSettings, overwri
                 plan.merges[ident] = (keeper, plan.block_of[keeper])
             else:
                 plan.removed[ident] = ("dedup", f"dedup: same person as identity {keeper}, which has more images")
-        summary["dedup"] = {"pairs": result.pairs.num_rows, "identities_removed": len(result.absorbed),
+        summary["dedup"] = {"pairs": result.pairs.num_rows, "identities_removed": len(result.absorbed), "measure": settings.dedup.measure,
                             "action": settings.dedup.action, "index": result.plan.kind, "gpu": result.plan.gpu,
                             "seconds": round(time.time() - started, 2)}
     if settings.leakage.references and centres.total:

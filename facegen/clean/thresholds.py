@@ -39,8 +39,13 @@ def resolve_clean_settings(clean: CleanSettings, calibration: Calibration | None
         else:
             dbscan = dbscan.model_copy(update={"threshold": resolve_threshold(dbscan.threshold, calibration, "clean.dbscan.threshold")})
     update["dbscan"] = dbscan
-    update["dedup"] = clean.dedup.model_copy(
-        update={"threshold": _auto(clean.dedup.threshold, calibration, trusted, "clean.dedup.threshold", UNCALIBRATED["dedup"])})
+    measure = clean.dedup.measure
+    if measure == "auto":
+        on_scale = isinstance(clean.dedup.threshold, str) and (clean.dedup.threshold != "auto" or trusted is not None)
+        measure = "mean_pair" if on_scale else "centre"
+    update["dedup"] = clean.dedup.model_copy(update={
+        "threshold": _auto(clean.dedup.threshold, calibration, trusted, "clean.dedup.threshold", UNCALIBRATED["dedup"]),
+        "measure": measure})
     update["leakage"] = clean.leakage.model_copy(
         update={"threshold": _auto(clean.leakage.threshold, calibration, trusted, "clean.leakage.threshold", UNCALIBRATED["leakage"])})
     band = tuple(resolve_threshold(v, calibration, f"clean.selection.band[{i}]") for i, v in enumerate(clean.selection.band))
@@ -50,3 +55,18 @@ def resolve_clean_settings(clean: CleanSettings, calibration: Calibration | None
     update["selection"] = clean.selection.model_copy(
         update={"band": band, "target": resolve_threshold(clean.selection.target, calibration, "clean.selection.target")})
     return clean.model_copy(update=update)
+
+
+def describe_thresholds(resolved: CleanSettings, calibration: Calibration | None) -> str:
+    """One line saying on which scale cleaning ran: the cluster expert's mode and threshold and the
+    calibration behind them (the user's reason to trust, or re-measure, what was removed)."""
+    scale = "no calibration (cosines as written)"
+    if calibration is not None:
+        accuracy = "" if calibration.accuracy is None else f", {100 * calibration.accuracy:.1f}% pair accuracy"
+        scale = f"calibration {calibration.source}{accuracy}"
+    if resolved.dbscan.mode == "calibrated":
+        expert = f"cluster expert calibrated at cosine {resolved.dbscan.threshold:.3f}"
+    else:
+        expert = f"cluster expert in HybridGen's band mode (start {resolved.dbscan.start_t:.2f})"
+    dedup = f"dedup {resolved.dedup.threshold:.3f} ({resolved.dedup.measure.replace('_', ' ')})"
+    return f"{expert}, {dedup}, leakage {resolved.leakage.threshold:.3f}; {scale}"

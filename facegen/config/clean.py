@@ -171,8 +171,13 @@ class DedupSettings(_Section):
 
     enabled: bool = True
     threshold: Threshold | Literal["auto"] = Field(
-        default="auto", description="centre cosine at or above = same person; auto: the embedder's same_person when "
+        default="auto", description="at or above = same person (see measure); auto: the embedder's same_person when "
                                     "it has a calibration, else 0.7 (ArcFace's scale)")
+    measure: Literal["auto", "centre", "mean_pair"] = Field(
+        default="auto", description="what the threshold is compared with: centre: the cosine of the two identities' "
+        "unit centres; mean_pair: the mean cosine between their images (the scale a calibration's same_person is on: "
+        "averaging lifts centre cosines of different people above it); auto: mean_pair for a threshold on the "
+        "embedder's scale (auto with a calibration, or a spec), centre for a cosine as written")
     action: Literal["drop_smaller", "merge"] = "drop_smaller"
 
 

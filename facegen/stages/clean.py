@@ -47,10 +47,11 @@ def difficulty_histogram_of(table) -> dict[str, Any]:
 
 def votes_digest(cfg: FacegenConfig) -> str:
     """What shapes a votes block besides its raw block: the experts, the fusion, the embedder."""
+    from facegen.clean.block import CENTRES_FORMAT
     from facegen.lineage import settings_digest
 
     c = cfg.clean
-    return settings_digest(cfg.run.seed, c.dbscan, c.independent, c.vlm, c.fusion, cfg.faces)
+    return settings_digest(cfg.run.seed, c.dbscan, c.independent, c.vlm, c.fusion, cfg.faces, CENTRES_FORMAT)
 
 
 class BlockVoter(BlockWorker):
@@ -275,10 +276,11 @@ def run_clean(cfg: FacegenConfig, raw_dir: str | None = None, clean_dir: str | N
 
     Every threshold is first resolved on the embedder's own scale (its calibration,
     :mod:`facegen.clean.thresholds`), so the workers and the blocks' settings digest see cosines."""
-    from facegen.clean.thresholds import resolve_clean_settings
+    from facegen.clean.thresholds import describe_thresholds, resolve_clean_settings
     from facegen.faces.calibration import load_calibration
 
-    cfg = cfg.model_copy(update={"clean": resolve_clean_settings(cfg.clean, load_calibration(cfg.faces.embedder))})
+    calibration = load_calibration(cfg.faces.embedder)
+    cfg = cfg.model_copy(update={"clean": resolve_clean_settings(cfg.clean, calibration)})
     raw_dir = raw_dir or cfg.stage_dir("raw")
     clean_dir = clean_dir or cfg.stage_dir("clean")
     if cfg.clean.leakage.references:  # fail before any expensive work
@@ -293,4 +295,5 @@ def run_clean(cfg: FacegenConfig, raw_dir: str | None = None, clean_dir: str | N
         first = report
         report = _clean_blocks(cfg, raw_dir, clean_dir, progress)
         report.seconds = round(report.seconds + first.seconds, 2)
+    report.notes.append(describe_thresholds(cfg.clean, calibration))
     return report
