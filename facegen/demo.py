@@ -3,6 +3,8 @@
 - ``bootstrap_embedder``: an IResNet trained on *separate* identities (their own id range, no
   injected errors) so the main run's cleaning sees embeddings from a model, not the renderer's
   ground truth.
+- ``calibrate_bootstrap_embedder``: that embedder's similarity scale, measured on pairs of further
+  identities that vary as the training data does, so cleaning's thresholds follow it.
 - ``write_heldout_bin``: a verification set of further unseen identities in the insightface
   ``.bin`` format, so validation measures generalisation to new people.
 """
@@ -16,6 +18,7 @@ from facegen.config import FacegenConfig
 
 BOOTSTRAP_FIRST_ID = 10_000_000
 HELDOUT_FIRST_ID = 20_000_000
+CALIBRATION_FIRST_ID = 30_000_000
 HELDOUT_IMAGES_PER_IDENTITY = 4
 
 
@@ -75,7 +78,54 @@ def with_run_embedders(cfg: FacegenConfig, progress: bool = True) -> FacegenConf
             and faces_embedder.kind in ("facegen", "arcface_torch")):
         cfg.generator.embedder.kind, cfg.generator.embedder.path = faces_embedder.kind, faces_embedder.path
         cfg.generator.embedder.arch = faces_embedder.arch
+    if cfg.demo.bootstrap_identities and cfg.demo.calibration_identities and not cfg.faces.embedder.calibration:
+        cfg.faces.embedder.calibration = calibrate_bootstrap_embedder(cfg, progress=progress)
     return cfg
+
+
+def calibrate_bootstrap_embedder(cfg: FacegenConfig, progress: bool = True) -> str:
+    """Measure the similarity scale of ``cfg.faces.embedder`` (the bootstrap embedder) on
+    ``demo.calibration_identities`` further identities with the run's images per identity, varied as
+    the run's images are (Dispersion and DisCo through ``generator.embedder``); returns the
+    calibration file, reused while the embedder's weights and the set's settings are the same."""
+    from facegen.config import TaskSettings
+    from facegen.lineage import raw_digest, settings_digest
+    from facegen.models.iresnet_checkpoint import BACKBONE_WEIGHTS
+    from facegen.stages.generate import run_generate
+    from facegen.stages.tasks import run_task
+
+    # as many images per identity as the run: Dispersion spreads an identity's images further the more there are
+    side = _side_config(cfg, "calibration", CALIBRATION_FIRST_ID, cfg.demo.calibration_identities,
+                        cfg.generator.images_per_identity, keep_variation=True)
+    weights = storage.sha256_of(f"{cfg.faces.embedder.path.rstrip('/')}/{BACKBONE_WEIGHTS}")
+    key = settings_digest(raw_digest(side), cfg.demo.calibration_pairs, cfg.eval.nrof_folds, weights)
+    path = f"{side.run.output_dir}/calibration-{key}.json"  # reused while the embedder and the set are the same
+    if storage.exists(path):
+        return path
+    bin_path = f"{side.run.output_dir}/calibration-{key}.bin"
+    if not storage.exists(bin_path):
+        run_generate(side, progress=progress)
+        run_task(_write_bin_task, side.stage_dir("raw"), bin_path, cfg.demo.calibration_pairs, cfg.run.seed,
+                 resources=TaskSettings(num_cpus=0.25), field="demo.calibration_identities", name="calibration .bin")
+    resources = TaskSettings(num_cpus=cfg.train.cpus_per_worker, num_gpus=1 if cfg.train.use_gpu else 0,
+                             resources=cfg.train.resources)
+    return run_task(_calibrate_task, cfg.faces.embedder.model_dump_json(), bin_path, path, cfg.eval.nrof_folds,
+                    resources=resources, field="train.resources", name="calibrate the bootstrap embedder")
+
+
+def _calibrate_task(embedder_json: str, bin_path: str, path: str, nrof_folds: int) -> str:
+    """Embed the calibration set on a worker and write the calibration (a Ray task body)."""
+    from facegen.cache import fetch, localized
+    from facegen.config import EmbedderSettings
+    from facegen.faces.calibration import calibrate_embedder
+    from facegen.faces.embed import build_embedder
+
+    settings = localized(EmbedderSettings.model_validate_json(embedder_json), "faces.embedder.")
+    calibration = calibrate_embedder(build_embedder(settings), [fetch(bin_path, "demo.calibration_identities")], settings.kind,
+                                     settings.batch_size, nrof_folds, min_pairs=200)
+    calibration.source = bin_path
+    storage.write_json_atomic(calibration.model_dump(), path)
+    return path
 
 
 def heldout_pairs(identity_ids: np.ndarray, num_pairs: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

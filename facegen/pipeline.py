@@ -61,19 +61,12 @@ def run_calibrate(bins: list[str], output: str, kind: str = "facegen", checkpoin
                   device: str = "auto", batch_size: int = 64, nrof_folds: int = 10) -> dict[str, Any]:
     """Measure an embedder's similarity scale on ``.bin`` sets (their pairs pooled) and write it to
     ``output`` as JSON for ``faces.embedder.calibration``; returns what was written."""
-    import numpy as np
-
     from facegen.cache import fetch
-    from facegen.eval.verification import embed_set, load_bin
-    from facegen.faces.calibration import measure_calibration
+    from facegen.faces.calibration import calibrate_embedder
 
     embedder = embedder_from_options(kind, checkpoint, arch, device, batch_size, "facegen calibrate")
-    embeddings, issame = [], []
-    for path in bins:
-        images, same = load_bin(fetch(path, "--bin"))
-        embeddings.append(embed_set(embedder, images, batch_size))
-        issame.append(same)
-    calibration = measure_calibration(np.concatenate(embeddings), np.concatenate(issame), kind, ", ".join(bins), nrof_folds)
+    calibration = calibrate_embedder(embedder, [fetch(path, "--bin") for path in bins], kind, batch_size, nrof_folds)
+    calibration.source = ", ".join(bins)
     storage.write_json_atomic(calibration.model_dump(), output)
     return calibration.model_dump()
 

@@ -13,7 +13,7 @@ from facegen.config import CleanSettings, ConfigError, DetectorSettings, config_
 from facegen.eval.verification import load_bin, write_bin
 from facegen.faces.align import ARCFACE_CROP, encode_image
 from facegen.faces.calibration import (
-    DLIB_SAME_PERSON, PUBLISHED, Calibration, load_calibration, measure_calibration, resolve_threshold,
+    DLIB_SAME_PERSON, PUBLISHED, Calibration, calibrate_embedder, load_calibration, measure_calibration, resolve_threshold,
 )
 from facegen.faces.detect import build_detector
 from facegen.faces.embed import DlibEmbedder
@@ -146,3 +146,6 @@ def test_facegen_calibrate_measures_a_bin_and_the_clean_stage_reads_it(tmp_path,
     assert load_calibration(cfg.faces.embedder) == written
     with pytest.raises(ValueError, match=r"measured for a dlib embedder, faces.embedder.kind is facegen"):
         load_calibration(config_from_dict({"faces": {"embedder": {"kind": "facegen", "path": "/x", "calibration": str(out)}}}).faces.embedder)
+    # a threshold fitted on a handful of pairs is noise: the demo's own calibration asks for 200
+    with pytest.raises(ValueError, match=r"set.bin: 20 pairs; a calibration needs at least 200"):
+        calibrate_embedder(dlib_embedder, [str(tmp_path / "set.bin")], "dlib", min_pairs=200)

@@ -41,9 +41,19 @@ def test_make_demo_config_and_readme_commands_run_on_a_fresh_output(tmp_path):
                     "generator.images_per_identity": 8, "generator.pool.num_cpus": 0.5, "generator.parametric.image_size": 96,
                     "clean.min_images": 4, "clean.target_images": 8, "clean.pool.num_cpus": 0.25, **SMALL_TRAINING,
                     "demo.bootstrap_identities": 8, "demo.bootstrap_images_per_identity": 6, "demo.bootstrap_epochs": 1,
-                    "demo.heldout_identities": 6, "demo.heldout_pairs": 20})
+                    "demo.heldout_identities": 6, "demo.heldout_pairs": 20,
+                    "demo.calibration_identities": 20, "demo.calibration_pairs": 200})
     output = facegen("pipeline", "--config", "configs/local.yaml", *shrink)
     assert "facegen pipeline summary" in output
+    # the bootstrap embedder's scale was measured on 200 pairs of further identities, and cleaning says
+    # which scale it ran on (a 1-epoch embedder measures below clean.dbscan.min_calibration_accuracy:
+    # the cluster expert then runs HybridGen's band)
+    [calibration_file] = (out / "calibration").glob("calibration-*.json")
+    calibration = storage.read_json(str(calibration_file))
+    assert calibration["pairs"] == 200 and calibration["embedder_kind"] == "facegen"
+    mode = "calibrated at cosine" if calibration["accuracy"] >= 0.8 else "in HybridGen's band mode"
+    [scale] = [n for n in storage.read_json(str(out / "summary.json"))["clean"]["notes"] if n.startswith("cluster expert")]
+    assert scale.startswith(f"cluster expert {mode}") and f"{100 * calibration['accuracy']:.1f}% pair accuracy" in scale
     # worker lines are shown as facegen wrote them: no Ray prefix, no colour codes
     assert "RayTrainWorker" not in output and "pid=" not in output and "\x1b[" not in output, output[-3000:]
     summary = storage.read_json(str(out / "summary.json"))
@@ -77,6 +87,7 @@ def test_gan_local_pipeline_runs_as_documented_with_its_langevin_sampler(tmp_pat
         "clean.min_images": 3, "clean.target_images": 6, "clean.pool.num_cpus": 0.25, **SMALL_TRAINING,
         "demo.bootstrap_identities": 8, "demo.bootstrap_images_per_identity": 4, "demo.bootstrap_epochs": 1,
         "demo.heldout_identities": 6, "demo.heldout_pairs": 20,
+        "demo.calibration_identities": 20, "demo.calibration_pairs": 200,
     })
     facegen("pipeline", "--config", "configs/gan_local.yaml", *shrink)
     summary = storage.read_json(str(out / "summary.json"))

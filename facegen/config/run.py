@@ -66,10 +66,15 @@ class StorageSettings(_Section):
 
 
 class DemoSettings(_Section):
-    """Extras of the local demo: an embedder trained first on separate identities, a held-out .bin."""
+    """Extras of the local demo: an embedder trained first on separate identities, its calibration
+    measured on further identities, a held-out .bin."""
 
     bootstrap_identities: int = Field(default=0, ge=0, description="0 = use faces.embedder.path")
     bootstrap_images_per_identity: int = Field(default=20, ge=2)
     bootstrap_epochs: int = Field(default=4, ge=1)
     heldout_identities: int = Field(default=0, ge=0, description="0 = no held-out .bin is written")
     heldout_pairs: int = Field(default=600, ge=20)
+    calibration_identities: int = Field(
+        default=0, ge=0, description="identities (as many images and varied as the run's) the bootstrap "
+        "embedder's calibration is measured on, so cleaning runs on its scale; 0 = no calibration")
+    calibration_pairs: int = Field(default=600, ge=200, description="pairs of the calibration set, half genuine")

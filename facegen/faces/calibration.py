@@ -125,6 +125,23 @@ def measure_calibration(embeddings: np.ndarray, issame: np.ndarray, kind: str, s
                        pairs=int(len(issame)), accuracy=round(float(roc.accuracy_mean), 5))
 
 
+def calibrate_embedder(embedder: Any, bins: list[str], kind: str, batch_size: int = 64, nrof_folds: int = 10,
+                       min_pairs: int = 0) -> Calibration:
+    """The calibration of ``embedder`` measured on local ``.bin`` sets, their pairs pooled; ValueError
+    when they hold fewer than ``min_pairs`` pairs (a threshold fitted on a handful of pairs is noise)."""
+    from facegen.eval.verification import embed_set, load_bin
+
+    embeddings, issame = [], []
+    for path in bins:
+        images, same = load_bin(path)
+        embeddings.append(embed_set(embedder, images, batch_size))
+        issame.append(same)
+    issame_all = np.concatenate(issame)
+    if len(issame_all) < min_pairs:
+        raise ValueError(f"{', '.join(bins)}: {len(issame_all)} pairs; a calibration needs at least {min_pairs}")
+    return measure_calibration(np.concatenate(embeddings), issame_all, kind, ", ".join(bins), nrof_folds)
+
+
 def load_calibration(settings: Any) -> Calibration | None:
     """The calibration of the embedder ``settings`` (``faces.embedder``): its ``calibration`` file,
     else the published rule of its kind, else None."""
