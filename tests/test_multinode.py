@@ -230,6 +230,46 @@ def test_a_local_output_dir_is_refused_on_a_cluster_unless_every_node_sees_it(cl
     assert len(list((tmp_path / "shared-out" / "raw").glob("block-*.stats.json"))) == 1
 
 
+def test_a_stage_held_by_a_live_run_refuses_other_settings_and_makes_the_same_wait(cluster, s3_server, embedder_uri):
+    """Two jobs on one stage that a live run holds (the test process's own claim, the runner's code):
+    the one with other settings fails in one line naming that run; the one with the same settings
+    waits, writing nothing, and makes every block once the run ends."""
+    import os
+    import socket
+
+    from facegen.claims import StageClaim
+    from facegen.config import config_from_dict
+    from facegen.lineage import raw_digest
+
+    nodes, hidden = cluster
+    run = f"s3://{BUCKET}/live-run"
+    settings = _settings(s3_server, run, embedder_uri, identities=4, per_identity=4)
+    settings["tracking"] = {"mode": "disabled"}
+    other = yaml.safe_load(yaml.safe_dump(settings))
+    other["generator"]["parametric"]["image_size"] = 96
+    with StageClaim(f"{run}/raw", heartbeat_s=2.0, settings=raw_digest(config_from_dict(settings, "test"))):
+        status, logs = _finish(nodes, _job(nodes, hidden, "live-other", other, "generate"))
+        errors = [line for line in logs.splitlines() if line.startswith("error:")]
+        assert status == "FAILED" and "Traceback" not in logs and errors == [
+            f"error: {run}/raw: another run with other settings is writing this stage (host {socket.gethostname()} "
+            f"pid {os.getpid()}, started {errors[0].split('started ')[1][:8]}); wait for it to end or give this run "
+            "another run.output_dir"], logs[-3000:]
+
+        from ray.job_submission import JobStatus, JobSubmissionClient
+
+        client = JobSubmissionClient(nodes.dashboard)
+        job = _job(nodes, hidden, "live-same", settings, "generate")
+        deadline = time.time() + 120
+        while "another run with the same settings is writing this stage" not in client.get_job_logs(job):
+            status = client.get_job_status(job)
+            assert time.time() < deadline and status in (JobStatus.PENDING, JobStatus.RUNNING), client.get_job_logs(job)[-3000:]
+            time.sleep(1)
+        time.sleep(3)
+        assert client.get_job_status(job) == JobStatus.RUNNING and blk.done_block_ids(f"{run}/raw") == []
+    logs = _wait(nodes, job)
+    assert blk.done_block_ids(f"{run}/raw") == [0, 1] and "blocks_written" in logs
+
+
 def test_every_node_listens_and_reports_only_loopback(cluster):
     import psutil
     from ray.util.state import list_nodes

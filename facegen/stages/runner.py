@@ -204,7 +204,8 @@ def run_block_stage(stage: BlockStage, progress: bool = True) -> StageOutcome:
     planned = sorted(stage.jobs)
     reset = stage.reset or (lambda ids: blk.reset_blocks(stage.output_dir, ids))
     with StageClaim(stage.output_dir, settings=stage.config_digest or "") as claim:
-        claim.wait_for_runs_ahead(on_wait=lambda line: print(f"note: {line}", flush=True) if progress else None)
+        # shown without progress too: a run that waits silently looks hung
+        claim.wait_for_runs_ahead(on_wait=lambda line: print(f"note: {line}", flush=True))
         claim.remove_stale_temp_files()
         if stage.overwrite:
             reset(planned)
