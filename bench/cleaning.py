@@ -14,6 +14,7 @@
     python bench/cleaning.py --sizes 100000        # a quicker run
     python bench/cleaning.py --skip-cluster --dedup-only --sizes 1000000   # one dedup trial
     python bench/cleaning.py --device cuda         # faiss on the GPU (needs faiss-gpu; no Ray needed)
+    python bench/cleaning.py --skip-cluster --scans lists   # only the CPU list-major scan (clean.search.scan)
 
 Imports only numpy, faiss, pyarrow, scikit-learn and facegen.clean/facegen.config (pydantic).
 """
@@ -106,7 +107,7 @@ def exact_pairs(x: np.ndarray, queries: np.ndarray, threshold: float, base: np.n
     return found
 
 
-def bench_global(n: int, device: str, workdir: str, index: str = "auto", dedup_only: bool = False) -> dict:
+def bench_global(n: int, device: str, workdir: str, index: str = "auto", dedup_only: bool = False, scan: str = "lists") -> dict:
     """One size: dedup (self-join) + leakage (vs 100k references; not with ``dedup_only``), with recall on a query sample."""
     from facegen.clean.dedup import find_duplicates
     from facegen.clean.leakage import ReferenceSet, audit
@@ -120,7 +121,7 @@ def bench_global(n: int, device: str, workdir: str, index: str = "auto", dedup_o
     planted = write_centres(path, n, rng, references)
     del references
     centres = np.load(path, mmap_mode="r")
-    search = SearchSettings(device=device, index=index)
+    search = SearchSettings(device=device, index=index, scan=scan)
     dedup_cfg, leak_cfg = DedupSettings(threshold=0.7), LeakageSettings(references=[ref_path], threshold=0.5, report_pairs=10)
     cpu_started = time.process_time()  # CPU seconds of all threads: less sensitive to a shared machine's load
     started = time.perf_counter()
@@ -136,7 +137,7 @@ def bench_global(n: int, device: str, workdir: str, index: str = "auto", dedup_o
     sample = np.sort(rng.choice(n, 5000, replace=False))
     want = {tuple(sorted(p)) for p in exact_pairs(centres, sample, dedup_cfg.threshold)}
     got = set(zip(dedup.pairs.column("query_id").to_pylist(), dedup.pairs.column("base_id").to_pylist()))
-    row = {"centres": n, "index": dedup.plan.kind, "lists": dedup.plan.nlist, "nprobe": dedup.plan.nprobe or None, "gpu": dedup.plan.gpu,
+    row = {"centres": n, "scan": scan, "index": dedup.plan.kind, "lists": dedup.plan.nlist, "nprobe": dedup.plan.nprobe or None, "gpu": dedup.plan.gpu,
            "dedup_s": round(dedup_s, 1), "dedup_cpu_s": round(dedup_cpu_s, 1), "dedup_pairs": dedup.pairs.num_rows,
            "dedup_recall": round(len(want & got) / max(1, len(want)), 4), "dedup_pairs_in_sample": len(want)}
     if leaks is None:
@@ -157,13 +158,15 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="*", default=[100_000, 1_000_000])
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--index", default="auto", choices=["auto", "flat", "ivf", "hnsw"], help="clean.search.index")
+    parser.add_argument("--scans", nargs="+", default=["lists", "faiss"], choices=["lists", "faiss"],
+                        help="clean.search.scan: each size runs once per scan, side by side")
     parser.add_argument("--skip-cluster", action="store_true")
     parser.add_argument("--dedup-only", action="store_true", help="time only the dedup (no leakage audit): a quicker trial")
     parser.add_argument("--one-size", type=int, help=argparse.SUPPRESS)  # child process of one size
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one_size:
-        print(json.dumps(bench_global(args.one_size, args.device, args.workdir, args.index, args.dedup_only)))
+        print(json.dumps(bench_global(args.one_size, args.device, args.workdir, args.index, args.dedup_only, args.scans[0])))
         return
     if not args.skip_cluster:
         result = bench_cluster(args.identities, args.images)
@@ -171,15 +174,21 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="facegen-bench-") as workdir:
         for n in args.sizes:
-            out = subprocess.run([sys.executable, __file__, "--one-size", str(n), "--device", args.device, "--index", args.index,
-                                  "--workdir", workdir] + (["--dedup-only"] if args.dedup_only else []),
-                                 check=True, capture_output=True, text=True)
-            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-            print("dedup + leakage:", json.dumps(rows[-1]), flush=True)
-            os.remove(f"{workdir}/centres-{n}.npy")
+            by_scan = {}
+            for scan in args.scans:
+                out = subprocess.run([sys.executable, __file__, "--one-size", str(n), "--device", args.device, "--index", args.index,
+                                      "--workdir", workdir, "--scans", scan] + (["--dedup-only"] if args.dedup_only else []),
+                                     check=True, capture_output=True, text=True)
+                by_scan[scan] = json.loads(out.stdout.strip().splitlines()[-1])
+                print("dedup + leakage:", json.dumps(by_scan[scan]), flush=True)
+                os.remove(f"{workdir}/centres-{n}.npy")
+            if {"lists", "faiss"} <= set(by_scan):
+                print(f"{n} centres: faiss's scan / list-major scan: {by_scan['faiss']['total_s'] / by_scan['lists']['total_s']:.2f}x "
+                      f"wall, {by_scan['faiss']['cpu_s'] / by_scan['lists']['cpu_s']:.2f}x CPU", flush=True)
+            rows.append(by_scan[args.scans[0]])
     if len(rows) >= 2:
-        print(f"time ratio {rows[-1]['centres']} / {rows[0]['centres']} centres: {rows[-1]['total_s'] / rows[0]['total_s']:.1f}x "
-              f"(CPU seconds: {rows[-1]['cpu_s'] / rows[0]['cpu_s']:.1f}x)")
+        print(f"time ratio {rows[-1]['centres']} / {rows[0]['centres']} centres ({args.scans[0]} scan): "
+              f"{rows[-1]['total_s'] / rows[0]['total_s']:.1f}x (CPU seconds: {rows[-1]['cpu_s'] / rows[0]['cpu_s']:.1f}x)")
 
 
 if __name__ == "__main__":

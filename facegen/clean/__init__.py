@@ -9,6 +9,7 @@
 - ``fusion``: the votes-to-decision rules from the config.
 - ``block``: the per-block expert pass; ``finish``: the per-block final pass (minimum size,
   ``selection`` of semi-hard samples, top-up with ``augment``); ``merge``: rows of merged duplicates.
-- ``search``: faiss pair search in bounded memory; ``dedup``, ``leakage`` (+ ``leakage_report``):
+- ``search``: faiss pair search in bounded memory (on CPU its IVF lists scanned as matrix products,
+  ``list_join``); ``dedup``, ``leakage`` (+ ``leakage_report``):
   the global steps, orchestrated by ``global_steps``; ``summary``: run-level figures.
 """

@@ -22,12 +22,13 @@ Vectors arrive as chunks ``(ids int64 [k], vectors float32 [k, d])`` from a :cla
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from facegen.clean import list_join
 from facegen.config import SearchSettings
 
 GPU_MAX_K = 2048  # faiss GPU k-NN limit: a query with more neighbours above the threshold is cut there
@@ -150,6 +151,7 @@ class SearchPlan:
     nlist: int
     parts: int
     nprobe: int = 0  # IVF lists searched per query
+    capped: bool = False  # max_lists capped the lists (they hold more than vectors_per_list)
 
 
 def build_plan(total: int, settings: SearchSettings) -> SearchPlan:
@@ -169,7 +171,7 @@ def build_plan(total: int, settings: SearchSettings) -> SearchPlan:
     wanted = max(1, per_part // settings.vectors_per_list)
     nlist = min(settings.max_lists, wanted)
     nprobe = settings.nprobe if wanted <= settings.max_lists else min(settings.nprobe, settings.capped_nprobe)
-    return SearchPlan("ivf", gpu, nlist, parts, min(nprobe, nlist))
+    return SearchPlan("ivf", gpu, nlist, parts, min(nprobe, nlist), capped=wanted > settings.max_lists)
 
 
 def _training_sample(base: ChunkSource, size: int, seed: int = 0) -> np.ndarray:
@@ -214,7 +216,8 @@ def _train_ivf(base: ChunkSource, plan: SearchPlan, settings: SearchSettings):
     assign = faiss.IndexHNSWFlat(base.dim, 32, faiss.METRIC_INNER_PRODUCT) if large else None
     if assign is not None:  # k-means assignment through a graph over the centroids: training stays near-linear in N
         index.clustering_index = assign
-    sample = _training_sample(base, plan.nlist * settings.train_per_list)
+    per_list = settings.capped_train_per_list if plan.capped else settings.train_per_list
+    sample = _training_sample(base, plan.nlist * per_list)
     index.train(sample)
     if assign is not None:
         index.clustering_index = None
@@ -267,6 +270,19 @@ def _search_chunk(index, ids: np.ndarray, vecs: np.ndarray, threshold: float, k:
     return found, best_id, best_sim
 
 
+def _listed_part(trained, held: list[tuple[np.ndarray, np.ndarray]], queries: ChunkSource, plan: SearchPlan,
+                 same_vectors: bool) -> tuple[list_join.ListedBase, list[np.ndarray] | None]:
+    """One base part grouped by IVF list for :mod:`facegen.clean.list_join`, and, when the queries
+    are the very same vectors (a self-join in one part), every query batch's probed lists: each
+    vector is then assigned once, its nearest probed list being the one that holds it."""
+    centroids = list_join.as_low(trained.quantizer.reconstruct_n(0, plan.nlist))
+    ids = np.concatenate([c[0] for c in held])
+    vecs = np.concatenate([c[1] for c in held]).astype(np.float32, copy=False)
+    probes = [list_join.assign(centroids, v, plan.nprobe) for _, v in list_join.batches(queries.chunks())] if same_vectors else None
+    nearest = np.concatenate([p[:, 0] for p in probes]) if probes else list_join.assign(centroids, vecs, 1)[:, 0]
+    return list_join.list_base(ids, vecs, nearest, plan.nlist, centroids), probes
+
+
 def search_pairs(
     queries: ChunkSource,
     base: ChunkSource,
@@ -286,13 +302,17 @@ def search_pairs(
     if queries.dim != base.dim:
         raise ValueError(f"search: query vectors have {queries.dim} dimensions, base vectors {base.dim}")
     plan = build_plan(base.total, settings)
+    if self_join and plan.kind == "ivf":  # a pair is missed only when each of its vectors misses the other's list
+        plan = replace(plan, nprobe=max(1, -(-plan.nprobe // 2)))
     trained = _train_ivf(base, plan, settings) if plan.kind == "ivf" and base.total else None
     per_part = -(-base.total // plan.parts) if base.total else 0
     parts: list[pa.Table] = []
     base_iter = base.chunks()
     pending: tuple[np.ndarray, np.ndarray] | None = None
+    by_lists = plan.kind == "ivf" and not plan.gpu and settings.scan == "lists"  # facegen.clean.list_join
     for _ in range(plan.parts):
-        index = _new_index(plan, base.dim, trained, settings)
+        index = None if by_lists else _new_index(plan, base.dim, trained, settings)
+        held: list[tuple[np.ndarray, np.ndarray]] = []
         size = 0
         while size < per_part:
             if pending is None:
@@ -301,14 +321,34 @@ def search_pairs(
                     break
             ids, vecs = pending
             take = min(len(ids), per_part - size)
-            index.add_with_ids(vecs[:take], ids[:take])
+            if by_lists:
+                held.append((ids[:take], vecs[:take]))
+            else:
+                index.add_with_ids(vecs[:take], ids[:take])
             size += take
             pending = (ids[take:], vecs[take:]) if take < len(ids) else None
         if size == 0:
             continue
-        for number, (ids, vecs) in enumerate(queries.chunks()):
-            limit = min(size, GPU_MAX_K) if plan.gpu else size
-            found, best_id, best_sim = _search_chunk(index, ids, vecs, threshold, settings.knn, limit, self_join)
+        if by_lists:
+            listed, probes = _listed_part(trained, held, queries, plan, self_join and queries is base and plan.parts == 1)
+            del held
+            chunks = list_join.batches(queries.chunks())
+            inverse = np.argsort(listed.ids, kind="stable") if self_join else None
+        else:
+            chunks = queries.chunks()
+        for number, (ids, vecs) in enumerate(chunks):
+            if by_lists:
+                batch_probes = probes[number] if probes else list_join.assign(listed.centroids, vecs, plan.nprobe)
+                self_rows = None
+                if inverse is not None:  # each query's own row, where it is a base vector of this part
+                    at = np.minimum(np.searchsorted(listed.ids, ids, sorter=inverse), len(inverse) - 1)
+                    self_rows = np.where(listed.ids[inverse[at]] == ids, inverse[at], -1)
+                found, best_id, best_sim = list_join.join_batch(listed, ids, vecs, batch_probes, threshold, self_rows,
+                                                                want_best=on_best is not None)
+                found = [found]
+            else:
+                limit = min(size, GPU_MAX_K) if plan.gpu else size
+                found, best_id, best_sim = _search_chunk(index, ids, vecs, threshold, settings.knn, limit, self_join)
             if on_best is not None:
                 on_best(number, ids, best_id, best_sim)
             for q, b, s in found:

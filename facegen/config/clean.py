@@ -153,14 +153,21 @@ class SearchSettings(_Section):
     # missed lists (dedup recall 0.98); a flat quantizer with 4096 lists (about 244 vectors each at 1M)
     # is BLAS-fast and exact (bench/RESULTS.md, issue 10).
     max_lists: int = Field(default=4096, ge=1, description="IVF: at most this many lists")
-    nprobe: int = Field(default=16, ge=1, description="IVF: lists searched per query")
+    nprobe: int = Field(default=16, ge=1, description="IVF: lists searched per query (a self-join, dedup, probes half as "
+                        "many: a pair is missed only when each of its two vectors misses the other's list)")
     # Lists capped by max_lists hold more vectors, so fewer probes scan as much; at 1M, 8 of 4096
     # found every planted pair (4: 99.8 %) for 55 % of the CPU time of 16.
     capped_nprobe: int = Field(default=8, ge=1, description="IVF: at most this many lists searched when max_lists caps the lists")
     # 32: at 100k (1562 lists of 64) 16 points per list let 1 % of planted pairs fall outside the probed
     # lists one-sided (32: 0.08 %); at 1M 16 were enough, 32 cost 15 more CPU seconds there.
     train_per_list: int = Field(default=32, ge=4, description="IVF k-means training points per list")
+    # capped lists hold several times vectors_per_list: at 1M centres (4096 lists of 244) 16 points per
+    # list found every planted pair, for half the k-means time of 32 (bench/RESULTS.md, issues 10 and 21)
+    capped_train_per_list: int = Field(default=16, ge=4, description="IVF k-means training points per list when max_lists caps the lists")
     train_iterations: int = Field(default=10, ge=1, description="IVF k-means iterations")
+    scan: Literal["lists", "faiss"] = Field(
+        default="lists", description="CPU IVF: lists = each list scanned once per batch of 65k queries as one matrix "
+        "product (facegen.clean.list_join; the same pairs); faiss = faiss's own scan, one query at a time")
     query_chunk: int = Field(default=8192, ge=1)
     knn: int = Field(default=16, ge=1, description="first k per query; grown while the k-th is above threshold")
     max_vectors_per_part: int = Field(default=2_000_000, ge=1, description="bounds the memory of one index")
