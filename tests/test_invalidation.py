@@ -73,7 +73,10 @@ def test_a_changed_raw_block_is_recleaned_and_resharded_and_training_refuses(ray
     assert (again.blocks_written, again.blocks_skipped, again.blocks_redone) == (1, 1, 1), again.notes
     # the expert pass and the final pass each redo block 1, and only block 1
     assert again.notes == ["clean: experts: block 1 redone: its input block changed",
-                           "clean: finish: block 1 redone: its input block changed"]
+                           "clean: finish: block 1 redone: its input block changed",
+                           # and the scale cleaning ran on (no calibration here: ArcFace's cosines)
+                           "cluster expert in HybridGen's band mode (start 0.60), dedup 0.700 (centre), leakage 0.400; "
+                           "no calibration (cosines as written)"]
     assert storage.read_json(blk.stats_path(clean, 1))["source_sha256"] == storage.read_json(blk.stats_path(raw, 1))["sha256"]
     resharded = run_shard(cfg, progress=False)
     assert resharded.blocks_written == 2 and "source blocks changed" in resharded.notes[-1]
