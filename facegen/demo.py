@@ -122,8 +122,7 @@ def _calibrate_task(embedder_json: str, bin_path: str, path: str, nrof_folds: in
 
     settings = localized(EmbedderSettings.model_validate_json(embedder_json), "faces.embedder.")
     calibration = calibrate_embedder(build_embedder(settings), [fetch(bin_path, "demo.calibration_identities")], settings.kind,
-                                     settings.batch_size, nrof_folds, min_pairs=200)
-    calibration.source = bin_path
+                                     settings.batch_size, nrof_folds, min_pairs=200, source=bin_path)
     storage.write_json_atomic(calibration.model_dump(), path)
     return path
 

@@ -65,8 +65,8 @@ def run_calibrate(bins: list[str], output: str, kind: str = "facegen", checkpoin
     from facegen.faces.calibration import calibrate_embedder
 
     embedder = embedder_from_options(kind, checkpoint, arch, device, batch_size, "facegen calibrate")
-    calibration = calibrate_embedder(embedder, [fetch(path, "--bin") for path in bins], kind, batch_size, nrof_folds)
-    calibration.source = ", ".join(bins)
+    calibration = calibrate_embedder(embedder, [fetch(path, "--bin") for path in bins], kind, batch_size, nrof_folds,
+                                     source=", ".join(bins))
     storage.write_json_atomic(calibration.model_dump(), output)
     return calibration.model_dump()
 

@@ -20,7 +20,7 @@ from facegen.clean.fusion import fuse, rows_needing
 from facegen.clean.view import BlockView, block_view
 from facegen.clean.votes import DROP, ExpertVotes, votes_column
 from facegen.config import CleanSettings
-from facegen.curriculum import identity_centre, l2_normalize
+from facegen.curriculum import l2_normalize
 from facegen.schema import STATUS_DROPPED, STATUS_OK, clean_schema, embedding_dim
 
 #: Version of the centres files written beside each votes block (2: ``mean_length`` added); part of
@@ -120,10 +120,8 @@ def vote_block(table: pa.Table, block_id: int, settings: CleanSettings, experts:
     for ident, rows in view.groups.items():
         kept = rows[keep[rows]]
         if len(kept):
-            mean = l2_normalize(view.unit[kept].astype(np.float64)).mean(axis=0)
-            length = float(np.linalg.norm(mean))
-            centre = identity_centre(view.unit[kept]) if length == 0.0 else mean / length
-            centre_rows.append((ident, len(kept), centre.astype(np.float32), length))
+            mean = l2_normalize(view.unit[kept].astype(np.float64)).mean(axis=0)  # identity_centre before renormalising
+            centre_rows.append((ident, len(kept), l2_normalize(mean).astype(np.float32), float(np.linalg.norm(mean))))
     centres = pa.Table.from_arrays([
         pa.array([c[0] for c in centre_rows], pa.int64()),
         pa.array([block_id] * len(centre_rows), pa.int64()),

@@ -1,9 +1,9 @@
 """Cross-identity deduplication: identities whose centres are too close are one person.
 
 The centres of all identities are searched against themselves (:mod:`facegen.clean.search`); pairs
-at or above ``threshold`` (compared with the centres' cosine, or with ``measure: mean_pair`` the mean
-cosine between the two identities' images, which is the scale of a same-person threshold) link identities into groups (connected components). In each group the
-identity with the most kept images survives (ties: the lower id); the others are dropped or, with
+at or above ``threshold`` (compared with the centres' cosine, or with ``measure: mean_pair`` the
+mean cosine between the two identities' images, the scale of a same-person threshold) link
+identities into groups (connected components). In each group the identity with the most kept images survives (ties: the lower id); the others are dropped or, with
 ``action: merge``, their kept images join the survivor. Every pair is recorded.
 """
 
@@ -74,10 +74,10 @@ def find_duplicates(centres: ChunkSource, num_kept: Callable[[np.ndarray], dict[
     their mean unit embeddings' lengths (for ``measure: mean_pair``)."""
     pairs, plan = search_pairs(centres, centres, settings.threshold, search, self_join=True)
     if settings.measure == "mean_pair" and pairs.num_rows:
-        # a mean pair cosine never exceeds the centres' cosine (lengths <= 1): the search above missed none
-        ids = np.unique(np.concatenate([pairs.column("query_id").to_numpy(), pairs.column("base_id").to_numpy()]))
         if mean_length is None:
             raise ValueError("clean.dedup.measure: mean_pair needs the identities' mean lengths")
+        # a mean pair cosine never exceeds the centres' cosine (lengths <= 1): the search above missed none
+        ids = np.unique(np.concatenate([pairs.column("query_id").to_numpy(), pairs.column("base_id").to_numpy()]))
         pairs = pairs.filter(pa.array(mean_pair_cosines(pairs, mean_length(ids)) >= settings.threshold))
     involved = np.unique(np.concatenate([pairs.column("query_id").to_numpy(), pairs.column("base_id").to_numpy()]))
     return DedupResult(pairs, survivors(pairs, num_kept(involved) if involved.size else {}), plan)

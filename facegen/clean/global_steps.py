@@ -98,7 +98,7 @@ def plan_digest(votes_stats: list[dict[str, Any]], settings: CleanSettings) -> s
 def _lookup(paths: list[str], ids: np.ndarray, column: str) -> dict[int, Any]:
     """``column`` of the centres rows of ``ids`` (one pass over the files, two columns each)."""
     wanted = pa.array(np.asarray(ids, np.int64))
-    out: dict[int, int] = {}
+    out: dict[int, Any] = {}
     for path in paths:
         t = storage.read_table(path, columns=["identity_id", column])
         t = t.filter(pc.is_in(t.column("identity_id"), value_set=wanted))

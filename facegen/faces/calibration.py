@@ -126,9 +126,10 @@ def measure_calibration(embeddings: np.ndarray, issame: np.ndarray, kind: str, s
 
 
 def calibrate_embedder(embedder: Any, bins: list[str], kind: str, batch_size: int = 64, nrof_folds: int = 10,
-                       min_pairs: int = 0) -> Calibration:
+                       min_pairs: int = 0, source: str | None = None) -> Calibration:
     """The calibration of ``embedder`` measured on local ``.bin`` sets, their pairs pooled; ValueError
-    when they hold fewer than ``min_pairs`` pairs (a threshold fitted on a handful of pairs is noise)."""
+    when they hold fewer than ``min_pairs`` pairs (a threshold fitted on a handful of pairs is noise).
+    ``source``: what the calibration says it was measured on (default: the local paths)."""
     from facegen.eval.verification import embed_set, load_bin
 
     embeddings, issame = [], []
@@ -139,7 +140,7 @@ def calibrate_embedder(embedder: Any, bins: list[str], kind: str, batch_size: in
     issame_all = np.concatenate(issame)
     if len(issame_all) < min_pairs:
         raise ValueError(f"{', '.join(bins)}: {len(issame_all)} pairs; a calibration needs at least {min_pairs}")
-    return measure_calibration(np.concatenate(embeddings), issame_all, kind, ", ".join(bins), nrof_folds)
+    return measure_calibration(np.concatenate(embeddings), issame_all, kind, source or ", ".join(bins), nrof_folds)
 
 
 def load_calibration(settings: Any) -> Calibration | None:
