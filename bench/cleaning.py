@@ -2,7 +2,8 @@
 
 1. The cluster expert (facegen.clean.cluster, batched fast path) against scikit-learn's DBSCAN in
    HybridGen's adaptive loop (facegen.clean.cluster_reference) on the same identities: the keep
-   decisions must be identical; prints both times and the speed ratio (target >= 3x).
+   decisions must be identical; prints both times (each warmed, best of 2 runs) and the speed ratio
+   (target >= 20x, issue 21).
 2. Dedup + leakage over N identity centres (512-d, clustered like real embeddings, with planted
    near-duplicates and planted copies of references) for each N in --sizes: seconds, peak memory
    (each size in its own process), recall of the above-threshold pairs against exact search on a
@@ -52,7 +53,7 @@ def random_identity(rng: np.random.Generator, n: int) -> np.ndarray:
     return emb[rng.permutation(len(emb))].astype(np.float32)
 
 
-def bench_cluster(identities: int, images: int) -> dict:
+def bench_cluster(identities: int, images: int, repeats: int = 2) -> dict:
     from facegen.clean.cluster import adaptive_dbscan_keep_many
     from facegen.clean.cluster_reference import sklearn_adaptive_dbscan_keep
     from facegen.config import DbscanSettings
@@ -60,15 +61,19 @@ def bench_cluster(identities: int, images: int) -> dict:
     rng = np.random.default_rng(0)
     data = [random_identity(rng, images) for _ in range(identities)]
     settings = DbscanSettings()
-    started = time.perf_counter()
-    reference = [sklearn_adaptive_dbscan_keep(e, settings) for e in data]
-    sklearn_s = time.perf_counter() - started
-    started = time.perf_counter()
-    fast = adaptive_dbscan_keep_many(data, settings)
-    fast_s = time.perf_counter() - started
+    # both warmed on a few identities first (imports, BLAS threads), then the best of `repeats` runs each
+    [sklearn_adaptive_dbscan_keep(e, settings) for e in data[:20]], adaptive_dbscan_keep_many(data[:20], settings)
+    sklearn_s, fast_s = np.inf, np.inf
+    for _ in range(repeats):
+        started = time.perf_counter()
+        reference = [sklearn_adaptive_dbscan_keep(e, settings) for e in data]
+        sklearn_s = min(sklearn_s, time.perf_counter() - started)
+        started = time.perf_counter()
+        fast = adaptive_dbscan_keep_many(data, settings)
+        fast_s = min(fast_s, time.perf_counter() - started)
     same = sum(np.array_equal(a.keep, b.keep) and a.threshold == b.threshold and a.rounds == b.rounds for a, b in zip(reference, fast))
     return {"identities": identities, "images_per_identity_about": images, "rounds_mean": float(np.mean([d.rounds for d in reference])),
-            "sklearn_s": round(sklearn_s, 2), "fast_s": round(fast_s, 2), "speedup": round(sklearn_s / fast_s, 1),
+            "sklearn_s": round(sklearn_s, 3), "fast_s": round(fast_s, 3), "speedup": round(sklearn_s / fast_s, 1), "best_of": repeats,
             "identical_decisions": f"{same}/{identities}"}
 
 

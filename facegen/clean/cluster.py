@@ -5,11 +5,13 @@ cluster is the identity's majority person. ``t`` is moved until that cluster hol
 fraction of the images: too small a cluster means ``t`` is too strict for this identity's spread,
 too large means outliers are being absorbed.
 
-This is the fast path. The cosine-distance matrix of an identity is computed once and every
-threshold round reuses it: DBSCAN at one ``eps`` is "connected components of the core points
-(points with at least ``min_samples`` neighbours within ``eps``, themselves included), plus every
-border point attached to the first cluster that reaches it". Identities of similar size are
-processed together as one padded batch, so a round costs a few numpy calls for the whole batch.
+This is the fast path. The cosine-distance matrix of an identity is computed once. DBSCAN at one
+``eps`` is "connected components of the core points (points with at least ``min_samples``
+neighbours within ``eps``, themselves included), plus every border point attached to the first
+cluster that reaches it"; the core components at every ``eps`` are the edges of at most ``eps`` of
+one minimum spanning tree over mutual-reachability weights, so the clusters at every ``t`` the
+search can reach (at most ``2 * max_rounds - 1`` values) are found at once, and the search walks
+their sizes. Identities of similar size are processed together as one padded batch.
 The decisions equal scikit-learn's ``DBSCAN(metric="cosine")`` in the same loop
 (:mod:`facegen.clean.cluster_reference`; tests and ``bench/cleaning.py`` compare them).
 """
@@ -32,7 +34,7 @@ if TYPE_CHECKING:
 # must be the same t as 0.5), which matters for detecting a revisited t.
 _T_DECIMALS = 9
 # Padded batch size bound: identities x rows x rows distance cells per batch (float64: 8 bytes each).
-_BATCH_CELLS = 1 << 16
+_BATCH_CELLS = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -62,15 +64,26 @@ def clamp_t(t: float, settings: DbscanSettings) -> float:
     return round(min(max(t, settings.t_min), settings.t_max), _T_DECIMALS)
 
 
-def usable_unit_rows(embeddings: np.ndarray, name: str = "embeddings") -> tuple[np.ndarray, np.ndarray]:
-    """Indices of the rows with a finite, non-zero embedding, and those rows L2-normalised (float64)."""
-    emb = np.asarray(embeddings, dtype=np.float64)
+def usable_rows(embeddings: np.ndarray, name: str = "embeddings") -> np.ndarray:
+    """Indices of the rows whose values are all finite and not all zero."""
+    emb = np.asarray(embeddings)
     if emb.ndim != 2:
         raise ValueError(f"adaptive_dbscan_keep: {name} must be 2-D [n, d], got shape {emb.shape}")
-    finite = np.isfinite(emb).all(axis=1)
-    norms = np.linalg.norm(np.where(finite[:, None], emb, 0.0), axis=1)
-    usable = np.flatnonzero(finite & (norms > 0))
-    return usable, emb[usable] / norms[usable, None]
+    return np.flatnonzero(np.isfinite(emb).all(axis=1) & (emb != 0).any(axis=1))
+
+
+def normalise_rows(x: np.ndarray) -> np.ndarray:
+    """``x`` (float64, last axis the vector) divided in place by its L2 norms; all-zero rows stay zero."""
+    norms = np.sqrt(np.einsum("...d,...d->...", x, x))
+    norms[norms == 0] = 1.0
+    x /= norms[..., None]
+    return x
+
+
+def usable_unit_rows(embeddings: np.ndarray, name: str = "embeddings") -> tuple[np.ndarray, np.ndarray]:
+    """:func:`usable_rows` and those rows L2-normalised (float64)."""
+    usable = usable_rows(embeddings, name)
+    return usable, normalise_rows(np.asarray(embeddings)[usable].astype(np.float64))
 
 
 def largest_cluster(labels: np.ndarray, unit: np.ndarray) -> np.ndarray | None:
@@ -91,129 +104,189 @@ def largest_cluster(labels: np.ndarray, unit: np.ndarray) -> np.ndarray | None:
     return best_rows
 
 
-def dbscan_labels(distance: np.ndarray, valid: np.ndarray, eps: np.ndarray, min_samples: int) -> np.ndarray:
-    """DBSCAN labels of a padded batch from precomputed distances.
+def reachability_tree(distance: np.ndarray, core_distance: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A minimum spanning tree per batch row over mutual-reachability weights
+    ``max(d(i, j), core(i), core(j))``, by Prim's algorithm run on the whole batch at once.
 
-    ``distance`` ``[b, n, n]``, ``valid`` ``[b, n]`` (padding rows False), ``eps`` ``[b]``. A label is
-    the smallest core-row index of the cluster (-1 = noise or padding), so clusters are ordered as
-    scikit-learn numbers them (by their first core row) and a border row within ``eps`` of several
-    clusters joins the first, as scikit-learn's expansion order does.
+    Returns ``parent`` ``[b, n]`` and ``weight`` ``[b, n]``: the tree edge from each row up to its
+    parent (the root, row 0, and padding have weight ``inf``). Rows i and j are core and linked
+    within ``eps`` exactly when that weight is at most ``eps``, and a spanning tree of minimum
+    weight keeps every component of such links connected: DBSCAN's clusters at any ``eps`` are the
+    tree's edges of weight at most ``eps`` (single linkage), found in ``O(n)`` per round.
     """
     b, n, _ = distance.shape
-    adjacent = (distance <= eps[:, None, None]) & valid[:, :, None] & valid[:, None, :]
-    core = adjacent.sum(axis=2) >= min_samples
-    links = adjacent & core[:, :, None] & core[:, None, :]
-    none = n  # larger than any row index
+    links = np.maximum(distance, np.maximum(core_distance[:, :, None], core_distance[:, None, :]))
+    rows = np.arange(b)
+    in_tree = np.zeros((b, n), dtype=bool)
+    in_tree[:, 0] = True
+    best = links[:, 0].copy()
+    parent = np.zeros((b, n), dtype=np.intp)
+    weight = np.full((b, n), np.inf)
+    for _ in range(n - 1):
+        nearest = np.where(in_tree, np.inf, best).argmin(axis=1)
+        weight[rows, nearest] = best[rows, nearest]
+        in_tree[rows, nearest] = True
+        reach = links[rows, nearest]
+        closer = (reach < best) & ~in_tree
+        best = np.where(closer, reach, best)
+        parent = np.where(closer, nearest[:, None], parent)
+    return parent, weight
+
+
+def dbscan_labels(distance: np.ndarray, core_distance: np.ndarray, tree: tuple[np.ndarray, np.ndarray],
+                  eps: np.ndarray, min_samples: int) -> np.ndarray:
+    """DBSCAN labels of a padded batch at ``eps`` ``[b]``.
+
+    ``distance`` ``[b, n, n]`` (``inf`` where a padding row or column is involved); ``core_distance``
+    ``[b, n]``: each row's distance to its ``min_samples``-th nearest row, itself included (``inf``
+    for padding), so a row is core when it is at most ``eps``; ``tree``: :func:`reachability_tree`.
+    A label is the smallest core-row index of the cluster (-1 = noise or padding), so clusters are
+    ordered as scikit-learn numbers them (by their first core row) and a border row within ``eps`` of
+    several clusters joins the first, as scikit-learn's expansion order does.
+    """
+    parent, weight = tree
+    b, n = parent.shape
     index = np.broadcast_to(np.arange(n), (b, n))
-    labels = np.where(core, index, none)
-    while True:  # min-label propagation over core links, with pointer jumping
-        spread = np.where(links, labels[:, None, :], none).min(axis=2)
-        spread = np.minimum(labels, spread)
-        extended = np.concatenate([spread, np.full((b, 1), none)], axis=1)
-        jumped = np.minimum(spread, np.take_along_axis(extended, spread, axis=1))
-        if np.array_equal(jumped, labels):
+    top = np.where(weight <= eps[:, None], parent, index)  # up the tree while the edge is within eps
+    while True:
+        higher = np.take_along_axis(top, top, axis=1)
+        if np.array_equal(higher, top):
             break
-        labels = jumped
-    border = np.where(adjacent & core[:, None, :], labels[:, None, :], none).min(axis=2)
-    labels = np.where(core, labels, border)
-    return np.where(labels < none, labels, -1)
+        top = higher
+    component = (top + (np.arange(b) * n)[:, None]).ravel()
+    smallest = np.full(b * n, n)
+    np.minimum.at(smallest, component, index.ravel())
+    core = core_distance <= eps[:, None]
+    labels = np.where(core, smallest[component].reshape(b, n), n)
+    if min_samples > 2:  # border rows (within eps of a core row but not core) exist only then
+        to_core = (distance <= eps[:, None, None]) & core[:, None, :]
+        border = np.where(to_core, labels[:, None, :], n).min(axis=2)
+        labels = np.where(core, labels, border)
+    return np.where(labels < n, labels, -1)
 
 
-@dataclass
-class _Search:
-    """The adaptive-threshold state of one identity."""
-
-    usable: np.ndarray
-    unit: np.ndarray
-    t: float
-    seen: set
-    rounds: int = 0
-    last_t: float = 0.0
-    best_rows: np.ndarray | None = None
-    best_fraction: float = 0.0
-    best_t: float = 0.0
-    result: tuple | None = None  # (rows, t, fraction, landed)
-
-    def step(self, rows: np.ndarray | None, settings: DbscanSettings) -> None:
-        """Record one round's largest cluster and move ``t`` (or finish)."""
-        fraction = 0.0 if rows is None else len(rows) / len(self.usable)
-        low, high = settings.keep_fraction_low, settings.keep_fraction_high
-        if rows is not None and low <= fraction <= high:
-            self.result = (rows, self.t, fraction, True)
-            return
-        if rows is not None and fraction > self.best_fraction:
-            self.best_rows, self.best_fraction, self.best_t = rows, fraction, self.t
-        self.t = clamp_t(self.t + (-settings.step if fraction < low else settings.step), settings)
-        if self.rounds >= settings.max_rounds or self.t in self.seen:
-            self.result = (self.best_rows, self.best_t if self.best_rows is not None else self.last_t, self.best_fraction, False)
-
-    def start_round(self) -> None:
-        self.seen.add(self.t)
-        self.rounds, self.last_t = self.rounds + 1, self.t
+def reachable_thresholds(settings: DbscanSettings) -> list[float]:
+    """Every ``t`` the search can try: ``start_t`` moved by up to ``max_rounds - 1`` steps either
+    way, clamped and rounded as the search moves it."""
+    seen = frontier = {clamp_t(settings.start_t, settings)}
+    for _ in range(settings.max_rounds - 1):
+        frontier = {clamp_t(t + d, settings) for t in frontier for d in (-settings.step, settings.step)} - seen
+        seen = seen | frontier
+    return sorted(seen)
 
 
-def _pick_cluster(labels: np.ndarray, unit: np.ndarray) -> np.ndarray | None:
-    clustered = labels[labels >= 0]
-    if clustered.size == 0:
-        return None
-    sizes = np.bincount(clustered)
-    biggest = sizes.max()
-    if (sizes == biggest).sum() > 1:  # a tie: the slow, exact tie-break of the reference
-        return largest_cluster(labels, unit)
-    return np.flatnonzero(labels == int(sizes.argmax()))
+def _search(sizes: np.ndarray, usable: int, index_of: dict[float, int], settings: DbscanSettings) -> tuple:
+    """One identity's threshold search on its largest-cluster sizes at every reachable ``t``
+    (``sizes[index_of[t]]``): ``(chosen t's index or None, t, fraction, landed, rounds)``."""
+    low, high = settings.keep_fraction_low, settings.keep_fraction_high
+    t = clamp_t(settings.start_t, settings)
+    seen, rounds, best, best_fraction, best_t = set(), 0, None, 0.0, t
+    while True:
+        seen.add(t)
+        rounds, last_t = rounds + 1, t
+        at = index_of[t]
+        fraction = sizes[at] / usable
+        if sizes[at] and low <= fraction <= high:
+            return at, t, fraction, True, rounds
+        if sizes[at] and fraction > best_fraction:
+            best, best_fraction, best_t = at, fraction, t
+        t = clamp_t(t + (-settings.step if fraction < low else settings.step), settings)
+        if rounds >= settings.max_rounds or t in seen:
+            return best, best_t if best is not None else last_t, best_fraction, False, rounds
 
 
-def _run_batch(searches: list[_Search], settings: DbscanSettings) -> None:
-    """Advance every search of one batch, all rounds, on their precomputed distances."""
-    n = max(len(s.usable) for s in searches)
-    dim = searches[0].unit.shape[1]
-    padded = np.zeros((len(searches), n, dim))
-    valid = np.zeros((len(searches), n), dtype=bool)
-    for i, s in enumerate(searches):
-        padded[i, : len(s.usable)] = s.unit
-        valid[i, : len(s.usable)] = True
-    distance = np.clip(1.0 - np.matmul(padded, padded.transpose(0, 2, 1)), 0.0, 2.0)
-    active = np.arange(len(searches))
-    while active.size:
-        for i in active:
-            searches[i].start_round()
-        eps = np.array([max(1.0 - searches[i].t, 1e-12) for i in active])
-        labels = dbscan_labels(distance[active], valid[active], eps, settings.min_samples)
-        for row, i in enumerate(active):
-            s = searches[i]
-            s.step(_pick_cluster(labels[row, : len(s.usable)], s.unit), settings)
-        active = np.array([i for i in active if searches[i].result is None], dtype=np.int64)
+def _distances(unit: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """Cosine distances ``[b, n, n]`` in float64 of a padded batch (``sizes`` rows used in each),
+    ``inf`` where padding is involved.
+
+    torch's batched product: about twice numpy's stacked ``matmul`` for these small matrices.
+    """
+    import torch
+
+    stacked = torch.from_numpy(unit)
+    distance = torch.bmm(stacked, stacked.transpose(1, 2)).numpy()
+    # not clipped to [0, 2] as scikit-learn does: no eps tested lies outside (0, 2), so no comparison changes
+    np.subtract(1.0, distance, out=distance)
+    for i, size in enumerate(sizes):  # padding sits at the end of each identity's rows
+        distance[i, size:], distance[i, :, size:] = np.inf, np.inf
+    return distance
+
+
+def _decide_batch(rows: list[np.ndarray], settings: DbscanSettings) -> list[tuple]:
+    """The search of each identity of one batch (its usable rows as given), as :func:`_search`
+    returns it with the kept row indices in place of the chosen index."""
+    ts = reachable_thresholds(settings)
+    index_of = {t: g for g, t in enumerate(ts)}
+    b, n, grid = len(rows), max(len(r) for r in rows), len(ts)
+    unit = np.zeros((b, n, rows[0].shape[1]))
+    counts = np.array([len(r) for r in rows])
+    for i, r in enumerate(rows):
+        unit[i, : len(r)] = r
+    normalise_rows(unit)
+    distance = _distances(unit, counts)
+    # a row is core at eps when its min_samples-th nearest row (itself included) is within eps
+    core_distance = np.partition(distance, settings.min_samples - 1, axis=2)[:, :, settings.min_samples - 1]
+    parent, weight = reachability_tree(distance, core_distance)
+    # DBSCAN at every reachable t at once: batch rows (identity, t), identity-major
+    eps = np.tile([max(1.0 - t, 1e-12) for t in ts], b)
+    labels = dbscan_labels(np.repeat(distance, grid, axis=0) if settings.min_samples > 2 else distance,
+                           np.repeat(core_distance, grid, axis=0), (np.repeat(parent, grid, axis=0), np.repeat(weight, grid, axis=0)),
+                           eps, settings.min_samples)
+    flat = np.where(labels >= 0, labels + (np.arange(b * grid) * n)[:, None], b * grid * n)
+    sizes = np.bincount(flat.ravel(), minlength=b * grid * n + 1)[: b * grid * n].reshape(b * grid, n)
+    biggest, winner = sizes.max(axis=1), sizes.argmax(axis=1)
+    tied = (sizes == biggest[:, None]).sum(axis=1) > 1
+    out = []
+    for i in range(b):
+        at, t, fraction, landed, rounds = _search(biggest[i * grid : (i + 1) * grid], counts[i], index_of, settings)
+        kept = None
+        if at is not None:
+            own = labels[i * grid + at, : counts[i]]
+            if tied[i * grid + at]:  # the slow, exact tie-break of the reference
+                kept = largest_cluster(own, unit[i, : counts[i]])
+            else:
+                kept = np.flatnonzero(own == winner[i * grid + at])
+        out.append((kept, t, fraction, landed, rounds))
+    return out
+
+
+def _rows(embeddings: np.ndarray, usable: np.ndarray) -> np.ndarray:
+    emb = np.asarray(embeddings)
+    return emb if len(usable) == len(emb) else emb[usable]
 
 
 def adaptive_dbscan_keep_many(embeddings: Sequence[np.ndarray], settings: DbscanSettings) -> list[ClusterDecision]:
     """:func:`adaptive_dbscan_keep` for many identities at once (one decision per input, in order).
 
-    Identities are sorted by size and run in padded batches, every threshold round of a batch
-    together, each on its distance matrix computed once.
+    Identities are sorted by size and run in padded batches. Each identity's distances are computed
+    once, and its clusters at every ``t`` the search can reach come from one spanning tree
+    (:func:`reachability_tree`) for the whole batch at once; the search then walks those sizes.
     """
     decisions: list[ClusterDecision | None] = [None] * len(embeddings)
     start_t = clamp_t(settings.start_t, settings)
-    searches: dict[int, _Search] = {}
+    usable: dict[int, np.ndarray] = {}
     for i, emb in enumerate(embeddings):
-        usable, unit = usable_unit_rows(emb)
-        if len(usable) == 0 or len(usable) < settings.min_samples:
+        rows = usable_rows(emb)
+        if len(rows) == 0 or len(rows) < settings.min_samples:
             decisions[i] = ClusterDecision(np.zeros(len(emb), dtype=bool), start_t, 0, 0.0, False)
         else:
-            searches[i] = _Search(usable, unit, start_t, set())
-    order = sorted(searches, key=lambda i: len(searches[i].usable))
+            usable[i] = rows
+    order = sorted(usable, key=lambda i: len(usable[i]))
+    # border rows need the distances at every t (min_samples > 2): they then bound the batch
+    grid = len(reachable_thresholds(settings)) if settings.min_samples > 2 else 1
     batch: list[int] = []
     for pos, i in enumerate(order):
         batch.append(i)
-        size = len(searches[batch[-1]].usable)
-        if pos + 1 == len(order) or len(batch) * len(searches[order[pos + 1]].usable) ** 2 > _BATCH_CELLS or len(batch) * size**2 > _BATCH_CELLS:
-            _run_batch([searches[j] for j in batch], settings)
+        size = len(usable[i])
+        following = len(usable[order[pos + 1]]) if pos + 1 < len(order) else 0
+        if not following or len(batch) * grid * max(following, size) ** 2 > _BATCH_CELLS:
+            decided = _decide_batch([_rows(embeddings[j], usable[j]) for j in batch], settings)
+            for j, (kept, t, fraction, landed, rounds) in zip(batch, decided):
+                keep = np.zeros(len(embeddings[j]), dtype=bool)
+                if kept is not None:
+                    keep[usable[j][kept]] = True
+                decisions[j] = ClusterDecision(keep, t, rounds, float(fraction), landed)
             batch = []
-    for i, s in searches.items():
-        rows, t, fraction, landed = s.result
-        keep = np.zeros(len(embeddings[i]), dtype=bool)
-        if rows is not None:
-            keep[s.usable[rows]] = True
-        decisions[i] = ClusterDecision(keep, t, s.rounds, float(fraction), landed)
     return decisions  # type: ignore[return-value]
 
 
