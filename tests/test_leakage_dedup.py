@@ -128,9 +128,10 @@ def test_capped_lists_probe_fewer_lists_and_still_find_every_pair():
 
 @pytest.mark.parametrize("self_join", [True, False])
 def test_the_list_major_scan_finds_what_faiss_ivf_scan_finds(self_join):
-    """clean.search.scan lists (list_join's matrix products) against faiss's own IVF scan on the same
-    trained lists: the same pairs, cosines and best matches (the probed lists agree but for
-    bfloat16 near-ties in the assignment)."""
+    """clean.search.scan lists (list_join's matrix products on its own bfloat16 k-means lists) against
+    faiss's own IVF scan (faiss's k-means) and exact search: no false pair, the same cosines, at
+    least as many of the pairs and of the best matches (the exact nearest neighbour where that is
+    above the threshold) as faiss's scan finds."""
     rng = np.random.default_rng(8)
     x = clustered_centres(rng, 6000, modes=20)
     base = x
@@ -145,10 +146,20 @@ def test_the_list_major_scan_finds_what_faiss_ivf_scan_finds(self_join):
                                    on_best=lambda n, ids, b, s: best.update(zip(ids.tolist(), zip(b.tolist(), s.tolist()))))
         results[scan] = ({(q, b): c for q, b, c in zip(*(pairs.column(k).to_pylist() for k in ("query_id", "base_id", "cosine")))}, best)
     (lists, best_lists), (faiss_pairs, best_faiss) = results["lists"], results["faiss"]
-    assert len(faiss_pairs) >= 20 and set(lists) == set(faiss_pairs)
-    assert max(abs(lists[k] - faiss_pairs[k]) for k in lists) < 1e-5
-    same_best = sum(best_lists[q][0] == best_faiss[q][0] for q in best_faiss)
-    assert same_best >= 0.99 * len(best_faiss) and len(best_lists) == len(best_faiss) == len(x)
+    sims = x @ base.T
+    if self_join:
+        np.fill_diagonal(sims, -np.inf)
+    exact = {(int(q), int(b)) for q, b in zip(*np.nonzero(sims >= 0.6)) if not self_join or q < b}
+    assert len(exact) >= 20 and set(lists) <= exact and set(faiss_pairs) <= exact
+    assert max(abs(lists[k] - faiss_pairs[k]) for k in set(lists) & set(faiss_pairs)) < 1e-5
+    # 24 capped lists over 3000-6000 vectors, 4 probed (self-join) or 8: at this toy size a few
+    # planted pairs fall outside the probed lists for both (lists 97 of 100, faiss 94)
+    assert len(lists) >= len(faiss_pairs) >= 0.9 * len(exact)
+    nearest, close = sims.argmax(axis=1), np.flatnonzero(sims.max(axis=1) >= 0.6)
+    assert len(best_lists) == len(best_faiss) == len(x) and len(close) >= 20
+    right = {scan: sum(best[q][0] == nearest[q] for q in close.tolist()) for scan, best in (("lists", best_lists), ("faiss", best_faiss))}
+    assert right["lists"] >= right["faiss"] >= 0.9 * len(close)
+    assert all(best_lists[q][1] <= sims[q, nearest[q]] + 1e-5 for q in range(len(x)))
 
 
 def test_dedup_keeps_the_identity_with_more_images():

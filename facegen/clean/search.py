@@ -270,17 +270,23 @@ def _search_chunk(index, ids: np.ndarray, vecs: np.ndarray, threshold: float, k:
     return found, best_id, best_sim
 
 
-def _listed_part(trained, held: list[tuple[np.ndarray, np.ndarray]], queries: ChunkSource, plan: SearchPlan,
-                 same_vectors: bool) -> tuple[list_join.ListedBase, list[np.ndarray] | None]:
+def _list_centroids(base: ChunkSource, plan: SearchPlan, settings: SearchSettings):
+    """The IVF lists' centroids for the list-major scan (bfloat16, as :func:`list_join.assign` takes
+    them), by :func:`list_join.spherical_kmeans` on the same training sample faiss would get."""
+    per_list = settings.capped_train_per_list if plan.capped else settings.train_per_list
+    sample = _training_sample(base, plan.nlist * per_list)
+    return list_join.as_low(list_join.spherical_kmeans(sample, plan.nlist, settings.train_iterations))
+
+
+def _listed_part(centroids, held: list[tuple[np.ndarray, np.ndarray]], plan: SearchPlan,
+                 queries_are_base: bool) -> tuple[list_join.ListedBase, np.ndarray | None]:
     """One base part grouped by IVF list for :mod:`facegen.clean.list_join`, and, when the queries
-    are the very same vectors (a self-join in one part), every query batch's probed lists: each
-    vector is then assigned once, its nearest probed list being the one that holds it."""
-    centroids = list_join.as_low(trained.quantizer.reconstruct_n(0, plan.nlist))
-    ids = np.concatenate([c[0] for c in held])
-    vecs = np.concatenate([c[1] for c in held]).astype(np.float32, copy=False)
-    probes = [list_join.assign(centroids, v, plan.nprobe) for _, v in list_join.batches(queries.chunks())] if same_vectors else None
-    nearest = np.concatenate([p[:, 0] for p in probes]) if probes else list_join.assign(centroids, vecs, 1)[:, 0]
-    return list_join.list_base(ids, vecs, nearest, plan.nlist, centroids), probes
+    are the very same vectors (a self-join in one part), each listed vector's probed lists: the
+    listed base is then the one query batch, each vector assigned once (its nearest probed list is
+    the one that holds it), and every list meets all of its probers in one product."""
+    probes = np.concatenate([list_join.assign(centroids, vecs, plan.nprobe if queries_are_base else 1) for _, vecs in held])
+    listed, order = list_join.list_base(held, probes[:, 0], plan.nlist, centroids)
+    return listed, probes[order] if queries_are_base else None
 
 
 def search_pairs(
@@ -304,12 +310,17 @@ def search_pairs(
     plan = build_plan(base.total, settings)
     if self_join and plan.kind == "ivf":  # a pair is missed only when each of its vectors misses the other's list
         plan = replace(plan, nprobe=max(1, -(-plan.nprobe // 2)))
-    trained = _train_ivf(base, plan, settings) if plan.kind == "ivf" and base.total else None
+    by_lists = plan.kind == "ivf" and not plan.gpu and settings.scan == "lists"  # facegen.clean.list_join
+    trained = centroids = None
+    if plan.kind == "ivf" and base.total:
+        if by_lists:
+            centroids = _list_centroids(base, plan, settings)
+        else:
+            trained = _train_ivf(base, plan, settings)
     per_part = -(-base.total // plan.parts) if base.total else 0
     parts: list[pa.Table] = []
     base_iter = base.chunks()
     pending: tuple[np.ndarray, np.ndarray] | None = None
-    by_lists = plan.kind == "ivf" and not plan.gpu and settings.scan == "lists"  # facegen.clean.list_join
     for _ in range(plan.parts):
         index = None if by_lists else _new_index(plan, base.dim, trained, settings)
         held: list[tuple[np.ndarray, np.ndarray]] = []
@@ -330,16 +341,16 @@ def search_pairs(
         if size == 0:
             continue
         if by_lists:
-            listed, probes = _listed_part(trained, held, queries, plan, self_join and queries is base and plan.parts == 1)
+            listed, self_probes = _listed_part(centroids, held, plan, self_join and queries is base and plan.parts == 1)
             del held
-            chunks = list_join.batches(queries.chunks())
-            inverse = np.argsort(listed.ids, kind="stable") if self_join else None
+            chunks = iter([(listed.ids, listed.vectors)]) if self_probes is not None else list_join.batches(queries.chunks())
+            inverse = np.argsort(listed.ids, kind="stable") if self_join and self_probes is None else None
         else:
             chunks = queries.chunks()
         for number, (ids, vecs) in enumerate(chunks):
             if by_lists:
-                batch_probes = probes[number] if probes else list_join.assign(listed.centroids, vecs, plan.nprobe)
-                self_rows = None
+                batch_probes = self_probes if self_probes is not None else list_join.assign(listed.centroids, vecs, plan.nprobe)
+                self_rows = np.arange(len(ids)) if self_probes is not None else None
                 if inverse is not None:  # each query's own row, where it is a base vector of this part
                     at = np.minimum(np.searchsorted(listed.ids, ids, sorter=inverse), len(inverse) - 1)
                     self_rows = np.where(listed.ids[inverse[at]] == ids, inverse[at], -1)
