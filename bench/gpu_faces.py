@@ -1,9 +1,12 @@
 """The faces stage's two GPU parts, side by side in one run: MTCNN detection and IResNet embedding.
 
     python bench/gpu_faces.py --device cuda [--images 64] [--embed-batch 256]
+    python bench/gpu_faces.py --device cpu --images 8 --embed-batch 16 --repeat 1   # the CPU smoke test
 
-1. MTCNN (``facegen.models.mtcnn``, the ``mtcnn`` package's weights) on N 512x512 RGB images:
-   one ``detect_batch`` call for all N versus one call per image; images/s and the ratio. The
+1. MTCNN (``facegen.models.mtcnn``, the ``mtcnn`` package's weights) on N 512x512 RGB images,
+   its two cascades side by side (numpy: OpenCV resizes and numpy NMS on the host; torch:
+   ``facegen.models.mtcnn_torch``, every step on the device), their detections compared; one
+   ``detect_batch`` call for all N, and the torch cascade one image per call. The
    images are real photos when scikit-image is installed (its astronaut, plain and mirrored, and
    the astronaut's face pasted at two scales into a grey frame), so the cascade does the work a
    real dataset asks of it; faces found per image are printed as a check.
@@ -51,16 +54,27 @@ def photos_512(n: int) -> list[np.ndarray]:
 
 
 def bench_mtcnn(images: list[np.ndarray], device: str, repeat: int) -> None:
+    """Both cascades (``mtcnn_cascade``: numpy = OpenCV + numpy glue on the host, torch = all on the
+    device) on the same images: their detections compared, then images/s side by side."""
     from facegen.models.mtcnn import MTCNN
 
-    detector = MTCNN(device=device, min_face=20)
-    found = [len(boxes) for boxes, _, _ in detector.detect_batch(images)]
-    batched = best_rate(lambda: detector.detect_batch(images), len(images), repeat, cuda=device == "cuda")
-    single = best_rate(lambda: [detector.detect_batch([im]) for im in images], len(images), repeat, cuda=device == "cuda")
-    print(f"MTCNN 512 px, min_face 20: faces per image {sorted(set(found))} (mean {np.mean(found):.2f})")
-    print(f"| MTCNN batched (one detect_batch of {len(images)}) | {batched:.1f} img/s |")
-    print(f"| MTCNN one image per call | {single:.1f} img/s |")
-    print(f"| ratio batched / one at a time | {batched / single:.2f}x |")
+    detectors = {cascade: MTCNN(device=device, min_face=20, cascade=cascade) for cascade in ("numpy", "torch")}
+    found = {cascade: detector.detect_batch(images) for cascade, detector in detectors.items()}
+    same = sum(len(a[1]) == len(b[1]) for a, b in zip(found["numpy"], found["torch"]))
+    paired = [(a, b) for a, b in zip(found["numpy"], found["torch"]) if len(a[1]) == len(b[1]) and len(a[1])]
+    box = max((float(np.abs(a[0] - b[0]).max()) for a, b in paired), default=0.0)
+    mark = max((float(np.abs(a[2] - b[2]).max()) for a, b in paired), default=0.0)
+    faces = [len(f[1]) for f in found["numpy"]]
+    print(f"MTCNN 512 px, min_face 20: faces per image {sorted(set(faces))} (mean {np.mean(faces):.2f}); "
+          f"torch cascade vs numpy: same face count on {same}/{len(images)} images, boxes within {box:.3f} px, "
+          f"landmarks within {mark:.3f} px")
+    rates = {}
+    for cascade, detector in detectors.items():
+        rates[cascade] = best_rate(lambda d=detector: d.detect_batch(images), len(images), repeat, cuda=device == "cuda")
+        print(f"| MTCNN, {cascade} cascade (one detect_batch of {len(images)}) | {rates[cascade]:.1f} img/s |")
+    single = best_rate(lambda: [detectors["torch"].detect_batch([im]) for im in images], len(images), repeat, cuda=device == "cuda")
+    print(f"| MTCNN, torch cascade, one image per call | {single:.1f} img/s |")
+    print(f"| ratio torch / numpy cascade | {rates['torch'] / rates['numpy']:.2f}x |")
 
 
 def bench_iresnet(device: str, batch: int, repeat: int) -> None:

@@ -83,6 +83,9 @@ class DetectorSettings(_Section):
     device: str = "auto"
     mtcnn_min_face: int = Field(default=20, ge=12, description="smallest face the MTCNN pyramid looks for (px)")
     mtcnn_thresholds: tuple[float, float, float] = (0.6, 0.7, 0.8)
+    mtcnn_cascade: Literal["auto", "numpy", "torch"] = Field(
+        default="auto", description="the glue between MTCNN's networks: numpy = OpenCV resizes and numpy NMS on the host; "
+        "torch = pyramid, crops and NMS batched on the networks' device (the same faces; for GPUs); auto = torch on a GPU")
     dlib_model: Literal["hog", "cnn"] = "hog"
     dlib_upsample: int = Field(default=1, ge=0, le=3)
     path: str | None = Field(default=None, description="insightface: a model folder (e.g. buffalo_l) or a detection .onnx",

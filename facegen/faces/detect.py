@@ -9,7 +9,8 @@ nose tip, left and right mouth corner, "left" as seen in the image), best first;
 Kinds (``faces.detector.kind``):
 
 - ``mtcnn``: MTCNN in torch (:mod:`facegen.models.mtcnn`) with the ``mtcnn`` package's weights,
-  batched, CPU or GPU. The default: it works offline everywhere.
+  batched, CPU or GPU; on a GPU its pyramid, crops and NMS run there too
+  (:mod:`facegen.models.mtcnn_torch`). The default: it works offline everywhere.
 - ``dlib``: dlib's HOG or CNN detector with its 5-point predictor; the ArcFace points are derived
   from dlib's eye corners and nose base as :mod:`facegen.models.dlib_face` explains. Its score is
   the logistic of the detector's margin.
@@ -85,11 +86,12 @@ class MtcnnDetector:
 
     kind = "mtcnn"
 
-    def __init__(self, device: str = "auto", min_face: int = 20, thresholds: tuple[float, float, float] = (0.6, 0.7, 0.8)):
+    def __init__(self, device: str = "auto", min_face: int = 20, thresholds: tuple[float, float, float] = (0.6, 0.7, 0.8),
+                 cascade: str = "auto"):
         from facegen.faces.embed import resolve_device
         from facegen.models.mtcnn import MTCNN
 
-        self.model = MTCNN(resolve_device(device), min_face, thresholds)
+        self.model = MTCNN(resolve_device(device), min_face, thresholds, cascade=cascade)
 
     def detect_batch(self, images: list[np.ndarray]) -> list[list[Detection]]:
         images = [check_image(im) for im in images]
@@ -189,7 +191,7 @@ def build_detector(settings: "DetectorSettings") -> FaceDetector | None:
     if kind == "none":
         return None
     if kind == "mtcnn":
-        return MtcnnDetector(settings.device, settings.mtcnn_min_face, settings.mtcnn_thresholds)
+        return MtcnnDetector(settings.device, settings.mtcnn_min_face, settings.mtcnn_thresholds, settings.mtcnn_cascade)
     if kind == "dlib":
         return DlibDetector(settings.dlib_model, settings.dlib_upsample)
     if kind == "insightface":

@@ -31,6 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 
 PYRAMID_FACTOR = 0.709
+#: How the glue between the networks runs: numpy = OpenCV resizes and numpy NMS on the host (below);
+#: torch = every step batched on the networks' device (facegen.models.mtcnn_torch); auto = torch on a GPU.
+CASCADES = ("auto", "numpy", "torch")
 CELL, STRIDE = 12, 2
 
 
@@ -290,11 +293,21 @@ class MTCNN:
         weights_dir: str | None = None,
         max_batch: int = 256,
         max_pyramid_pixels: int = 32_000_000,
+        cascade: str = "auto",
     ):
         self.device = torch.device(device)
         self.pnet, self.rnet, self.onet = load_mtcnn(weights_dir, self.device)
         self.min_face, self.thresholds, self.max_batch = int(min_face), tuple(thresholds), int(max_batch)
         self.max_pyramid_pixels = int(max_pyramid_pixels)  # bounds P-Net's memory for large batches of large images
+        if cascade not in CASCADES:
+            raise ValueError(f"faces.detector.mtcnn_cascade: {cascade!r} is not one of {', '.join(CASCADES)}")
+        # auto: the host glue on a CPU (its OpenCV resizes are the faster there), all on the device on a GPU
+        self.cascade = ("torch" if self.device.type != "cpu" else "numpy") if cascade == "auto" else cascade
+        self.on_device = None
+        if self.cascade == "torch":
+            from facegen.models.mtcnn_torch import TorchCascade
+
+            self.on_device = TorchCascade(self.pnet, self.rnet, self.onet, self.device, self.min_face, self.thresholds, self.max_batch)
 
     @torch.inference_mode()
     def _run(self, net: nn.Module, crops: np.ndarray) -> list[np.ndarray]:
@@ -335,6 +348,8 @@ class MTCNN:
         by_shape: dict[tuple[int, int], list[int]] = {}
         for i, image in enumerate(images):
             by_shape.setdefault(image.shape[:2], []).append(i)
+        if self.on_device is not None:
+            return self._detect_on_device(images, by_shape)
         parts = []
         for (h, w), idx in by_shape.items():  # P-Net's first level holds ~ n * h * w * (12 / min_face)^2 pixels
             per_call = max(1, int(self.max_pyramid_pixels / (h * w * (CELL / self.min_face) ** 2)))
@@ -358,4 +373,15 @@ class MTCNN:
             rows = rows[np.argsort(-c.scores[rows], kind="stable")]
             marks = c.landmarks[rows] if c.landmarks is not None and len(rows) else np.zeros((0, 5, 2))
             results.append((c.boxes[rows].astype(np.float32), c.scores[rows].astype(np.float32), marks.astype(np.float32)))
+        return results
+
+    def _detect_on_device(self, images: list[np.ndarray], by_shape: dict[tuple[int, int], list[int]]) -> list:
+        results: list = [None] * len(images)
+        for (h, w), idx in by_shape.items():  # bounded by P-Net's first level and the float64 summed-area tables
+            per_call = max(1, min(int(self.max_pyramid_pixels / (h * w * (CELL / self.min_face) ** 2)),
+                                  int(self.max_pyramid_pixels / (3 * h * w))))
+            for k in range(0, len(idx), per_call):
+                chunk = idx[k : k + per_call]
+                for i, found in zip(chunk, self.on_device.detect_same_size(np.stack([images[i] for i in chunk]))):
+                    results[i] = found
         return results
