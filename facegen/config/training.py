@@ -81,6 +81,12 @@ class TrainSettings(_Section):
     grad_clip_norm: float = Field(default=5.0, ge=0.0, description="backbone gradient norm clip (0 = off)")
     amp: Literal["auto", "bf16", "fp16", "off"] = Field(default="auto", description="auto: bf16 on GPUs that have it, else fp16 + scaler; off on CPU")
     sync_bn: bool = Field(default=False, description="batch-norm statistics over the global batch")
+    channels_last: bool = Field(
+        default=True, description="on a GPU, backbone and images in channels-last memory (faster convolutions); never on a "
+        "CPU, where torch 2.13's channels-last IResNet backward crashes")
+    compile: bool = Field(
+        default=False, description="torch.compile the backbone and the margin head (no graph break in either; one around "
+        "Partial FC's class sampling below sample rate 1.0); the first steps pay the compilation")
     curriculum: Literal["ordered", "shuffled"] = "ordered"
     num_workers: int = Field(default=1, ge=1)
     use_gpu: bool = False

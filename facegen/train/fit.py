@@ -97,11 +97,13 @@ def lr_at(settings: TrainSettings, epoch: float) -> float:
     return settings.lr * 0.1 ** sum(1 for step in settings.lr_steps if epoch >= step)
 
 
-def build_optimizer(settings: TrainSettings, params: list[nn.Parameter]) -> torch.optim.Optimizer:
-    """SGD with momentum (the DataCV recipe) or AdamW over ``params``."""
+def build_optimizer(settings: TrainSettings, params: list[nn.Parameter], fused: bool = False) -> torch.optim.Optimizer:
+    """SGD with momentum (the DataCV recipe) or AdamW over ``params``; ``fused``: one kernel for all
+    parameters (CUDA), the same update."""
+    extra = {"fused": True} if fused else {}
     if settings.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
-    return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+        return torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay, **extra)
+    return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay, **extra)
 
 
 def _sum_over_workers(values: list[float], device: torch.device) -> list[float]:
@@ -134,10 +136,14 @@ def fit(session: Session, cfg: FacegenConfig, shards_dir: str, eval_bins: list[s
     if settings.sync_bn:
         backbone = convert_sync_batchnorm(backbone, device)
     backbone = backbone.to(device)
+    on_gpu = device.type == "cuda"
+    channels_last = settings.channels_last and on_gpu
+    if channels_last:
+        backbone = backbone.to(memory_format=torch.channels_last)
     head = PartialFC(build_margin(settings), settings.embedding_size, reader.num_classes, settings.partial_fc.sample_rate,
                      seed=cfg.run.seed, rank=rank, world_size=world_size, amp_dtype=amp_dtype).to(device)
-    backbone_optimizer = build_optimizer(settings, [p for p in backbone.parameters() if p.requires_grad])
-    head_optimizer = build_optimizer(settings, [head.weight])
+    backbone_optimizer = build_optimizer(settings, [p for p in backbone.parameters() if p.requires_grad], fused=on_gpu)
+    head_optimizer = build_optimizer(settings, [head.weight], fused=on_gpu)
     optimizers = [backbone_optimizer, head_optimizer]
     scaler = torch.amp.GradScaler("cuda") if use_scaler else None
 
@@ -153,6 +159,7 @@ def fit(session: Session, cfg: FacegenConfig, shards_dir: str, eval_bins: list[s
             state["resumes"] = list(state["resumes"]) + [{"global_step": saved["global_step"], "world_size": world_size,
                                                           "from_world_size": saved.get("world_size")}]
     model = session.prepare(backbone)
+    step_model, step_head = (torch.compile(model), torch.compile(head)) if settings.compile else (model, head)
     validator = Validator(eval_bins, cfg.eval.batch_size, cfg.eval.nrof_folds, best=state["best"]) if rank == 0 else None
     tracker = None
     if rank == 0 and state["epoch"] < settings.epochs:
@@ -192,8 +199,10 @@ def fit(session: Session, cfg: FacegenConfig, shards_dir: str, eval_bins: list[s
                 for group in optimizer.param_groups:
                     group["lr"] = lr
             images = batch.images.to(device, non_blocking=True)
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
             labels = batch.labels.to(device, non_blocking=True)
-            loss_sum += train_step(model, head, optimizers, scaler, images, labels, state["global_step"],
+            loss_sum += train_step(step_model, step_head, optimizers, scaler, images, labels, state["global_step"],
                                    settings.grad_clip_norm).double()
             correct += head.last_correct
             done += 1

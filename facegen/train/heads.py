@@ -34,13 +34,16 @@ class Margin(nn.Module):
         raise NotImplementedError
 
     def forward(self, cosine: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Cosine logits ``[B, C]`` and labels ``[B]`` (``-1`` = no target column here) -> ``[B, C]``."""
-        rows = torch.nonzero(labels >= 0, as_tuple=True)[0]
-        if rows.numel() == 0:
-            return cosine * self.s
-        cols = labels[rows]
-        new = self.target(cosine[rows, cols]).to(cosine.dtype)
-        return cosine.index_put((rows, cols), new) * self.s
+        """Cosine logits ``[B, C]`` and labels ``[B]`` (``-1`` = no target column here) -> ``[B, C]``.
+
+        Written with masks, not row selections, so every shape is static: ``torch.compile`` traces
+        it without a graph break (a row without a target writes its own cosine back).
+        """
+        here = labels >= 0
+        cols = labels.clamp(min=0)[:, None]
+        cos_t = cosine.gather(1, cols).squeeze(1)
+        new = torch.where(here, self.target(cos_t).to(cosine.dtype), cos_t)
+        return cosine.scatter(1, cols, new[:, None]) * self.s
 
 
 class ArcFace(Margin):

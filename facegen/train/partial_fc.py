@@ -104,18 +104,17 @@ class _DistributedSoftmaxCE(torch.autograd.Function):
         prob = (logits - row_max[:, None]).exp_()
         denom = _all_reduce(prob.sum(dim=1))
         prob.div_(denom[:, None])
-        here = torch.nonzero(labels >= 0, as_tuple=True)[0]
-        target = torch.zeros(len(labels), dtype=prob.dtype, device=prob.device)
-        target[here] = prob[here, labels[here]]
+        here = labels >= 0  # masks, not row selections: static shapes for torch.compile
+        target = torch.where(here, prob.gather(1, labels.clamp(min=0)[:, None]).squeeze(1), 0.0)
         target = _all_reduce(target)
-        ctx.save_for_backward(prob, labels, here)
+        ctx.save_for_backward(prob, labels)
         return -target.clamp_min(1e-30).log().mean()
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor) -> tuple[torch.Tensor, None]:
-        prob, labels, here = ctx.saved_tensors
-        grad = prob.clone()
-        grad[here, labels[here]] -= 1.0
+        prob, labels = ctx.saved_tensors
+        one = (labels >= 0).to(prob.dtype)[:, None]
+        grad = prob.scatter_add(1, labels.clamp(min=0)[:, None], -one)
         return grad.mul_(grad_loss / len(labels)), None
 
 
@@ -168,10 +167,13 @@ class PartialFC(nn.Module):
         local = labels - self.class_start
         return torch.where((local >= 0) & (local < self.num_local), local, torch.full_like(local, -1))
 
+    @torch.compiler.disable
     def sample(self, local: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Kept local classes (sorted: every positive plus random negatives) and labels re-indexed into them.
 
         The draw is seeded by ``(seed, step, class_start)``, so a resumed run draws the same classes.
+        Not compiled (the one graph break of a compiled head): the number of classes kept depends on
+        the batch when its positives outnumber ``num_sample``, and the draw has its own generator.
         """
         positive = torch.unique(local[local >= 0])
         if self.num_sample <= positive.numel():
@@ -182,10 +184,7 @@ class PartialFC(nn.Module):
             scores = torch.rand(self.num_local, generator=gen, device=self.weight.device)
             scores[positive] = 2.0
             index = torch.topk(scores, self.num_sample).indices.sort().values
-        remapped = local.clone()
-        here = local >= 0
-        remapped[here] = torch.searchsorted(index, local[here])
-        return index, remapped
+        return index, torch.where(local >= 0, torch.searchsorted(index, local.clamp(min=0)), local)
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, step: int = 0) -> torch.Tensor:
         """Mean margin-softmax cross-entropy over the global batch (the same value on every worker)."""
@@ -209,9 +208,7 @@ class PartialFC(nn.Module):
     @torch.no_grad()
     def _count_correct(self, cosine: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
         best = _all_reduce(cosine.max(dim=1).values, dist.ReduceOp.MAX)
-        here = torch.nonzero(local >= 0, as_tuple=True)[0]
-        target = torch.zeros_like(best)
-        target[here] = cosine[here, local[here]]
+        target = torch.where(local >= 0, cosine.gather(1, local.clamp(min=0)[:, None]).squeeze(1), 0.0)
         return (_all_reduce(target) >= best).sum()
 
     def extra_repr(self) -> str:
