@@ -345,15 +345,9 @@ class MTCNN:
         The landmarks are O-Net's: left eye, right eye, nose, left and right mouth corner (as seen
         in the image), the ArcFace order.
         """
-        by_shape: dict[tuple[int, int], list[int]] = {}
-        for i, image in enumerate(images):
-            by_shape.setdefault(image.shape[:2], []).append(i)
         if self.on_device is not None:
-            return self._detect_on_device(images, by_shape)
-        parts = []
-        for (h, w), idx in by_shape.items():  # P-Net's first level holds ~ n * h * w * (12 / min_face)^2 pixels
-            per_call = max(1, int(self.max_pyramid_pixels / (h * w * (CELL / self.min_face) ** 2)))
-            parts += [self._propose(images, idx[k : k + per_call]) for k in range(0, len(idx), per_call)]
+            return self._detect_on_device(images)
+        parts = [self._propose(images, chunk) for chunk in self._same_size_chunks(images)]
         c = Candidates(*(np.concatenate(p) for p in zip(*((q.image, q.boxes, q.scores) for q in parts))))
         if len(c.scores):
             prob, offsets = self._run(self.rnet, crop_boxes(images, c, 24))
@@ -375,13 +369,22 @@ class MTCNN:
             results.append((c.boxes[rows].astype(np.float32), c.scores[rows].astype(np.float32), marks.astype(np.float32)))
         return results
 
-    def _detect_on_device(self, images: list[np.ndarray], by_shape: dict[tuple[int, int], list[int]]) -> list:
+    def _same_size_chunks(self, images: list[np.ndarray], pixels_per_image: float = 0.0) -> list[list[int]]:
+        """Indices of same-sized images in chunks bounded by ``max_pyramid_pixels``: P-Net's first level
+        holds about ``n * h * w * (12 / min_face)^2`` pixels, and each image may need ``pixels_per_image``
+        times ``h * w`` more (the device cascade's float64 summed-area tables)."""
+        by_shape: dict[tuple[int, int], list[int]] = {}
+        for i, image in enumerate(images):
+            by_shape.setdefault(image.shape[:2], []).append(i)
+        chunks = []
+        for (h, w), idx in by_shape.items():
+            per_call = max(1, int(self.max_pyramid_pixels / (h * w * max((CELL / self.min_face) ** 2, pixels_per_image))))
+            chunks += [idx[k : k + per_call] for k in range(0, len(idx), per_call)]
+        return chunks
+
+    def _detect_on_device(self, images: list[np.ndarray]) -> list:
         results: list = [None] * len(images)
-        for (h, w), idx in by_shape.items():  # bounded by P-Net's first level and the float64 summed-area tables
-            per_call = max(1, min(int(self.max_pyramid_pixels / (h * w * (CELL / self.min_face) ** 2)),
-                                  int(self.max_pyramid_pixels / (3 * h * w))))
-            for k in range(0, len(idx), per_call):
-                chunk = idx[k : k + per_call]
-                for i, found in zip(chunk, self.on_device.detect_same_size(np.stack([images[i] for i in chunk]))):
-                    results[i] = found
+        for chunk in self._same_size_chunks(images, pixels_per_image=3.0):
+            for i, found in zip(chunk, self.on_device.detect_same_size(np.stack([images[i] for i in chunk]))):
+                results[i] = found
         return results
