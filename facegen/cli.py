@@ -90,7 +90,7 @@ def _one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def _load(config: Optional[str], overrides: Optional[list[str]], verbose: bool = False,
           cfg: FacegenConfig | None = None, stages: tuple[str, ...] = (), progress: bool = True,
-          run_embedders: bool = False) -> FacegenConfig:
+          run_embedders: bool = False, input_sections: tuple[str, ...] | None = None) -> FacegenConfig:
     """Settings, every input path they name checked (storage metadata only), then Ray (quiet unless
     ``verbose``), then the output storage and the resources of ``stages``' pools checked against the
     cluster's nodes: all before any work. ``run_embedders``: the embedders ``facegen pipeline`` would
@@ -103,7 +103,7 @@ def _load(config: Optional[str], overrides: Optional[list[str]], verbose: bool =
 
     cfg = cfg or load_config(config, overrides or [])
     os.environ.update(storage_env(cfg.storage))  # the endpoint of s3:// inputs, for the checks below
-    check_input_paths(cfg, config or "settings", overrides)
+    check_input_paths(cfg, config or "settings", overrides, input_sections)
     check_output_location("run.output_dir", cfg.run.output_dir, source_of("run.output_dir", config or "settings", overrides))
     init_ray(cfg.ray, cfg.storage, verbose=verbose)
     _interrupt_on_sigterm()
@@ -216,6 +216,23 @@ def train(config: Optional[str] = ConfigOption, set_: Optional[list[str]] = SetO
     last = result.history[-1] if result.history else {}
     _print_pairs("facegen train", [("run", result.run_dir), ("backbone", result.backbone_dir),
                                    ("epochs", str(result.epochs_completed))] + [(k, f"{v}") for k, v in last.items()])
+
+
+@app.command("train-generator")
+@_one_line_errors
+def train_generator(config: Optional[str] = ConfigOption, set_: Optional[list[str]] = SetOption,
+                    progress: bool = ProgressOption, verbose: bool = VerboseOption) -> None:
+    """Train CemiFace's similarity-conditioned generator with Ray Train on a shard set (same run name resumes)."""
+    from facegen.stages.train_generator import train_generator as run_train_generator
+
+    cfg = _load(config, set_, verbose, stages=("train_generator",), input_sections=("train_generator.",))
+    result = run_train_generator(cfg, progress=progress)
+    control = result.control or {}
+    rows = [("run", result.run_dir), ("model", result.model_dir), ("steps", str(result.global_step))]
+    if control:
+        rows += [("control spearman", f"{control['spearman']:.3f}")]
+        rows += [(f"realised at m={b['m']:g}", f"{b['mean']:.3f} +- {b['std']:.3f}") for b in control["by_m"]]
+    _print_pairs("facegen train-generator", rows)
 
 
 @app.command("eval")

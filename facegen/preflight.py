@@ -46,11 +46,19 @@ def check_input_path(field: str, path: str, source: str = "config") -> None:
         raise ConfigError(f"{source}: {field}: {path}: no such file or folder")
 
 
-def check_input_paths(cfg: FacegenConfig, source: str = "config", overrides: list[str] | None = None) -> None:
+#: Sections only their own command reads (``facegen train-generator``): the others do not check them.
+OWN_COMMAND_SECTIONS = ("train_generator.",)
+
+
+def check_input_paths(cfg: FacegenConfig, source: str = "config", overrides: list[str] | None = None,
+                      sections: tuple[str, ...] | None = None) -> None:
     """Raise :class:`ConfigError` (one line) for the first input path that does not exist, naming
-    the ``--set`` it came from when one of ``overrides`` gave it."""
+    the ``--set`` it came from when one of ``overrides`` gave it. ``sections``: check only fields
+    under these dotted prefixes (a command that reads nothing else, whose outputs later commands
+    name as inputs); by default every field but :data:`OWN_COMMAND_SECTIONS`'."""
     for field, path, kind in input_paths(cfg):
-        if looks_like_path(path, kind):
+        wanted = field.startswith(sections) if sections is not None else not field.startswith(OWN_COMMAND_SECTIONS)
+        if wanted and looks_like_path(path, kind):
             check_input_path(field, path, source_of(field, source, overrides))
 
 

@@ -43,6 +43,13 @@ class Tracker:
         if self.run is not None:
             self.run.log(dict(metrics), step=step)
 
+    def log_image(self, key: str, image: Any, step: int | None = None, caption: str = "") -> None:
+        """Record one image (uint8 ``[H, W, 3]``), e.g. a sample grid."""
+        if self.run is not None:
+            import wandb
+
+            self.run.log({key: wandb.Image(image, caption=caption or None)}, step=step)
+
     def summary(self, values: dict) -> None:
         """Set run-level summary values (final accuracies, counts)."""
         if self.run is not None:

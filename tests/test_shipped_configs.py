@@ -99,12 +99,47 @@ def test_gan_local_pipeline_runs_as_documented_with_its_langevin_sampler(tmp_pat
     assert heldout["pairs"] == 20
 
 
+def test_cemiface_cpu_flow_runs_as_documented(tmp_path):
+    """configs/cemiface_cpu_data.yaml's three commands, then configs/cemiface_cpu.yaml's train-generator
+    and pipeline, on fresh output directories (shrunk)."""
+    data = _sets({"run.output_dir": tmp_path / "data", "identities.num_identities": 12, "identities.block_size": 6,
+                  "generator.images_per_identity": 6, "generator.pool.num_cpus": 0.5, "clean.min_images": 3,
+                  "clean.target_images": 6, "clean.pool.num_cpus": 0.25})
+    for command in ("generate", "clean", "shard"):
+        facegen(command, "--config", "configs/cemiface_cpu_data.yaml", "--no-progress", *data)
+    out = tmp_path / "cemiface"
+    shrink = _sets({
+        "run.output_dir": out, "train_generator.shards": tmp_path / "data" / "shards",
+        "train_generator.max_steps": 4, "train_generator.checkpoint_every_steps": 2, "train_generator.batch_size": 8,
+        "train_generator.holdout_identities": 2, "train_generator.control_images": 1, "train_generator.ddim_steps": 2,
+        "train_generator.cpus_per_worker": 0.5, "train_generator.prepare_cpus": 0.5,
+        "generator.hybrid.cemiface.model": out / "generator" / "cemiface-cpu" / "model",
+        "generator.hybrid.cemiface.ddim_steps": 2, "identities.num_identities": 4, "identities.block_size": 2,
+        "generator.images_per_identity": 4, "generator.pool.num_cpus": 0.5, "clean.min_images": 2,
+        "clean.target_images": 4, "clean.pool.num_cpus": 0.25, **SMALL_TRAINING, "train.batch_size": 4,
+        "train.data.streams": 1,
+    })
+    trained = facegen("train-generator", "--config", "configs/cemiface_cpu.yaml", *shrink)
+    assert re.search(r"steps\W+4\W", trained) and "realised at m=0.9" in trained, trained
+    result = storage.read_json(str(out / "generator" / "cemiface-cpu" / "result.json"))
+    assert result["global_step"] == 4 and [b["m"] for b in result["control"]["by_m"]] == [0.0, 0.3, 0.6, 0.9]
+    facegen("pipeline", "--config", "configs/cemiface_cpu.yaml", *shrink)
+    summary = storage.read_json(str(out / "summary.json"))
+    assert summary["generate"]["totals"]["images"] == 4 * 4
+    rows = storage.read_table(str(next((out / "raw").rglob("*.parquet"))), columns=["source", "requested_similarity", "status"])
+    ok = [i for i, s in enumerate(rows.column("status").to_pylist()) if s == "ok"]
+    assert ok and {rows.column("source")[i].as_py() for i in ok} == {"hybrid:parametric+cemiface"}
+    assert {rows.column("requested_similarity")[i].as_py() for i in ok} == {0.0}
+
+
 @pytest.mark.parametrize("name, command, first_input", [
     ("sd_cluster.yaml", "pipeline", "faces.embedder.path"),
     ("hybrid.yaml", "pipeline", "generator.hybrid.reference.text_to_image.model"),
     ("disco.yaml", "pipeline", "identities.sampler.langevin.real_embeddings"),
     ("train_datacv_r50.yaml", "train", "eval.bins[0]"),
     ("ingest.yaml", "ingest", "ingest.images_dir"),
+    ("cemiface.yaml", "train-generator", "train_generator.shards"),
+    ("cemiface.yaml", "pipeline", "generator.hybrid.reference.text_to_image.model"),
 ])
 def test_configs_that_need_gpus_or_weights_validate_down_to_their_input_paths(name, command, first_input):
     """Every setting of the config validates and its inputs are checked before any work: here, where

@@ -37,6 +37,7 @@ from facegen.config.generation import (  # noqa: F401  (re-exported: one import 
     ARCFACE_EYES,
     ARCFACE_TEMPLATE_112,
     Arc2FaceSettings,
+    CemiFaceSettings,
     DcganSettings,
     DiffusionSettings,
     DiscoSettings,
@@ -72,6 +73,10 @@ from facegen.config.clean import (  # noqa: F401  (re-exported: one import path 
     SelectionSettings,
     VlmSettings,
 )
+from facegen.config.generator_training import (  # noqa: F401  (re-exported: one import path for every setting)
+    CemiFaceNetSettings,
+    GeneratorTrainSettings,
+)
 from facegen.config.training import (  # noqa: F401  (re-exported: one import path for every setting)
     EvalSettings,
     PartialFCSettings,
@@ -94,6 +99,7 @@ class FacegenConfig(_Section):
     clean: CleanSettings = CleanSettings()
     shards: ShardSettings = ShardSettings()
     train: TrainSettings = TrainSettings()
+    train_generator: GeneratorTrainSettings = GeneratorTrainSettings()
     eval: EvalSettings = EvalSettings()
     tracking: TrackingSettings = TrackingSettings()
     demo: DemoSettings = DemoSettings()

@@ -133,6 +133,31 @@ class Vec2FaceSettings(_Section):
     micro_batch: int = Field(default=64, ge=1, description="images per forward pass (one identity at a time)")
 
 
+class CemiFaceSettings(_Section):
+    """CemiFace expansion (``facegen.generators.cemiface``): a generator ``facegen train-generator``
+    trained, drawn with DDIM at target similarities m to the identity feature."""
+
+    model: str | None = Field(default=None, description="generator folder (<run>/generator/<name>/model)",
+                              json_schema_extra={"input_path": "required"})
+    ddim_steps: int = Field(default=20, ge=1)
+    similarity: list[float] = Field(default=[0.0], min_length=1,
+                                    description="m per sample, cycled by sample index (CemiFace draws at m = 0)")
+    similarity_band: tuple[float, float] | None = Field(
+        default=None, description="draw m uniformly in [low, high] per sample instead of the list")
+    fp16: bool = Field(default=True, description="float16 autocast on GPU")
+    micro_batch: int = Field(default=50, ge=1, description="images per DDIM run (one identity at a time)")
+
+    @model_validator(mode="after")
+    def _targets(self) -> "CemiFaceSettings":
+        values = list(self.similarity) + list(self.similarity_band or ())
+        bad = [m for m in values if not -1.0 <= m <= 1.0]
+        if bad:
+            raise ValueError(f"similarity: target similarity {bad[0]} is outside [-1, 1]")
+        if self.similarity_band is not None and self.similarity_band[0] > self.similarity_band[1]:
+            raise ValueError(f"similarity_band: low {self.similarity_band[0]} is above high {self.similarity_band[1]}")
+        return self
+
+
 class HybridSettings(_Section):
     """``generator.backend: hybrid``: references -> identity feature -> K expanded images."""
 
@@ -143,11 +168,12 @@ class HybridSettings(_Section):
     embedder: EmbedderSettings = Field(
         default_factory=lambda: EmbedderSettings(), description="identity feature: the one the expander was trained on"
     )
-    expander: Literal["arc2face", "vec2face", "gan"] = Field(
+    expander: Literal["arc2face", "vec2face", "cemiface", "gan"] = Field(
         default="arc2face", description="gan: perturb the latent of a dcgan/stylegan2 reference"
     )
     arc2face: Arc2FaceSettings = Arc2FaceSettings()
     vec2face: Vec2FaceSettings = Vec2FaceSettings()
+    cemiface: CemiFaceSettings = CemiFaceSettings()
     expansion: ExpansionSettings = ExpansionSettings()
     measure_similarity: bool = Field(default=True, description="embed each expanded image: realised similarity")
 
@@ -268,6 +294,8 @@ class GeneratorSettings(PooledSection):
             raise ValueError("hybrid.detector.kind: references must go through a face detector, not 'none'")
         if h.expander == "vec2face" and not h.vec2face.checkpoint:
             raise ValueError("hybrid.vec2face.checkpoint: the vec2face expander needs its .pth")
+        if h.expander == "cemiface" and not h.cemiface.model:
+            raise ValueError("hybrid.cemiface.model: the cemiface expander needs a generator folder (facegen train-generator)")
         if h.reference.backend == "photos" and not h.reference.photos_dir:
             raise ValueError("hybrid.reference.photos_dir: the photos reference backend needs a folder")
         return self

@@ -54,7 +54,8 @@ class _Sample:
     phrase: str
 
 
-def build_sources(settings: GeneratorSettings, seed: int, device: str, expander: Any = None) -> tuple[Any, Any]:
+def build_sources(settings: GeneratorSettings, seed: int, device: str, expander: Any = None,
+                  embedder_record: dict | None = None) -> tuple[Any, Any]:
     """The reference source and the expander ``settings.hybrid`` names (``expander`` overrides the
     latter, e.g. a model built in memory)."""
     h = settings.hybrid
@@ -72,6 +73,10 @@ def build_sources(settings: GeneratorSettings, seed: int, device: str, expander:
         from facegen.generators.arc2face import Arc2FaceExpander
 
         return references, Arc2FaceExpander(h.arc2face, device)
+    if h.expander == "cemiface":
+        from facegen.generators.cemiface import CemiFaceExpander
+
+        return references, CemiFaceExpander(h.cemiface, device, embedder_record)
     from facegen.generators.vec2face import Vec2FaceExpander
 
     return references, Vec2FaceExpander(h.vec2face, device)
@@ -102,9 +107,11 @@ class HybridGenerator:
         if not self.hybrid.embedder.enabled:
             raise ValueError("generator.hybrid.embedder.path: the hybrid backend needs an embedder for the identity feature")
         self.embedder = build_embedder(self.hybrid.embedder)
-        self.references, self.expander = build_sources(settings, self.seed, device, expander)
-        self.micro_batch = {"arc2face": self.hybrid.arc2face.micro_batch, "vec2face": self.hybrid.vec2face.micro_batch}.get(
-            self.hybrid.expander, GAN_MICRO_BATCH)
+        self.references, self.expander = build_sources(settings, self.seed, device, expander,
+                                                       getattr(self.embedder, "record", None))
+        self.micro_batch = {"arc2face": self.hybrid.arc2face.micro_batch, "vec2face": self.hybrid.vec2face.micro_batch,
+                            "cemiface": self.hybrid.cemiface.micro_batch}.get(self.hybrid.expander, GAN_MICRO_BATCH)
+        self.takes_similarity = bool(getattr(self.expander, "takes_similarity", False))
         self.latent_space = getattr(self.expander, "conditioning", "feature") == "latent"
         self.source = f"hybrid:{self.hybrid.reference.backend}+{self.expander.source}"
 
@@ -165,16 +172,29 @@ class HybridGenerator:
         per_identity = self.settings.images_per_identity
         if self.latent_space:  # the GAN's own latent of the reference, as it is
             base = np.asarray(reference.candidate.latent, np.float64)
+        elif self.takes_similarity:  # CemiFace: the unit feature itself, m asked of the model
+            base = reference.feature.astype(np.float64)
         else:
             base = reference.feature.astype(np.float64)
             base = base / np.linalg.norm(base) * h.expansion.feature_norm
         samples = []
         for k in range(per_identity):
             seed = sample_seed(self.seed, identity_id, k)
-            cond = sample_conditioning(base, h.expansion, self.seed, identity_id, k, per_identity, seed)
+            if self.takes_similarity:
+                cond = self._similarity_conditioning(base, k, seed)
+            else:
+                cond = sample_conditioning(base, h.expansion, self.seed, identity_id, k, per_identity, seed)
             phrase = variation_phrase(seed) if self.expander.takes_text else ""
             samples.append(_Sample(identity_id, block_id, k, seed, cond, phrase))
         return samples
+
+    def _similarity_conditioning(self, feature: np.ndarray, k: int, seed: int) -> Conditioning:
+        from facegen.generators.cemiface import sample_similarity
+
+        c = self.hybrid.cemiface
+        m = sample_similarity(c, k, seed)
+        band = tuple(c.similarity_band) if c.similarity_band is not None else (m, m)
+        return Conditioning(feature, "similarity", float("nan"), (float(band[0]), float(band[1])), m)
 
     def _failed(self, s: _Sample, exc: BaseException) -> dict[str, Any]:
         reason = failure_reason(s.identity_id, s.sample_idx, exc)
@@ -183,7 +203,8 @@ class HybridGenerator:
     def _render(self, samples: list[_Sample], reference: Reference) -> list[dict[str, Any]]:
         features = np.stack([s.conditioning.feature for s in samples])
         phrases = [s.phrase for s in samples] if self.expander.takes_text else None
-        images = self.expander.render(features, [s.seed for s in samples], phrases)
+        extra = {"similarities": [s.conditioning.requested_similarity for s in samples]} if self.takes_similarity else {}
+        images = self.expander.render(features, [s.seed for s in samples], phrases, **extra)
         measured = self._measure(images, reference.feature)
         described = reference.describe(self.hybrid.reference.backend)
         return [self._row(s, described, image, *m) for s, image, m in zip(samples, images, measured)]
@@ -220,7 +241,7 @@ class HybridGenerator:
              face_note: str) -> dict[str, Any]:
         c = s.conditioning
         expansion = {"mode": c.mode, "space": "latent" if self.latent_space else "feature"}
-        if not self.latent_space:
+        if not self.latent_space and not self.takes_similarity:
             expansion["feature_norm"] = self.hybrid.expansion.feature_norm
         if c.mode == "noise":
             expansion["sigma"] = c.sigma

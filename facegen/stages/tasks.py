@@ -177,6 +177,9 @@ def stage_resources(cfg: Any, stages: list[str]) -> list[tuple[str, TaskSettings
         "shard": [("shards.pool", cfg.shards.pool)],
         "train": [("train", TaskSettings(num_cpus=cfg.train.cpus_per_worker, num_gpus=1.0 if cfg.train.use_gpu else 0.0,
                                          resources=cfg.train.resources))],
+        "train_generator": [("train_generator", TaskSettings(
+            num_cpus=cfg.train_generator.cpus_per_worker, num_gpus=1.0 if cfg.train_generator.use_gpu else 0.0,
+            resources=cfg.train_generator.resources))],
     }
     return [need for stage in stages for need in needs.get(stage, [])]
 
