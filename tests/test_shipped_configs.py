@@ -123,6 +123,13 @@ def test_cemiface_cpu_flow_runs_as_documented(tmp_path):
     assert re.search(r"steps\W+4\W", trained) and "realised at m=0.9" in trained, trained
     result = storage.read_json(str(out / "generator" / "cemiface-cpu" / "result.json"))
     assert result["global_step"] == 4 and [b["m"] for b in result["control"]["by_m"]] == [0.0, 0.3, 0.6, 0.9]
+    from facegen.tracking import read_offline_run, run_id
+
+    logged = read_offline_run(str(out / "wandb"), run_id=run_id("cemiface-cpu", "train-generator"))
+    curves = [row for row in logged.history if "control/spearman" in row]
+    assert len(curves) == 2 and all("control/m=0.9" in row for row in curves)  # a control figure per checkpoint
+    assert sum("samples" in row for row in logged.history) == 2  # and a sample grid
+    assert sum("train/mse" in row for row in logged.history) == 2
     facegen("pipeline", "--config", "configs/cemiface_cpu.yaml", *shrink)
     summary = storage.read_json(str(out / "summary.json"))
     assert summary["generate"]["totals"]["images"] == 4 * 4

@@ -9,7 +9,9 @@ HybridGen's generation (ALGORITHMS.md 1.5-1.6) with CemiFace's similarity contro
 2. **Expansion**: sample ``k`` gets a conditioning feature from the unit identity feature scaled to
    ``expansion.feature_norm`` (:func:`facegen.identities.expansion.sample_conditioning`: Vec2Face
    noise or a CemiFace band) and is drawn by the expander (``arc2face`` or ``vec2face``; with
-   ``gan`` the reference's own GAN latent is perturbed instead, :mod:`facegen.generators.latent`). With
+   ``gan`` the reference's own GAN latent is perturbed instead, :mod:`facegen.generators.latent`).
+   ``cemiface`` (:mod:`facegen.generators.cemiface`) takes the unit feature itself and asks its
+   trained generator for a target similarity m per sample (``generator.hybrid.cemiface``). With
    ``measure_similarity`` each image is detected, aligned and embedded again, and the cosine of that
    embedding to the identity feature is the row's ``realised_similarity``.
 
