@@ -41,6 +41,8 @@ from facegen.config.generation import (  # noqa: F401  (re-exported: one import 
     DiffusionSettings,
     DiscoSettings,
     DispersionSettings,
+    EXPANDER_PRESETS,
+    EXPANSION_PRESETS,
     ExpansionSettings,
     FFHQ_EYES,
     ForceEmbedderSettings,

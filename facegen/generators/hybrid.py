@@ -6,9 +6,10 @@ HybridGen's generation (ALGORITHMS.md 1.5-1.6) with CemiFace's similarity contro
    text-to-image, a photo folder or any generator backend, through the faces stage's detector; its
    embedding (``generator.hybrid.embedder``) is the identity feature. An identity without an
    accepted reference after ``max_attempts`` becomes K error rows that say why.
-2. **Expansion**: sample ``k`` gets a conditioning feature from the unit identity feature scaled to
-   ``expansion.feature_norm`` (:func:`facegen.identities.expansion.sample_conditioning`: Vec2Face
-   noise or a CemiFace band) and is drawn by the expander (``arc2face`` or ``vec2face``; with
+2. **Expansion**: sample ``k`` gets a conditioning feature from the identity feature at
+   ``expansion.feature_norm`` (``own``: the embedder's raw output, as Vec2Face takes it; a number:
+   the unit feature scaled to it) (:func:`facegen.identities.expansion.sample_conditioning`: Vec2Face
+   noise, re-scaled to that norm, or a CemiFace band) and is drawn by the expander (``arc2face`` or ``vec2face``; with
    ``gan`` the reference's own GAN latent is perturbed instead, :mod:`facegen.generators.latent`). With
    ``measure_similarity`` each image is detected, aligned and embedded again, and the cosine of that
    embedding to the identity feature is the row's ``realised_similarity``.
@@ -52,6 +53,7 @@ class _Sample:
     seed: int
     conditioning: Conditioning
     phrase: str
+    norm: float  # the identity feature's norm the conditioning was made at (NaN in a GAN's latent space)
 
 
 def build_sources(settings: GeneratorSettings, seed: int, device: str, expander: Any = None) -> tuple[Any, Any]:
@@ -128,9 +130,12 @@ class HybridGenerator:
     def _embed(self, crops: np.ndarray) -> np.ndarray:
         return self.embedder.embed(np.asarray(crops, np.uint8))
 
+    def _embed_raw(self, crops: np.ndarray) -> np.ndarray:
+        return self.embedder.embed_raw(np.asarray(crops, np.uint8))
+
     def reference(self, identity_id: int) -> Reference:
         """The identity's accepted reference (raises ``ReferenceFailed`` with every reason)."""
-        return find_reference(identity_id, self.references, self.detector.detect_batch, self._choose, self._embed,
+        return find_reference(identity_id, self.references, self.detector.detect_batch, self._choose, self._embed_raw,
                               self.hybrid.reference.max_attempts)
 
     def identity_rows(self, identity_id: Any, block_id: Any, only: int | None = None) -> list[dict[str, Any]]:
@@ -164,16 +169,17 @@ class HybridGenerator:
         h = self.hybrid
         per_identity = self.settings.images_per_identity
         if self.latent_space:  # the GAN's own latent of the reference, as it is
-            base = np.asarray(reference.candidate.latent, np.float64)
+            base, norm = np.asarray(reference.candidate.latent, np.float64), float("nan")
         else:
+            norm = reference.norm if h.expansion.feature_norm == "own" else float(h.expansion.feature_norm)
             base = reference.feature.astype(np.float64)
-            base = base / np.linalg.norm(base) * h.expansion.feature_norm
+            base = base / np.linalg.norm(base) * norm
         samples = []
         for k in range(per_identity):
             seed = sample_seed(self.seed, identity_id, k)
             cond = sample_conditioning(base, h.expansion, self.seed, identity_id, k, per_identity, seed)
             phrase = variation_phrase(seed) if self.expander.takes_text else ""
-            samples.append(_Sample(identity_id, block_id, k, seed, cond, phrase))
+            samples.append(_Sample(identity_id, block_id, k, seed, cond, phrase, norm))
         return samples
 
     def _failed(self, s: _Sample, exc: BaseException) -> dict[str, Any]:
@@ -220,8 +226,9 @@ class HybridGenerator:
              face_note: str) -> dict[str, Any]:
         c = s.conditioning
         expansion = {"mode": c.mode, "space": "latent" if self.latent_space else "feature"}
-        if not self.latent_space:
+        if not self.latent_space:  # the setting (a number or own) and the norm it gave
             expansion["feature_norm"] = self.hybrid.expansion.feature_norm
+            expansion["norm"] = round(s.norm, 4)
         if c.mode == "noise":
             expansion["sigma"] = c.sigma
         meta = {"reference": reference, "expansion": expansion}
