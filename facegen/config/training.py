@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from facegen.config._base import _Section
+from facegen.config._base import IResNetArch, _Section
 from facegen.config.resources import PooledSection, PoolSettings
 
 
@@ -61,25 +61,36 @@ class TrainAugmentSettings(_Section):
 
 
 class TrainSettings(_Section):
-    """Ray Train IResNet + Partial FC margin head; defaults follow the DataCV recipe (ALGORITHMS.md 4)."""
+    """Ray Train IResNet + Partial FC margin head; defaults follow arcface_torch, and
+    ``configs/train_datacv_r50.yaml`` sets the DataCV organisers' fixed recipe."""
 
-    arch: Literal["iresnet18", "iresnet34", "iresnet50", "iresnet100"] = "iresnet50"
+    arch: IResNetArch = Field(default="iresnet50", description="iresnet18/34/50/100 (insightface), or with _se: the "
+                              "DataCV organisers' SE-IResNet (squeeze-excitation on each stage's first block)")
     width: int = Field(default=64, ge=4, description="channels of the first stage (64 = insightface)")
     embedding_size: int = Field(default=512, ge=8)
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="dropout on the flattened map before the embedding "
+                           "layer (arcface_torch: 0; the organisers' IResNet: 0.4)")
     head: Literal["arcface", "cosface", "combined"] = "arcface"
     scale: float = Field(default=64.0, gt=0.0)
     margin: float = Field(default=0.5, ge=0.0)
+    arcface_monotone: bool = Field(
+        default=True, description="head arcface: past theta + m > pi the target continues as cos(theta) - m sin(m) "
+        "(insightface); false: cos(theta + m) everywhere, as the organisers' ArcFace")
     combined_margins: tuple[float, float, float] = Field(default=(1.0, 0.5, 0.0), description="(m1, m2, m3) of head: combined")
     optimizer: Literal["sgd", "adamw"] = "sgd"
     lr: float = Field(default=0.1, gt=0.0)
     momentum: float = Field(default=0.9, ge=0.0)
     weight_decay: float = Field(default=5e-4, ge=0.0)
+    bn_weight_decay: bool = Field(default=True, description="weight decay on batch-norm scales and shifts too "
+                                  "(arcface_torch: yes; the organisers' trainer: no)")
     batch_size: int = Field(default=512, ge=1, description="global batch, split evenly over the workers")
     epochs: int = Field(default=26, ge=1)
     lr_steps: list[int] = [12, 20, 24]
     warmup_epochs: float = Field(default=0.0, ge=0.0)
     grad_clip_norm: float = Field(default=5.0, ge=0.0, description="backbone gradient norm clip (0 = off)")
     amp: Literal["auto", "bf16", "fp16", "off"] = Field(default="auto", description="auto: bf16 on GPUs that have it, else fp16 + scaler; off on CPU")
+    loss_scale_growth_interval: int = Field(default=2000, ge=1, description="fp16: steps without overflow before the "
+                                            "loss scale doubles (torch: 2000; the organisers' trainer: 100)")
     sync_bn: bool = Field(default=False, description="batch-norm statistics over the global batch")
     channels_last: bool = Field(
         default=True, description="on a GPU, backbone and images in channels-last memory (faster convolutions); never on a "
