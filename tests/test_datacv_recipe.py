@@ -1,5 +1,6 @@
-"""The DataCV organisers' fixed training recipe (configs/train_datacv_r50.yaml) and the settings it needs
-(SE-IResNet, dropout, batch-norm weight decay, their ArcFace, their loss-scale growth)."""
+"""The DataCV organisers' fixed training recipe (configs/train_datacv_r50.yaml), the settings it needs
+(SE-IResNet, dropout, batch-norm weight decay, their ArcFace, their loss-scale growth) and the
+challenge's dataset scale caps, checked before training starts."""
 
 import json
 import math
@@ -7,7 +8,8 @@ import math
 import pytest
 import torch
 
-from facegen.config import config_from_dict, load_config
+from facegen.config import DATACV_SCALES, config_from_dict, load_config
+from facegen.shards import ScaleCapExceeded, check_datacv_scale, load_manifest
 from facegen.train.fit import LocalSession, backbone_param_groups, build_optimizer, fit, lr_at
 from facegen.train.heads import ArcFace, build_margin
 from train_shards import make_shard_set
@@ -74,6 +76,7 @@ def test_train_datacv_r50_is_the_organisers_published_config_without_pacing():
     assert [b.split("/")[-1].removesuffix(".bin") for b in cfg.eval.bins] == PUBLISHED_CONFIG["val_list"]
     assert t.eval_every_steps == 0  # they validate after each epoch
     assert t.data.streams % t.num_workers == 0 and t.batch_size % t.data.streams == 0
+    assert t.datacv_scale == "10k"  # facegen's guard (not a hyperparameter): the scale trained for
 
 
 def test_batch_norm_parameters_can_go_without_weight_decay_as_the_organisers():
@@ -105,6 +108,50 @@ def test_their_arcface_keeps_cos_theta_plus_m_past_pi():
     assert isinstance(margin, ArcFace) and not margin.monotone and margin.s == 64.0 and margin.m == 0.5
 
 
+def test_scale_caps_are_the_challenges_and_bound_identities_and_images():
+    assert DATACV_SCALES == {"10k": (10_000, 500_000), "20k": (20_000, 1_000_000), "100k": (100_000, 5_000_000)}
+    manifest = {"num_identities": 10_000, "num_rows": 500_000}
+    check_datacv_scale("10k", manifest, "s")  # at the cap exactly
+    check_datacv_scale(None, {"num_identities": 10**9, "num_rows": 10**12}, "s")  # no cap set
+    for ids, images in ((10_001, 500_000), (10_000, 500_001)):
+        with pytest.raises(ScaleCapExceeded) as err:
+            check_datacv_scale("10k", {"num_identities": ids, "num_rows": images}, "/data/shards")
+        assert str(err.value) == (f"train.datacv_scale: 10k allows at most 10000 identities and 500000 images, but "
+                                  f"/data/shards/manifest.json has {ids} identities and {images} images")
+    check_datacv_scale("20k", {"num_identities": 20_000, "num_rows": 1_000_000}, "s")
+    with pytest.raises(ScaleCapExceeded, match="20k allows at most 20000 identities and 1000000 images"):
+        check_datacv_scale("20k", {"num_identities": 15_000, "num_rows": 1_000_001}, "s")
+    check_datacv_scale("100k", {"num_identities": 100_000, "num_rows": 5_000_000}, "s")
+    with pytest.raises(ScaleCapExceeded, match="has 100001 identities"):
+        check_datacv_scale("100k", {"num_identities": 100_001, "num_rows": 10}, "s")
+
+
+def test_training_refuses_a_shard_set_over_its_scale_before_anything_else(tmp_path, monkeypatch):
+    from facegen.config import ConfigError
+    from facegen.train.loop import train
+
+    shards = tmp_path / "shards"
+    make_shard_set(shards)  # 6 identities, 42 images
+    manifest = load_manifest(str(shards))
+    assert (manifest["num_identities"], manifest["num_rows"]) == (6, 42)
+    cfg = config_from_dict({"run": {"output_dir": str(tmp_path / "out")}, "train": {"datacv_scale": "10k"}})
+    # a manifest over the cap: train() stops on its first line, before Ray, the shard digest or any reader
+    manifest["num_identities"] = 10_001
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ScaleCapExceeded, match=r"^train.datacv_scale: 10k allows at most 10000 identities and 500000 "
+                       r"images, but .*/shards/manifest.json has 10001 identities and 42 images$"):
+        train(cfg, str(shards), eval_bins=["/nonexistent.bin"])  # the missing bin would be the next error
+    assert not (tmp_path / "out").exists()
+    # fit() checks too (a plain PyTorch run), on the real counts: here against caps shrunk below them
+    manifest["num_identities"] = 6
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.setitem(DATACV_SCALES, "10k", (6, 41))
+    with pytest.raises(ScaleCapExceeded, match=r"allows at most 6 identities and 41 images, but .* has 6 identities and 42 images$"):
+        fit(LocalSession(str(tmp_path / "local")), cfg, str(shards), [], "capped")
+    with pytest.raises(ConfigError, match=r"train.datacv_scale: Input should be '10k', '20k' or '100k' \(got '50k'\)"):
+        config_from_dict({"train": {"datacv_scale": "50k"}})
+
+
 def test_the_se_recipe_trains_end_to_end_on_cpu(tmp_path):
     from facegen.models.iresnet_checkpoint import load_backbone
 
@@ -112,7 +159,7 @@ def test_the_se_recipe_trains_end_to_end_on_cpu(tmp_path):
     make_shard_set(shards)
     train = {"arch": "iresnet18_se", "width": 8, "embedding_size": 32, "batch_size": 8, "epochs": 1, "lr_steps": [1],
              "dropout": 0.4, "bn_weight_decay": False, "arcface_monotone": False, "scale": 16.0, "amp": "off",
-             "data": {"streams": 2, "decode_threads": 0}, "curriculum": "shuffled"}
+             "datacv_scale": "10k", "data": {"streams": 2, "decode_threads": 0}, "curriculum": "shuffled"}
     cfg = config_from_dict({"run": {"name": "se", "output_dir": str(tmp_path / "out")}, "train": train,
                             "tracking": {"mode": "disabled"}})
     session = LocalSession(str(tmp_path / "local"))

@@ -75,6 +75,7 @@ from facegen.config.clean import (  # noqa: F401  (re-exported: one import path 
     VlmSettings,
 )
 from facegen.config.training import (  # noqa: F401  (re-exported: one import path for every setting)
+    DATACV_SCALES,
     EvalSettings,
     PartialFCSettings,
     ShardSettings,

@@ -60,6 +60,10 @@ class TrainAugmentSettings(_Section):
         return self
 
 
+#: The DataCV ICCV 2025 challenge's dataset scales: name -> (most identities, most images).
+DATACV_SCALES: dict[str, tuple[int, int]] = {"10k": (10_000, 500_000), "20k": (20_000, 1_000_000), "100k": (100_000, 5_000_000)}
+
+
 class TrainSettings(_Section):
     """Ray Train IResNet + Partial FC margin head; defaults follow arcface_torch, and
     ``configs/train_datacv_r50.yaml`` sets the DataCV organisers' fixed recipe."""
@@ -99,6 +103,9 @@ class TrainSettings(_Section):
         default=False, description="torch.compile the backbone and the margin head (no graph break in either; one around "
         "Partial FC's class sampling below sample rate 1.0); the first steps pay the compilation")
     curriculum: Literal["ordered", "shuffled"] = "ordered"
+    datacv_scale: Literal["10k", "20k", "100k"] | None = Field(
+        default=None, description="refuse, before training starts, a shard set above this DataCV scale: 10k = at most "
+        "10,000 identities and 500,000 images, 20k = 20,000 and 1M, 100k = 100,000 and 5M (None: no cap)")
     num_workers: int = Field(default=1, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(default=1.0, gt=0.0)

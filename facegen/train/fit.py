@@ -29,6 +29,7 @@ from torch import nn
 from facegen.config import FacegenConfig, TrainSettings
 from facegen.lineage import manifest_set_digest
 from facegen.models.iresnet import build_backbone
+from facegen.shards import check_datacv_scale
 from facegen.storage import read_json, write_json_atomic
 from facegen.train.checkpoint import load_checkpoint, save_checkpoint
 from facegen.train.data import CurriculumReader, prefetch
@@ -142,6 +143,7 @@ def fit(session: Session, cfg: FacegenConfig, shards_dir: str, eval_bins: list[s
 
     reader = CurriculumReader(shards_dir, rank, world_size, settings.batch_size, cfg.run.seed, mode=settings.curriculum,
                               total_epochs=settings.epochs, data=settings.data, augment=settings.augment)
+    check_datacv_scale(settings.datacv_scale, reader.manifest, shards_dir)
     digest = manifest_set_digest(reader.manifest)
     backbone = build_backbone(settings.arch, settings.width, settings.embedding_size, fp16=amp_dtype is not None,
                               dropout=settings.dropout)
