@@ -61,7 +61,9 @@ class TrainAugmentSettings(_Section):
 
 
 #: The DataCV ICCV 2025 challenge's dataset scales: name -> (most identities, most images).
-DATACV_SCALES: dict[str, tuple[int, int]] = {"10k": (10_000, 500_000), "20k": (20_000, 1_000_000), "100k": (100_000, 5_000_000)}
+DATACV_SCALES: dict[str, tuple[int, int]] = {
+    "10k": (10_000, 500_000), "20k": (20_000, 1_000_000), "100k": (100_000, 5_000_000),
+}
 
 
 class TrainSettings(_Section):

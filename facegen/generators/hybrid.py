@@ -8,8 +8,8 @@ HybridGen's generation (ALGORITHMS.md 1.5-1.6) with CemiFace's similarity contro
    accepted reference after ``max_attempts`` becomes K error rows that say why.
 2. **Expansion**: sample ``k`` gets a conditioning feature from the identity feature at
    ``expansion.feature_norm`` (``own``: the embedder's raw output, as Vec2Face takes it; a number:
-   the unit feature scaled to it) (:func:`facegen.identities.expansion.sample_conditioning`: Vec2Face
-   noise, re-scaled to that norm, or a CemiFace band) and is drawn by the expander (``arc2face`` or ``vec2face``; with
+   the unit feature scaled to it): Vec2Face noise re-scaled to that norm, or a CemiFace band
+   (:func:`facegen.identities.expansion.sample_conditioning`), drawn by the expander (``arc2face`` or ``vec2face``; with
    ``gan`` the reference's own GAN latent is perturbed instead, :mod:`facegen.generators.latent`). With
    ``measure_similarity`` each image is detected, aligned and embedded again, and the cosine of that
    embedding to the identity feature is the row's ``realised_similarity``.
