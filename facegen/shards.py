@@ -154,6 +154,27 @@ def load_manifest(shards_dir: str) -> dict[str, Any]:
     return manifest
 
 
+class ScaleCapExceeded(ValueError):
+    """A shard set larger than the DataCV scale ``train.datacv_scale`` allows (one line)."""
+
+
+def check_datacv_scale(scale: str | None, manifest: dict[str, Any], shards_dir: str) -> None:
+    """Raise :class:`ScaleCapExceeded` when the manifest counts more identities or images (rows, all
+    status ok) than DataCV scale ``scale`` allows (``facegen.config.DATACV_SCALES``); None: no cap."""
+    if scale is None:
+        return
+    from facegen.config import DATACV_SCALES
+
+    if scale not in DATACV_SCALES:
+        raise ValueError(f"train.datacv_scale: unknown scale {scale!r}, expected one of {', '.join(DATACV_SCALES)}")
+    max_ids, max_images = DATACV_SCALES[scale]
+    ids, images = int(manifest["num_identities"]), int(manifest["num_rows"])
+    if ids > max_ids or images > max_images:
+        raise ScaleCapExceeded(
+            f"train.datacv_scale: {scale} allows at most {max_ids} identities and {max_images} images, but "
+            f"{_join(shards_dir, MANIFEST_FILE)} has {ids} identities and {images} images")
+
+
 def shard_paths(manifest: dict[str, Any], shards_dir: str) -> list[str]:
     """Full paths of the shard files, in curriculum order."""
     return [_join(shards_dir, s["path"]) for s in manifest["shards"]]

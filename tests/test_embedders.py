@@ -53,6 +53,16 @@ def test_arcface_torch_pth_onnx_export_and_network_give_one_embedding(seeded_r18
     np.testing.assert_allclose(from_pth.embed(images, flip=True), flipped, atol=2e-5)
     assert not np.allclose(flipped, direct, atol=1e-3)
     assert from_onnx.embed(images[:0]).shape == (0, 512)
+    # the raw output (what Vec2Face conditions on): the network's own feature, its norm kept
+    with torch.no_grad():
+        network = seeded_r18((torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0)).numpy()
+    for embedder in (from_pth, from_onnx):
+        raw = embedder.embed_raw(images)
+        assert raw.dtype == np.float32 and raw.shape == (5, 512)
+        np.testing.assert_allclose(raw, network, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(raw / np.linalg.norm(raw, axis=1, keepdims=True), direct, atol=2e-5)
+    assert not np.allclose(np.linalg.norm(network, axis=1), 1.0, atol=0.05)
+    assert from_onnx.embed_raw(images[:0]).shape == (0, 512)
 
 
 def test_facegen_folder_embedder_and_its_record(seeded_r18, tmp_path):
@@ -80,6 +90,8 @@ def test_dlib_embedder_is_128_wide_and_reads_its_own_chip():
     assert out.shape == (2, 128) and out.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
     np.testing.assert_allclose(embedder.embed_crops(embedder.crop.from_aligned(images)), out, atol=1e-6)
+    raw = embedder.embed_raw(images)  # dlib's descriptors as computed: the same direction, their own norm
+    np.testing.assert_allclose(raw / np.linalg.norm(raw, axis=1, keepdims=True), out, atol=1e-6)
     assert describe_embedder(EmbedderSettings(kind="dlib"))["file"] == embedder.record["file"]
 
 

@@ -3,16 +3,18 @@
 import numpy as np
 import pytest
 
-from facegen.config import ConfigError, ExpansionSettings, config_from_dict
+from facegen.config import EXPANSION_PRESETS, ConfigError, ExpansionSettings, HybridSettings, config_from_dict
 from facegen.generators import sample_seed
 from facegen.identities.expansion import (
     add_feature_noise,
+    feature_noise,
     band_conditioning,
     cosine,
     format_histograms,
     merge_histograms,
     rotate_to_similarity,
     sample_conditioning,
+    sample_rng,
     sigma_schedule,
     similarity_histogram,
     split_counts,
@@ -57,6 +59,79 @@ def test_noise_is_rescaled_to_the_original_norm_and_matches_the_expected_cosine(
         np.testing.assert_allclose(np.linalg.norm(g, axis=1), 25.0, rtol=1e-12)
         expected = 25.0 / np.sqrt(25.0**2 + 512 * sigma**2)
         assert np.mean([cosine(x, f) for x in g]) == pytest.approx(expected, abs=0.01)
+
+
+def test_presets_are_the_published_recipes():
+    # Vec2Face's HSFace (image_generation.py) and HybridGen's references (image_generation_with_reference.py,
+    # epsilons=[0.2], percentages=[1.]): both re-scale to the base vector's own norm (sample_nearby_vectors)
+    assert EXPANSION_PRESETS == {
+        "hsface": {"sigmas": [0.3, 0.5, 0.7], "shares": [0.4, 0.4, 0.2], "feature_norm": "own"},
+        "hybridgen": {"sigmas": [0.2], "shares": [1.0], "feature_norm": "own"},
+    }
+    for name, published in EXPANSION_PRESETS.items():
+        settings = ExpansionSettings(preset=name)
+        assert (settings.mode, settings.sigmas, settings.shares, settings.feature_norm) == (
+            "noise", published["sigmas"], published["shares"], "own")
+    # vec2face takes HybridGen's recipe unless told otherwise; the other expanders keep their defaults
+    vec2face = HybridSettings(expander="vec2face").expansion
+    assert (vec2face.preset, vec2face.sigmas, vec2face.shares) == ("hybridgen", [0.2], [1.0])
+    assert vec2face.feature_norm == "own"
+    assert HybridSettings(expander="vec2face", expansion={"preset": "hsface"}).expansion.sigmas == [0.3, 0.5, 0.7]
+    mixed = HybridSettings(expander="vec2face", expansion={"sigmas": [0.1, 0.3], "shares": [0.5, 0.5]}).expansion
+    assert (mixed.preset, mixed.sigmas, mixed.feature_norm) == (None, [0.1, 0.3], "own")  # only what was left out
+    assert HybridSettings(expander="vec2face", expansion={"mode": "band"}).expansion.feature_norm == "own"
+    arc2face = HybridSettings().expansion
+    assert (arc2face.preset, arc2face.sigmas, arc2face.shares) == (None, [0.3, 0.5, 0.7], [0.4, 0.4, 0.2])
+    assert arc2face.feature_norm == 25.0
+    # a dumped config loads back to the same settings (preset and its values together agree)
+    cfg = config_from_dict({"generator": {"hybrid": {"expander": "vec2face"}}})
+    assert config_from_dict(cfg.model_dump(mode="json")).generator.hybrid.expansion == cfg.generator.hybrid.expansion
+
+
+def test_presets_refuse_contradicting_values_in_one_line():
+    def load(expansion):
+        return config_from_dict({"generator": {"hybrid": {"expansion": expansion}}})
+
+    with pytest.raises(ConfigError, match=r"^<dict>: generator.hybrid.expansion: sigmas \[0.2\] is not preset hsface's "
+                       r"\[0.3, 0.5, 0.7\]: drop the preset to set your own values$"):
+        load({"preset": "hsface", "sigmas": [0.2]})
+    with pytest.raises(ConfigError, match=r"feature_norm 25.0 is not preset hybridgen's 'own'"):
+        load({"preset": "hybridgen", "feature_norm": 25.0})
+    with pytest.raises(ConfigError, match=r"preset hybridgen is a noise recipe: mode must be noise \(got 'band'\)"):
+        load({"preset": "hybridgen", "mode": "band"})
+    with pytest.raises(ConfigError, match=r"expansion.preset: Input should be 'hsface' or 'hybridgen'"):
+        load({"preset": "vec2face"})
+    with pytest.raises(ConfigError, match=r"expansion.feature_norm: expected a number > 0 or own \(got 'raw'\)$"):
+        load({"feature_norm": "raw"})
+    agreeing = load({"preset": "hsface", "sigmas": [0.3, 0.5, 0.7], "feature_norm": "own"})
+    assert agreeing.generator.hybrid.expansion.preset == "hsface"
+
+
+def test_hybridgen_noise_has_std_0_2_per_dimension_before_it_is_rescaled_to_each_features_own_norm():
+    settings = ExpansionSettings(preset="hybridgen")
+    draws, dim = 4000, 512
+    norms = np.random.default_rng(7).uniform(15.0, 35.0, 40)  # raw ArcFace features: each its own norm
+    noise = np.empty((draws, dim))
+    for i in range(draws):
+        f = _feature(seed=i % 40, dim=dim, norm=norms[i % 40])
+        seed = sample_seed(0, i % 40, i)
+        c = sample_conditioning(f, settings, 0, i % 40, i // 40, draws // 40, seed)
+        assert c.sigma == 0.2 and c.mode == "noise"
+        # the conditioning is exactly f + n re-scaled to |f|, with n the sample's own draw
+        n = feature_noise(dim, 0.2, sample_rng(seed))
+        expected = (f + n) * (np.linalg.norm(f) / np.linalg.norm(f + n))
+        np.testing.assert_allclose(c.feature, expected, rtol=1e-6, atol=1e-6)
+        assert np.linalg.norm(c.feature.astype(np.float64)) == pytest.approx(norms[i % 40], rel=1e-6)
+        noise[i] = n
+    # 2,048,000 draws: the pooled std's standard error is 0.2 / sqrt(2 * 2048000) = 1e-4
+    assert noise.std() == pytest.approx(0.2, abs=5e-4) and abs(noise.mean()) < 5e-4
+    per_dim = noise.std(axis=0)  # each dimension alone (standard error 0.2 / sqrt(8000) = 0.0022)
+    assert per_dim.min() > 0.2 - 0.012 and per_dim.max() < 0.2 + 0.012
+    assert abs(np.corrcoef(noise[:, 0], noise[:, 1])[0, 1]) < 0.06  # independent dimensions
+    # at norm 25 the cosine to the identity is |f| / sqrt(|f|^2 + d sigma^2) = 0.9119
+    f = _feature(norm=25.0)
+    cosines = [cosine(sample_conditioning(f, settings, 0, 1, k, 50, sample_seed(0, 1, k)).feature, f) for k in range(50)]
+    assert np.mean(cosines) == pytest.approx(25.0 / np.sqrt(25.0**2 + 512 * 0.04), abs=0.002)
 
 
 def test_sigma_shares_are_exact_per_identity_and_each_sample_is_reproducible_alone():

@@ -193,6 +193,46 @@ def test_vec2face_expansion_measures_the_realised_similarity(models):
         assert out["realised_similarity"][k] == pytest.approx(cosine(emb, feature), abs=1e-6)
 
 
+def test_vec2face_by_default_perturbs_the_raw_feature_with_sigma_0_2_and_keeps_its_own_norm(models):
+    from facegen.config import Vec2FaceSettings
+    from facegen.generators.hybrid import HybridGenerator
+    from facegen.generators.vec2face import Vec2FaceExpander
+    from facegen.models.vec2face import Vec2Face
+
+    torch.manual_seed(0)
+    small = Vec2Face(embed_dim=64, depth=1, num_heads=4, decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=4,
+                     decoder_ch=32, feature_dim=128)
+    # validated settings: expander vec2face with no expansion section takes HybridGen's recipe
+    settings = hybrid_settings(models, per_identity=4, expander="vec2face", expansion={},
+                               vec2face=Vec2FaceSettings(checkpoint="never-loaded.pth", micro_batch=2))
+    assert settings.hybrid.expansion.preset == "hybridgen"
+
+    class Seen(Vec2FaceExpander):
+        features: list = []
+
+        def render(self, features, sample_seeds, phrases=None):
+            self.features.append(np.asarray(features, np.float64))
+            return super().render(features, sample_seeds, phrases)
+
+    gen = HybridGenerator(settings, seed=0, expander=Seen(settings.hybrid.vec2face, model=small))
+    out = gen(_ids(0))
+    assert out["status"].tolist() == [STATUS_OK] * 4
+    reference = gen.reference(0)
+    from facegen.faces.align import align_face
+
+    raw = gen.embedder.embed_raw(align_face(reference.candidate.image, reference.landmarks)[None])[0].astype(np.float64)
+    assert reference.norm == pytest.approx(np.linalg.norm(raw), rel=1e-6)  # dlib's descriptor as it comes out
+    assert not reference.norm == pytest.approx(1.0, abs=0.01)  # not the unit feature
+    features = np.concatenate(Seen.features)
+    np.testing.assert_allclose(np.linalg.norm(features, axis=1), reference.norm, rtol=1e-5)
+    for k in range(4):
+        cond = sample_conditioning(raw, settings.hybrid.expansion, 0, 0, k, 4, sample_seed(0, 0, k))
+        np.testing.assert_allclose(features[k], cond.feature, rtol=1e-4, atol=1e-6)
+        meta = json.loads(out["meta"][k])["expansion"]
+        assert meta == {"mode": "noise", "space": "feature", "sigma": 0.2, "feature_norm": "own",
+                        "norm": round(reference.norm, 4)}
+
+
 def _actor_pool(ds, settings):
     """``ds.map_batches(HybridGenerator)`` on an actor pool sized by the generator settings."""
     from ray.data import ActorPoolStrategy

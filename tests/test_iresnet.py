@@ -88,3 +88,81 @@ def test_narrow_model_forward_and_backward():
 def test_bad_arch_is_named():
     with pytest.raises(ValueError, match="iresnet42"):
         build_backbone("iresnet42")
+
+
+# The DataCV organisers' SE-IResNet-50 (HaiyuWu/iccv2025-fr-competition, model/iresnet.py, iresnet("50",
+# mode="se")), written out as data: its stem, its blocks (bn1, conv1, bn2, prelu, conv2, bn3), a 1x1
+# downsample and an SEModule ``attn`` (fc1, fc2: 1x1 convs without bias, reduction 16) on the first block
+# of each stage only, then bn2, fc, features. BatchNorms carry weight, bias, running stats and a counter.
+BN = {"weight": "c", "bias": "c", "running_mean": "c", "running_var": "c", "num_batches_tracked": None}
+ORGANISERS_STEM = {"conv1.weight": (64, 3, 3, 3), "bn1": 64, "prelu.weight": (64,)}
+ORGANISERS_STAGES = [(64, 64, 3), (64, 128, 4), (128, 256, 14), (256, 512, 3)]  # (in, planes, blocks)
+ORGANISERS_HEAD = {"bn2": 512, "fc.weight": (512, 512 * 7 * 7), "fc.bias": (512,), "features": 512}
+
+
+def organisers_se_r50_keys() -> dict[str, tuple]:
+    keys: dict[str, tuple] = {}
+
+    def add(name, spec):
+        if isinstance(spec, int):  # a BatchNorm of that many channels
+            keys.update({f"{name}.{k}": ((spec,) if v else ()) for k, v in BN.items()})
+        else:
+            keys[name] = spec
+
+    for name, spec in ORGANISERS_STEM.items():
+        add(name.removesuffix(".weight") if isinstance(spec, int) else name, spec)
+    for stage, (inplanes, planes, blocks) in enumerate(ORGANISERS_STAGES, start=1):
+        for b in range(blocks):
+            p = f"layer{stage}.{b}"
+            cin = inplanes if b == 0 else planes
+            add(f"{p}.bn1", cin)
+            add(f"{p}.conv1.weight", (planes, cin, 3, 3))
+            add(f"{p}.bn2", planes)
+            add(f"{p}.prelu.weight", (planes,))
+            add(f"{p}.conv2.weight", (planes, planes, 3, 3))
+            add(f"{p}.bn3", planes)
+            if b == 0:
+                add(f"{p}.downsample.0.weight", (planes, inplanes, 1, 1))
+                add(f"{p}.downsample.1", planes)
+                add(f"{p}.attn.fc1.weight", (planes // 16, planes, 1, 1))
+                add(f"{p}.attn.fc2.weight", (planes, planes // 16, 1, 1))
+    for name, spec in ORGANISERS_HEAD.items():
+        add(name, spec)
+    return keys
+
+
+def test_se_r50_has_the_organisers_parameter_names_and_loads_their_state_dict_strictly(tmp_path):
+    from facegen.models.iresnet import iresnet50_se
+    from facegen.models.iresnet_checkpoint import load_backbone
+
+    expected = organisers_se_r50_keys()
+    assert len(expected) == 483 and sum("attn" in k for k in expected) == 8
+    model = build_backbone("iresnet50_se")
+    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == expected
+    # a state dict under their names (random values) loads with strict=True and is what the model holds
+    torch.manual_seed(0)
+    theirs = {k: (torch.tensor(7) if not shape else torch.randn(shape)) for k, shape in expected.items()}
+    model.load_state_dict(theirs, strict=True)
+    assert torch.equal(model.layer3[0].attn.fc2.weight, theirs["layer3.0.attn.fc2.weight"])
+    # a checkpoint of their trainer (model.module.state_dict(), a plain .pth) loads as arch iresnet50_se
+    torch.save(theirs, tmp_path / "model.pth")
+    loaded = load_backbone(str(tmp_path / "model.pth"), arch="iresnet50_se")
+    assert torch.equal(loaded.state_dict()["layer1.0.attn.fc1.weight"], theirs["layer1.0.attn.fc1.weight"])
+    with pytest.raises(ValueError, match=r"weights do not match the model \(.*Unexpected key\(s\).*attn"):
+        load_backbone(str(tmp_path / "model.pth"), arch="iresnet50")  # the plain network has no attn
+    assert sum(p.numel() for p in iresnet50_se().parameters()) - sum(p.numel() for p in iresnet50().parameters()) == sum(
+        2 * p * (p // 16) for _, p, _ in ORGANISERS_STAGES)
+
+
+def test_se_excites_the_shortcut_of_each_stages_first_block():
+    torch.manual_seed(0)
+    model = build_backbone("iresnet18_se", width=32, embedding_size=16).eval()
+    assert [block.attn is not None for block in model.layer2] == [True, False]
+    block = model.layer2[0]
+    x = torch.randn(2, 32, 28, 28)
+    with torch.no_grad():
+        residual = block.bn3(block.conv2(block.prelu(block.bn2(block.conv1(block.bn1(x))))))
+        shortcut = block.downsample(x)
+        gate = torch.sigmoid(block.attn.fc2(torch.relu(block.attn.fc1(shortcut.mean(dim=(2, 3), keepdim=True)))))
+        torch.testing.assert_close(block(x), residual + shortcut * gate)
+    assert gate.shape == (2, 64, 1, 1) and block.attn.fc1.weight.shape == (4, 64, 1, 1)

@@ -165,17 +165,3 @@ def test_validation_every_n_steps_keeps_the_best(tmp_path, shards):
     assert state["best"]["val/mean"] == max(r["val/mean"] for r in validated)
     assert state["best"]["step"] in (2, 4, 6) and state["validation"]["val/mean"] == validated[-1]["val/mean"]
     assert read_state(f"{tmp_path}/v/step-000000004")["validation"]["val/mean"] == validated[1]["val/mean"]
-
-
-def test_datacv_recipe_config():
-    from facegen.config import load_config
-
-    cfg = load_config("configs/train_datacv_r50.yaml")
-    t = cfg.train
-    assert (t.arch, t.width, t.embedding_size, t.head, t.scale, t.margin) == ("iresnet50", 64, 512, "arcface", 64.0, 0.5)
-    assert (t.optimizer, t.lr, t.momentum, t.weight_decay, t.batch_size, t.epochs) == ("sgd", 0.1, 0.9, 5e-4, 512, 26)
-    assert t.lr_steps == [12, 20, 24] and t.amp == "auto" and t.grad_clip_norm == 5.0 and t.max_failures == 3
-    a = t.augment
-    assert (a.hflip_p, a.crop_p, a.low_res_p, a.photometric_p) == (0.5, 0.2, 0.2, 0.2) and a.erase_p > 0
-    assert [p.split("/")[-1] for p in cfg.eval.bins] == ["lfw.bin", "cfp_fp.bin", "agedb_30.bin", "calfw.bin", "cplfw.bin"]
-    assert t.data.streams % t.num_workers == 0 and t.batch_size % t.data.streams == 0

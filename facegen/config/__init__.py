@@ -42,6 +42,8 @@ from facegen.config.generation import (  # noqa: F401  (re-exported: one import 
     DiffusionSettings,
     DiscoSettings,
     DispersionSettings,
+    EXPANDER_PRESETS,
+    EXPANSION_PRESETS,
     ExpansionSettings,
     FFHQ_EYES,
     ForceEmbedderSettings,
@@ -78,6 +80,7 @@ from facegen.config.generator_training import (  # noqa: F401  (re-exported: one
     GeneratorTrainSettings,
 )
 from facegen.config.training import (  # noqa: F401  (re-exported: one import path for every setting)
+    DATACV_SCALES,
     EvalSettings,
     PartialFCSettings,
     ShardSettings,

@@ -6,7 +6,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from facegen.config._base import _Section
+from facegen.config._base import IResNetArch, _Section
 from facegen.config.resources import PooledSection, PoolSettings
 
 
@@ -18,8 +18,9 @@ class EmbedderWeights(_Section):
 
     kind: str = Field(default="facegen", description="each subclass narrows it to the kinds it can build")
     path: str | None = Field(default=None, json_schema_extra={"input_path": "required"})
-    arch: Literal["iresnet18", "iresnet34", "iresnet50", "iresnet100"] | None = Field(
-        default=None, description="arcface_torch only: the network the .pth belongs to"
+    arch: IResNetArch | None = Field(
+        default=None, description="arcface_torch only: the network the .pth belongs to (iresnet50_se: a checkpoint "
+        "of the DataCV organisers' trainer)"
     )
     device: str = "auto"
 
@@ -33,7 +34,7 @@ class EmbedderWeights(_Section):
     @model_validator(mode="after")
     def _arch_named(self) -> "EmbedderWeights":
         if self.kind == "arcface_torch" and self.path and self.arch is None:
-            raise ValueError("arch: an arcface_torch .pth needs its network (iresnet18/34/50/100)")
+            raise ValueError("arch: an arcface_torch .pth needs its network (iresnet18/34/50/100, or with _se)")
         return self
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -41,20 +41,74 @@ class DiffusionSettings(_Section):
     variation_phrases: bool = Field(default=False, description="append a per-sample pose/expression/light phrase")
 
 
+#: The published noise recipes of ``generator.hybrid.expansion.preset``: each sets sigmas, shares and
+#: feature_norm. hsface: Vec2Face's HSFace sets (sigma 0.3 / 0.5 / 0.7 for 40 / 40 / 20 % of each
+#: identity's images); hybridgen: HybridGen's expansion of its references (Vec2Face's
+#: ``image_generation_with_reference.py``: sigma 0.2 for every image). Both re-scale each noisy
+#: feature to the identity feature's own (raw, unnormalised) norm, as Vec2Face's ``sample_nearby_vectors``.
+EXPANSION_PRESETS: dict[str, dict[str, Any]] = {
+    "hsface": {"sigmas": [0.3, 0.5, 0.7], "shares": [0.4, 0.4, 0.2], "feature_norm": "own"},
+    "hybridgen": {"sigmas": [0.2], "shares": [1.0], "feature_norm": "own"},
+}
+#: The preset whose values an expander takes for the expansion fields a config leaves out.
+EXPANDER_PRESETS: dict[str, str] = {"vec2face": "hybridgen"}
+
+
+def _same_value(given: Any, published: Any) -> bool:
+    if isinstance(published, list):
+        try:
+            return [float(v) for v in given] == published
+        except (TypeError, ValueError):
+            return False
+    return given == published
+
+
 class ExpansionSettings(_Section):
     """How each expanded sample's conditioning feature derives from its identity feature
-    (``facegen.identities.expansion``): Vec2Face noise or a CemiFace similarity band."""
+    (``facegen.identities.expansion``): Vec2Face noise or a CemiFace similarity band.
+
+    ``preset`` names a published noise recipe (:data:`EXPANSION_PRESETS`) instead of ``sigmas``,
+    ``shares`` and ``feature_norm``; a field given next to it must agree with it. Under
+    ``generator.hybrid`` with ``expander: vec2face`` the fields left out take preset ``hybridgen``'s
+    values (the whole preset when none is given); the defaults below are the other expanders'.
+    """
 
     mode: Literal["noise", "band"] = "noise"
+    preset: Literal["hsface", "hybridgen"] | None = Field(
+        default=None, description="a published noise recipe: hsface (sigma 0.3/0.5/0.7 at 40/40/20 %) or hybridgen "
+        "(sigma 0.2 for all), both re-scaled to the feature's own norm; None: sigmas, shares and feature_norm as given")
     sigmas: list[float] = Field(default=[0.3, 0.5, 0.7], description="noise mode: per-dimension sigmas (HSFace)")
     shares: list[float] = Field(default=[0.4, 0.4, 0.2], description="noise mode: share of samples per sigma")
     band: tuple[float, float] = Field(default=(0.55, 0.8), description="band mode: target cosine range")
-    feature_norm: float = Field(
-        default=25.0, gt=0.0,
-        description="norm the unit identity feature is scaled to before perturbing: the sigmas and Vec2Face "
-        "assume raw ArcFace features (order 20-30); Arc2Face re-normalises",
+    feature_norm: Annotated[float, Field(gt=0.0)] | Literal["own"] = Field(
+        default=25.0,
+        description="the norm the identity feature has before perturbing. own: the embedder's raw, unnormalised "
+        "output (one forward pass, no flip), what Vec2Face was trained on and re-normalises to; a number: the unit "
+        "feature scaled to it (raw ArcFace norms are of order 20-30; Arc2Face re-normalises its input anyway)",
     )
     histogram_bins: int = Field(default=40, ge=2, description="bins of the per-run similarity histograms on [-1, 1]")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or data.get("preset") not in EXPANSION_PRESETS:
+            return data  # no preset, or an unknown name that the field's own check reports
+        preset = data["preset"]
+        if data.get("mode", "noise") != "noise":
+            raise ValueError(f"preset {preset} is a noise recipe: mode must be noise (got {data['mode']!r})")
+        values = EXPANSION_PRESETS[preset]
+        for name, published in values.items():
+            if name in data and not _same_value(data[name], published):
+                raise ValueError(f"{name} {data[name]!r} is not preset {preset}'s {published!r}: drop the preset "
+                                 f"to set your own values")
+        return {**data, **{name: list(v) if isinstance(v, list) else v for name, v in values.items()}}
+
+    @field_validator("feature_norm", mode="before")
+    @classmethod
+    def _norm_or_own(cls, v: Any) -> Any:
+        if isinstance(v, str) and v != "own":
+            raise ValueError("expected a number > 0 or own")
+        return v
 
     @model_validator(mode="after")
     def _consistent(self) -> "ExpansionSettings":
@@ -176,6 +230,21 @@ class HybridSettings(_Section):
     cemiface: CemiFaceSettings = CemiFaceSettings()
     expansion: ExpansionSettings = ExpansionSettings()
     measure_similarity: bool = Field(default=True, description="embed each expanded image: realised similarity")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _expander_expansion(cls, data: Any) -> Any:
+        """An expander's own recipe (:data:`EXPANDER_PRESETS`) for the expansion fields left out."""
+        if not isinstance(data, dict) or data.get("expander") not in EXPANDER_PRESETS:
+            return data
+        expansion = data.get("expansion", {})
+        if not isinstance(expansion, dict) or expansion.get("preset") is not None:
+            return data  # a built ExpansionSettings, or a preset named
+        preset = EXPANDER_PRESETS[data["expander"]]
+        missing = {k: v for k, v in EXPANSION_PRESETS[preset].items() if k not in expansion}
+        if len(missing) == len(EXPANSION_PRESETS[preset]) and expansion.get("mode", "noise") == "noise":
+            missing = {"preset": preset}  # nothing of it given: named, so the recorded settings say which
+        return {**data, "expansion": {**expansion, **missing}}
 
     @model_validator(mode="after")
     def _gan_needs_gan_references(self) -> "HybridSettings":

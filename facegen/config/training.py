@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from facegen.config._base import _Section
+from facegen.config._base import IResNetArch, _Section
 from facegen.config.resources import PooledSection, PoolSettings
 
 
@@ -60,26 +60,43 @@ class TrainAugmentSettings(_Section):
         return self
 
 
-class TrainSettings(_Section):
-    """Ray Train IResNet + Partial FC margin head; defaults follow the DataCV recipe (ALGORITHMS.md 4)."""
+#: The DataCV ICCV 2025 challenge's dataset scales: name -> (most identities, most images).
+DATACV_SCALES: dict[str, tuple[int, int]] = {
+    "10k": (10_000, 500_000), "20k": (20_000, 1_000_000), "100k": (100_000, 5_000_000),
+}
 
-    arch: Literal["iresnet18", "iresnet34", "iresnet50", "iresnet100"] = "iresnet50"
+
+class TrainSettings(_Section):
+    """Ray Train IResNet + Partial FC margin head; defaults follow arcface_torch, and
+    ``configs/train_datacv_r50.yaml`` sets the DataCV organisers' fixed recipe."""
+
+    arch: IResNetArch = Field(default="iresnet50", description="iresnet18/34/50/100 (insightface), or with _se: the "
+                              "DataCV organisers' SE-IResNet (squeeze-excitation on each stage's first block)")
     width: int = Field(default=64, ge=4, description="channels of the first stage (64 = insightface)")
     embedding_size: int = Field(default=512, ge=8)
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="dropout on the flattened map before the embedding "
+                           "layer (arcface_torch: 0; the organisers' IResNet: 0.4)")
     head: Literal["arcface", "cosface", "combined"] = "arcface"
     scale: float = Field(default=64.0, gt=0.0)
     margin: float = Field(default=0.5, ge=0.0)
+    arcface_monotone: bool = Field(
+        default=True, description="head arcface: past theta + m > pi the target continues as cos(theta) - m sin(m) "
+        "(insightface); false: cos(theta + m) everywhere, as the organisers' ArcFace")
     combined_margins: tuple[float, float, float] = Field(default=(1.0, 0.5, 0.0), description="(m1, m2, m3) of head: combined")
     optimizer: Literal["sgd", "adamw"] = "sgd"
     lr: float = Field(default=0.1, gt=0.0)
     momentum: float = Field(default=0.9, ge=0.0)
     weight_decay: float = Field(default=5e-4, ge=0.0)
+    bn_weight_decay: bool = Field(default=True, description="weight decay on batch-norm scales and shifts too "
+                                  "(arcface_torch: yes; the organisers' trainer: no)")
     batch_size: int = Field(default=512, ge=1, description="global batch, split evenly over the workers")
     epochs: int = Field(default=26, ge=1)
     lr_steps: list[int] = [12, 20, 24]
     warmup_epochs: float = Field(default=0.0, ge=0.0)
     grad_clip_norm: float = Field(default=5.0, ge=0.0, description="backbone gradient norm clip (0 = off)")
     amp: Literal["auto", "bf16", "fp16", "off"] = Field(default="auto", description="auto: bf16 on GPUs that have it, else fp16 + scaler; off on CPU")
+    loss_scale_growth_interval: int = Field(default=2000, ge=1, description="fp16: steps without overflow before the "
+                                            "loss scale doubles (torch: 2000; the organisers' trainer: 100)")
     sync_bn: bool = Field(default=False, description="batch-norm statistics over the global batch")
     channels_last: bool = Field(
         default=True, description="on a GPU, backbone and images in channels-last memory (faster convolutions); never on a "
@@ -88,6 +105,9 @@ class TrainSettings(_Section):
         default=False, description="torch.compile the backbone and the margin head (no graph break in either; one around "
         "Partial FC's class sampling below sample rate 1.0); the first steps pay the compilation")
     curriculum: Literal["ordered", "shuffled"] = "ordered"
+    datacv_scale: Literal["10k", "20k", "100k"] | None = Field(
+        default=None, description="refuse, before training starts, a shard set above this DataCV scale: 10k = at most "
+        "10,000 identities and 500,000 images, 20k = 20,000 and 1M, 100k = 100,000 and 5M (None: no cap)")
     num_workers: int = Field(default=1, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(default=1.0, gt=0.0)

@@ -2,7 +2,9 @@
 
 Every embedder has ``embed(images, flip=False)``: aligned RGB uint8 112x112 ArcFace crops
 ``[N, 112, 112, 3]`` in, float32 ``[N, dim]`` L2-normalised rows out. With ``flip`` the row is
-``normalise(f(x) + f(flip(x)))`` (insightface ``eval/verification.py``). It also declares the crop it
+``normalise(f(x) + f(flip(x)))`` (insightface ``eval/verification.py``). ``embed_raw(images)`` gives
+the network's own output instead, one forward pass, unnormalised: what Vec2Face conditions on and
+re-normalises to (``generator.hybrid.expansion.feature_norm: own``). It also declares the crop it
 reads best (``crop``, a :class:`~facegen.faces.align.FaceCrop`) and embeds such crops with
 ``embed_crops``; for the ArcFace networks that is the 112 crop itself, for dlib's ResNet its own
 150 px chip, which the faces stage cuts from the same landmarks. ``record`` names what produced the
@@ -77,8 +79,10 @@ def embed_with_model(
     batch_size: int = 64,
     device: str | torch.device | None = None,
     flip: bool = True,
+    normalise: bool = True,
 ) -> np.ndarray:
-    """Embed aligned crops with ``model`` (already in eval mode); float32 ``[N, d]``, rows L2-normalised.
+    """Embed aligned crops with ``model`` (already in eval mode); float32 ``[N, d]``, rows L2-normalised
+    (``normalise=False``: as the network gives them).
 
     ``device`` defaults to where the model's parameters are; on cuda the forward runs under fp16
     autocast (the sum and normalisation are done in float64 on the host).
@@ -101,7 +105,8 @@ def embed_with_model(
         if dim is None:
             dim = int(model(torch.zeros(1, 3, ALIGNED_SIZE, ALIGNED_SIZE, device=device)).shape[1])
         return np.zeros((0, int(dim)), np.float32)
-    return l2_normalize(np.concatenate(chunks)).astype(np.float32)
+    out = np.concatenate(chunks)
+    return (l2_normalize(out) if normalise else out).astype(np.float32)
 
 
 class Embedder(Protocol):
@@ -117,6 +122,9 @@ class Embedder(Protocol):
 
     def embed_crops(self, crops: np.ndarray, flip: bool = False) -> np.ndarray:
         """Crops of this embedder's own :attr:`crop` geometry -> float32 ``[N, dim]``."""
+
+    def embed_raw(self, images: np.ndarray) -> np.ndarray:
+        """Aligned 112x112 crops -> float32 ``[N, dim]`` as the network outputs them (no flip, not normalised)."""
 
 
 def weights_record(kind: str, weights_file: str, dim: int) -> dict[str, Any]:
@@ -159,6 +167,10 @@ class IResNetEmbedder:
         return embed_with_model(self.model, images, self.batch_size, self.device, flip)
 
     embed_crops = embed
+
+    def embed_raw(self, images: np.ndarray) -> np.ndarray:
+        """uint8 ``[N, 112, 112, 3]`` RGB crops -> float32 ``[N, d]``: the IResNet's output, unnormalised."""
+        return embed_with_model(self.model, images, self.batch_size, self.device, flip=False, normalise=False)
 
 
 def onnx_providers() -> list[str]:
@@ -219,6 +231,11 @@ class OnnxEmbedder:
 
     embed_crops = embed
 
+    def embed_raw(self, images: np.ndarray) -> np.ndarray:
+        """uint8 ``[N, 112, 112, 3]`` RGB crops -> float32 ``[N, d]``: the ONNX graph's output, unnormalised."""
+        images = check_crops(images)
+        return self._forward(images).astype(np.float32) if len(images) else np.zeros((0, self.dim), np.float32)
+
 
 class DlibEmbedder:
     """dlib's 128-d ResNet face descriptor, run on its own 150 px chips (:data:`crop`)."""
@@ -252,6 +269,11 @@ class DlibEmbedder:
     def embed(self, images: np.ndarray, flip: bool = False) -> np.ndarray:
         """Aligned 112 crops, re-cut to dlib's chip geometry (its border beyond the crop replicated)."""
         return self.embed_crops(self.crop.from_aligned(check_crops(images)), flip)
+
+    def embed_raw(self, images: np.ndarray) -> np.ndarray:
+        """Aligned 112 crops -> float32 ``[N, 128]``: dlib's descriptors as it computes them, unnormalised."""
+        chips = self.crop.from_aligned(check_crops(images))
+        return self._describe(chips).astype(np.float32) if len(chips) else np.zeros((0, self.dim), np.float32)
 
 
 def describe_embedder(settings: "EmbedderSettings") -> dict[str, Any] | None:

@@ -6,9 +6,10 @@ HybridGen's generation (ALGORITHMS.md 1.5-1.6) with CemiFace's similarity contro
    text-to-image, a photo folder or any generator backend, through the faces stage's detector; its
    embedding (``generator.hybrid.embedder``) is the identity feature. An identity without an
    accepted reference after ``max_attempts`` becomes K error rows that say why.
-2. **Expansion**: sample ``k`` gets a conditioning feature from the unit identity feature scaled to
-   ``expansion.feature_norm`` (:func:`facegen.identities.expansion.sample_conditioning`: Vec2Face
-   noise or a CemiFace band) and is drawn by the expander (``arc2face`` or ``vec2face``; with
+2. **Expansion**: sample ``k`` gets a conditioning feature from the identity feature at
+   ``expansion.feature_norm`` (``own``: the embedder's raw output, as Vec2Face takes it; a number:
+   the unit feature scaled to it): Vec2Face noise re-scaled to that norm, or a CemiFace band
+   (:func:`facegen.identities.expansion.sample_conditioning`), drawn by the expander (``arc2face`` or ``vec2face``; with
    ``gan`` the reference's own GAN latent is perturbed instead, :mod:`facegen.generators.latent`).
    ``cemiface`` (:mod:`facegen.generators.cemiface`) takes the unit feature itself and asks its
    trained generator for a target similarity m per sample (``generator.hybrid.cemiface``). With
@@ -54,6 +55,7 @@ class _Sample:
     seed: int
     conditioning: Conditioning
     phrase: str
+    norm: float  # the identity feature's norm the conditioning was made at (NaN in a GAN's latent space)
 
 
 def build_sources(settings: GeneratorSettings, seed: int, device: str, expander: Any = None,
@@ -137,9 +139,12 @@ class HybridGenerator:
     def _embed(self, crops: np.ndarray) -> np.ndarray:
         return self.embedder.embed(np.asarray(crops, np.uint8))
 
+    def _embed_raw(self, crops: np.ndarray) -> np.ndarray:
+        return self.embedder.embed_raw(np.asarray(crops, np.uint8))
+
     def reference(self, identity_id: int) -> Reference:
         """The identity's accepted reference (raises ``ReferenceFailed`` with every reason)."""
-        return find_reference(identity_id, self.references, self.detector.detect_batch, self._choose, self._embed,
+        return find_reference(identity_id, self.references, self.detector.detect_batch, self._choose, self._embed_raw,
                               self.hybrid.reference.max_attempts)
 
     def identity_rows(self, identity_id: Any, block_id: Any, only: int | None = None) -> list[dict[str, Any]]:
@@ -173,12 +178,14 @@ class HybridGenerator:
         h = self.hybrid
         per_identity = self.settings.images_per_identity
         if self.latent_space:  # the GAN's own latent of the reference, as it is
-            base = np.asarray(reference.candidate.latent, np.float64)
+            base, norm = np.asarray(reference.candidate.latent, np.float64), float("nan")
         elif self.takes_similarity:  # CemiFace: the unit feature itself, m asked of the model
             base = reference.feature.astype(np.float64)
+            base, norm = base / np.linalg.norm(base), 1.0
         else:
+            norm = reference.norm if h.expansion.feature_norm == "own" else float(h.expansion.feature_norm)
             base = reference.feature.astype(np.float64)
-            base = base / np.linalg.norm(base) * h.expansion.feature_norm
+            base = base / np.linalg.norm(base) * norm
         samples = []
         for k in range(per_identity):
             seed = sample_seed(self.seed, identity_id, k)
@@ -187,7 +194,7 @@ class HybridGenerator:
             else:
                 cond = sample_conditioning(base, h.expansion, self.seed, identity_id, k, per_identity, seed)
             phrase = variation_phrase(seed) if self.expander.takes_text else ""
-            samples.append(_Sample(identity_id, block_id, k, seed, cond, phrase))
+            samples.append(_Sample(identity_id, block_id, k, seed, cond, phrase, norm))
         return samples
 
     def _similarity_conditioning(self, feature: np.ndarray, k: int, seed: int) -> Conditioning:
@@ -243,8 +250,9 @@ class HybridGenerator:
              face_note: str) -> dict[str, Any]:
         c = s.conditioning
         expansion = {"mode": c.mode, "space": "latent" if self.latent_space else "feature"}
-        if not self.latent_space and not self.takes_similarity:
+        if not self.latent_space and not self.takes_similarity:  # the setting (a number or own) and the norm it gave
             expansion["feature_norm"] = self.hybrid.expansion.feature_norm
+            expansion["norm"] = round(s.norm, 4)
         if c.mode == "noise":
             expansion["sigma"] = c.sigma
         meta = {"reference": reference, "expansion": expansion}

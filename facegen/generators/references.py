@@ -58,13 +58,15 @@ class Candidate:
 
 @dataclass
 class Reference:
-    """An identity's accepted reference: the image, the chosen face and the unit feature."""
+    """An identity's accepted reference: the image, the chosen face, the unit feature and ``norm``,
+    the norm of the embedder's raw output (the feature's own norm, ``expansion.feature_norm: own``)."""
 
     identity_id: int
     candidate: Candidate
     landmarks: np.ndarray
     score: float
     feature: np.ndarray
+    norm: float
 
     def describe(self, backend: str) -> dict[str, Any]:
         """The reference's facts for a row's ``meta``."""
@@ -175,7 +177,8 @@ def find_reference(identity_id: int, source: Any, detect_batch: Callable, choose
     """The first accepted candidate of ``identity_id`` and its identity feature.
 
     ``detect_batch(images) -> [[Detection]]``; ``choose(detections, shape) -> Detection`` or raises
-    (the faces stage's one-face rule); ``embed(aligned crops) -> unit features``.
+    (the faces stage's one-face rule); ``embed(aligned crops) -> raw features`` (any norm: the
+    reference keeps the unit feature and the raw norm).
     """
     reasons = []
     for start in range(0, max_attempts, max(1, source.batch_size)):
@@ -193,6 +196,10 @@ def find_reference(identity_id: int, source: Any, detect_batch: Callable, choose
                 reasons.append(f"attempt {c.attempt}: {exc}")
                 continue
             landmarks = np.asarray(face.landmarks, np.float32).reshape(5, 2)
-            feature = np.asarray(embed(align_face(c.image, landmarks)[None])[0], np.float32)
-            return Reference(identity_id, c, landmarks, float(face.score), feature)
+            raw = np.asarray(embed(align_face(c.image, landmarks)[None])[0], np.float64)
+            norm = float(np.linalg.norm(raw))
+            if not (np.isfinite(norm) and norm > 0):
+                reasons.append(f"attempt {c.attempt}: the embedder gave a zero or non-finite feature")
+                continue
+            return Reference(identity_id, c, landmarks, float(face.score), (raw / norm).astype(np.float32), norm)
     raise ReferenceFailed(f"no usable reference face in {max_attempts} attempts ({'; '.join(reasons)})"[:480])

@@ -4,10 +4,11 @@ An identity is expanded into K images from one feature ``f`` (ALGORITHMS.md 1.6 
 gets its own conditioning feature, in one of two ways:
 
 * **noise** (Vec2Face, HSFace): ``g = f + n``, ``n ~ N(0, sigma^2 I)``, then ``g`` is re-scaled to
-  ``|f|``. Each identity's K samples share the configured sigmas in the configured shares (HSFace:
-  0.3, 0.5, 0.7 at 40 %, 40 %, 20 %; HybridGen's references: 0.2 for all). The resulting cosine
-  depends on ``|f|``: about ``|f| / sqrt(|f|^2 + d sigma^2)`` in ``d`` dimensions, so sigma only
-  means something for features of the norm the generator was trained on.
+  ``|f|``. Each identity's K samples share the configured sigmas in the configured shares (preset
+  ``hsface``: 0.3, 0.5, 0.7 at 40 %, 40 %, 20 %; preset ``hybridgen``, HybridGen's references: 0.2
+  for all). The resulting cosine depends on ``|f|``: about ``|f| / sqrt(|f|^2 + d sigma^2)`` in
+  ``d`` dimensions, so sigma only means something for features of the norm the generator was
+  trained on: Vec2Face's is the raw (unnormalised) ArcFace output, ``feature_norm: own``.
 * **band** (CemiFace): a target cosine ``m`` is drawn uniformly from ``[low, high]`` and ``f`` is
   rotated toward a random direction orthogonal to it by ``arccos(m)``:
   ``g = |f| (m f^ + sqrt(1 - m^2) u)``, so ``cos(g, f) = m`` exactly, whatever ``|f|`` is.
@@ -66,12 +67,18 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
+def feature_noise(dim: int, sigma: float, rng: np.random.Generator) -> np.ndarray:
+    """The noise Vec2Face adds to a feature: ``dim`` i.i.d. ``N(0, sigma^2)`` draws (absolute units,
+    whatever the feature's norm), the first thing drawn from ``rng``."""
+    if not sigma >= 0:
+        raise ValueError(f"sigma must be >= 0, got {sigma}")
+    return rng.normal(0.0, sigma, int(dim))
+
+
 def add_feature_noise(feature: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
     """Vec2Face's perturbation: ``feature + N(0, sigma^2 I)`` re-scaled to the feature's norm."""
     f = _as_feature(feature)
-    if not sigma >= 0:
-        raise ValueError(f"sigma must be >= 0, got {sigma}")
-    noisy = f + rng.normal(0.0, sigma, f.shape)
+    noisy = f + feature_noise(f.size, sigma, rng)
     norm = np.linalg.norm(noisy)
     if not norm > 0:  # only possible when the noise cancels the feature exactly
         raise ValueError("noisy feature has zero norm")

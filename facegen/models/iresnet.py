@@ -11,6 +11,16 @@ so its public ``.pth`` checkpoints load with ``strict=True``:
 
 ``width`` scales the channels of the stem and the four stages (width, 2w, 4w, 8w); width 64 is
 exactly insightface, smaller widths give tiny models for tests and demos.
+
+The ``*_se`` archs are the SE-IResNets of the DataCV ICCV 2025 organisers' trainer
+(``HaiyuWu/iccv2025-fr-competition``, ``model/iresnet.py`` with ``mode="se"``, the network its fixed
+config trains), with their parameter names, so their checkpoints load with ``strict=True``:
+
+    layerN.0.attn.fc1 / layerN.0.attn.fc2   squeeze-excitation (1x1 convs, no bias, reduction 16)
+                                            on the first block of each stage only
+
+As in their code, the excitation scales the block's *shortcut* (the downsampled input), not the
+residual branch, before the two are added; every other name and shape is insightface's.
 """
 
 from __future__ import annotations
@@ -18,12 +28,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-ARCH_DEPTHS: dict[str, list[int]] = {
+_DEPTHS: dict[str, list[int]] = {
     "iresnet18": [2, 2, 2, 2],
     "iresnet34": [3, 4, 6, 3],
     "iresnet50": [3, 4, 14, 3],
     "iresnet100": [3, 13, 30, 3],
 }
+#: Every buildable arch and its blocks per stage; ``<arch>_se`` is the organisers' SE variant.
+ARCH_DEPTHS: dict[str, list[int]] = {**_DEPTHS, **{f"{name}_se": depths for name, depths in _DEPTHS.items()}}
+#: The squeeze-excitation reduction of the ``*_se`` archs (channels / 16 in the bottleneck).
+SE_REDUCTION = 16
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
@@ -36,12 +50,30 @@ def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
 
 
+class SEModule(nn.Module):
+    """Squeeze-excitation: ``x * sigmoid(fc2(relu(fc1(mean over H, W of x))))``, 1x1 convs without bias."""
+
+    def __init__(self, channels: int, reduction: int = SE_REDUCTION):
+        super().__init__()
+        hidden = max(1, channels // reduction)  # >= 1 so the narrow test widths build too
+        self.avg_pool = nn.AdaptiveAvgPool2d(1)
+        self.fc1 = nn.Conv2d(channels, hidden, kernel_size=1, padding=0, bias=False)
+        self.relu = nn.ReLU(inplace=True)
+        self.fc2 = nn.Conv2d(hidden, channels, kernel_size=1, padding=0, bias=False)
+        self.sigmoid = nn.Sigmoid()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.sigmoid(self.fc2(self.relu(self.fc1(self.avg_pool(x)))))
+
+
 class IBasicBlock(nn.Module):
-    """BN -> conv3x3 -> BN -> PReLU -> conv3x3(stride) -> BN, plus the (downsampled) input."""
+    """BN -> conv3x3 -> BN -> PReLU -> conv3x3(stride) -> BN, plus the (downsampled) input; with
+    ``se`` the input's path goes through a :class:`SEModule` (``attn``) first, as the organisers' code."""
 
     expansion = 1
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None):
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
+                 se: bool = False):
         super().__init__()
         self.bn1 = nn.BatchNorm2d(inplanes, eps=1e-05)
         self.conv1 = conv3x3(inplanes, planes)
@@ -51,6 +83,7 @@ class IBasicBlock(nn.Module):
         self.bn3 = nn.BatchNorm2d(planes, eps=1e-05)
         self.downsample = downsample
         self.stride = stride
+        self.attn = SEModule(planes) if se else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.bn1(x)
@@ -60,11 +93,14 @@ class IBasicBlock(nn.Module):
         out = self.conv2(out)
         out = self.bn3(out)
         identity = x if self.downsample is None else self.downsample(x)
+        if self.attn is not None:
+            identity = self.attn(identity)
         return out + identity
 
 
 class IResNet(nn.Module):
-    """The IResNet family; build one with :func:`iresnet50` & co. or :func:`build_backbone`."""
+    """The IResNet family; build one with :func:`iresnet50` & co. or :func:`build_backbone`
+    (``se``: the organisers' SE variant, an excitation on the first block of each stage)."""
 
     fc_scale = 7 * 7  # 112 / 2**4 = 7: the spatial size after the four stride-2 stages
 
@@ -76,8 +112,10 @@ class IResNet(nn.Module):
         dropout: float = 0.0,
         fp16: bool = False,
         amp_dtype: torch.dtype = torch.float16,
+        se: bool = False,
     ):
         super().__init__()
+        self.se = se
         self.fp16 = fp16
         self.amp_dtype = amp_dtype  # the autocast dtype when fp16 is on (bfloat16 on GPUs that have it)
         self.num_features = num_features
@@ -97,7 +135,7 @@ class IResNet(nn.Module):
         nn.init.constant_(self.features.weight, 1.0)
         self.features.weight.requires_grad = False
 
-        for m in self.modules():
+        for m in self.modules():  # the SE convs too (this overrides their Xavier init in the organisers' code)
             if isinstance(m, nn.Conv2d):
                 nn.init.normal_(m.weight, 0, 0.1)
             elif isinstance(m, nn.BatchNorm2d):
@@ -108,7 +146,7 @@ class IResNet(nn.Module):
         downsample = None
         if stride != 1 or self.inplanes != planes:
             downsample = nn.Sequential(conv1x1(self.inplanes, planes, stride), nn.BatchNorm2d(planes, eps=1e-05))
-        layers = [IBasicBlock(self.inplanes, planes, stride, downsample)]
+        layers = [IBasicBlock(self.inplanes, planes, stride, downsample, se=self.se)]
         self.inplanes = planes
         layers += [IBasicBlock(planes, planes) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
@@ -132,7 +170,8 @@ class IResNet(nn.Module):
 
 
 def _iresnet(arch: str, width: int, num_features: int, dropout: float, fp16: bool) -> IResNet:
-    return IResNet(ARCH_DEPTHS[arch], width=width, num_features=num_features, dropout=dropout, fp16=fp16)
+    return IResNet(ARCH_DEPTHS[arch], width=width, num_features=num_features, dropout=dropout, fp16=fp16,
+                   se=arch.endswith("_se"))
 
 
 def iresnet18(width: int = 64, num_features: int = 512, dropout: float = 0.0, fp16: bool = False) -> IResNet:
@@ -155,10 +194,19 @@ def iresnet100(width: int = 64, num_features: int = 512, dropout: float = 0.0, f
     return _iresnet("iresnet100", width, num_features, dropout, fp16)
 
 
-def build_backbone(arch: str, width: int = 64, embedding_size: int = 512, fp16: bool = False) -> IResNet:
-    """Build an IResNet by name (``iresnet18|34|50|100``); an unknown name is a ``ValueError``."""
+def iresnet50_se(width: int = 64, num_features: int = 512, dropout: float = 0.0, fp16: bool = False) -> IResNet:
+    """SE-IResNet-50, the DataCV organisers' network (their trainer builds it with dropout 0.4)."""
+    return _iresnet("iresnet50_se", width, num_features, dropout, fp16)
+
+
+def build_backbone(arch: str, width: int = 64, embedding_size: int = 512, fp16: bool = False,
+                   dropout: float = 0.0) -> IResNet:
+    """Build an IResNet by name (``iresnet18|34|50|100``, each also ``_se``); an unknown name is a
+    ``ValueError``. ``dropout`` is applied to the flattened map before ``fc`` (training only)."""
     if arch not in ARCH_DEPTHS:
         raise ValueError(f"unknown backbone arch {arch!r}; expected one of {sorted(ARCH_DEPTHS)}")
     if width < 1 or embedding_size < 1:
         raise ValueError(f"backbone {arch}: width and embedding_size must be positive (got {width}, {embedding_size})")
-    return _iresnet(arch, width, embedding_size, 0.0, fp16)
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"backbone {arch}: dropout must be in [0, 1) (got {dropout})")
+    return _iresnet(arch, width, embedding_size, dropout, fp16)

@@ -6,7 +6,8 @@
   After writing, the file is run with onnxruntime and compared with torch (``max_abs_diff``).
 - ``arcface_torch``: a plain ``state_dict`` ``.pth`` with insightface ``arcface_torch`` parameter
   names (``backbone.load_state_dict(torch.load(path))`` in its scripts); only width-64 networks
-  match its architectures.
+  match its architectures. An ``*_se`` backbone's file has the DataCV organisers' names instead:
+  their ``iresnet(depth, mode="se")`` loads it (``get_submission_file.py``).
 
 ``--checkpoint`` may name a backbone directory, a training checkpoint (``step-*``) or a run
 directory (its exported ``backbone/``).

@@ -29,6 +29,7 @@ from torch import nn
 from facegen.config import FacegenConfig, TrainSettings
 from facegen.lineage import manifest_set_digest
 from facegen.models.iresnet import build_backbone
+from facegen.shards import check_datacv_scale
 from facegen.storage import read_json, write_json_atomic
 from facegen.train.checkpoint import load_checkpoint, save_checkpoint
 from facegen.train.data import CurriculumReader, prefetch
@@ -97,9 +98,21 @@ def lr_at(settings: TrainSettings, epoch: float) -> float:
     return settings.lr * 0.1 ** sum(1 for step in settings.lr_steps if epoch >= step)
 
 
-def build_optimizer(settings: TrainSettings, params: list[nn.Parameter], fused: bool = False) -> torch.optim.Optimizer:
-    """SGD with momentum (the DataCV recipe) or AdamW over ``params``; ``fused``: one kernel for all
-    parameters (CUDA), the same update."""
+def backbone_param_groups(settings: TrainSettings, backbone: nn.Module) -> list[dict[str, Any]]:
+    """The backbone's trainable parameters as optimizer groups: one, or with ``bn_weight_decay``
+    off two, the batch-norm scales and shifts without weight decay (the organisers' ``separate_bn_param``)."""
+    trainable = [p for p in backbone.parameters() if p.requires_grad]
+    if settings.bn_weight_decay:
+        return [{"params": trainable}]
+    norms = {id(p) for m in backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for p in m.parameters()}
+    return [{"params": [p for p in trainable if id(p) not in norms]},
+            {"params": [p for p in trainable if id(p) in norms], "weight_decay": 0.0}]
+
+
+def build_optimizer(settings: TrainSettings, params: list[nn.Parameter] | list[dict[str, Any]], fused: bool = False
+                    ) -> torch.optim.Optimizer:
+    """SGD with momentum (the DataCV recipe) or AdamW over ``params`` (tensors or groups); ``fused``:
+    one kernel for all parameters (CUDA), the same update."""
     extra = {"fused": True} if fused else {}
     if settings.optimizer == "sgd":
         return torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay, **extra)
@@ -130,8 +143,10 @@ def fit(session: Session, cfg: FacegenConfig, shards_dir: str, eval_bins: list[s
 
     reader = CurriculumReader(shards_dir, rank, world_size, settings.batch_size, cfg.run.seed, mode=settings.curriculum,
                               total_epochs=settings.epochs, data=settings.data, augment=settings.augment)
+    check_datacv_scale(settings.datacv_scale, reader.manifest, shards_dir)
     digest = manifest_set_digest(reader.manifest)
-    backbone = build_backbone(settings.arch, settings.width, settings.embedding_size, fp16=amp_dtype is not None)
+    backbone = build_backbone(settings.arch, settings.width, settings.embedding_size, fp16=amp_dtype is not None,
+                              dropout=settings.dropout)
     backbone.amp_dtype = amp_dtype or torch.float16
     if settings.sync_bn:
         backbone = convert_sync_batchnorm(backbone, device)
@@ -142,10 +157,10 @@ def fit(session: Session, cfg: FacegenConfig, shards_dir: str, eval_bins: list[s
         backbone = backbone.to(memory_format=torch.channels_last)
     head = PartialFC(build_margin(settings), settings.embedding_size, reader.num_classes, settings.partial_fc.sample_rate,
                      seed=cfg.run.seed, rank=rank, world_size=world_size, amp_dtype=amp_dtype).to(device)
-    backbone_optimizer = build_optimizer(settings, [p for p in backbone.parameters() if p.requires_grad], fused=on_gpu)
+    backbone_optimizer = build_optimizer(settings, backbone_param_groups(settings, backbone), fused=on_gpu)
     head_optimizer = build_optimizer(settings, [head.weight], fused=on_gpu)
     optimizers = [backbone_optimizer, head_optimizer]
-    scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+    scaler = torch.amp.GradScaler("cuda", growth_interval=settings.loss_scale_growth_interval) if use_scaler else None
 
     state: dict[str, Any] = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "positions": {}, "history": [],
                              "best": None, "validation": None, "resumes": []}

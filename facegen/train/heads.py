@@ -50,13 +50,15 @@ class ArcFace(Margin):
     """Additive angular margin: the target logit becomes ``s * cos(theta + m)``.
 
     Past ``theta + m > pi`` the cosine would rise again, so there (``cos(theta) <= cos(pi - m)``)
-    the target falls back to ``cos(theta) - m * sin(m)``, the same monotone continuation as insightface.
+    the target falls back to ``cos(theta) - m * sin(m)``, the same monotone continuation as insightface;
+    ``monotone=False`` keeps ``cos(theta + m)`` everywhere, as the DataCV organisers' ArcFace.
     """
 
-    def __init__(self, s: float = 64.0, m: float = 0.5):
+    def __init__(self, s: float = 64.0, m: float = 0.5, monotone: bool = True):
         super().__init__()
         self.s = s
         self.m = m
+        self.monotone = monotone
         self.cos_m = math.cos(m)
         self.sin_m = math.sin(m)
         self.threshold = math.cos(math.pi - m)
@@ -65,10 +67,11 @@ class ArcFace(Margin):
     def target(self, cos_t: torch.Tensor) -> torch.Tensor:
         cos_t = cos_t.clamp(-1 + _COS_EPS, 1 - _COS_EPS)
         sin_t = torch.sqrt(1.0 - cos_t * cos_t)
-        return torch.where(cos_t > self.threshold, cos_t * self.cos_m - sin_t * self.sin_m, cos_t - self.mm)
+        shifted = cos_t * self.cos_m - sin_t * self.sin_m  # cos(theta + m)
+        return torch.where(cos_t > self.threshold, shifted, cos_t - self.mm) if self.monotone else shifted
 
     def extra_repr(self) -> str:
-        return f"s={self.s}, m={self.m}"
+        return f"s={self.s}, m={self.m}" + ("" if self.monotone else ", monotone=False")
 
 
 class CosFace(Margin):
@@ -149,7 +152,7 @@ class MarginClassifier(nn.Module):
 def build_margin(settings: "TrainSettings") -> Margin:
     """The margin of ``settings.head`` (arcface | cosface | combined) with ``settings.scale/margin``."""
     if settings.head == "arcface":
-        return ArcFace(s=settings.scale, m=settings.margin)
+        return ArcFace(s=settings.scale, m=settings.margin, monotone=settings.arcface_monotone)
     if settings.head == "cosface":
         return CosFace(s=settings.scale, m=settings.margin)
     if settings.head == "combined":

@@ -26,6 +26,7 @@ import torch
 from facegen.config import FacegenConfig
 from facegen.lineage import TrainingInputChanged, check_training_input, shard_set_digest
 from facegen.models.iresnet_checkpoint import load_backbone, save_backbone
+from facegen.shards import check_datacv_scale, load_manifest
 from facegen.storage import exists, list_dirs, read_json, write_json_atomic
 from facegen.train.checkpoint import STATE_FILE
 from facegen.train.data import CurriculumReader
@@ -158,6 +159,8 @@ def train(cfg: FacegenConfig, shards_dir: str, eval_bins: list[str] | None = Non
     cfg = cfg.model_copy(deep=True)
     cfg.run.output_dir = _absolute(cfg.run.output_dir)
     shards_dir = _absolute(shards_dir)
+    # First, before anything costly: a shard set above its DataCV scale is refused in one line.
+    check_datacv_scale(settings.datacv_scale, load_manifest(shards_dir), shards_dir)
     bins = [_absolute(b) for b in (cfg.eval.bins if eval_bins is None else eval_bins)]
     for path in bins:
         if not exists(path):
