@@ -207,3 +207,58 @@ def test_the_similarity_loss_needs_a_torch_embedder():
     with pytest.raises(Exception, match="must be kind facegen or arcface_torch"):
         load_config(None, ["train_generator.embedder.kind=dlib"])
     assert load_config(None, ["train_generator.embedder.kind=dlib", "train_generator.similarity_weight=0"])
+
+
+def _hybrid(tmp_path, photos, model, **cemiface):
+    from facegen.config import (
+        CemiFaceSettings,
+        DetectorSettings,
+        EmbedderSettings,
+        GeneratorSettings,
+        HybridSettings,
+        ReferenceSettings,
+    )
+    from facegen.generators.hybrid import HybridGenerator
+
+    hybrid = HybridSettings(
+        reference=ReferenceSettings(backend="photos", photos_dir=str(photos), max_attempts=2),
+        detector=DetectorSettings(kind="dlib", min_size=40), embedder=EmbedderSettings(kind="dlib"), expander="cemiface",
+        cemiface=CemiFaceSettings(model=str(model), ddim_steps=2, micro_batch=2, **cemiface))
+    return HybridGenerator(GeneratorSettings(backend="hybrid", images_per_identity=3, hybrid=hybrid), seed=0)
+
+
+def test_the_hybrid_backend_draws_each_sample_at_its_m_the_same_in_any_batch(tmp_path):
+    import cv2
+    import insightface
+
+    from facegen.generators import sample_seed
+    from facegen.schema import STATUS_ERROR, STATUS_OK
+
+    hanks = cv2.imread(os.path.join(os.path.dirname(insightface.__file__), "data", "images", "Tom_Hanks_54745.png"))
+    (tmp_path / "faces").mkdir()
+    (tmp_path / "walls").mkdir()
+    cv2.imwrite(str(tmp_path / "faces" / "hanks.png"), cv2.resize(hanks, (200, 200), interpolation=cv2.INTER_CUBIC))
+    cv2.imwrite(str(tmp_path / "walls" / "wall.png"), np.full((128, 128, 3), 90, np.uint8))  # no face
+    save_generator(str(tmp_path / "gen"), tiny_model(id_dim=128).eval(), dict(noise_scheduler(1000).config),
+                   {"embedder": {"kind": "dlib", "dim": 128}})
+    generator = _hybrid(tmp_path, tmp_path / "faces", tmp_path / "gen", similarity=[0.0, 0.5])
+    alone = generator({"identity_id": np.array([2]), "block_id": np.array([0])})
+    mixed = generator({"identity_id": np.array([0, 2]), "block_id": np.array([0, 0])})
+    assert alone["status"].tolist() == [STATUS_OK] * 3 and alone["source"][0] == "hybrid:photos+cemiface"
+    assert alone["requested_similarity"].tolist() == [0.0, 0.5, 0.0]  # the list, cycled per sample
+    assert np.isfinite(alone["realised_similarity"]).all()
+    keep = mixed["identity_id"] == 2
+    assert alone["image"].tolist() == mixed["image"][keep].tolist()
+    row = generator.regenerate(2, 1)
+    assert row["image"] == alone["image"][1] and row["seed"] == sample_seed(0, 2, 1)
+    banded = _hybrid(tmp_path, tmp_path / "faces", tmp_path / "gen", similarity_band=(0.2, 0.4))
+    drawn = banded({"identity_id": np.array([2]), "block_id": np.array([0])})["requested_similarity"]
+    assert ((drawn >= 0.2) & (drawn <= 0.4)).all() and len(set(drawn.tolist())) == 3
+
+    faceless = _hybrid(tmp_path, tmp_path / "walls", tmp_path / "gen")({"identity_id": np.array([5]), "block_id": np.array([0])})
+    assert faceless["status"].tolist() == [STATUS_ERROR] * 3
+    assert "no usable reference face in 2 attempts" in faceless["reason"][0] and "\n" not in faceless["reason"][0]
+    save_generator(str(tmp_path / "other"), tiny_model(id_dim=16).eval(), dict(noise_scheduler(1000).config),
+                   {"embedder": {"kind": "facegen", "dim": 16}})
+    with pytest.raises(ValueError, match="trained on facegen features of width 16, but generator.hybrid.embedder gives dlib"):
+        _hybrid(tmp_path, tmp_path / "faces", tmp_path / "other")
