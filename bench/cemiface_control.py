@@ -9,7 +9,7 @@
    raw cosines all sit near 0.9: the mean is most of their norm) and L2-normalised: that is C_id and
    the cosine that defines m.
 2. Training: facegen's CemiFace UNet (32 px) with facegen's pair stream and loss
-   (:mod:`facegen.train.generator_data`, :func:`facegen.train.generator_fit.generator_loss`), MSE
+   (:mod:`facegen.train.generator_data`, :func:`facegen.models.cemiface.cemiface_loss`), MSE
    alone (dlib is no torch network), AdamW, on all but ``--holdout`` identities.
 3. Control: for each held-out identity (its first image as the inquiry) and each m in {0.0, 0.3,
    0.6, 0.9}, ``--per-m`` images with DDIM 20 steps; each is embedded by the same centred dlib and
@@ -41,7 +41,8 @@ from facegen.generators.crop import to_uint8_images  # noqa: E402
 from facegen.generators.gan import build_gan  # noqa: E402
 from facegen.models.cemiface import ddim_sample, noise_scheduler, to_aligned_crops  # noqa: E402
 from facegen.train.generator_data import PairSampler, PairTable  # noqa: E402
-from facegen.train.generator_fit import build_model, generator_loss, spearman  # noqa: E402
+from facegen.models.cemiface import cemiface_loss
+from facegen.train.generator_fit import build_model, spearman  # noqa: E402
 
 CONTROL_M = [0.0, 0.3, 0.6, 0.9]
 
@@ -126,7 +127,7 @@ def main() -> None:
     model.train()
     for step in range(args.steps):
         epoch, in_epoch = divmod(step, sampler.steps_per_epoch)
-        loss, _ = generator_loss(model, scheduler, sampler.batch(epoch, in_epoch), 0.0, None, 1000)
+        loss, _ = cemiface_loss(model, scheduler, sampler.batch(epoch, in_epoch), 0.0, None, 1000)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -24,7 +24,8 @@ from facegen.models.cemiface import (  # noqa: E402
 )
 from facegen.train.fit import LocalSession  # noqa: E402
 from facegen.train.generator_data import PairSampler, PairTable, prepare_pairs, quantise  # noqa: E402
-from facegen.train.generator_fit import build_model, fit_generator, generator_loss  # noqa: E402
+from facegen.models.cemiface import cemiface_loss
+from facegen.train.generator_fit import build_model, fit_generator  # noqa: E402
 from train_shards import make_shard_set  # noqa: E402
 
 TINY_NET = {"image_size": 16, "block_out_channels": [16, 32], "layers_per_block": 1, "attention_head_dim": 4,
@@ -118,7 +119,7 @@ def test_the_loss_falls_over_a_few_dozen_steps(data):
     fixed = sampler.batch(0, 0)
     losses = []
     for step in range(40):
-        loss, parts = generator_loss(model, scheduler, fixed, 0.05, loss_embedder, 1000)
+        loss, parts = cemiface_loss(model, scheduler, fixed, 0.05, loss_embedder, 1000)
         assert set(parts) == {"mse", "l_rec", "l_sim"}
         optimizer.zero_grad()
         loss.backward()

@@ -13,7 +13,8 @@ seeded starting noise, so an image depends only on its feature, its m and its se
 
 Saved with ``save_pretrained`` (``config.json`` + safetensors) and read with ``from_pretrained``
 (weights only, never code); :func:`save_generator` / :func:`load_generator` add the noise schedule
-and what the model was conditioned on (``cemiface.json``) in one folder.
+and what the model was conditioned on (``cemiface.json``) in one folder. The network and sampler
+need only torch and diffusers (the GPU benchmark imports them without facegen's storage stack).
 """
 
 from __future__ import annotations
@@ -22,12 +23,11 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
-
-from facegen.storage import exists, read_json, write_json_atomic
 
 #: Files of a generator folder (``save_generator``).
 UNET_DIR, SCHEDULER_DIR, INFO_FILE = "unet", "scheduler", "cemiface.json"
@@ -105,6 +105,28 @@ def predicted_clean(scheduler: DDPMScheduler, noisy: torch.Tensor, noise_pred: t
     return (noisy.float() - (1 - alphas).sqrt() * noise_pred.float()) / alphas.sqrt()
 
 
+def cemiface_loss(model: nn.Module, scheduler: Any, batch: Any, weight: float, embedder: nn.Module | None,
+                   timesteps_total: int) -> tuple[torch.Tensor, dict[str, float]]:
+    """CemiFace's loss of one batch and its parts: ``MSE(eps_hat, eps) + weight * mean((1 - t/T) L_rec +
+    (t/T) L_sim)``, ``L_rec = mean((x0_hat - x0)^2)`` per sample, ``L_sim = |cos(E(x0_hat), C_id) - m|``
+    with E the frozen differentiable ``embedder`` at 112 px (None or weight 0: the MSE alone).
+    ``batch`` has ``images`` (x0 in [-1, 1]), ``noise``, ``timesteps``, ``id_features``, ``similarity``."""
+    noisy = scheduler.add_noise(batch.images, batch.noise, batch.timesteps)
+    eps = model(noisy, batch.timesteps, batch.id_features, batch.similarity)
+    mse = F.mse_loss(eps.float(), batch.noise)
+    if embedder is None or weight <= 0:
+        return mse, {"mse": float(mse.detach())}
+    x0 = predicted_clean(scheduler, noisy, eps, batch.timesteps).clamp(-1, 1)
+    rec = (x0 - batch.images).square().flatten(1).mean(1)
+    crops = F.interpolate(x0, size=(112, 112), mode="bilinear", align_corners=False)
+    realised = F.cosine_similarity(embedder(crops).float(), batch.id_features.float(), dim=1)
+    sim = (realised - batch.similarity).abs()
+    share = batch.timesteps.float() / timesteps_total
+    simmat = ((1 - share) * rec + share * sim).mean()
+    return mse + weight * simmat, {"mse": float(mse.detach()), "l_rec": float(rec.mean().detach()),
+                                   "l_sim": float(sim.mean().detach())}
+
+
 def starting_noise(seeds: Sequence[int], image_size: int) -> torch.Tensor:
     """``[n, 3, S, S]`` float32 standard normal, one stream per sample seed."""
     out = []
@@ -154,7 +176,7 @@ def save_generator(directory: str, model: CemiFaceUNet, scheduler_config: dict, 
     """``<directory>/unet`` (safetensors), ``scheduler/`` and ``cemiface.json`` (what C_id is)."""
     import tempfile
 
-    from facegen.storage import is_remote
+    from facegen.storage import is_remote, write_json_atomic
 
     directory = str(directory).rstrip("/")
     if is_remote(directory):
@@ -173,6 +195,7 @@ def load_generator(directory: str, field: str = "generator.hybrid.cemiface.model
                    device: str | torch.device = "cpu") -> tuple[CemiFaceUNet, dict, dict]:
     """``(model in eval mode, scheduler config, info)`` of a folder :func:`save_generator` wrote."""
     from facegen.cache import fetch
+    from facegen.storage import exists, read_json
 
     local = fetch(str(directory).rstrip("/"), field)
     if not exists(f"{local}/{INFO_FILE}") or not exists(f"{local}/{UNET_DIR}/config.json"):

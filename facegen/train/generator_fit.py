@@ -7,7 +7,8 @@ Per step: the worker's slice of a global pair batch (:mod:`facegen.train.generat
 
 with ``L_rec = mean((x0_hat - x0)^2)`` per sample and ``L_sim = |cos(E(x0_hat), C_id) - m|``, E the
 (frozen, differentiable) embedder C_id came from and ``x0_hat`` the clean image the prediction
-implies (CemiFace's similarity-matching loss; ``w = similarity_weight``, 0 turns it off). AdamW,
+implies (CemiFace's similarity-matching loss, :func:`facegen.models.cemiface.cemiface_loss`;
+``w = similarity_weight``, 0 turns it off). AdamW,
 AMP on GPU, gradient clipping. Every ``checkpoint_every_steps`` worker 0 saves the model, the
 optimizer and the state, with the similarity-control figure measured on held-out identities and a
 sample grid (rows: identities, columns: m). A resumed run continues at the exact batch of its
@@ -24,16 +25,15 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from facegen.config import FacegenConfig
 from facegen.models.cemiface import (
     CemiFaceUNet,
+    cemiface_loss,
     ddim_sample,
     load_generator,
     noise_scheduler,
-    predicted_clean,
     save_generator,
     to_aligned_crops,
 )
@@ -126,25 +126,6 @@ def _differentiable_embedder(cfg: FacegenConfig, device: torch.device) -> nn.Mod
     return model
 
 
-def generator_loss(model: nn.Module, scheduler: Any, batch: Any, weight: float, embedder: nn.Module | None,
-                   timesteps_total: int) -> tuple[torch.Tensor, dict[str, float]]:
-    """The loss of one batch (module docstring) and its parts."""
-    noisy = scheduler.add_noise(batch.images, batch.noise, batch.timesteps)
-    eps = model(noisy, batch.timesteps, batch.id_features, batch.similarity)
-    mse = F.mse_loss(eps.float(), batch.noise)
-    if embedder is None or weight <= 0:
-        return mse, {"mse": float(mse.detach())}
-    x0 = predicted_clean(scheduler, noisy, eps, batch.timesteps).clamp(-1, 1)
-    rec = (x0 - batch.images).square().flatten(1).mean(1)
-    crops = F.interpolate(x0, size=(112, 112), mode="bilinear", align_corners=False)
-    realised = F.cosine_similarity(embedder(crops).float(), batch.id_features.float(), dim=1)
-    sim = (realised - batch.similarity).abs()
-    share = batch.timesteps.float() / timesteps_total
-    simmat = ((1 - share) * rec + share * sim).mean()
-    return mse + weight * simmat, {"mse": float(mse.detach()), "l_rec": float(rec.mean().detach()),
-                                   "l_sim": float(sim.mean().detach())}
-
-
 def fit_generator(session: Any, cfg: FacegenConfig, data_dir: str, run_name: str) -> dict[str, Any]:
     """Train (or continue) ``cfg.train_generator`` on prepared pairs; returns the final state."""
     s = cfg.train_generator
@@ -216,7 +197,7 @@ def fit_generator(session: Any, cfg: FacegenConfig, data_dir: str, run_name: str
         batch.id_features, batch.similarity = batch.id_features.to(device), batch.similarity.to(device)
         batch.timesteps = batch.timesteps.to(device)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float16, enabled=amp_dtype is not None):
-            loss, parts = generator_loss(model, scheduler, batch, s.similarity_weight, loss_embedder, s.num_train_timesteps)
+            loss, parts = cemiface_loss(model, scheduler, batch, s.similarity_weight, loss_embedder, s.num_train_timesteps)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
