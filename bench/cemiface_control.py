@@ -15,7 +15,10 @@
    0.6, 0.9}, ``--per-m`` images with DDIM 20 steps; each is embedded by the same centred dlib and
    its cosine to C_id is the realised similarity. Reported: Spearman of requested m against realised
    similarity (target >= 0.5), mean and std per m, and the 95th percentile of different-identity
-   pairs of real held-out images (target: the mean at m = 0.9 above it). A plot of the curve.
+   pairs of real held-out images (target: the mean at m = 0.9 above it). The same for as many
+   training identities (in-sample: whether the model learnt the conditioning at all, before whether
+   it generalises). A plot of the curve. The trained model is kept in ``<out>/model`` and reused
+   (``--retrain`` to train again).
 
 No second embedder that agrees with dlib exists on this machine, so the judge is the conditioning
 embedder itself (the issue asks for another "where possible").
@@ -39,7 +42,13 @@ from facegen.faces.align import align_face  # noqa: E402
 from facegen.faces.embed import build_embedder  # noqa: E402
 from facegen.generators.crop import to_uint8_images  # noqa: E402
 from facegen.generators.gan import build_gan  # noqa: E402
-from facegen.models.cemiface import ddim_sample, noise_scheduler, to_aligned_crops  # noqa: E402
+from facegen.models.cemiface import (  # noqa: E402
+    ddim_sample,
+    load_generator,
+    noise_scheduler,
+    save_generator,
+    to_aligned_crops,
+)
 from facegen.train.generator_data import PairSampler, PairTable  # noqa: E402
 from facegen.models.cemiface import cemiface_loss
 from facegen.train.generator_fit import build_model, spearman  # noqa: E402
@@ -89,6 +98,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--per-m", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--retrain", action="store_true", help="train again even if <out>/model exists")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny sizes")
     args = parser.parse_args()
     if args.quick:
@@ -120,37 +131,50 @@ def main() -> None:
         "train_generator.net.cross_attention_dim=64", "train_generator.net.similarity_dim=32"])
     sampler = PairSampler(table, args.batch, 0, 0.02, 1000)
     _, _, m_train = sampler.pairs(0, 0)
-    torch.manual_seed(0)
-    model, scheduler = build_model(cfg, feats.shape[1]), noise_scheduler(1000)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=1e-2)
+    scheduler = noise_scheduler(1000)
+    model_dir = f"{args.out}/model-{args.steps}"
     t0, losses = time.time(), []
-    model.train()
-    for step in range(args.steps):
-        epoch, in_epoch = divmod(step, sampler.steps_per_epoch)
-        loss, _ = cemiface_loss(model, scheduler, sampler.batch(epoch, in_epoch), 0.0, None, 1000)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        losses.append(float(loss.detach()))
-        if (step + 1) % 250 == 0:
-            print(f"step {step + 1}/{args.steps} mse {np.mean(losses[-250:]):.4f} ({time.time() - t0:.0f} s)", flush=True)
-    train_seconds = time.time() - t0
+    if os.path.exists(f"{model_dir}/cemiface.json") and not args.retrain:
+        model, _, info = load_generator(model_dir)
+        losses, train_seconds = info["losses"], info["train_seconds"]
+    else:
+        torch.manual_seed(0)
+        model = build_model(cfg, feats.shape[1])
+        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-2)
+        model.train()
+        for step in range(args.steps):
+            epoch, in_epoch = divmod(step, sampler.steps_per_epoch)
+            loss, _ = cemiface_loss(model, scheduler, sampler.batch(epoch, in_epoch), 0.0, None, 1000)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            losses.append(float(loss.detach()))
+            if (step + 1) % 250 == 0:
+                print(f"step {step + 1}/{args.steps} mse {np.mean(losses[-250:]):.4f} ({time.time() - t0:.0f} s)", flush=True)
+        train_seconds = time.time() - t0
+        save_generator(model_dir, model, dict(scheduler.config), {"losses": losses, "train_seconds": train_seconds,
+                                                                  "lr": args.lr, "steps": args.steps})
+    model.eval()
 
     judge = CentredDlib(mean)
-    model.eval()
-    inquiries = np.array([np.flatnonzero(labels == h)[0] for h in held])
-    plan = [(i, m, k) for i in range(len(held)) for m in CONTROL_M for k in range(args.per_m)]
-    seeds = [1000 * i + 10 * k + CONTROL_M.index(m) for i, m, k in plan]
-    images = []
-    for start in range(0, len(plan), 64):
-        part = plan[start : start + 64]
-        drawn = ddim_sample(model, dict(scheduler.config), feats[inquiries[[i for i, _, _ in part]]], [m for _, m, _ in part],
-                            seeds[start : start + 64], 20)
-        images.append(to_aligned_crops(drawn))
-    pixels = np.concatenate(images)
-    realised = np.einsum("nd,nd->n", judge.embed(pixels), feats[inquiries[[i for i, _, _ in plan]]].astype(np.float64))
-    requested = np.array([m for _, m, _ in plan])
+
+    def control(identities: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        inquiries = np.array([np.flatnonzero(labels == h)[0] for h in identities])
+        plan = [(i, m, k) for i in range(len(identities)) for m in CONTROL_M for k in range(args.per_m)]
+        seeds = [seed + 1000 * i + 10 * k + CONTROL_M.index(m) for i, m, k in plan]
+        images = []
+        for start in range(0, len(plan), 64):
+            part = plan[start : start + 64]
+            drawn = ddim_sample(model, dict(scheduler.config), feats[inquiries[[i for i, _, _ in part]]],
+                                [m for _, m, _ in part], seeds[start : start + 64], 20)
+            images.append(to_aligned_crops(drawn))
+        realised = np.einsum("nd,nd->n", judge.embed(np.concatenate(images)),
+                             feats[inquiries[[i for i, _, _ in plan]]].astype(np.float64))
+        return np.array([m for _, m, _ in plan]), realised
+
+    requested, realised = control(held, 0)
+    seen_requested, seen_realised = control(np.arange(args.holdout), 10**6)  # training identities
     # different-identity pairs among the held-out identities' real images, same centred embedder
     real = feats[~train].astype(np.float64)
     real_labels = labels[~train]
@@ -158,14 +182,20 @@ def main() -> None:
     iu = np.triu_indices(len(real), 1)
     different = sims[iu][real_labels[iu[0]] != real_labels[iu[1]]]
     p95 = float(np.quantile(different, 0.95))
-    by_m = [{"m": m, "mean": round(float(realised[requested == m].mean()), 4), "std": round(float(realised[requested == m].std()), 4)}
-            for m in CONTROL_M]
+
+    def by(req: np.ndarray, got: np.ndarray) -> list[dict]:
+        return [{"m": m, "mean": round(float(got[req == m].mean()), 4), "std": round(float(got[req == m].std()), 4)}
+                for m in CONTROL_M]
+
+    by_m = by(requested, realised)
     report = {
         "machine": "CPU, 2 cores", "identities": args.identities, "per_identity": args.per_identity, "holdout": args.holdout,
         "steps": args.steps, "batch": args.batch, "image_size": size,
         "train_m_quantiles": [round(float(q), 3) for q in np.quantile(m_train, [0.05, 0.25, 0.5, 0.75, 0.95])],
         "final_mse": round(float(np.mean(losses[-100:])), 4),
         "spearman": round(spearman(requested, realised), 4), "by_m": by_m,
+        "training_identities": {"spearman": round(spearman(seen_requested, seen_realised), 4),
+                                "by_m": by(seen_requested, seen_realised)},
         "different_identity_p95": round(p95, 4), "top_m_above_p95": bool(by_m[-1]["mean"] > p95),
         "data_seconds": round(data_seconds, 1), "train_seconds": round(train_seconds, 1),
         "images_per_s_train": round(args.steps * args.batch / train_seconds, 1),
@@ -181,7 +211,9 @@ def main() -> None:
 
         fig, ax = plt.subplots(figsize=(4.5, 4))
         ax.scatter(requested + np.random.default_rng(0).uniform(-0.02, 0.02, len(requested)), realised, s=8, alpha=0.5)
-        ax.plot(CONTROL_M, [b["mean"] for b in by_m], "o-", color="C1", label="mean realised")
+        ax.plot(CONTROL_M, [b["mean"] for b in by_m], "o-", color="C1", label="mean realised (held out)")
+        ax.plot(CONTROL_M, [b["mean"] for b in report["training_identities"]["by_m"]], "s--", color="C2",
+                label="mean realised (training ids)")
         ax.plot([-0.05, 1], [-0.05, 1], ":", color="grey", label="realised = m")
         ax.axhline(p95, color="C3", ls="--", label="95th pct. different identities")
         ax.set_xlabel("requested m")
