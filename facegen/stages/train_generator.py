@@ -72,9 +72,6 @@ def _planned_steps(cfg: FacegenConfig, train_rows: int) -> int:
 
 def train_generator(cfg: FacegenConfig, progress: bool = True) -> GeneratorTrainResult:
     """Train (or resume) ``cfg.train_generator``; Ray must already be initialised."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     from facegen.stages.tasks import check_resources_fit, run_tracked
 
     s = cfg.train_generator
@@ -106,24 +103,14 @@ def train_generator(cfg: FacegenConfig, progress: bool = True) -> GeneratorTrain
         if done.get("global_step") == target and done.get("data_key") == index["key"] and exists(f"{model_dir}/cemiface.json"):
             return GeneratorTrainResult(run_dir, model_dir, target, done.get("control"), done.get("history", []),
                                         done.get("resumes", []))
-    worker = {"CPU": s.cpus_per_worker, **s.resources}
-    if s.use_gpu:
-        worker["GPU"] = 1
-    trainer = TorchTrainer(
-        train_func,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "data_dir": data_dir, "run_name": run_name},
-        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=worker),
-        run_config=RunConfig(name=run_name, storage_path=storage_path,
-                             checkpoint_config=CheckpointConfig(num_to_keep=s.checkpoints_to_keep),
-                             failure_config=FailureConfig(max_failures=s.max_failures)),
-    )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"{run_dir}: training finished without a checkpoint")
+    from facegen.train.loop import fit_on_workers
+
+    loop_config = {"cfg": cfg.model_dump(mode="json"), "data_dir": data_dir, "run_name": run_name}
+    checkpoint = fit_on_workers(train_func, loop_config, s, storage_path, run_name)
     from facegen.stages.tasks import run_task
 
     export = TaskSettings(num_cpus=min(s.cpus_per_worker, 1.0), resources=s.resources)
-    state = run_task(export_model, result.checkpoint, model_dir, resources=export, field="train_generator.resources",
+    state = run_task(export_model, checkpoint, model_dir, resources=export, field="train_generator.resources",
                      name="train-generator: export model")
     outcome = GeneratorTrainResult(run_dir, model_dir, int(state["global_step"]), state.get("control"),
                                    list(state.get("history", [])), list(state.get("resumes", [])))

@@ -144,15 +144,37 @@ def export_final_backbone(checkpoint: Any, backbone_dir: str, arch: str, width: 
     return state
 
 
+def fit_on_workers(train_func: Any, loop_config: dict, settings: Any, storage_path: str, run_name: str) -> Any:
+    """``train_func(loop_config)`` on ``settings.num_workers`` Ray Train workers (``cpus_per_worker``,
+    a GPU each with ``use_gpu``, custom ``resources``), keeping ``checkpoints_to_keep`` and restarting
+    the group up to ``max_failures`` times; returns the final checkpoint. Shared by ``facegen train``
+    and ``facegen train-generator``."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    resources = {"CPU": settings.cpus_per_worker, **settings.resources}
+    if settings.use_gpu:
+        resources["GPU"] = 1
+    trainer = TorchTrainer(
+        train_func,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=settings.num_workers, use_gpu=settings.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(name=run_name, storage_path=storage_path,
+                             checkpoint_config=CheckpointConfig(num_to_keep=settings.checkpoints_to_keep),
+                             failure_config=FailureConfig(max_failures=settings.max_failures)),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"{storage_path}/{run_name}: training finished without a checkpoint")
+    return result.checkpoint
+
+
 def train(cfg: FacegenConfig, shards_dir: str, eval_bins: list[str] | None = None) -> TrainResult:
     """Train (or resume) ``cfg.train`` on a shard set with Ray Train; exports ``<run_dir>/backbone``.
 
     Ray must already be initialised. A re-run with the same run name continues from the latest
     checkpoint, and returns at once when all ``cfg.train.epochs`` are done.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     settings = cfg.train
     run_name = settings.run_name or cfg.run.name
     # Workers do not share the driver's working directory: every path they get is absolute.
@@ -186,26 +208,14 @@ def train(cfg: FacegenConfig, shards_dir: str, eval_bins: list[str] | None = Non
             raise ValueError(f"{shards_dir}: epoch {epoch + 1} has no full batch of train.batch_size={settings.batch_size} "
                              f"({probe.rows_per_stream} rows from each of {settings.data.streams} streams)")
 
-    resources = {"CPU": settings.cpus_per_worker, **settings.resources}
-    if settings.use_gpu:
-        resources["GPU"] = 1
-    trainer = TorchTrainer(
-        train_func,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "shards_dir": shards_dir, "eval_bins": bins, "run_name": run_name},
-        scaling_config=ScalingConfig(num_workers=settings.num_workers, use_gpu=settings.use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(name=run_name, storage_path=storage_path,
-                             checkpoint_config=CheckpointConfig(num_to_keep=settings.checkpoints_to_keep),
-                             failure_config=FailureConfig(max_failures=settings.max_failures)),
-    )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"{run_dir}: training finished without a checkpoint")
+    loop_config = {"cfg": cfg.model_dump(mode="json"), "shards_dir": shards_dir, "eval_bins": bins, "run_name": run_name}
+    checkpoint = fit_on_workers(train_func, loop_config, settings, storage_path, run_name)
     from facegen.config import TaskSettings
     from facegen.stages.tasks import run_task
 
     # the backbone is read and written on a worker: the driver (on the head) holds no model
     export = TaskSettings(num_cpus=min(settings.cpus_per_worker, 1.0), resources=settings.resources)
-    state: dict[str, Any] = run_task(export_final_backbone, result.checkpoint, backbone_dir, settings.arch, settings.width,
+    state: dict[str, Any] = run_task(export_final_backbone, checkpoint, backbone_dir, settings.arch, settings.width,
                                      settings.embedding_size, resources=export, field="train.resources",
                                      name="train: export backbone")
     outcome = TrainResult(run_dir, backbone_dir, int(state["epoch"]), list(state.get("history", [])),
