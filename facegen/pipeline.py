@@ -129,7 +129,7 @@ def run_pipeline(cfg: FacegenConfig, progress: bool = True) -> PipelineSummary:
         bins.insert(0, write_heldout_bin(cfg, progress=progress))
         lap("heldout_bin")
 
-    if gan or cfg.identities.sampler.kind == "langevin":
+    if gan or cfg.identities.sampler.kind != "gaussian":
         summary.identities = asdict(run_identities(cfg, progress=progress))
         lap("identities")
     summary.generate = asdict(run_generate(cfg, progress=progress))

@@ -39,7 +39,8 @@ with NaN.
 
 ``IDENTITY`` (identities stage -> generation; ``<output_dir>/identities/block-XXXXXX.parquet``)
     identity_id:int64, latent:list<float32> (a GAN latent or an identity feature; its length is the
-    sampler space's dimension), sampler:string ("gaussian" | "langevin-latent" | "langevin-feature").
+    sampler space's dimension), sampler:string ("gaussian" | "langevin-latent" | "langevin-feature" |
+    "vec2face-gaussian" | "vec2face-pca"); ``identities/sampler.json`` says which space.
 
 Batches are ``dict[str, np.ndarray]`` (Ray Data's numpy format): list columns are 2-D arrays,
 binary columns are object arrays of ``bytes``.

@@ -203,3 +203,45 @@ def size_of(path: str) -> int:
     """Size of a file in bytes."""
     fs, p = _resolve(path)
     return fs.get_file_info(p).size
+
+
+def read_vectors(path: str, column: str, what: str) -> "Any":
+    """A float32 ``[n, d]`` array from a ``.npy`` (no pickles) or a Parquet list column; ``what``
+    names the setting in the one-line errors (missing file, missing column, not numeric)."""
+    import numpy as np
+
+    from facegen.schema import vectors_from_column
+
+    if not exists(path):
+        raise FileNotFoundError(f"{what}: {path}: no such file or folder")
+    if path.endswith(".npy"):
+        try:
+            array = np.load(io.BytesIO(read_bytes(path)), allow_pickle=False)
+        except ValueError as exc:
+            raise ValueError(f"{path}: not a numeric .npy ({exc})") from None
+    else:
+        table = read_table(path)
+        if column not in table.column_names:
+            raise ValueError(f"{path}: no column {column!r} (has {table.column_names})")
+        kind = table.schema.field(column).type
+        if not (pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)):
+            raise ValueError(f"{path}: column {column!r} is not a list of floats ({kind})")
+        array = vectors_from_column(table.column(column), f"{path}: {what}")
+    return np.asarray(array, np.float32)
+
+
+def read_npy_rows(path: str, start: int, stop: int) -> "Any":
+    """Rows ``start:stop`` of a 2-D ``.npy`` on any storage, reading only those bytes."""
+    import numpy as np
+
+    fs, p = filesystem(path)
+    with fs.open_input_file(p) as f:
+        version = np.lib.format.read_magic(f)
+        reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = reader(f)
+        if fortran or len(shape) != 2 or dtype.hasobject:
+            raise ValueError(f"{path}: expected a C-ordered numeric [n, d] array, got shape {shape}")
+        row = shape[1] * dtype.itemsize
+        f.seek(f.tell() + start * row)
+        data = f.read((stop - start) * row)
+    return np.frombuffer(data, dtype).reshape(stop - start, shape[1])

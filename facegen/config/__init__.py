@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import ValidationError, field_validator
+from pydantic import ValidationError, field_validator, model_validator
 
 from facegen.config._base import ConfigError, _Section  # noqa: F401
 from facegen.config.resources import PoolSettings, TaskSettings  # noqa: F401
@@ -114,6 +114,28 @@ class FacegenConfig(_Section):
         if v.first_id + v.num_identities >= 2**62:
             raise ValueError("identity ids must stay below 2**62")
         return v
+
+    @model_validator(mode="after")
+    def _identities_fit_the_generator(self) -> "FacegenConfig":
+        """A GAN reads latents, ``hybrid.reference.backend: identities`` reads features: the sampler
+        must make what the generator reads (a feature of the right width would pass silently)."""
+        from facegen.config.generation import GAN_BACKENDS
+
+        g, space, kind = self.generator, self.identities.space(), self.identities.sampler.kind
+        if g.backend in GAN_BACKENDS and space == "feature":
+            raise ValueError(f"identities.sampler: {kind} makes identity features, which generator.backend {g.backend} "
+                             "would read as latents; sample latents (gaussian, or langevin with space latent) or use "
+                             "a feature-conditioned generator (hybrid with reference.backend identities)")
+        if g.backend == "hybrid" and g.hybrid.reference.backend == "identities":
+            if space != "feature":
+                raise ValueError("generator.hybrid.reference.backend: identities reads identity features; set "
+                                 "identities.sampler.kind to vec2face, or langevin with space feature")
+            unit = kind == "langevin"
+            if unit and g.hybrid.expander != "cemiface" and g.hybrid.expansion.feature_norm == "own":
+                raise ValueError("generator.hybrid.expansion.feature_norm: own takes each feature's own norm, but "
+                                 "Langevin's feature identities are unit vectors; give the norm the expander takes "
+                                 "(e.g. 25)")
+        return self
 
     def stage_dir(self, stage: str) -> str:
         """``<run.output_dir>/<stage>``: raw, clean, shards, train, eval, wandb, ..."""

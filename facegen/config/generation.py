@@ -11,6 +11,10 @@ from facegen.config.faces import DetectorSettings, EmbedderSettings, EmbedderWei
 from facegen.config.resources import PooledSection, PoolSettings
 
 
+#: The generator backends whose identities are GAN latents (:mod:`facegen.generators.gan`).
+GAN_BACKENDS = ("stylegan2", "dcgan")
+
+
 class ParametricSettings(_Section):
     """CPU face renderer (no weights) for demos and tests."""
 
@@ -129,7 +133,8 @@ class ReferenceSettings(_Section):
     (``generator.hybrid.detector``, the faces stage's one-face rule) accepts it; otherwise the next
     seed, up to ``max_attempts``, then the identity is recorded as failed."""
 
-    backend: str = Field(default="text_to_image", description="text_to_image, photos, or any generator backend")
+    backend: str = Field(default="text_to_image", description="text_to_image, photos, any generator backend, or "
+                                                                "identities: the identities stage's features, no image")
     text_to_image: DiffusionSettings = DiffusionSettings(
         model="stabilityai/stable-diffusion-xl-base-1.0", height=1024, width=1024, micro_batch=1
     )
@@ -142,7 +147,7 @@ class ReferenceSettings(_Section):
     def _known_backend(cls, v: str) -> str:
         from facegen.generators import BACKENDS
 
-        allowed = ("text_to_image", "photos") + tuple(b for b in BACKENDS if b != "hybrid")
+        allowed = ("text_to_image", "photos", "identities") + tuple(b for b in BACKENDS if b != "hybrid")
         if v not in allowed:
             raise ValueError(f"unknown reference backend {v!r}, expected one of {', '.join(allowed)}")
         return v
@@ -248,7 +253,7 @@ class HybridSettings(_Section):
 
     @model_validator(mode="after")
     def _gan_needs_gan_references(self) -> "HybridSettings":
-        if self.expander == "gan" and self.reference.backend not in ("dcgan", "stylegan2"):
+        if self.expander == "gan" and self.reference.backend not in GAN_BACKENDS:
             raise ValueError(f"expander gan perturbs a GAN reference's latent: reference.backend must be dcgan or "
                              f"stylegan2 (got {self.reference.backend})")
         return self

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from facegen.config._base import _Section
 from facegen.config.resources import PooledSection, PoolSettings
@@ -41,11 +41,41 @@ class LangevinSettings(_Section):
     search_on_gpu: bool = Field(default=True, description="search neighbours on the GPU when CUDA is present")
 
 
-class SamplerSettings(PooledSection):
-    """How identity latents are drawn: independently (gaussian) or spread apart (langevin)."""
+class Vec2FaceSamplerSettings(_Section):
+    """Vec2Face's identity sampler (ALGORITHMS.md, Vec2Face): identity features drawn from a Gaussian
+    or from a multivariate normal fitted (PCA) on class-centre features of a real set, each kept only
+    while its cosine to every identity kept before it stays below ``max_similarity`` (exact faiss
+    search). Features keep their drawn norm: about sqrt(dim) for ``gaussian``, the centres' own
+    scale for ``pca``, as the feature-conditioned generator takes them."""
 
-    kind: Literal["gaussian", "langevin"] = "gaussian"
+    distribution: Literal["gaussian", "pca"] = "gaussian"
+    dim: int = Field(default=512, ge=2, description="feature width (gaussian; pca takes the centres' width)")
+    max_similarity: float = Field(default=0.3, gt=-1.0, le=1.0, description="largest cosine allowed between two identities (Vec2Face used 0.3; its code's default is 0.4)")
+    centres: str | None = Field(
+        default=None, description="pca: .npy or Parquet of class-centre features (a real set's, e.g. MS1MV2's)",
+        json_schema_extra={"input_path": "required"},
+    )
+    centres_column: str = "embedding"
+    components: int | None = Field(default=None, ge=1, description="pca: principal components kept (None: all, the full covariance)")
+    candidates_per_round: int = Field(default=8192, ge=1, description="candidates drawn and filtered together (part of the random stream)")
+    max_candidates_ratio: float = Field(default=50.0, ge=1.0, description="give up after this many candidates per wanted identity")
+    search_on_gpu: bool = Field(default=True, description="search on the GPU when faiss has one")
+
+    @model_validator(mode="after")
+    def _pca_needs_centres(self) -> "Vec2FaceSamplerSettings":
+        if self.distribution == "pca" and not self.centres:
+            raise ValueError("centres: distribution pca fits class-centre features; give their .npy or Parquet file")
+        return self
+
+
+class SamplerSettings(PooledSection):
+    """How identities are drawn: GAN latents independently (gaussian) or spread apart (langevin, in
+    the GAN's latent space or on the feature sphere), or identity features by Vec2Face's sampler
+    (vec2face) for feature-conditioned generators."""
+
+    kind: Literal["gaussian", "langevin", "vec2face"] = "gaussian"
     langevin: LangevinSettings = LangevinSettings()
+    vec2face: Vec2FaceSamplerSettings = Vec2FaceSamplerSettings()
     pool: PoolSettings = Field(default_factory=lambda: PoolSettings(num_cpus=1.0),
                                description="resources of the Langevin task and of the actors writing identity blocks")
 
@@ -57,3 +87,10 @@ class IdentitySettings(_Section):
     first_id: int = Field(default=0, ge=0)
     block_size: int = Field(default=50, ge=1, description="identities per resumable block/file")
     sampler: SamplerSettings = SamplerSettings()
+
+    def space(self) -> str:
+        """What the sampler makes: ``latent`` (GAN latents) or ``feature`` (identity features)."""
+        s = self.sampler
+        if s.kind == "vec2face" or (s.kind == "langevin" and s.langevin.space == "feature"):
+            return "feature"
+        return "latent"

@@ -13,13 +13,13 @@ import numpy as np
 import torch
 
 from facegen.config import GeneratorSettings
+from facegen.config.generation import GAN_BACKENDS  # noqa: F401  (re-exported: the GAN backends)
 from facegen.faces.embed import resolve_device
 from facegen.generators.crop import FaceCrop
 from facegen.identities.seeds import identity_rng
 
 #: Domain tag of the identity-level latent draw (distinct from every other identity-level tag).
 LATENT_TAG = 0x6A7E
-GAN_BACKENDS = ("stylegan2", "dcgan")
 
 
 class LatentGAN:

@@ -37,7 +37,7 @@ from PIL import Image
 from facegen.config import GeneratorSettings
 from facegen.faces.align import align_face
 from facegen.generators import check_identity_id, failure_reason, identity_rows, run_with_splitting, sample_seed
-from facegen.generators.references import Reference, build_reference_source, find_reference
+from facegen.generators.references import Reference, build_reference_source, feature_reference, find_reference
 from facegen.identities.expansion import Conditioning, cosine, sample_conditioning
 from facegen.identities.phrases import variation_phrase
 from facegen.schema import GENERATED, LANDMARK_DIM, STATUS_OK, error_row, rows_to_batch
@@ -70,7 +70,8 @@ def build_sources(settings: GeneratorSettings, seed: int, device: str, expander:
         backend = h.reference.backend
         fixed_crop = getattr(settings, backend).crop.kind == "fixed"
         return LatentSource(gan, seed, h.reference.max_attempts, backend), expander or LatentExpander(gan, fixed_crop)
-    references = build_reference_source(settings, seed, device)
+    # feature identities (reference.backend identities) come with the identity rows: no source
+    references = None if h.reference.backend == "identities" else build_reference_source(settings, seed, device)
     if expander is not None:
         return references, expander
     if h.expander == "arc2face":
@@ -120,14 +121,30 @@ class HybridGenerator:
         self.source = f"hybrid:{self.hybrid.reference.backend}+{self.expander.source}"
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """GENERATED rows of the batch's identities; a ``latent`` column (the identities stage's
+        features, ``reference.backend: identities``) is each identity's feature."""
+        features = self._identity_features(batch)
         rows: list[dict[str, Any]] = []
-        for identity_id, block_id in identity_rows(batch):
-            rows += self.identity_rows(identity_id, block_id)
+        for row, (identity_id, block_id) in enumerate(identity_rows(batch)):
+            rows += self.identity_rows(identity_id, block_id, feature=None if features is None else features[row])
         return rows_to_batch(rows, GENERATED)
 
-    def regenerate(self, identity_id: int, sample_idx: int, block_id: int = 0) -> dict[str, Any]:
-        """Sample ``sample_idx`` of ``identity_id`` computed alone: the same bytes as in a full run."""
-        return self.identity_rows(identity_id, block_id, only=int(sample_idx))[0]
+    def _identity_features(self, batch: dict[str, np.ndarray]) -> np.ndarray | None:
+        if "latent" not in batch:
+            return None
+        features = np.asarray(batch["latent"], np.float64)
+        width = int(getattr(self.embedder, "dim", features.shape[1]))
+        if features.ndim != 2 or features.shape[1] != width:
+            raise ValueError(f"identity features are {features.shape[1:]}-wide, generator.hybrid.embedder "
+                             f"({self.hybrid.embedder.kind}) gives {width}: sample them at its width "
+                             "(identities.sampler.vec2face.dim or langevin.feature_dim)")
+        return features
+
+    def regenerate(self, identity_id: int, sample_idx: int, block_id: int = 0,
+                   feature: np.ndarray | None = None) -> dict[str, Any]:
+        """Sample ``sample_idx`` of ``identity_id`` computed alone: the same bytes as in a full run
+        (``feature``: the identity's feature, with ``reference.backend: identities``)."""
+        return self.identity_rows(identity_id, block_id, only=int(sample_idx), feature=feature)[0]
 
     # --- one identity ------------------------------------------------------------------------
 
@@ -144,18 +161,23 @@ class HybridGenerator:
 
     def reference(self, identity_id: int) -> Reference:
         """The identity's accepted reference (raises ``ReferenceFailed`` with every reason)."""
+        if self.references is None:
+            raise ValueError(f"generator.hybrid.reference.backend is identities, but identity {identity_id} came "
+                             "without its feature; run facegen identities with this config first")
         return find_reference(identity_id, self.references, self.detector.detect_batch, self._choose, self._embed_raw,
                               self.hybrid.reference.max_attempts)
 
-    def identity_rows(self, identity_id: Any, block_id: Any, only: int | None = None) -> list[dict[str, Any]]:
-        """The GENERATED rows of one identity (or of its sample ``only``)."""
+    def identity_rows(self, identity_id: Any, block_id: Any, only: int | None = None,
+                      feature: np.ndarray | None = None) -> list[dict[str, Any]]:
+        """The GENERATED rows of one identity (or of its sample ``only``), from its reference or
+        from its given ``feature``."""
         per_identity = self.settings.images_per_identity
         wanted = range(per_identity) if only is None else [only]
         try:
             identity_id = check_identity_id(identity_id)
             if only is not None and not 0 <= only < per_identity:
                 raise ValueError(f"sample_idx {only} is outside [0, {per_identity})")
-            reference = self.reference(identity_id)
+            reference = self.reference(identity_id) if feature is None else feature_reference(identity_id, feature)
             samples = self._plan(identity_id, int(block_id), reference)
         except Exception as exc:  # the identity fails as a whole, each sample row says why
             rows = []

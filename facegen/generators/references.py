@@ -74,6 +74,25 @@ class Reference:
                 "face_score": round(self.score, 4), **self.candidate.meta}
 
 
+@dataclass
+class FeatureReference(Reference):
+    """An identity given as a feature (the identities stage's, ``reference.backend: identities``):
+    no image, no face; ``feature`` is its unit direction and ``norm`` its drawn norm."""
+
+    def describe(self, backend: str) -> dict[str, Any]:
+        return {"backend": backend, "feature_norm": round(self.norm, 4)}
+
+
+def feature_reference(identity_id: int, feature: np.ndarray) -> FeatureReference:
+    """The reference of an identity given as a raw feature vector (any norm)."""
+    raw = np.asarray(feature, np.float64).reshape(-1)
+    norm = float(np.linalg.norm(raw))
+    if not (np.isfinite(norm) and norm > 0):
+        raise ValueError(f"identity {identity_id}: its identity feature is zero or not finite")
+    nothing = np.full((5, 2), np.nan, np.float32)
+    return FeatureReference(identity_id, Candidate(0, -1, None), nothing, float("nan"), (raw / norm).astype(np.float32), norm)
+
+
 class ReferenceFailed(ValueError):
     """No candidate of an identity was accepted; the message lists every attempt's reason."""
 

@@ -13,7 +13,8 @@ workers draw Gaussian latents or read their rows of Langevin's final particles.
 ``gaussian`` draws each identity's latent independently (the GAN's own prior); ``langevin`` moves all
 of them together (:mod:`facegen.identities.langevin`), in the GAN's latent space (forces through G,
 the ArcFace crop and a differentiable embedder) or on the embedding hypersphere (``feature``, for
-feature-conditioned generators). Langevin checkpoints its particles every ``checkpoint_every``
+feature-conditioned generators); ``vec2face`` draws identity features by Vec2Face's sampler
+(:mod:`facegen.identities.feature_sampler`), one Ray task like Langevin. Langevin checkpoints its particles every ``checkpoint_every``
 iterations under ``identities/langevin-checkpoint/`` and resumes from there.
 """
 
@@ -26,12 +27,11 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 
 from facegen import blocks as blk
 from facegen import storage
 from facegen.config import FacegenConfig
-from facegen.schema import identity_table, latents_from_table, vectors_from_column
+from facegen.schema import identity_table, latents_from_table
 from facegen.stages import StageReport
 from facegen.stages.runner import BlockStage, BlockWorker, run_block_stage
 
@@ -43,8 +43,10 @@ LANGEVIN_NOISE_TAG = 0x1A76
 
 
 def sampler_name(cfg: FacegenConfig) -> str:
-    """``gaussian``, ``langevin-latent`` or ``langevin-feature``."""
+    """``gaussian``, ``langevin-latent``, ``langevin-feature``, ``vec2face-gaussian`` or ``vec2face-pca``."""
     s = cfg.identities.sampler
+    if s.kind == "vec2face":
+        return f"vec2face-{s.vec2face.distribution}"
     return "gaussian" if s.kind == "gaussian" else f"langevin-{s.langevin.space}"
 
 
@@ -66,22 +68,7 @@ def feature_gaussian(seed: int, ids: np.ndarray, dim: int) -> np.ndarray:
 
 def load_reference_embeddings(path: str, column: str, dim: int) -> np.ndarray:
     """Real-face embeddings ``[M, dim]`` (unit rows) from a ``.npy`` or a Parquet column."""
-    if not storage.exists(path):
-        raise FileNotFoundError(f"{path}: real embeddings not found (identities.sampler.langevin.real_embeddings)")
-    if path.endswith(".npy"):
-        try:
-            array = np.load(io.BytesIO(storage.read_bytes(path)), allow_pickle=False)
-        except ValueError as exc:
-            raise ValueError(f"{path}: not a numeric .npy ({exc})") from None
-    else:
-        table = storage.read_table(path)
-        if column not in table.column_names:
-            raise ValueError(f"{path}: no column {column!r} (has {table.column_names})")
-        kind = table.schema.field(column).type
-        if not (pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)):
-            raise ValueError(f"{path}: column {column!r} is not a list of floats ({kind})")
-        array = vectors_from_column(table.column(column), f"{path}: real embeddings")
-    array = np.asarray(array, np.float32)
+    array = storage.read_vectors(path, column, "identities.sampler.langevin.real_embeddings")
     if array.ndim != 2 or array.shape[1] != dim or len(array) == 0:
         raise ValueError(f"{path}: real embeddings must have shape [M, {dim}], got {array.shape}")
     norms = np.linalg.norm(array, axis=1, keepdims=True)
@@ -128,21 +115,6 @@ def _load_checkpoint(directory: str, digest: str, shape: tuple[int, int]):
 FINAL_PARTICLES = "final.npy"
 
 
-def read_npy_rows(path: str, start: int, stop: int) -> np.ndarray:
-    """Rows ``start:stop`` of a 2-D ``.npy`` on any storage, reading only those bytes."""
-    fs, p = storage.filesystem(path)
-    with fs.open_input_file(p) as f:
-        version = np.lib.format.read_magic(f)
-        reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, fortran, dtype = reader(f)
-        if fortran or len(shape) != 2 or dtype.hasobject:
-            raise ValueError(f"{path}: expected a C-ordered numeric [n, d] array, got shape {shape}")
-        row = shape[1] * dtype.itemsize
-        f.seek(f.tell() + start * row)
-        data = f.read((stop - start) * row)
-    return np.frombuffer(data, dtype).reshape(stop - start, shape[1])
-
-
 class IdentityBlockWriter(BlockWorker):
     """Block worker of the identity blocks: each block's latents drawn from the GAN's Gaussian
     prior, or read from Langevin's final particles (``particles``)."""
@@ -164,7 +136,7 @@ class IdentityBlockWriter(BlockWorker):
             latents = self.gan.gaussian_latents(self.cfg.run.seed, ids)
         else:
             offset = first - self.cfg.identities.first_id
-            latents = read_npy_rows(self.particles, offset, offset + len(ids))
+            latents = storage.read_npy_rows(self.particles, offset, offset + len(ids))
         return self.commit(self.stage_dir, block_id, identity_table(ids, latents, self.name),
                            {"identities": len(ids), "sampler": self.name, "latent_dim": int(latents.shape[1])})
 
@@ -245,11 +217,43 @@ def langevin_task(cfg_json: str, out: str, digest: str, report: Callable[..., No
     np.save(buf, np.ascontiguousarray(state.particles, np.float32))
     storage.write_bytes_atomic(buf.getvalue(), f"{ckpt_dir}/{FINAL_PARTICLES}")
     reduction = initial["pairs_within_d0"] / max(final["pairs_within_d0"], 1)
-    return {"kind": "langevin", "space": ls.space, "backend": cfg.generator.backend if ls.space == "latent" else None,
+    return {"kind": "langevin", "space": ls.space, "unit_norm": ls.space == "feature", "backend": cfg.generator.backend if ls.space == "latent" else None,
             "latent_dim": int(state.particles.shape[1]), "embedding_dim": embed_dim, "identities": len(ids),
             "settings": ls.model_dump(mode="json"), "resumed_from_iteration": resumed_from,
             "gaussian": initial, "final": final, "pairs_within_d0_reduction": round(reduction, 2),
             "iterations": state.history}
+
+
+FEATURES_DIR = "vec2face-sampler"
+
+
+def vec2face_task(cfg_json: str, out: str, report: Callable[..., None]) -> dict[str, Any]:
+    """Draw every identity's feature by Vec2Face's sampler on this worker; writes
+    ``vec2face-sampler/final.npy`` and returns the sampler's summary."""
+    from facegen.cache import localized
+    from facegen.identities.feature_sampler import sample_feature_identities
+
+    cfg = FacegenConfig.model_validate_json(cfg_json)
+    settings = localized(cfg.identities, "identities").sampler.vec2face
+    centres = None
+    if settings.distribution == "pca":
+        centres = load_class_centres(settings.centres, settings.centres_column)
+    features, figures = sample_feature_identities(settings, cfg.run.seed, cfg.identities.num_identities, centres,
+                                                  lambda done, total: report(done, total))
+    buf = io.BytesIO()
+    np.save(buf, features)
+    storage.write_bytes_atomic(buf.getvalue(), f"{out}/{FEATURES_DIR}/{FINAL_PARTICLES}")
+    return {"kind": "vec2face", "space": "feature", "latent_dim": int(features.shape[1]),
+            "embedding_dim": int(features.shape[1]), "unit_norm": False, "identities": len(features),
+            "settings": settings.model_dump(mode="json"), **figures}
+
+
+def load_class_centres(path: str, column: str) -> np.ndarray:
+    """Raw class-centre features ``[m, d]`` from a ``.npy`` or a Parquet list column (norms kept)."""
+    array = storage.read_vectors(path, column, "identities.sampler.vec2face.centres")
+    if array.ndim != 2 or len(array) < 2 or not np.all(np.isfinite(array)):
+        raise ValueError(f"{path}: class centres must be a finite [m >= 2, d] array, got shape {array.shape}")
+    return array
 
 
 def _sample(cfg: FacegenConfig, out: str, progress: bool, digest: str) -> dict[str, Any]:
@@ -266,6 +270,10 @@ def _sample(cfg: FacegenConfig, out: str, progress: bool, digest: str) -> dict[s
         written = _write_blocks(cfg, out, "gaussian", None, progress)
         summary = {"kind": "gaussian", "space": "latent", "backend": cfg.generator.backend,
                    "identities": cfg.identities.num_identities, "blocks_written": written}
+    elif s.kind == "vec2face":
+        summary = run_tracked(vec2face_task, cfg.model_dump_json(), out, resources=s.pool, field="identities.sampler.pool",
+                              name=f"vec2face sampler ({cfg.identities.num_identities} identities)", progress=progress)
+        summary["blocks_written"] = _write_blocks(cfg, out, sampler_name(cfg), f"{out}/{FEATURES_DIR}/{FINAL_PARTICLES}", progress)
     else:
         summary = run_tracked(langevin_task, cfg.model_dump_json(), out, digest, resources=s.pool,
                               field="identities.sampler.pool", name=f"langevin ({cfg.identities.num_identities} identities)",
@@ -303,6 +311,10 @@ def run_identities(cfg: FacegenConfig, progress: bool = True) -> StageReport:
 
 def _totals(summary: dict[str, Any]) -> dict[str, Any]:
     totals: dict[str, Any] = {"identities": summary.get("identities", 0), "latent_dim": summary.get("latent_dim", 0)}
+    if summary.get("kind") == "vec2face":
+        totals.update({"candidates drawn": summary["candidates"], "acceptance": summary["acceptance"],
+                       "max pairwise cosine": summary["max_pairwise_similarity"],
+                       "feature norm": f"{summary['norm_mean']:.2f} ± {summary['norm_std']:.2f}"})
     if summary.get("kind") == "langevin":
         totals.update({"pairs_within_d0 gaussian": summary["gaussian"]["pairs_within_d0"],
                        "pairs_within_d0 langevin": summary["final"]["pairs_within_d0"],
@@ -311,23 +323,42 @@ def _totals(summary: dict[str, Any]) -> dict[str, Any]:
     return totals
 
 
-def identity_block_inputs(cfg: FacegenConfig, planned: list[blk.Block]) -> tuple[Callable[[blk.Block], dict[str, Any]], str] | None:
-    """For a GAN backend after a sampler run: each raw block's work-row input (its identity block's
-    path) and the digest of all identity blocks the raw blocks derive from; None when generation
-    draws its own gaussian latents (no sampler run, or a backend that takes no latent).
-
-    Checked here, before any block is made: a Langevin sampler that has not run, missing identity
-    blocks, or blocks of another block size are one-line errors."""
+def wanted_space(cfg: FacegenConfig) -> str | None:
+    """What the generator reads from the identities stage: ``latent`` (a GAN backend), ``feature``
+    (the hybrid backend with ``reference.backend: identities``) or None (nothing)."""
     from facegen.generators.gan import GAN_BACKENDS
 
-    if cfg.generator.backend not in GAN_BACKENDS:
+    g = cfg.generator
+    if g.backend in GAN_BACKENDS:
+        return "latent"
+    if g.backend == "hybrid" and g.hybrid.reference.backend == "identities":
+        return "feature"
+    return None
+
+
+def identity_block_inputs(cfg: FacegenConfig, planned: list[blk.Block]) -> tuple[Callable[[blk.Block], dict[str, Any]], str] | None:
+    """For a GAN backend after a sampler run, or a feature-conditioned hybrid backend: each raw
+    block's work-row input (its identity block's path) and the digest of all identity blocks the raw
+    blocks derive from; None when generation draws its own gaussian latents (no sampler run), or
+    takes nothing from the identities stage.
+
+    Checked here, before any block is made: a sampler that has not run (other than a GAN's
+    gaussian), identities of the other space (features for a GAN, latents for a hybrid backend),
+    missing identity blocks, or blocks of another block size are one-line errors."""
+    wanted = wanted_space(cfg)
+    if wanted is None:
         return None
     out = cfg.stage_dir("identities")
     if not storage.exists(f"{out}/{SAMPLER_JSON}"):
-        if cfg.identities.sampler.kind == "langevin":
-            raise FileNotFoundError(f"{out}/{SAMPLER_JSON}: identities.sampler.kind is langevin but the sampler has not "
-                                    "run; run facegen identities with this config first")
+        if cfg.identities.sampler.kind != "gaussian" or wanted == "feature":
+            raise FileNotFoundError(f"{out}/{SAMPLER_JSON}: identities.sampler.kind is {cfg.identities.sampler.kind} but "
+                                    "the sampler has not run; run facegen identities with this config first")
         return None
+    made = storage.read_json(f"{out}/{SAMPLER_JSON}").get("space", "latent")
+    if made != wanted:
+        reader = f"generator.backend {cfg.generator.backend}" + (" (reference.backend identities)" if wanted == "feature" else "")
+        raise ValueError(f"{out}/{SAMPLER_JSON}: holds identity {made}s, but {reader} reads identity {wanted}s; "
+                         "rerun facegen identities with this config")
     shas = []
     for b in planned:
         if not blk.is_done(out, b.block_id):
