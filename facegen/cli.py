@@ -155,6 +155,16 @@ def identities(config: Optional[str] = ConfigOption, set_: Optional[list[str]] =
 
 @app.command()
 @_one_line_errors
+def directions(config: Optional[str] = ConfigOption, set_: Optional[list[str]] = SetOption, progress: bool = ProgressOption,
+               verbose: bool = VerboseOption) -> None:
+    """Fit DisCo's latent directions (pose, lighting) on the GAN's own samples into <output_dir>/directions/."""
+    from facegen.stages.directions import run_directions
+
+    _print_report(run_directions(_load(config, set_, verbose, stages=("directions",), progress=progress), progress=progress))
+
+
+@app.command()
+@_one_line_errors
 def generate(config: Optional[str] = ConfigOption, set_: Optional[list[str]] = SetOption, progress: bool = ProgressOption,
              verbose: bool = VerboseOption) -> None:
     """Generate, align and embed images for every identity block not done yet."""

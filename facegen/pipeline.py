@@ -20,6 +20,7 @@ class PipelineSummary:
 
     config_digest: str
     identities: dict[str, Any] = field(default_factory=dict)
+    directions: dict[str, Any] = field(default_factory=dict)
     generate: dict[str, Any] = field(default_factory=dict)
     clean: dict[str, Any] = field(default_factory=dict)
     shard: dict[str, Any] = field(default_factory=dict)
@@ -117,6 +118,11 @@ def run_pipeline(cfg: FacegenConfig, progress: bool = True) -> PipelineSummary:
         summary.seconds[name] = round(time.time() - clock, 1)
         clock = time.time()
 
+    if cfg.generator.variation == "disco" and cfg.generator.disco.fit:  # first: the calibration side run varies by them
+        from facegen.stages.directions import run_directions
+
+        summary.directions = asdict(run_directions(cfg, progress=progress))
+        lap("directions")
     bootstraps = bool(cfg.demo.bootstrap_identities and not cfg.faces.embedder.enabled)
     cfg = with_run_embedders(cfg, progress=progress)
     if bootstraps:
@@ -152,6 +158,7 @@ def run_pipeline(cfg: FacegenConfig, progress: bool = True) -> PipelineSummary:
         lap("eval")
     summary.outputs = {
         "identity latents": cfg.stage_dir("identities") if summary.identities else "",
+        "disco directions": cfg.stage_dir("directions") if summary.directions else "",
         "raw blocks": cfg.stage_dir("raw"),
         "clean blocks": cfg.stage_dir("clean"),
         "curriculum shards": cfg.stage_dir("shards"),
@@ -177,7 +184,8 @@ def summary_rows(summary: PipelineSummary) -> list[tuple[str, str]]:
     """The final table as (what, value) rows."""
     g, c = summary.generate.get("totals", {}), summary.clean.get("totals", {})
     caught = f"{c.get('injected_wrong_removed', 0)} of {c.get('injected_wrong_in', 0)}"
-    rows = [(f"identity sampling: {k}", str(v)) for k, v in summary.identities.get("totals", {}).items()]
+    rows = [(f"directions: {k}", str(v)) for k, v in summary.directions.get("totals", {}).items()]
+    rows += [(f"identity sampling: {k}", str(v)) for k, v in summary.identities.get("totals", {}).items()]
     rows += [
         ("identities generated", str(g.get("identities", 0))),
         ("images generated (ok / error)", f"{g.get('images', 0)} ({g.get('images_ok', 0)} / {g.get('images_error', 0)})"),

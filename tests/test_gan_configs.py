@@ -15,9 +15,11 @@ def test_disco_config_is_seed_001_on_stylegan2_ffhq256():
     assert cfg.identities.sampler.pool.num_gpus == 1
 
 
-def test_gan_local_config_runs_the_dcgan_with_langevin_and_dispersion():
+def test_gan_local_config_runs_the_dcgan_with_langevin_and_disco_on_its_fitted_directions():
     cfg = load_config("configs/gan_local.yaml")
-    assert cfg.generator.backend == "dcgan" and cfg.generator.variation == "dispersion"
+    assert cfg.generator.backend == "dcgan" and cfg.generator.variation == "disco"
+    assert cfg.generator.disco.fit and cfg.generator.disco.directions is None
+    assert cfg.directions.attributes == ["yaw", "pitch", "roll", "illumination"] and cfg.directions.method == "svm"
     assert cfg.identities.sampler.langevin.space == "latent" and cfg.generator.device == "cpu"
     assert cfg.demo.bootstrap_identities > 0 and cfg.demo.heldout_identities > 0
 

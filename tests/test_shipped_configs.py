@@ -85,6 +85,8 @@ def test_gan_local_pipeline_runs_as_documented_with_its_langevin_sampler(tmp_pat
         "identities.sampler.langevin.checkpoint_every": 1, "identities.sampler.langevin.neighbours": 4,
         "identities.sampler.langevin.batch_size": 8,
         "generator.images_per_identity": 6, "generator.dispersion.iterations": 1, "generator.pool.num_cpus": 0.5,
+        "directions.samples": 200, "directions.check_identities": 2, "directions.check_steps": 3,
+        "directions.pool.num_cpus": 0.5,
         "clean.min_images": 3, "clean.target_images": 6, "clean.pool.num_cpus": 0.25, **SMALL_TRAINING,
         "demo.bootstrap_identities": 8, "demo.bootstrap_images_per_identity": 4, "demo.bootstrap_epochs": 1,
         "demo.heldout_identities": 6, "demo.heldout_pairs": 20,
@@ -94,6 +96,13 @@ def test_gan_local_pipeline_runs_as_documented_with_its_langevin_sampler(tmp_pat
     summary = storage.read_json(str(out / "summary.json"))
     # the main run's identities are Langevin's (the bootstrap side run trained their embedder first)
     assert storage.read_json(str(out / "identities" / "sampler.json"))["kind"] == "langevin"
+    fitted = storage.read_json(str(out / "directions" / "directions.json"))  # DisCo's directions, fitted first
+    assert list(fitted["directions"]) == ["yaw", "pitch", "roll", "illumination"] and fitted["samples"] == 200
+    raw = storage.read_table(str(sorted((out / "raw").glob("*.parquet"))[0]), columns=["meta"])
+    assert "disco" in raw.column("meta")[0].as_py()
+    again = facegen("directions", "--config", "configs/gan_local.yaml", "--no-progress", *shrink)  # README's command
+    assert re.search(r"blocks_written\W+0\b", again) and "check Spearman" in again, again
+    assert "<h2>DisCo directions</h2>" in (out / "report.html").read_text()
     assert summary["identities"]["totals"]["identities"] == 8
     assert summary["generate"]["totals"]["images"] == 8 * 6 and summary["train"]["epochs_completed"] == 1
     [heldout] = summary["verification"]

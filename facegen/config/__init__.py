@@ -29,9 +29,11 @@ from facegen.config.run import (  # noqa: F401  (re-exported: one import path fo
     TrackingSettings,
 )
 from facegen.config.identities import (  # noqa: F401  (re-exported: one import path for every setting)
+    DirectionsSettings,
     IdentitySettings,
     LangevinSettings,
     SamplerSettings,
+    Vec2FaceSamplerSettings,
 )
 from facegen.config.generation import (  # noqa: F401  (re-exported: one import path for every setting)
     ARCFACE_EYES,
@@ -96,6 +98,7 @@ class FacegenConfig(_Section):
     run: RunSettings = RunSettings()
     ray: RaySettings = RaySettings()
     identities: IdentitySettings = IdentitySettings()
+    directions: DirectionsSettings = DirectionsSettings()
     generator: GeneratorSettings = GeneratorSettings()
     faces: FaceSettings = FaceSettings()
     ingest: IngestSettings = IngestSettings()
@@ -122,6 +125,8 @@ class FacegenConfig(_Section):
         from facegen.config.generation import GAN_BACKENDS
 
         g, space, kind = self.generator, self.identities.space(), self.identities.sampler.kind
+        if g.disco.fit and g.disco.directions:
+            raise ValueError("generator.disco.fit: the run's fitted directions replace disco.directions; set one of them")
         if g.backend in GAN_BACKENDS and space == "feature":
             raise ValueError(f"identities.sampler: {kind} makes identity features, which generator.backend {g.backend} "
                              "would read as latents; sample latents (gaussian, or langevin with space latent) or use "

@@ -334,6 +334,7 @@ class DiscoSettings(_Section):
         default=None, description=".npy: [D, latent] unit directions, or a dict-like .npz with 'directions' and 'spreads'",
         json_schema_extra={"input_path": "required"},
     )
+    fit: bool = Field(default=False, description="use this run's own directions (facegen directions; facegen pipeline fits them first) instead of a file")
     spreads: list[float] | None = Field(default=None, description="per-direction spread in latent units (None = the vectors' norms)")
     amplitude: float = Field(default=0.5, gt=0.0, description="u_d ~ U(-amplitude, amplitude)")
 

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from facegen.config._base import _Section
+from facegen.config.faces import DetectorSettings
 from facegen.config.resources import PooledSection, PoolSettings
 
 
@@ -94,3 +95,24 @@ class IdentitySettings(_Section):
         if s.kind == "vec2face" or (s.kind == "langevin" and s.langevin.space == "feature"):
             return "feature"
         return "latent"
+
+
+class DirectionsSettings(_Section):
+    """``facegen directions``: DisCo's latent directions fitted on the GAN's own samples, labelled by
+    facegen's estimators (:mod:`facegen.identities.directions`), written to
+    ``<output_dir>/directions/directions.npz`` with a check along each one."""
+
+    attributes: list[Literal["yaw", "pitch", "roll", "illumination", "brightness"]] = Field(
+        default_factory=lambda: ["yaw", "pitch", "roll", "illumination"], min_length=1)
+    samples: int = Field(default=2000, ge=20, description="GAN samples drawn and labelled")
+    method: Literal["svm", "regression"] = Field(default="svm", description="svm: the paper's linear SVM on the two tails; regression: least squares on all")
+    tail: float = Field(default=0.3, gt=0.0, le=0.5, description="svm: the lowest and the highest fraction are the two classes")
+    svm_c: float = Field(default=0.01, gt=0.0)
+    detector: DetectorSettings = Field(default_factory=lambda: DetectorSettings(kind="mtcnn", min_size=20.0),
+                                       description="landmarks of the generated faces (images upscaled to upscale first)")
+    upscale: int = Field(default=128, ge=16, description="GAN images smaller than this are resized up before detection")
+    batch_size: int = Field(default=64, ge=1, description="latents rendered per pass")
+    check_identities: int = Field(default=16, ge=1, description="latents stepped along each direction for its check")
+    check_steps: int = Field(default=9, ge=3)
+    check_range: float = Field(default=2.0, gt=0.0, description="steps span -range .. +range spreads")
+    pool: PoolSettings = Field(default_factory=lambda: PoolSettings(num_cpus=1.0), description="resources of the fitting task (a GPU where the GAN runs on one)")

@@ -211,6 +211,22 @@ def _verification(cfg: FacegenConfig) -> list[tuple[Any, ...]]:
     return []
 
 
+def disco_directions(cfg: FacegenConfig) -> str:
+    """The run's fitted DisCo directions (``facegen directions``): one row of samples along each,
+    with its spread, fit and check; empty when none were fitted."""
+    folder = cfg.stage_dir("directions")
+    if not storage.exists(f"{folder}/directions.json"):
+        return ""
+    summary = storage.read_json(f"{folder}/directions.json")
+    rows = [(name, f"{r['spread']:.3f}", f"{r['score']:.3f}", f"{r['check']['spearman']:+.2f}",
+             " ".join(f"{m:+.3f}" for m in r["check"]["means"])) for name, r in summary["directions"].items()]
+    steps = ", ".join(f"{s:+.2f}" for s in summary["steps"])
+    figure = f'<img alt="samples along each direction" src="{_data_uri(storage.read_bytes(f"{folder}/directions.png"))}"/>'
+    return ("<h2>DisCo directions</h2>" + f'<p class="muted">{summary["detected"]} of {summary["samples"]} samples '
+            f"labelled; rows: {', '.join(summary['directions'])}; columns: steps of {steps} spreads</p>" + figure
+            + _table(rows, ("direction", "spread", "fit", "check Spearman", "attribute along the steps"), cls="directions"))
+
+
 def build_report(cfg: FacegenConfig, identities: int = 8, per_identity: int = 8, sample_blocks: int = 2) -> str:
     """The HTML page of the dataset of ``cfg`` (whatever stages have run so far)."""
     raw_dir, clean_dir, shards_dir = cfg.stage_dir("raw"), cfg.stage_dir("clean"), cfg.stage_dir("shards")
@@ -227,6 +243,7 @@ def build_report(cfg: FacegenConfig, identities: int = 8, per_identity: int = 8,
     sections.append("<h2>Totals</h2>" + _table([("raw blocks", len(raw_stats)), ("clean blocks", len(clean_stats))]
                                                 + [(f"generated: {k}", v) for k, v in raw_totals.items()]
                                                 + [(f"cleaning: {k}", v) for k, v in clean_totals.items()], cls="totals"))
+    sections.append(disco_directions(cfg))
     source_dir, source_ids = (clean_dir, [int(r["block_id"]) for r in clean_stats]) if clean_stats else (raw_dir, [int(r["block_id"]) for r in raw_stats])
     grid_rows = _read_rows(source_dir, source_ids[:1], ["identity_id", "sample_idx", "image", "true_identity_id", "origin", "status"])
     grid_rows = grid_rows.filter(pc.equal(grid_rows.column("status"), "ok"))

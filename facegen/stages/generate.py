@@ -219,8 +219,10 @@ def run_generate(cfg: FacegenConfig, output_dir: str | None = None, progress: bo
     """Generate every block of ``cfg.identities`` that is not done (or no longer valid) into ``output_dir``."""
     from facegen.faces.embed import describe_embedder
     from facegen.lineage import raw_digest, settings_digest
+    from facegen.stages.directions import with_fitted_directions
     from facegen.stages.identities import identity_block_inputs
 
+    cfg = with_fitted_directions(cfg)  # disco.fit: this run's directions, by content in the digest below
     per_id = cfg.generator.images_per_identity
     planned = blk.plan_blocks(cfg.identities)
     digest, row_inputs = raw_digest(cfg), None

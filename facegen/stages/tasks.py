@@ -170,6 +170,7 @@ def stage_resources(cfg: Any, stages: list[str]) -> list[tuple[str, TaskSettings
     """``(field, resources)`` of every pool and task the named stages will ask the cluster for."""
     needs = {
         "identities": [("identities.sampler.pool", cfg.identities.sampler.pool)],
+        "directions": [("directions.pool", cfg.directions.pool)],
         "generate": [("generator.pool", cfg.generator.pool)],
         "ingest": [("faces.pool", cfg.faces.pool)],
         "clean": [("clean.pool", cfg.clean.pool), ("clean.global_task", cfg.clean.global_task)]
