@@ -285,3 +285,65 @@ def test_an_adapter_file_with_a_pickled_object_is_refused(models, tmp_path):
     torch.save({"proj.weight": torch.zeros(2, 2)}, str(tmp_path / "plain.bin"))
     with pytest.raises(ValueError, match="not InstantID's adapter layout"):
         read_ip_adapter(str(tmp_path / "plain.bin"))
+
+
+def test_the_lcm_lora_is_fused_and_the_adapter_keeps_sdpa_self_attention(models, tmp_path):
+    from diffusers import LCMScheduler
+    from diffusers.models.attention_processor import AttnProcessor2_0, IPAdapterAttnProcessor2_0
+
+    from facegen.generators.references import Candidate, Reference
+    from facegen.generators.rerender import Rerenderer
+    from tiny_sd import build_tiny_lora
+
+    lora = build_tiny_lora(models["sdxl"], str(tmp_path / "lcm-lora"))
+    plain = Rerenderer(rerender_settings(models), 0, "cpu", "unused")
+    lcm = Rerenderer(rerender_settings(models, lcm_lora=lora, num_inference_steps=2), 0, "cpu", "unused")
+    assert isinstance(lcm.pipeline.scheduler, LCMScheduler) and not isinstance(plain.pipeline.scheduler, LCMScheduler)
+    name = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.weight"
+    fused, base = lcm.pipeline.unet.state_dict()[name], plain.pipeline.unet.state_dict()[name]
+    assert fused.shape == base.shape and not torch.equal(fused, base)  # merged into the weights
+    processors = lcm.pipeline.unet.attn_processors
+    assert {type(p) for n, p in processors.items() if n.endswith("attn1.processor")} == {AttnProcessor2_0}
+    assert {type(p) for n, p in processors.items() if n.endswith("attn2.processor")} == {IPAdapterAttnProcessor2_0}
+    feature = np.ones(128, np.float32) / np.sqrt(128)
+    points = np.array([[30, 35], [60, 35], [45, 50], [33, 65], [57, 65]], np.float32)
+    reference = Reference(2, Candidate(0, 1, np.zeros((96, 96, 3), np.uint8)), points, 0.9, feature, 2.0)
+    image = lcm.render(reference, lcm.condition(reference), 0)[0]
+    assert np.array_equal(image, lcm.render(reference, lcm.condition(reference), 0)[0])
+    small = Reference(2, reference.candidate, points, 0.9, np.ones(64, np.float32) / 8, 2.0)
+    with pytest.raises(ValueError) as err:
+        lcm.condition(small)
+    assert str(err.value) == (f"generator.hybrid.embedder: gives 64-d face embeddings; the adapter "
+                              f"({models['ip_adapter']}) takes 128-d")
+
+
+def test_settings_refuse_inconsistent_tables_and_ranges_in_one_line():
+    from facegen.config import config_from_dict
+
+    cases = [({"prompt_template": "A {mood} person"}, "prompt_template: no phrase table for {mood}"),
+             ({"phrases": {"pose": {"phrases": ["a", "b"], "weights": [1.0]}}}, "weights: 1 weights for 2 phrases"),
+             ({"controlnet_scale": [0.5, 0.1]}, "controlnet_scale: need 0 <= low <= high"),
+             ({"enabled": True, "controlnet": "/x"}, "ip_adapter: the re-render needs InstantID's ip-adapter file")]
+    for rerender, message in cases:
+        with pytest.raises(ValueError) as err:
+            config_from_dict({"generator": {"hybrid": {"rerender": rerender}}}, "x.yaml")
+        assert "\n" not in str(err.value) and message in str(err.value), str(err.value)
+    with pytest.raises(ValueError, match="rerender.enabled: expander gan"):
+        HybridSettings(expander="gan", reference=ReferenceSettings(backend="dcgan"),
+                       rerender=RerenderSettings(enabled=True, controlnet="/c", ip_adapter="/a"))
+
+
+def test_a_disabled_rerender_leaves_the_raw_digest_of_a_hybrid_run_as_it_was(models):
+    from facegen.config import config_from_dict
+    from facegen.lineage import raw_digest
+
+    def digest(rerender):
+        return raw_digest(config_from_dict({"generator": {"backend": "hybrid", "hybrid": {
+            "embedder": {"kind": "dlib"}, "rerender": rerender}}}, "test"))
+
+    off = digest({})
+    assert digest({"max_attempts": 7, "kps_scale": [0.9, 1.1]}) == off  # not used: not part of what made the blocks
+    on = digest({"enabled": True, "controlnet": models["controlnet"], "ip_adapter": models["ip_adapter"]})
+    assert on != off
+    assert digest({"enabled": True, "controlnet": models["controlnet"], "ip_adapter": models["ip_adapter"],
+                   "kps_scale": [0.9, 1.1]}) != on
