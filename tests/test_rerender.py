@@ -183,6 +183,17 @@ def test_the_face_embedding_and_the_keypoints_reach_the_image(models):
         hook.remove()
     tokens = rerenderer.pipeline.unet.encoder_hid_proj([torch.tensor(embedding, dtype=torch.float32).reshape(1, 1, 1, -1)])
     assert seen and all(torch.equal(s, tokens[0].flatten(1, 2)) for s in seen)  # IdentityNet sees the face tokens
+    guided = Rerenderer(rerender_settings(models, model=models["faces"], guidance_scale=2.0), 0, "cpu", "unused")
+    seen.clear()
+    hook = guided.pipeline.controlnet.register_forward_hook(
+        lambda m, a, kw, out: seen.append(kw["encoder_hidden_states"].clone()), with_kwargs=True)
+    try:
+        guided.render(reference, embedding, 0)
+    finally:
+        hook.remove()
+    both = torch.tensor(np.stack([np.zeros_like(embedding), embedding]), dtype=torch.float32).reshape(2, 1, 1, -1)
+    expected = guided.pipeline.unet.encoder_hid_proj([both])[0].flatten(1, 2)  # unconditional half: a zero face
+    assert seen and all(torch.equal(s, expected) for s in seen)
     other, _ = rerenderer.render(reference, rng.normal(size=128) * 3.0, 0)
     moved = Reference(5, reference.candidate, points + 12, 0.9, reference.feature, 3.0)
     shifted, _ = rerenderer.render(moved, embedding, 0)
@@ -281,7 +292,14 @@ def test_an_adapter_file_with_a_pickled_object_is_refused(models, tmp_path):
     message = str(err.value)
     assert message.startswith(f"generator.hybrid.rerender.ip_adapter: {evil}: not a weights-only adapter file (")
     assert "\n" not in message and not marker.exists()
-    assert set(read_ip_adapter(models["ip_adapter"])) == {"image_proj", "ip_adapter"}
+    from safetensors.torch import save_file
+
+    state = read_ip_adapter(models["ip_adapter"])
+    flat = {f"{part}.{name}": value for part, values in state.items() for name, value in values.items()}
+    save_file(flat, str(tmp_path / "ip-adapter.safetensors"))
+    again = read_ip_adapter(str(tmp_path / "ip-adapter.safetensors"))
+    assert {k: set(v) for k, v in again.items()} == {k: set(v) for k, v in state.items()}
+    assert all(torch.equal(again[k][n], v) for k in state for n, v in state[k].items())
     torch.save({"proj.weight": torch.zeros(2, 2)}, str(tmp_path / "plain.bin"))
     with pytest.raises(ValueError, match="not InstantID's adapter layout"):
         read_ip_adapter(str(tmp_path / "plain.bin"))

@@ -64,6 +64,7 @@ class RerenderDraw:
     prompt: str
 
     def describe(self) -> dict[str, Any]:
+        """The draw as plain JSON data (``meta.reference.rerender``)."""
         out = asdict(self)
         out["kps_offset"] = list(self.kps_offset)
         for name in ("kps_scale", "controlnet_scale", "ip_adapter_scale"):
