@@ -254,10 +254,10 @@ def test_a_faceless_rerender_is_rejected_and_the_next_attempt_becomes_the_refere
         outcomes = [_outcome(generator, ref, a)[0] for a in range(2)]
         if all(isinstance(o, str) for o in outcomes):
             break
+    detect, choose, embed = generator.detector.detect_batch, generator._choose, generator._embed_raw
     with pytest.raises(ValueError) as failed:
-        find_reference(identity_id, PhotoSource(models["photos"], 1), generator.detector.detect_batch, generator._choose, generator._embed_raw,
-                       1, lambda r: generator.rerenderer.accept(r, generator.detector.detect_batch, generator._choose,
-                                                                generator._embed_raw))
+        find_reference(identity_id, PhotoSource(models["photos"], 1), detect, choose, embed, 1,
+                       lambda r: generator.rerenderer.accept(r, detect, choose, embed))
     assert str(failed.value) == (f"no usable reference face in 1 attempts (attempt 0: re-render 0: {outcomes[0]}; "
                                  f"re-render 1: {outcomes[1]})")
 

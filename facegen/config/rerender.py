@@ -119,7 +119,8 @@ class RerenderSettings(_Section):
         unused = [s for s in self.phrases if s not in slots]
         if unused:
             raise ValueError(f"phrases.{unused[0]}: not a slot of prompt_template")
-        if self.enabled and not (self.controlnet and self.ip_adapter):
-            field = "controlnet" if not self.controlnet else "ip_adapter"
-            raise ValueError(f"{field}: the re-render needs InstantID's {'IdentityNet folder' if field == 'controlnet' else 'ip-adapter file'}")
+        if self.enabled and not self.controlnet:
+            raise ValueError("controlnet: the re-render needs InstantID's IdentityNet folder")
+        if self.enabled and not self.ip_adapter:
+            raise ValueError("ip_adapter: the re-render needs InstantID's ip-adapter file")
         return self
