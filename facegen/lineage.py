@@ -92,6 +92,8 @@ def raw_digest(cfg: FacegenConfig) -> str:
     for backend in BACKENDS:
         if backend != cfg.generator.backend:
             generator.pop(backend, None)
+    if "hybrid" in generator and not cfg.generator.hybrid.rerender.enabled:
+        generator["hybrid"].pop("rerender", None)  # off: the same digest as runs made before it existed
     return settings_digest(cfg.run.seed, cfg.identities.block_size, generator, cfg.faces)
 
 

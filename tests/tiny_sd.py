@@ -195,3 +195,57 @@ def build_tiny_lora(sd_directory: str, directory: str, seed: int = 0) -> str:
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
     StableDiffusionPipeline.save_lora_weights(os.fspath(directory), unet_lora_layers=layers)
     return os.fspath(directory)
+
+
+def _instantid_resampler(embed_dim: int, output_dim: int, dim: int = 64, heads: int = 1, queries: int = 4,
+                         depth: int = 4, ff_mult: int = 4) -> dict:
+    """Random weights under the names of InstantID's ``Resampler`` (IP-Adapter Plus's perceiver:
+    ``layers.i.0`` attention with ``norm1``/``norm2``/``to_q``/``to_kv``/``to_out``, ``layers.i.1``
+    a LayerNorm-Linear-GELU-Linear feed-forward), heads of 64 dims."""
+    import torch
+
+    inner = heads * 64
+    state = {"latents": torch.randn(1, queries, dim) / dim**0.5,
+             "proj_in.weight": torch.randn(dim, embed_dim) * 0.1, "proj_in.bias": torch.zeros(dim),
+             "proj_out.weight": torch.randn(output_dim, dim) * 0.1, "proj_out.bias": torch.zeros(output_dim),
+             "norm_out.weight": torch.ones(output_dim), "norm_out.bias": torch.zeros(output_dim)}
+    for i in range(depth):
+        for norm in ("norm1", "norm2"):
+            state[f"layers.{i}.0.{norm}.weight"], state[f"layers.{i}.0.{norm}.bias"] = torch.ones(dim), torch.zeros(dim)
+        state[f"layers.{i}.0.to_q.weight"] = torch.randn(inner, dim) * 0.1
+        state[f"layers.{i}.0.to_kv.weight"] = torch.randn(2 * inner, dim) * 0.1
+        state[f"layers.{i}.0.to_out.weight"] = torch.randn(dim, inner) * 0.1
+        state[f"layers.{i}.1.0.weight"], state[f"layers.{i}.1.0.bias"] = torch.ones(dim), torch.zeros(dim)
+        state[f"layers.{i}.1.1.weight"] = torch.randn(dim * ff_mult, dim) * 0.1
+        state[f"layers.{i}.1.3.weight"] = torch.randn(dim, dim * ff_mult) * 0.1
+    return state
+
+
+def build_tiny_instantid(directory: str, embed_dim: int = 128, seed: int = 0) -> dict[str, str]:
+    """InstantID's release layout for the tiny SDXL of :func:`build_tiny_sdxl`: ``sdxl/`` (the base),
+    ``ControlNetModel/`` (an IdentityNet built from the UNet, zero convolutions made non-zero so the
+    keypoints act) and ``ip-adapter.bin`` (``{"image_proj": Resampler, "ip_adapter": to_k_ip/to_v_ip
+    of every cross-attention, numbered by position among all attention processors}``, for
+    ``embed_dim``-d face embeddings). Returns ``{"sdxl", "controlnet", "ip_adapter"}`` paths."""
+    import torch
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    directory = os.fspath(directory)
+    sdxl = build_tiny_sdxl(f"{directory}/sdxl", seed=seed)
+    unet = UNet2DConditionModel.from_pretrained(sdxl, subfolder="unet")
+    torch.manual_seed(seed + 2)
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32))
+    for name, param in controlnet.named_parameters():
+        if "zero_conv" in name or "controlnet_cond_embedding.conv_out" in name or "controlnet_mid_block" in name:
+            torch.nn.init.normal_(param, std=0.3)
+    controlnet.save_pretrained(f"{directory}/ControlNetModel")
+    ip_adapter = {}
+    for i, (name, _) in enumerate(unet.attn_processors.items()):
+        if name.endswith("attn2.processor"):
+            attention = unet.get_submodule(name.removesuffix(".processor"))
+            hidden, cross = attention.to_out[0].out_features, attention.to_k.in_features
+            ip_adapter[f"{i}.to_k_ip.weight"] = torch.randn(hidden, cross) * 0.1
+            ip_adapter[f"{i}.to_v_ip.weight"] = torch.randn(hidden, cross) * 0.1
+    state = {"image_proj": _instantid_resampler(embed_dim, unet.config.cross_attention_dim), "ip_adapter": ip_adapter}
+    torch.save(state, f"{directory}/ip-adapter.bin")
+    return {"sdxl": sdxl, "controlnet": f"{directory}/ControlNetModel", "ip_adapter": f"{directory}/ip-adapter.bin"}

@@ -64,6 +64,7 @@ from facegen.config.faces import (  # noqa: F401  (re-exported: one import path 
     FaceSettings,
     IngestSettings,
 )
+from facegen.config.rerender import PhraseTable, RerenderSettings  # noqa: F401  (re-exported)
 from facegen.config.clean import (  # noqa: F401  (re-exported: one import path for every setting)
     AugmentSettings,
     CleanSettings,

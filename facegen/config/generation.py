@@ -8,6 +8,7 @@ from pydantic import Field, field_validator, model_validator
 
 from facegen.config._base import _Section
 from facegen.config.faces import DetectorSettings, EmbedderSettings, EmbedderWeights
+from facegen.config.rerender import RerenderSettings
 from facegen.config.resources import PooledSection, PoolSettings
 
 
@@ -221,6 +222,8 @@ class HybridSettings(_Section):
     """``generator.backend: hybrid``: references -> identity feature -> K expanded images."""
 
     reference: ReferenceSettings = ReferenceSettings()
+    rerender: RerenderSettings = Field(default_factory=lambda: RerenderSettings(),
+                                       description="HybridGen's InstantID re-render of each accepted reference")
     detector: DetectorSettings = Field(
         default_factory=lambda: DetectorSettings(), description="references (and expanded images when measured)"
     )
@@ -253,6 +256,10 @@ class HybridSettings(_Section):
 
     @model_validator(mode="after")
     def _gan_needs_gan_references(self) -> "HybridSettings":
+        if self.reference.backend == "identities" and self.rerender.enabled:
+            raise ValueError("rerender.enabled: reference.backend identities gives features, no image to re-render")
+        if self.expander == "gan" and self.rerender.enabled:
+            raise ValueError("rerender.enabled: expander gan perturbs the reference's own GAN latent; a re-render has none")
         if self.expander == "gan" and self.reference.backend not in GAN_BACKENDS:
             raise ValueError(f"expander gan perturbs a GAN reference's latent: reference.backend must be dcgan or "
                              f"stylegan2 (got {self.reference.backend})")

@@ -4,7 +4,9 @@ HybridGen's generation (ALGORITHMS.md 1.5-1.6) with CemiFace's similarity contro
 
 1. **Reference** (:mod:`facegen.generators.references`): one accepted face per identity from SD/SDXL
    text-to-image, a photo folder or any generator backend, through the faces stage's detector; its
-   embedding (``generator.hybrid.embedder``) is the identity feature. An identity without an
+   embedding (``generator.hybrid.embedder``) is the identity feature. With ``rerender.enabled`` the
+   accepted face is re-rendered by InstantID (:mod:`facegen.generators.rerender`, HybridGen's step)
+   and the first re-render the detector accepts is the reference instead. An identity without an
    accepted reference after ``max_attempts`` becomes K error rows that say why.
 2. **Expansion**: sample ``k`` gets a conditioning feature from the identity feature at
    ``expansion.feature_norm`` (``own``: the embedder's raw output, as Vec2Face takes it; a number:
@@ -116,9 +118,15 @@ class HybridGenerator:
                                                        getattr(self.embedder, "record", None))
         self.micro_batch = {"arc2face": self.hybrid.arc2face.micro_batch, "vec2face": self.hybrid.vec2face.micro_batch,
                             "cemiface": self.hybrid.cemiface.micro_batch}.get(self.hybrid.expander, GAN_MICRO_BATCH)
+        self.rerenderer = None
+        if self.hybrid.rerender.enabled:
+            from facegen.generators.rerender import Rerenderer
+
+            self.rerenderer = Rerenderer(self.hybrid.rerender, self.seed, device, self.hybrid.reference.text_to_image.model)
         self.takes_similarity = bool(getattr(self.expander, "takes_similarity", False))
         self.latent_space = getattr(self.expander, "conditioning", "feature") == "latent"
-        self.source = f"hybrid:{self.hybrid.reference.backend}+{self.expander.source}"
+        rerender = "+instantid" if self.rerenderer is not None else ""
+        self.source = f"hybrid:{self.hybrid.reference.backend}{rerender}+{self.expander.source}"
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """GENERATED rows of the batch's identities; a ``latent`` column (the identities stage's
@@ -160,12 +168,17 @@ class HybridGenerator:
         return self.embedder.embed_raw(np.asarray(crops, np.uint8))
 
     def reference(self, identity_id: int) -> Reference:
-        """The identity's accepted reference (raises ``ReferenceFailed`` with every reason)."""
+        """The identity's accepted reference, re-rendered when ``rerender.enabled`` (raises
+        ``ReferenceFailed`` with every reason)."""
         if self.references is None:
             raise ValueError(f"generator.hybrid.reference.backend is identities, but identity {identity_id} came "
                              "without its feature; run facegen identities with this config first")
+        rerender = None
+        if self.rerenderer is not None:
+            def rerender(ref: Reference) -> Reference:
+                return self.rerenderer.accept(ref, self.detector.detect_batch, self._choose, self._embed_raw)
         return find_reference(identity_id, self.references, self.detector.detect_batch, self._choose, self._embed_raw,
-                              self.hybrid.reference.max_attempts)
+                              self.hybrid.reference.max_attempts, rerender)
 
     def identity_rows(self, identity_id: Any, block_id: Any, only: int | None = None,
                       feature: np.ndarray | None = None) -> list[dict[str, Any]]:

@@ -17,6 +17,10 @@ Sources (``generator.hybrid.reference.backend``):
   sample ``a`` is attempt ``a``; all ``max_attempts`` candidates come from one call (cheap backends);
 * with ``expander: gan`` the GAN's references keep their latents (:mod:`facegen.generators.latent`).
 
+With ``generator.hybrid.rerender.enabled`` an accepted candidate is re-rendered
+(:mod:`facegen.generators.rerender`) and the first re-render the detector accepts becomes the
+reference; a candidate none of whose re-renders is accepted is rejected like a faceless one.
+
 Everything is a pure function of ``(run seed, identity id, attempt)``, so a reference is found again
 identically on any actor.
 """
@@ -191,13 +195,27 @@ def build_reference_source(settings: Any, seed: int, device: str):
     return GeneratorSource(ref.backend, settings, seed, ref.max_attempts)
 
 
+def accept_candidate(identity_id: int, candidate: Candidate, detections: list, choose: Callable, embed: Callable) -> Reference:
+    """``candidate`` as the identity's reference when ``choose`` keeps one of its ``detections`` and
+    the embedder gives a usable feature; raises ``ValueError`` saying why not."""
+    face = choose(detections, candidate.image.shape)
+    landmarks = np.asarray(face.landmarks, np.float32).reshape(5, 2)
+    raw = np.asarray(embed(align_face(candidate.image, landmarks)[None])[0], np.float64)
+    norm = float(np.linalg.norm(raw))
+    if not (np.isfinite(norm) and norm > 0):
+        raise ValueError("the embedder gave a zero or non-finite feature")
+    return Reference(identity_id, candidate, landmarks, float(face.score), (raw / norm).astype(np.float32), norm)
+
+
 def find_reference(identity_id: int, source: Any, detect_batch: Callable, choose: Callable, embed: Callable,
-                   max_attempts: int) -> Reference:
+                   max_attempts: int, rerender: Callable[[Reference], Reference] | None = None) -> Reference:
     """The first accepted candidate of ``identity_id`` and its identity feature.
 
     ``detect_batch(images) -> [[Detection]]``; ``choose(detections, shape) -> Detection`` or raises
     (the faces stage's one-face rule); ``embed(aligned crops) -> raw features`` (any norm: the
-    reference keeps the unit feature and the raw norm).
+    reference keeps the unit feature and the raw norm). ``rerender(reference) -> Reference`` (or a
+    ``ValueError`` that rejects the candidate, e.g. :class:`facegen.generators.rerender.RerenderRejected`)
+    replaces an accepted candidate by its re-render (HybridGen's InstantID step).
     """
     reasons = []
     for start in range(0, max_attempts, max(1, source.batch_size)):
@@ -210,15 +228,8 @@ def find_reference(identity_id: int, source: Any, detect_batch: Callable, choose
                 reasons.append(f"attempt {c.attempt}: {c.error}")
                 continue
             try:
-                face = choose(faces[id(c)], c.image.shape)
+                reference = accept_candidate(identity_id, c, faces[id(c)], choose, embed)
+                return reference if rerender is None else rerender(reference)
             except ValueError as exc:
                 reasons.append(f"attempt {c.attempt}: {exc}")
-                continue
-            landmarks = np.asarray(face.landmarks, np.float32).reshape(5, 2)
-            raw = np.asarray(embed(align_face(c.image, landmarks)[None])[0], np.float64)
-            norm = float(np.linalg.norm(raw))
-            if not (np.isfinite(norm) and norm > 0):
-                reasons.append(f"attempt {c.attempt}: the embedder gave a zero or non-finite feature")
-                continue
-            return Reference(identity_id, c, landmarks, float(face.score), (raw / norm).astype(np.float32), norm)
     raise ReferenceFailed(f"no usable reference face in {max_attempts} attempts ({'; '.join(reasons)})"[:480])
