@@ -95,3 +95,68 @@ def test_the_fitted_yaw_direction_turns_the_dcgan_face_monotonically(tmp_path, r
         load_config(None, ["generator.disco.fit=true", "generator.disco.directions=d.npz"])
     with pytest.raises(ValueError, match="generator.backend: facegen directions fits a GAN's latent directions, not parametric"):
         run_directions(load_config(None, [f"run.output_dir={tmp_path}/p"]), progress=False)
+
+
+def _dlib_fixed(gan, images):
+    from facegen.config import EmbedderSettings
+    from facegen.faces.align import align_face
+    from facegen.faces.embed import build_embedder
+
+    points = np.asarray(gan.crop.landmarks()).reshape(5, 2)  # the DCGAN's faces sit on its fixed crop
+    return build_embedder(EmbedderSettings(kind="dlib")).embed(np.stack([align_face(im, points) for im in images]))
+
+
+def test_inverting_dcgan_faces_recovers_latents_of_the_same_people_under_dlib():
+    import torch
+
+    from facegen.generators.gan import build_gan
+    from facegen.generators.latent import render_latents
+    from facegen.identities.inversion import invert
+
+    torch.manual_seed(0)
+    gan = build_gan(load_config(None, ["generator.backend=dcgan", "generator.device=cpu"]).generator)
+    truth = gan.gaussian_latents(5, np.arange(4))
+    originals = render_latents(gan, truth)
+    found = invert(gan, originals, steps=150, lr=0.05, starts=16)
+    assert found.latents.shape == truth.shape and (found.pixel_loss < 0.05).all()
+    before, after = _dlib_fixed(gan, originals), _dlib_fixed(gan, render_latents(gan, found.latents))
+    distances = np.linalg.norm(before[:, None] - after[None], axis=2)  # [original, reconstruction]
+    assert (np.diag(distances) < 0.6).all(), np.diag(distances)  # dlib's same-person threshold
+    others = distances[~np.eye(4, dtype=bool)].reshape(4, 3).mean(axis=1)
+    assert (np.diag(distances) < others).all()  # closer to its own original than to the others
+    with pytest.raises(ValueError, match="identity_weight: the identity term needs a differentiable embedder"):
+        invert(gan, originals[:1], steps=1, identity_weight=1.0)
+
+
+@pytest.mark.slow
+def test_a_labelled_folder_is_inverted_and_its_direction_turns_the_face(tmp_path, ray_local):
+    """The paper's route (MultiPIE): labelled photos projected into the latent space by inversion, one
+    SVM on their labels. Here the photos are DCGAN faces labelled with their yaw as the detector
+    measures it; the direction found must turn freshly drawn faces as the detector sees it."""
+    import cv2
+
+    from facegen import storage
+    from facegen.generators.gan import build_gan
+    from facegen.generators.latent import render_latents
+    from facegen.identities.directions import estimate_attributes
+    from facegen.stages.directions import landmark_finder, run_directions
+
+    cfg = _cfg(tmp_path, f"directions.labelled={tmp_path}/photos", "directions.inversion.steps=100",
+               "directions.inversion.batch_size=32", "directions.check_identities=6", "directions.check_steps=5")
+    gan = build_gan(cfg.generator)
+    images = render_latents(gan, gan.gaussian_latents(9, np.arange(64)))
+    yaw = estimate_attributes(images, landmark_finder(cfg.directions.detector, cfg.directions.upscale))["yaw"]
+    (tmp_path / "photos").mkdir()
+    lines = ["file,yaw"]
+    for i, image in enumerate(images):
+        cv2.imwrite(str(tmp_path / "photos" / f"{i:02d}.png"), image[:, :, ::-1])
+        lines.append(f"{i:02d}.png,{'' if np.isnan(yaw[i]) else f'{yaw[i]:.4f}'}")  # no face: no label
+    lines.append("gone.png,0.1")  # a row whose file is missing is left out with its reason
+    (tmp_path / "photos" / "labels.csv").write_text("\n".join(lines) + "\n")
+    run_directions(cfg, progress=False)
+    summary = storage.read_json(f"{tmp_path}/out/directions/directions.json")
+    assert summary["source"] == "labelled" and summary["detected"] == 64 and summary["samples"] == 65
+    assert summary["skipped"][0].startswith("labels.csv:66 gone.png: FileNotFoundError")
+    assert summary["directions"]["yaw"]["check"]["spearman"] >= 0.8, summary["directions"]["yaw"]
+    with pytest.raises(ConfigError, match=r"directions: attributes: \['planted'\] are not facegen's estimators"):
+        load_config(None, ["directions.attributes=[planted]"])

@@ -97,13 +97,32 @@ class IdentitySettings(_Section):
         return "latent"
 
 
+class InversionSettings(_Section):
+    """GAN inversion of labelled images (:mod:`facegen.identities.inversion`): pixel MSE, an optional
+    identity term through ``generator.embedder`` (differentiable), a pull to the latent centre."""
+
+    steps: int = Field(default=200, ge=1)
+    lr: float = Field(default=0.05, gt=0.0)
+    starts: int = Field(default=16, ge=1, description="prior draws tried per image; the closest in pixels starts")
+    identity_weight: float = Field(default=0.0, ge=0.0, description="> 0 needs generator.embedder (a torch embedder)")
+    prior_weight: float = Field(default=1e-3, ge=0.0)
+    batch_size: int = Field(default=16, ge=1, description="images inverted together")
+
+
 class DirectionsSettings(_Section):
     """``facegen directions``: DisCo's latent directions fitted on the GAN's own samples, labelled by
     facegen's estimators (:mod:`facegen.identities.directions`), written to
     ``<output_dir>/directions/directions.npz`` with a check along each one."""
 
-    attributes: list[Literal["yaw", "pitch", "roll", "illumination", "brightness"]] = Field(
-        default_factory=lambda: ["yaw", "pitch", "roll", "illumination"], min_length=1)
+    attributes: list[str] = Field(
+        default_factory=lambda: ["yaw", "pitch", "roll", "illumination"], min_length=1,
+        description="on generated samples: facegen's estimators (yaw, pitch, roll, illumination, brightness); with "
+                    "labelled: columns of its labels.csv")
+    labelled: str | None = Field(
+        default=None, description="a folder of face images with labels.csv (file, then one numeric column per "
+                                  "attribute), projected into the GAN's latent space by inversion (the paper's MultiPIE route)",
+        json_schema_extra={"input_path": "folder"})
+    inversion: InversionSettings = Field(default_factory=lambda: InversionSettings())
     samples: int = Field(default=2000, ge=20, description="GAN samples drawn and labelled")
     method: Literal["svm", "regression"] = Field(default="svm", description="svm: the paper's linear SVM on the two tails; regression: least squares on all")
     tail: float = Field(default=0.3, gt=0.0, le=0.5, description="svm: the lowest and the highest fraction are the two classes")
@@ -116,3 +135,13 @@ class DirectionsSettings(_Section):
     check_steps: int = Field(default=9, ge=3)
     check_range: float = Field(default=2.0, gt=0.0, description="steps span -range .. +range spreads")
     pool: PoolSettings = Field(default_factory=lambda: PoolSettings(num_cpus=1.0), description="resources of the fitting task (a GPU where the GAN runs on one)")
+
+    @model_validator(mode="after")
+    def _known_attributes(self) -> "DirectionsSettings":
+        from facegen.identities.directions import ATTRIBUTES
+
+        unknown = [a for a in self.attributes if a not in ATTRIBUTES]
+        if unknown and self.labelled is None:
+            raise ValueError(f"attributes: {unknown} are not facegen's estimators ({', '.join(ATTRIBUTES)}); other "
+                             "attributes come from a labelled folder (directions.labelled)")
+        return self

@@ -218,8 +218,9 @@ def disco_directions(cfg: FacegenConfig) -> str:
     if not storage.exists(f"{folder}/directions.json"):
         return ""
     summary = storage.read_json(f"{folder}/directions.json")
-    rows = [(name, f"{r['spread']:.3f}", f"{r['score']:.3f}", f"{r['check']['spearman']:+.2f}",
-             " ".join(f"{m:+.3f}" for m in r["check"]["means"])) for name, r in summary["directions"].items()]
+    rows = [(name, f"{r['spread']:.3f}", f"{r['score']:.3f}", f"{r['check']['spearman']:+.2f}" if r["check"] else "-",
+             " ".join(f"{m:+.3f}" for m in r["check"]["means"]) if r["check"] else "no estimator")
+            for name, r in summary["directions"].items()]
     steps = ", ".join(f"{s:+.2f}" for s in summary["steps"])
     figure = f'<img alt="samples along each direction" src="{_data_uri(storage.read_bytes(f"{folder}/directions.png"))}"/>'
     return ("<h2>DisCo directions</h2>" + f'<p class="muted">{summary["detected"]} of {summary["samples"]} samples '

@@ -97,50 +97,108 @@ def _grid(rows: list[list[np.ndarray]]) -> bytes:
     return buffer.getvalue()
 
 
+LABELS_CSV = "labels.csv"
+
+
+def read_labelled(folder: str, attributes: list[str]) -> tuple[list[np.ndarray], dict[str, np.ndarray], list[str]]:
+    """The images of ``folder``'s ``labels.csv`` (``file`` then numeric attribute columns) and their
+    labels; an image that cannot be read is left out with its reason (one line each, returned)."""
+    import csv
+
+    from facegen.faces.align import decode_image
+
+    path = f"{folder.rstrip('/')}/{LABELS_CSV}"
+    if not storage.exists(path):
+        raise FileNotFoundError(f"directions.labelled: {path}: no such file (file, then one column per attribute)")
+    rows = list(csv.DictReader(io.StringIO(storage.read_bytes(path).decode("utf-8"))))
+    missing = [a for a in ["file", *attributes] if rows and a not in rows[0]]
+    if not rows or missing:
+        raise ValueError(f"{path}: needs columns file and {', '.join(attributes)} ({'missing ' + ', '.join(missing) if rows else 'no rows'})")
+    images, values, skipped = [], {a: [] for a in attributes}, []
+    for line, row in enumerate(rows, start=2):
+        try:
+            parsed = {a: float(row[a]) if row[a].strip() else float("nan") for a in attributes}
+            images.append(decode_image(storage.read_bytes(f"{folder.rstrip('/')}/{row['file']}")))
+        except Exception as exc:  # one bad row is recorded, not fatal
+            skipped.append(f"{LABELS_CSV}:{line} {row.get('file')}: {type(exc).__name__}: {exc}"[:200])
+            continue
+        for a in attributes:
+            values[a].append(parsed[a])
+    return images, {a: np.asarray(v, np.float64) for a, v in values.items()}, skipped
+
+
+def _invert_labelled(cfg: FacegenConfig, gan: Any, report: Callable[..., None]) -> tuple[np.ndarray, dict[str, np.ndarray], list[str]]:
+    """Latents of the labelled folder's images (inversion), their labels, the rows left out and why."""
+    from facegen.identities.inversion import invert
+
+    d, inv = cfg.directions, cfg.directions.inversion
+    images, labels, skipped = read_labelled(d.labelled, d.attributes)
+    if not images:
+        raise ValueError(f"directions.labelled: {d.labelled}: no readable image ({'; '.join(skipped[:2])})")
+    embedder = None
+    if inv.identity_weight > 0:
+        from facegen.identities.encoder import ForceEmbedder
+
+        embedder = ForceEmbedder(cfg.generator.embedder, gan.device)
+    parts = []
+    for start in range(0, len(images), inv.batch_size):
+        part = images[start:start + inv.batch_size]
+        parts.append(invert(gan, part, inv.steps, inv.lr, inv.starts, inv.identity_weight, inv.prior_weight, embedder,
+                            seed=cfg.run.seed + start).latents)
+        report(start + len(part), len(images), "inverting labelled images")
+    return np.concatenate(parts), labels, skipped
+
+
 def directions_task(cfg_json: str, out: str, digest: str, report: Callable[..., None]) -> dict[str, Any]:
     """Fit, check and write every direction on this worker; returns the summary."""
     from facegen.cache import localized
     from facegen.generators.gan import build_gan
     from facegen.generators.latent import render_latents
-    from facegen.identities.directions import estimate_attributes, fit_direction, write_directions_npz
+    from facegen.identities.directions import ATTRIBUTES, estimate_attributes, fit_direction, write_directions_npz
     from facegen.train.generator_fit import spearman
 
     cfg = FacegenConfig.model_validate_json(cfg_json)
+    cfg = cfg.model_copy(update={"generator": localized(cfg.generator, "generator"),
+                                 "directions": localized(cfg.directions, "directions")})
     d = cfg.directions
-    gan = build_gan(localized(cfg.generator, "generator"))
+    gan = build_gan(cfg.generator)
     find = landmark_finder(d.detector, d.upscale)
     stream = int(np.random.SeedSequence([cfg.run.seed, DIRECTIONS_TAG]).generate_state(1)[0])
-    latents = gan.gaussian_latents(stream, np.arange(d.samples + d.check_identities, dtype=np.int64))
-    fit_on, check_on = latents[: d.samples], latents[d.samples:]
-    labels: dict[str, list[np.ndarray]] = {}
-    total = d.samples + d.check_identities * d.check_steps * len(d.attributes)
-    for start in range(0, d.samples, d.batch_size):
-        found = estimate_attributes(render_latents(gan, fit_on[start:start + d.batch_size], d.batch_size), find)
-        for name, values in found.items():
-            labels.setdefault(name, []).append(values)
-        report(min(start + d.batch_size, d.samples), total)
+    check_on = gan.gaussian_latents(stream, np.arange(d.samples, d.samples + d.check_identities, dtype=np.int64))
+    if d.labelled:
+        fit_on, labels, skipped = _invert_labelled(cfg, gan, report)
+        detected = len(fit_on)
+    else:
+        fit_on, labels, skipped = gan.gaussian_latents(stream, np.arange(d.samples, dtype=np.int64)), {}, []
+        for start in range(0, d.samples, d.batch_size):
+            found = estimate_attributes(render_latents(gan, fit_on[start:start + d.batch_size], d.batch_size), find)
+            for name, values in found.items():
+                labels.setdefault(name, []).append(values)
+            report(min(start + d.batch_size, d.samples), d.samples, "labelling samples")
+        labels = {name: np.concatenate(parts) for name, parts in labels.items()}
+        detected = int(np.isfinite(labels["yaw"]).sum())
     centre = gan.latent_mean.cpu().numpy()
-    detected = int(np.isfinite(np.concatenate(labels["yaw"])).sum())
+    total, done = d.check_identities * d.check_steps * len(d.attributes), 0
     fitted, checks, grid_rows = [], {}, []
     steps = np.linspace(-d.check_range, d.check_range, d.check_steps)
-    done = d.samples
     for name in d.attributes:
-        direction = fit_direction(name, fit_on, np.concatenate(labels[name]), centre, d.method, d.tail, d.svm_c, cfg.run.seed)
+        direction = fit_direction(name, fit_on, labels[name], centre, d.method, d.tail, d.svm_c, cfg.run.seed)
         fitted.append(direction)
         means = []
         for step in steps:
             moved = check_on + np.float32(step * direction.spread) * direction.vector
             images = render_latents(gan, moved, d.batch_size)
-            means.append(float(np.nanmean(estimate_attributes(images, find)[name])))
+            if name in ATTRIBUTES:  # a user's label (smile, ...) has no estimator here: shown, not checked
+                means.append(float(np.nanmean(estimate_attributes(images, find)[name])))
             grid_rows.append(images[0])  # the first check latent: the figure's row of this direction
             done += d.check_identities
             report(done, total, f"{name}: step {step:+.2f}")
-        checks[name] = {"spearman": round(spearman(steps, means), 4), "means": [round(m, 4) for m in means]}
+        checks[name] = {"spearman": round(spearman(steps, means), 4), "means": [round(m, 4) for m in means]} if means else None
     storage.write_bytes_atomic(write_directions_npz(fitted), f"{out}/{NPZ}")
     rows = [grid_rows[i * len(steps):(i + 1) * len(steps)] for i in range(len(fitted))]
     storage.write_bytes_atomic(_grid(rows), f"{out}/{PNG}")
-    summary = {"digest": digest, "backend": cfg.generator.backend, "latent_dim": int(latents.shape[1]),
-               "samples": d.samples, "detected": detected, "method": d.method, "steps": [round(float(s), 4) for s in steps],
+    summary = {"digest": digest, "backend": cfg.generator.backend, "latent_dim": int(fit_on.shape[1]),
+               "source": "labelled" if d.labelled else "generated", "samples": len(fit_on) + len(skipped), "detected": detected, "skipped": skipped[:20], "method": d.method, "steps": [round(float(s), 4) for s in steps],
                "directions": {f.name: {"spread": round(f.spread, 6), "score": f.score, "labelled": f.samples, "check": checks[f.name]}
                               for f in fitted}}
     storage.write_json_atomic(summary, f"{out}/{SUMMARY}")
@@ -161,6 +219,6 @@ def run_directions(cfg: FacegenConfig, progress: bool = True) -> StageReport:
         written = 1
     totals: dict[str, Any] = {"samples labelled": f"{summary['detected']} of {summary['samples']}"}
     for name, record in summary["directions"].items():
-        totals[name] = (f"spread {record['spread']:.3f}, fit {record['score']:.3f}, "
-                        f"check Spearman {record['check']['spearman']:+.2f}")
+        check = f"check Spearman {record['check']['spearman']:+.2f}" if record["check"] else "no estimator to check"
+        totals[name] = f"spread {record['spread']:.3f}, fit {record['score']:.3f}, {check}"
     return StageReport("directions", out, 1, 1 - written, written, round(time.time() - started, 2), totals)
