@@ -57,7 +57,7 @@ def identity_groups(table: pa.Table) -> dict[int, str]:
 def ok_counts(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
     """``(identity ids, usable images)``: every identity of a clean block, with its status-ok row count (0 too)."""
     ids = table.column("identity_id").to_numpy(zero_copy_only=False).astype(np.int64)
-    ok = pc.equal(table.column("status"), "ok").to_numpy(zero_copy_only=False)
+    ok = pc.fill_null(pc.equal(table.column("status"), "ok"), False).to_numpy(zero_copy_only=False)
     unique, inverse = np.unique(ids, return_inverse=True)
     return unique, np.bincount(inverse, weights=ok, minlength=len(unique)).astype(np.int64)
 

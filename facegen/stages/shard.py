@@ -172,6 +172,7 @@ def _remove_set(shards_dir: str, manifest: dict) -> None:
     _reset_split(shards_dir, sorted({int(s["block"]) for s in manifest.get("shards", []) if "block" in s}))
     for shard in manifest.get("shards", []):
         storage.remove(f"{shards_dir.rstrip('/')}/{shard['path']}")
+    storage.remove(f"{shards_dir.rstrip('/')}/{ASSEMBLY_FILE}")
 
 
 def _inputs(cfg: FacegenConfig, source_dir: str | None) -> list[tuple[str | None, str, blk.BlockCheck]]:
@@ -261,11 +262,11 @@ def run_shard(cfg: FacegenConfig, source_dir: str | None = None, shards_dir: str
     sources = {str(shard_key(name, b) if name else b): check.valid[b]["sha256"]
                for name, _, check in inputs for b in sorted(check.valid)}
     settings = shards_digest(cfg)
-    blocks_total = len(sources)
     if storage.exists(manifest_path):
         previous = storage.read_json(manifest_path)
         if previous.get("sources") == sources and previous.get("settings_digest") == settings and not cfg.run.overwrite:
-            return StageReport("shard", shards_dir, blocks_total, blocks_total, 0, 0.0, _totals(previous), notes=notes)
+            used = len({int(s["block"]) for s in previous["shards"]})  # an assembly may leave blocks out
+            return StageReport("shard", shards_dir, used, used, 0, 0.0, _totals(previous), notes=notes)
         why = "overwrite" if cfg.run.overwrite else ("shard settings changed" if previous.get("sources") == sources
                                                     else "source blocks changed")
         notes.append(f"shard: the previous shard set was rebuilt ({why})")
@@ -310,7 +311,7 @@ def run_shard(cfg: FacegenConfig, source_dir: str | None = None, shards_dir: str
     manifest = write_manifest(records, shards_dir, identity_ids, edges, cfg.digest(), sources,
                               embedder=records_by_input[0].get("embedder"), settings_digest=settings,
                               curriculum=curriculum, assembly=assembly)
-    report = StageReport("shard", shards_dir, blocks_total, outcome.report.blocks_skipped, outcome.report.blocks_written,
+    report = StageReport("shard", shards_dir, len(jobs), outcome.report.blocks_skipped, outcome.report.blocks_written,
                          round(time.time() - started, 2), _totals(manifest), blocks_redone=outcome.report.blocks_redone,
                          notes=notes + outcome.report.notes)
     if source_order:
