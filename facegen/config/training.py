@@ -10,11 +10,6 @@ from facegen.config._base import IResNetArch, _Section
 from facegen.config.resources import PooledSection, PoolSettings
 
 
-#: The groups ``shards.source_order`` can name: an identity's origin (``schema`` ``origin`` column) or,
-#: in an assembled set, the input it came from.
-SOURCE_GROUPS = ("generated", "ingested")
-
-
 class AssemblySettings(_Section):
     """HybridGen's dataset assembly: a cleaned ingested set (HSFace10K through ``facegen ingest`` and
     ``facegen clean``) whose identities left with fewer than ``min_images`` images are dropped and
