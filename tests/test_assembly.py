@@ -89,6 +89,8 @@ def test_assembled_set_holds_the_target_with_replacements_new_identities_first(r
     assert storage.read_table(f"{shards_dir}/labels.parquet").column("identity_id").to_pylist() == list(range(7))
     assembled = storage.read_table(f"{shards_dir}/assembly.parquet").to_pydict()
     assert assembled["source_identity_id"] == [100, 101, 103, 104, 0, 2, 4]
+    kept = {i for i, g in zip(assembled["source_identity_id"], assembled["group"]) if g == "ingested"}
+    assert set(INGESTED) - kept == {i for i, n in INGESTED.items() if n < 10} == {1, 3, 5}  # dropped: exactly those
     assert manifest["assembly"]["counts"]["ingested"] == {"identities": 6, "kept": 3, "dropped_min_images": 3}
     assert manifest["assembly"]["counts"]["generated"]["used"] == 4
     assert report.totals["ingested: dropped (< min_images)"] == 3 and report.totals["generated: replacements used"] == 4
