@@ -103,8 +103,16 @@ def clean_digest(cfg: FacegenConfig) -> str:
 
 
 def shards_digest(cfg: FacegenConfig) -> str:
-    """What shapes the shard set besides its source blocks: the shard settings."""
-    return settings_digest(cfg.shards)
+    """What shapes the shard set besides its source blocks: the shard settings. A difficulty-ordered
+    set without assembly digests as before those settings existed (no rebuild on upgrade); the
+    assembly's folders enter by name (their blocks enter by sha256 as the set's sources)."""
+    plain = _digestible(cfg.shards)
+    if cfg.shards.order == "difficulty":
+        plain.pop("order"), plain.pop("source_order")
+    plain.pop("assembly")
+    if cfg.shards.assembly is not None:
+        plain["assembly"] = cfg.shards.assembly.model_dump(mode="json")
+    return settings_digest(plain)
 
 
 def manifest_digest(shards: list[dict[str, Any]], labels_sha256: str, edges: list[float], settings: str) -> str:

@@ -37,6 +37,9 @@ with NaN.
     reason>> (one entry per expert that ran), decided_by:string (the fusion rule or later step that
     settled the row). status is "ok" (kept), "dropped" (reason says why) or "error" (from upstream).
 
+``ASSEMBLY`` (shard stage, an assembled set's ``assembly.parquet``): identity_id:int64 (the label of the
+    shard rows), group:string, source_identity_id:int64 (its id in its input), images:int64.
+
 ``IDENTITY`` (identities stage -> generation; ``<output_dir>/identities/block-XXXXXX.parquet``)
     identity_id:int64, latent:list<float32> (a GAN latent or an identity feature; its length is the
     sampler space's dimension), sampler:string ("gaussian" | "langevin-latent" | "langevin-feature" |
@@ -164,6 +167,17 @@ def clean_schema(embedding_dim: int = DEFAULT_EMBEDDING_DIM) -> pa.Schema:
 
 #: Column names of every CLEAN table, in order.
 CLEAN_NAMES: tuple[str, ...] = tuple(clean_schema().names)
+
+
+#: ``<shards>/assembly.parquet`` of an assembled shard set (:mod:`facegen.assembly`): one row per
+#: label (``identity_id`` of its shard rows) with its group ("generated" | "ingested"), its id in that
+#: input's clean blocks and its usable images there.
+ASSEMBLY = pa.schema([
+    pa.field("identity_id", pa.int64(), nullable=False),
+    pa.field("group", pa.string()),
+    pa.field("source_identity_id", pa.int64()),
+    pa.field("images", pa.int64()),
+])
 
 
 IDENTITY = pa.schema(

@@ -10,9 +10,13 @@ Layout of ``shards_dir``::
 
 ``manifest.json`` = ``{"format_version": 1, "facegen_version", "config_digest", "created",
 "num_rows", "num_identities", "num_buckets", "labels_file", "bucket_edges", "sources",
-"embedder" ({"kind", "file", "sha256", "dim"} or null), "shards": [...]}``;
+"embedder" ({"kind", "file", "sha256", "dim"} or null), "shards": [...]}``, and with
+``shards.order: source`` a ``curriculum`` (order, groups with their first bucket) and with
+``shards.assembly`` an ``assembly`` (inputs, counts per source, ``assembly.parquet``'s sha256);
 each shard record is ``{"path" (relative), "bucket", "block", "rows", "bytes", "sha256",
-"difficulty_min", "difficulty_max"}``, listed in curriculum order (bucket, then block).
+"difficulty_min", "difficulty_max"}`` (and ``group`` by source), listed in curriculum order
+(bucket, then block). By source, bucket ``rank * num_buckets + b`` is difficulty bucket ``b`` of
+the group ranked ``rank``; ``num_buckets`` stays the difficulty buckets.
 A training label is ``searchsorted(labels, identity_id)``.
 """
 
@@ -57,18 +61,20 @@ def shard_relpath(bucket: int, block_id: int) -> str:
     return f"bucket-{bucket:03d}/block-{block_id:06d}.parquet"
 
 
-def split_block_into_buckets(table: pa.Table, block_id: int, edges: np.ndarray, shards_dir: str) -> list[dict[str, Any]]:
+def split_block_into_buckets(table: pa.Table, block_id: int, edges: np.ndarray, shards_dir: str,
+                             first_bucket: int = 0, group: str | None = None) -> list[dict[str, Any]]:
     """Write one Parquet file per non-empty bucket of a block's rows; returns their shard records.
 
     Rows are bucketed by their ``difficulty`` (see :func:`facegen.curriculum.assign_buckets`) and
     sorted by difficulty within each file (ties by identity_id, sample_idx, so reruns write
-    identical bytes).
+    identical bytes). ``first_bucket`` shifts the bucket numbers (curriculum by source: a group's
+    buckets follow the previous group's); ``group`` is recorded in each shard record.
     """
     for name in ("difficulty", "identity_id", "sample_idx"):
         if name not in table.column_names:
             raise ValueError(f"split_block_into_buckets: block {block_id} lacks column {name!r}")
     difficulty = table.column("difficulty").to_numpy(zero_copy_only=False).astype(np.float64)
-    buckets = assign_buckets(difficulty, edges)
+    buckets = assign_buckets(difficulty, edges) + int(first_bucket)
     order_key = np.where(np.isnan(difficulty), np.inf, difficulty)
     identity = table.column("identity_id").to_numpy(zero_copy_only=False)
     sample = table.column("sample_idx").to_numpy(zero_copy_only=False)
@@ -84,6 +90,7 @@ def split_block_into_buckets(table: pa.Table, block_id: int, edges: np.ndarray, 
             "bytes": written.bytes, "sha256": written.sha256,
             "difficulty_min": float(finite.min()) if finite.size else None,
             "difficulty_max": float(finite.max()) if finite.size else None,
+            **({"group": group} if group is not None else {}),
         })
     return records
 
@@ -91,6 +98,7 @@ def split_block_into_buckets(table: pa.Table, block_id: int, edges: np.ndarray, 
 def write_manifest(
     records: list[dict[str, Any]], shards_dir: str, identity_ids: np.ndarray, edges: np.ndarray, config_digest: str,
     sources: dict[str, str] | None = None, embedder: dict[str, Any] | None = None, settings_digest: str = "",
+    curriculum: dict[str, Any] | None = None, assembly: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write ``labels.parquet`` then ``manifest.json`` (last, so its presence marks completion).
 
@@ -98,7 +106,8 @@ def write_manifest(
     order (bucket ascending, then block id). ``identity_ids`` may repeat; labels are their sorted
     unique values. ``sources`` (source block id -> sha256) records what the set was built from, so
     a later run can tell whether it is stale; ``embedder`` (kind, file, sha256, dim) what embedded
-    the rows; ``settings_digest`` the shard settings. ``digest`` identifies the set's content
+    the rows; ``settings_digest`` the shard settings; ``curriculum`` the order (``{"order", "groups"}``)
+    and ``assembly`` an assembled set's inputs and counts, when given. ``digest`` identifies the set's content
     (shards, labels, edges, settings): a training run records it and refuses to resume on a set
     with another. Returns the manifest.
     """
@@ -125,6 +134,8 @@ def write_manifest(
         "settings_digest": settings_digest,
         "digest": manifest_digest(ordered, labels_written.sha256, [float(e) for e in edges], settings_digest),
         "shards": ordered,
+        **({"curriculum": curriculum} if curriculum else {}),
+        **({"assembly": assembly} if assembly else {}),
     }
     storage.write_json_atomic(manifest, _join(shards_dir, MANIFEST_FILE))
     return manifest

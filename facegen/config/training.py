@@ -10,11 +10,39 @@ from facegen.config._base import IResNetArch, _Section
 from facegen.config.resources import PooledSection, PoolSettings
 
 
+class AssemblySettings(_Section):
+    """HybridGen's dataset assembly: a cleaned ingested set (HSFace10K through ``facegen ingest`` and
+    ``facegen clean``) whose identities left with fewer than ``min_images`` images are dropped and
+    replaced by new generated identities, in identity order, up to ``num_identities``."""
+
+    ingested: str = Field(description="clean blocks of the ingested set (its run's <output_dir>/clean)",
+                          json_schema_extra={"input_path": "folder"})
+    generated: str | None = Field(
+        default=None, description="clean blocks of the new generated identities; None: this run's <output_dir>/clean",
+        json_schema_extra={"input_path": "folder"})
+    num_identities: int = Field(ge=1, description="identities of the assembled set (HybridGen: 10,000 at the 10k scale)")
+    min_images: int = Field(default=10, ge=1, description="an identity with fewer usable (status ok) images is dropped")
+
+
 class ShardSettings(PooledSection):
     """Curriculum-ordered shards: difficulty = 1 - cos(embedding, identity centre)."""
 
     num_buckets: int = Field(default=4, ge=1, description="easy-to-hard difficulty buckets")
+    order: Literal["difficulty", "source"] = Field(
+        default="difficulty", description="difficulty: easy to hard over all identities; source: HybridGen's curriculum, "
+        "the groups of source_order one after another, easy to hard inside each")
+    source_order: list[Literal["generated", "ingested"]] = Field(
+        default=["generated", "ingested"], min_length=1, description="order: source: the groups in curriculum order; an "
+        "identity's group is its origin (or, assembled, the input it came from)")
+    assembly: AssemblySettings | None = Field(default=None, description="one set from an ingested and a generated "
+                                              "clean set (None: this run's clean blocks as they are)")
     pool: PoolSettings = Field(default_factory=lambda: PoolSettings(max_size=2), description="actor pool splitting blocks into bucket files")
+
+    @model_validator(mode="after")
+    def _groups_once(self) -> "ShardSettings":
+        if len(set(self.source_order)) != len(self.source_order):
+            raise ValueError(f"source_order: names a group twice: {self.source_order}")
+        return self
 
 
 class PartialFCSettings(_Section):

@@ -39,6 +39,19 @@ s.setAttribute('data-rendered',ok);s.setAttribute('data-images',all.length);});
 """
 
 
+def _buckets(manifest: dict) -> range:
+    """Every curriculum bucket: by source, each group's run of difficulty buckets."""
+    groups = len(manifest.get("curriculum", {}).get("groups", [])) or 1
+    return range(groups * int(manifest["num_buckets"]))
+
+
+def _bucket_name(manifest: dict, bucket: int) -> str:
+    groups = manifest.get("curriculum", {}).get("groups", [])
+    if not groups:
+        return f"bucket {bucket}"
+    group = groups[bucket // int(manifest["num_buckets"])]
+    return f"bucket {bucket} ({group['name']}, difficulty {bucket % int(manifest['num_buckets'])})"
+
 def _e(value: Any) -> str:
     return html.escape(str(value))
 
@@ -293,8 +306,8 @@ def build_report(cfg: FacegenConfig, identities: int = 8, per_identity: int = 8,
         sections.append("<h2>Difficulty distribution</h2>" + svg_histogram(
             [("samples (1 - cos to identity centre)", counts[: len(shown_edges) - 1], "#5a3")], shown_edges,
             markers=manifest["bucket_edges"][1:-1], label="difficulty")
-            + _table([(f"bucket {b}", sum(s["rows"] for s in manifest["shards"] if s["bucket"] == b))
-                      for b in range(manifest["num_buckets"])], ("curriculum bucket", "rows"), cls="buckets"))
+            + _table([(_bucket_name(manifest, b), sum(s["rows"] for s in manifest["shards"] if s["bucket"] == b))
+                      for b in _buckets(manifest)], ("curriculum bucket", "rows"), cls="buckets"))
     sections.append("<h2>Training</h2>" + training_curves(cfg))
     verification = _verification(cfg)
     sections.append("<h2>Verification</h2>" + (_table(verification, ("set", "pairs", "accuracy", "std"), cls="verification")
