@@ -26,7 +26,9 @@ def test_cluster_config_resources_match_node_types():
         assert set(cfg.generator.pool.resources) <= set(types["gpu_generation"]["resources"]), name
         assert set(cfg.train.resources) <= set(types["gpu_training"]["resources"]), name
     hybrid = load_config("configs/hybrid.yaml")
-    assert hybrid.generator.backend == "hybrid" and hybrid.generator.hybrid.expander == "arc2face"
+    assert hybrid.generator.backend == "hybrid" and hybrid.generator.hybrid.expander == "vec2face"
+    # HybridGen's expansion: sigma 0.2 per dimension at the raw feature's own norm, after the InstantID re-render
+    assert hybrid.generator.hybrid.expansion.preset == "hybridgen" and hybrid.generator.hybrid.rerender.enabled
     # one generation actor (hybrid backend + faces stage) per generation GPU
     assert hybrid.generator.pool.num_gpus <= types["gpu_generation"]["resources"]["GPU"]
 

@@ -159,7 +159,7 @@ def empty_s3():
     ("disco.yaml", "pipeline", "identities.sampler.langevin.real_embeddings"),
     ("train_datacv_r50.yaml", "train", "eval.bins[0]"),
     ("ingest.yaml", "ingest", "ingest.images_dir"),
-    ("hybridgen_assembly.yaml", "shard", "shards.assembly.ingested"),
+    ("hybridgen.yaml", "shard", "shards.assembly.ingested"),
     ("cemiface.yaml", "train-generator", "train_generator.shards"),
     ("cemiface.yaml", "pipeline", "generator.hybrid.reference.text_to_image.model"),
 ])
