@@ -108,6 +108,38 @@ def test_gan_local_pipeline_runs_as_documented_with_its_langevin_sampler(tmp_pat
     [heldout] = summary["verification"]
     assert heldout["pairs"] == 20
     cemiface_cpu_trains_on_these_shards_and_generates(tmp_path, out / "shards")
+    hybridgen_cpu_assembles_with_this_clean_set_and_trains(tmp_path, out)
+
+
+def hybridgen_cpu_assembles_with_this_clean_set_and_trains(tmp_path, stand_in):
+    """configs/hybridgen_cpu.yaml's commands as documented, with gan_local's clean set (shrunk) as HSFace."""
+    from facegen import blocks as blk
+    from facegen.shards import load_manifest
+
+    clean = pa.concat_tables([storage.read_table(blk.block_path(str(stand_in / "clean"), b), columns=["identity_id", "status"])
+                              for b in blk.done_block_ids(str(stand_in / "clean"))])
+    ok = [i for i, s in zip(clean.column("identity_id").to_pylist(), clean.column("status").to_pylist()) if s == "ok"]
+    kept = sum(ok.count(i) >= 3 for i in set(ok))  # the stand-in's identities assembly keeps
+    out = tmp_path / "hybridgen"
+    shrink = _sets({
+        "run.output_dir": out, "identities.num_identities": 6, "identities.block_size": 3,
+        "generator.images_per_identity": 6, "generator.pool.num_cpus": 0.5,
+        "faces.embedder.path": stand_in / "bootstrap" / "train" / "bootstrap-embedder" / "backbone",
+        "clean.min_images": 3, "clean.target_images": 6, "clean.pool.num_cpus": 0.25,
+        "shards.assembly.ingested": stand_in / "clean", "shards.assembly.num_identities": kept + 2,
+        "shards.assembly.min_images": 3, "eval.bins": f"[{stand_in / 'heldout' / 'heldout.bin'}]", **SMALL_TRAINING,
+    })
+    for command in ("generate", "clean", "shard"):
+        facegen(command, "--config", "configs/hybridgen_cpu.yaml", "--no-progress", *shrink)
+    manifest = load_manifest(str(out / "shards"))
+    counts = manifest["assembly"]["counts"]
+    assert counts["ingested"]["kept"] == kept and counts["generated"]["used"] == 2 and manifest["num_identities"] == kept + 2
+    groups = [s["group"] for s in manifest["shards"]]
+    assert groups[0] == "generated" and groups == sorted(groups, key=["generated", "ingested"].index)  # new ones first
+    trained = facegen("train", "--config", "configs/hybridgen_cpu.yaml", *shrink)
+    assert "heldout" in trained, trained[-2000:]
+    raw = storage.read_table(str(sorted((out / "raw").glob("*.parquet"))[0]), columns=["source", "status"])
+    assert set(raw.column("source").to_pylist()) == {"hybrid:dcgan+gan"}
 
 
 def cemiface_cpu_trains_on_these_shards_and_generates(tmp_path, shards):

@@ -41,13 +41,14 @@ def with_fitted_directions(cfg: FacegenConfig) -> FacegenConfig:
     """``cfg`` with ``generator.disco.directions`` naming this run's fitted ``.npz`` when
     ``generator.disco.fit`` asks for it (one line when they have not been fitted yet)."""
     disco = cfg.generator.disco
-    if not disco.fit:
+    if not (disco.fit and cfg.generator.variation == "disco"):
         return cfg
     path = f"{directions_dir(cfg)}/{NPZ}"
     if not storage.exists(f"{directions_dir(cfg)}/{SUMMARY}"):
         raise FileNotFoundError(f"{path}: generator.disco.fit uses this run's fitted directions; run facegen directions "
                                 "with this config first")
-    generator = cfg.generator.model_copy(update={"disco": disco.model_copy(update={"directions": path})})
+    # resolved: the file named, as a config naming it would (workers validate the settings again)
+    generator = cfg.generator.model_copy(update={"disco": disco.model_copy(update={"directions": path, "fit": False})})
     return cfg.model_copy(update={"generator": generator})
 
 
