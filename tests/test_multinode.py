@@ -180,7 +180,7 @@ def _kill_when(cluster: LoopbackCluster, stage_dir: str, done: int, total: int, 
 def test_a_worker_node_killed_during_generate_and_clean_does_not_fail_the_job(cluster, s3_server, embedder_uri):
     nodes, hidden = cluster
     reference, interrupted = f"s3://{BUCKET}/loss-reference", f"s3://{BUCKET}/loss-interrupted"
-    identities = 24
+    identities = 16
 
     def settings(run: str) -> dict:
         s = _settings(s3_server, run, embedder_uri, identities=identities, per_identity=16, size=96)
