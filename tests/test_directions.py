@@ -67,7 +67,7 @@ def test_the_fitted_yaw_direction_turns_the_dcgan_face_monotonically(tmp_path, r
     from facegen.stages.directions import landmark_finder, run_directions, with_fitted_directions
     from facegen.train.generator_fit import spearman
 
-    cfg = _cfg(tmp_path, "generator.variation=disco", "generator.disco.fit=true")
+    cfg = _cfg(tmp_path, "generator.variation=disco", "generator.disco.fit=true", "tracking.mode=offline", "run.name=dirs")
     with pytest.raises(FileNotFoundError, match="directions.npz: generator.disco.fit uses this run's fitted directions; run facegen directions"):
         with_fitted_directions(cfg)
     report = run_directions(cfg, progress=False)
@@ -75,6 +75,11 @@ def test_the_fitted_yaw_direction_turns_the_dcgan_face_monotonically(tmp_path, r
     summary = storage.read_json(f"{tmp_path}/out/directions/directions.json")
     assert summary["detected"] >= 300 and summary["directions"]["yaw"]["check"]["spearman"] >= 0.8
     assert os.path.getsize(f"{tmp_path}/out/directions/directions.png") > 1000
+    from facegen.tracking import read_offline_run, run_id
+
+    logged = read_offline_run(f"{tmp_path}/out/wandb", run_id=run_id("dirs", "directions"))  # the figures on W&B
+    assert logged.summary["directions/yaw/check_spearman"] == summary["directions"]["yaw"]["check"]["spearman"]
+    assert sum("directions/grid" in row for row in logged.history) == 1
     resolved = with_fitted_directions(cfg).generator.disco
     vectors, spreads = load_directions(resolved, 100)  # the .npz DisCo reads, names and all, no pickles
     assert vectors.shape == (1, 100) and np.linalg.norm(vectors[0]) == pytest.approx(1.0, abs=1e-5) and spreads[0] > 0.3

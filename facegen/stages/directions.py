@@ -85,16 +85,20 @@ def landmark_finder(settings: Any, upscale: int) -> Callable[[list[np.ndarray]],
     return find
 
 
-def _grid(rows: list[list[np.ndarray]]) -> bytes:
-    from PIL import Image
-
+def _grid(rows: list[list[np.ndarray]]) -> np.ndarray:
     side = rows[0][0].shape[0]
     canvas = np.zeros((side * len(rows), side * len(rows[0]), 3), np.uint8)
     for r, row in enumerate(rows):
         for c, image in enumerate(row):
             canvas[r * side:(r + 1) * side, c * side:(c + 1) * side] = image
+    return canvas
+
+
+def _png(image: np.ndarray) -> bytes:
+    from PIL import Image
+
     buffer = io.BytesIO()
-    Image.fromarray(canvas).save(buffer, format="PNG")
+    Image.fromarray(image).save(buffer, format="PNG")
     return buffer.getvalue()
 
 
@@ -196,14 +200,35 @@ def directions_task(cfg_json: str, out: str, digest: str, report: Callable[..., 
             report(done, total, f"{name}: step {step:+.2f}")
         checks[name] = {"spearman": round(spearman(steps, means), 4), "means": [round(m, 4) for m in means]} if means else None
     storage.write_bytes_atomic(write_directions_npz(fitted), f"{out}/{NPZ}")
-    rows = [grid_rows[i * len(steps):(i + 1) * len(steps)] for i in range(len(fitted))]
-    storage.write_bytes_atomic(_grid(rows), f"{out}/{PNG}")
-    summary = {"digest": digest, "backend": cfg.generator.backend, "latent_dim": int(fit_on.shape[1]),
-               "source": "labelled" if d.labelled else "generated", "samples": len(fit_on) + len(skipped), "detected": detected, "skipped": skipped[:20], "method": d.method, "steps": [round(float(s), 4) for s in steps],
-               "directions": {f.name: {"spread": round(f.spread, 6), "score": f.score, "labelled": f.samples, "check": checks[f.name]}
-                              for f in fitted}}
+    grid = _grid([grid_rows[i * len(steps):(i + 1) * len(steps)] for i in range(len(fitted))])
+    storage.write_bytes_atomic(_png(grid), f"{out}/{PNG}")
+    summary = {
+        "digest": digest, "backend": cfg.generator.backend, "latent_dim": int(fit_on.shape[1]),
+        "source": "labelled" if d.labelled else "generated", "samples": len(fit_on) + len(skipped),
+        "detected": detected, "skipped": skipped[:20], "method": d.method, "steps": [round(float(s), 4) for s in steps],
+        "directions": {f.name: {"spread": round(f.spread, 6), "score": f.score, "labelled": f.samples, "check": checks[f.name]}
+                       for f in fitted},
+    }
+    _track(cfg, summary, grid)
     storage.write_json_atomic(summary, f"{out}/{SUMMARY}")
     return summary
+
+
+def _track(cfg: FacegenConfig, summary: dict[str, Any], grid: np.ndarray) -> None:
+    """The directions' figures and sample rows in the run's W&B group (job ``directions``)."""
+    from facegen.tracking import start_run
+
+    tracker = start_run(cfg, "directions")
+    try:
+        values = {"directions/detected": summary["detected"], "directions/labelled_of": summary["samples"]}
+        for name, record in summary["directions"].items():
+            values |= {f"directions/{name}/spread": record["spread"], f"directions/{name}/fit": record["score"]}
+            if record["check"]:
+                values[f"directions/{name}/check_spearman"] = record["check"]["spearman"]
+        tracker.summary(values)
+        tracker.log_image("directions/grid", grid, caption=f"rows: {', '.join(summary['directions'])}; columns: steps")
+    finally:
+        tracker.finish()
 
 
 def run_directions(cfg: FacegenConfig, progress: bool = True) -> StageReport:
