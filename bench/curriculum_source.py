@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -112,15 +111,7 @@ def main() -> None:
         figures = {"torch": torch.__version__, "counts": data["counts"], "conditions": conditions(cfg, data, args.seeds)}
     figures["seconds"] = time.perf_counter() - started
     print("\n== results ==")
-    print(f"{'condition':<14} held-out accuracy % (mean +- sd over seeds)   runs")
-    for key, rows in figures["conditions"].items():
-        accs = [100 * r["accuracy"] for r in rows]
-        sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
-        print(f"{key:<14} {statistics.mean(accs):6.2f} +- {sd:4.2f}  ({', '.join(f'{a:.1f}' for a in accs)})   {len(accs)}")
-    print(f"total {figures['seconds']:.0f} s")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(figures, f, indent=1)
+    training.print_conditions(figures, args.json)
 
 
 if __name__ == "__main__":

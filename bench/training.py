@@ -241,6 +241,21 @@ def conditions(cfg: FacegenConfig, data: dict[str, str], seeds: int) -> dict:
     return out
 
 
+def print_conditions(figures: dict, json_path: str | None = None) -> None:
+    """The held-out accuracy of each condition over its seeds (mean +- sd, each run), the total
+    time, and the figures as JSON at ``json_path``."""
+    print(f"{'condition':<18} {'held-out accuracy % (mean +- sd over seeds)':<44} runs")
+    for key, rows in figures["conditions"].items():
+        accs = [100 * r["accuracy"] for r in rows]
+        sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        print(f"{key:<18} {statistics.mean(accs):6.2f} +- {sd:4.2f}  ({', '.join(f'{a:.2f}' for a in accs)})"
+              f"{'':<4} {len(accs)}")
+    print(f"total {figures['seconds']:.0f} s")
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(figures, f, indent=1)
+
+
 def print_loop_figures(figures: dict) -> None:
     """Items 1-3 of the results: Ray vs plain, ingest vs step, batch mixing."""
     rv = figures["ray_vs_plain"]
@@ -291,16 +306,7 @@ def main() -> None:
     print("\n== results ==")
     if not args.only_conditions:
         print_loop_figures(figures)
-    print(f"{'condition':<18} {'held-out accuracy % (mean +- sd over seeds)':<44} runs")
-    for key, rows in figures["conditions"].items():
-        accs = [100 * r["accuracy"] for r in rows]
-        sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
-        print(f"{key:<18} {statistics.mean(accs):6.2f} +- {sd:4.2f}  (min {min(accs):.2f}, max {max(accs):.2f})"
-              f"{'':<8} {len(accs)}")
-    print(f"total {figures['seconds']:.0f} s")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(figures, f, indent=1)
+    print_conditions(figures, args.json)
 
 
 if __name__ == "__main__":
