@@ -37,10 +37,10 @@ def _side_config(cfg: FacegenConfig, name: str, first_id: int, num_identities: i
     side.identities.sampler.kind = "gaussian"
     if not keep_variation:
         side.generator.variation = "noise"  # Dispersion/DisCo need the embedder this side run may be training
-    elif side.generator.disco.fit:  # the main run's fitted directions, not a folder of the side run's own
-        from facegen.stages.directions import NPZ, directions_dir
+    else:  # DisCo on the main run's fitted directions, not a folder of the side run's own
+        from facegen.stages.directions import with_fitted_directions
 
-        side.generator.disco.fit, side.generator.disco.directions = False, f"{directions_dir(cfg)}/{NPZ}"
+        side.generator.disco = with_fitted_directions(cfg).generator.disco
     return side
 
 

@@ -123,16 +123,15 @@ class FacegenConfig(_Section):
     def _identities_fit_the_generator(self) -> "FacegenConfig":
         """A GAN reads latents, ``hybrid.reference.backend: identities`` reads features: the sampler
         must make what the generator reads (a feature of the right width would pass silently)."""
-        from facegen.config.generation import GAN_BACKENDS
-
         g, space, kind = self.generator, self.identities.space(), self.identities.sampler.kind
+        reads = g.identity_space()
         if g.disco.fit and g.disco.directions:
             raise ValueError("generator.disco.fit: the run's fitted directions replace disco.directions; set one of them")
-        if g.backend in GAN_BACKENDS and space == "feature":
+        if reads == "latent" and space == "feature":
             raise ValueError(f"identities.sampler: {kind} makes identity features, which generator.backend {g.backend} "
                              "would read as latents; sample latents (gaussian, or langevin with space latent) or use "
                              "a feature-conditioned generator (hybrid with reference.backend identities)")
-        if g.backend == "hybrid" and g.hybrid.reference.backend == "identities":
+        if reads == "feature":
             if space != "feature":
                 raise ValueError("generator.hybrid.reference.backend: identities reads identity features; set "
                                  "identities.sampler.kind to vec2face, or langevin with space feature")

@@ -365,6 +365,15 @@ class GeneratorSettings(PooledSection):
     disco: DiscoSettings = DiscoSettings()
     hybrid: HybridSettings = Field(default_factory=lambda: HybridSettings())
 
+    def identity_space(self) -> str | None:
+        """What this generator reads from the identities stage: ``latent`` (a GAN backend),
+        ``feature`` (the hybrid backend with ``reference.backend: identities``) or None (nothing)."""
+        if self.backend in GAN_BACKENDS:
+            return "latent"
+        if self.backend == "hybrid" and self.hybrid.reference.backend == "identities":
+            return "feature"
+        return None
+
     @model_validator(mode="after")
     def _hybrid_complete(self) -> "GeneratorSettings":
         if self.backend != "hybrid":

@@ -238,8 +238,7 @@ def vec2face_task(cfg_json: str, out: str, report: Callable[..., None]) -> dict[
     centres = None
     if settings.distribution == "pca":
         centres = load_class_centres(settings.centres, settings.centres_column)
-    features, figures = sample_feature_identities(settings, cfg.run.seed, cfg.identities.num_identities, centres,
-                                                  lambda done, total: report(done, total))
+    features, figures = sample_feature_identities(settings, cfg.run.seed, cfg.identities.num_identities, centres, report)
     buf = io.BytesIO()
     np.save(buf, features)
     storage.write_bytes_atomic(buf.getvalue(), f"{out}/{FEATURES_DIR}/{FINAL_PARTICLES}")
@@ -323,19 +322,6 @@ def _totals(summary: dict[str, Any]) -> dict[str, Any]:
     return totals
 
 
-def wanted_space(cfg: FacegenConfig) -> str | None:
-    """What the generator reads from the identities stage: ``latent`` (a GAN backend), ``feature``
-    (the hybrid backend with ``reference.backend: identities``) or None (nothing)."""
-    from facegen.generators.gan import GAN_BACKENDS
-
-    g = cfg.generator
-    if g.backend in GAN_BACKENDS:
-        return "latent"
-    if g.backend == "hybrid" and g.hybrid.reference.backend == "identities":
-        return "feature"
-    return None
-
-
 def identity_block_inputs(cfg: FacegenConfig, planned: list[blk.Block]) -> tuple[Callable[[blk.Block], dict[str, Any]], str] | None:
     """For a GAN backend after a sampler run, or a feature-conditioned hybrid backend: each raw
     block's work-row input (its identity block's path) and the digest of all identity blocks the raw
@@ -345,7 +331,7 @@ def identity_block_inputs(cfg: FacegenConfig, planned: list[blk.Block]) -> tuple
     Checked here, before any block is made: a sampler that has not run (other than a GAN's
     gaussian), identities of the other space (features for a GAN, latents for a hybrid backend),
     missing identity blocks, or blocks of another block size are one-line errors."""
-    wanted = wanted_space(cfg)
+    wanted = cfg.generator.identity_space()
     if wanted is None:
         return None
     out = cfg.stage_dir("identities")
