@@ -185,13 +185,46 @@ def init_ray(settings: RaySettings, storage: StorageSettings | None = None, verb
             common["num_cpus"] = settings.num_cpus
         if settings.object_store_memory_gb:
             common["object_store_memory"] = int(settings.object_store_memory_gb * (1 << 30))
-        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=settings.dashboard,
-                 dashboard_host="127.0.0.1", **common)
+        start_local_ray(include_dashboard=settings.dashboard, dashboard_host="127.0.0.1", **common)
         how = "local"
     if not verbose:
         forward_worker_stdout_only()
         filter_native_stderr()
     return how
+
+
+#: Ray's variable for the GCS port of a head it starts.
+GCS_PORT_ENV = "RAY_GCS_SERVER_PORT"
+
+
+def start_local_ray(**init_kwargs: object) -> None:
+    """``ray.init`` a private local node on 127.0.0.1 whose workers know its address.
+
+    Ray's state API, inside a worker with no ``RAY_ADDRESS``, finds "the" cluster through
+    ``/tmp/ray/ray_current_cluster``, which only ``ray start`` writes: on a machine where a
+    ``ray start`` cluster ran (or still runs), Ray Train's placement-group cleaner then asks that
+    other cluster whether this run's controller lives, waiting out a 10 s timeout at the end of
+    every fit (or, with a live other cluster, finding the controller absent). The GCS port is
+    therefore chosen here and the node's processes inherit ``RAY_ADDRESS`` naming it; this
+    process's own environment is left as it was.
+    """
+    import socket
+
+    import ray
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    saved = {name: os.environ.get(name) for name in ("RAY_ADDRESS", GCS_PORT_ENV)}
+    os.environ.update({"RAY_ADDRESS": f"127.0.0.1:{port}", GCS_PORT_ENV: str(port)})
+    try:
+        ray.init(address="local", _node_ip_address="127.0.0.1", **init_kwargs)
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 SHARED_MARKERS = ".facegen-shared"

@@ -21,14 +21,9 @@ def ray_local():
     """One local Ray for the session, on loopback only; 4 logical CPUs so fractional pools fit."""
     import ray
 
+    from facegen.ray_utils import start_local_ray
+
     if not ray.is_initialized():
-        ray.init(
-            address="local",
-            num_cpus=4,
-            _node_ip_address="127.0.0.1",
-            include_dashboard=False,
-            log_to_driver=False,
-            object_store_memory=1 << 30,
-        )
+        start_local_ray(num_cpus=4, include_dashboard=False, log_to_driver=False, object_store_memory=1 << 30)
     yield ray
     ray.shutdown()

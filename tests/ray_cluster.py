@@ -218,3 +218,16 @@ class LoopbackCluster:
             except (ProcessLookupError, subprocess.TimeoutExpired):
                 pass
             self._kill(node)
+        self._forget_address()
+
+    def _forget_address(self) -> None:
+        """Remove the head's entry in ``/tmp/ray/ray_current_cluster`` as ``ray stop`` does, so no
+        later process takes this stopped cluster for the machine's running one."""
+        from ray._common.utils import get_ray_address_file
+
+        path = Path(get_ray_address_file(None))
+        try:
+            if path.read_text().strip() == self.address:
+                path.unlink()
+        except FileNotFoundError:
+            pass

@@ -79,12 +79,17 @@ def test_init_ray_leaves_a_cluster_run_untouched(monkeypatch):
     from facegen.config import RaySettings
     from facegen.ray_utils import LOOPBACK_ENV, keep_local_ray_on_loopback
 
+    # Ray's own connect is refused at once: a real attempt waits out the client's 30 s timeout, and
+    # with the guard lifted it would send its packets to the machine's other address
     code = (
-        "import os\nfrom facegen.config import RaySettings\nfrom facegen.ray_utils import init_ray\n"
-        "try:\n    init_ray(RaySettings(address='ray://127.0.0.1:1'))\nexcept Exception:\n    pass\n"
+        "import os\nimport ray\nfrom facegen.config import RaySettings\nfrom facegen.ray_utils import init_ray\n"
+        "def refuse(*args, **kwargs):\n    raise ConnectionError(kwargs.get('address'))\n"
+        "ray.init = refuse\n"
+        "try:\n    init_ray(RaySettings(address='ray://127.0.0.1:1'))\nexcept ConnectionError as exc:\n"
+        "    print('JOINED', exc)\n"
         f"print('ENV', os.environ.get({LOOPBACK_ENV!r}))\n"
     )
     env = {k: v for k, v in os.environ.items() if k != LOOPBACK_ENV}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120).stdout
-    assert "ENV None" in out
+    assert "JOINED ray://127.0.0.1:1" in out and "ENV None" in out, out
     assert callable(keep_local_ray_on_loopback) and RaySettings().address is None
