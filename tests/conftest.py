@@ -27,3 +27,39 @@ def ray_local():
         start_local_ray(num_cpus=4, include_dashboard=False, log_to_driver=False, object_store_memory=1 << 30)
     yield ray
     ray.shutdown()
+
+
+#: The settings of the shared tiny pipeline run: 12 identities in two blocks, 12 images each with
+#: planted wrong-identity images, cleaned by the demo's bootstrap embedder (2 epochs).
+PIPELINE_RUN = {
+    "run": {"name": "e2e", "seed": 3},
+    "identities": {"num_identities": 12, "block_size": 6},
+    "generator": {"images_per_identity": 12, "batch_size": 4, "pool": {"num_cpus": 0.25},
+                  "parametric": {"image_size": 96, "wrong_identity_rate": 0.15}},
+    "faces": {"batch_size": 64, "pool": {"num_cpus": 0.25}},
+    "clean": {"min_images": 5, "target_images": 12, "pool": {"num_cpus": 0.25},
+              "dedup": {"threshold": 0.97}},  # the 2-epoch embedder puts different identities close
+    "shards": {"num_buckets": 2},
+    "train": {"arch": "iresnet18", "width": 8, "epochs": 2, "lr_steps": [1], "batch_size": 32,
+              "scale": 16.0, "margin": 0.2, "cpus_per_worker": 0.5},
+    "tracking": {"mode": "offline"},
+    "demo": {"bootstrap_identities": 16, "bootstrap_images_per_identity": 8, "bootstrap_epochs": 2,
+             "heldout_identities": 10, "heldout_pairs": 60},
+}
+
+
+@pytest.fixture(scope="session")
+def pipeline_run(ray_local, tmp_path_factory):
+    """:data:`PIPELINE_RUN` run once by ``run_pipeline`` for the whole session (the end-to-end and
+    the report tests read it): ``(settings, its YAML file, the summary)``."""
+    import yaml
+
+    from facegen.config import config_from_dict
+    from facegen.pipeline import run_pipeline
+
+    root = tmp_path_factory.mktemp("pipeline")
+    settings = {**PIPELINE_RUN, "run": {**PIPELINE_RUN["run"], "output_dir": str(root / "run")}}
+    config = root / "e2e.yaml"
+    config.write_text(yaml.safe_dump(settings))
+    cfg = config_from_dict(settings, "e2e")
+    return cfg, str(config), run_pipeline(cfg, progress=False)

@@ -1,4 +1,5 @@
-"""The whole pipeline on a tiny configuration, then the CLI eval command and the notebook on its output."""
+"""The whole pipeline on a tiny configuration (conftest's ``pipeline_run``, shared with the report tests),
+then the CLI eval command and the notebook on its output."""
 
 import json
 import os
@@ -7,41 +8,14 @@ import pytest
 
 from facegen import blocks as blk
 from facegen import storage
-from facegen.config import config_from_dict
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def pipeline_run(ray_local, tmp_path_factory):
-    from facegen.pipeline import run_pipeline
-
-    out = tmp_path_factory.mktemp("pipeline") / "run"
-    cfg = config_from_dict(
-        {
-            "run": {"name": "e2e", "output_dir": str(out), "seed": 3},
-            "identities": {"num_identities": 12, "block_size": 6},
-            "generator": {"images_per_identity": 12, "batch_size": 4, "pool": {"num_cpus": 0.25},
-                          "parametric": {"image_size": 96, "wrong_identity_rate": 0.15}},
-            "faces": {"batch_size": 64, "pool": {"num_cpus": 0.25}},
-            "clean": {"min_images": 5, "target_images": 12, "pool": {"num_cpus": 0.25},
-                      "dedup": {"threshold": 0.97}},  # the 2-epoch embedder puts different identities close
-            "shards": {"num_buckets": 2},
-            "train": {"arch": "iresnet18", "width": 8, "epochs": 2, "lr_steps": [1], "batch_size": 32,
-                      "scale": 16.0, "margin": 0.2, "cpus_per_worker": 0.5},
-            "tracking": {"mode": "offline"},
-            "demo": {"bootstrap_identities": 16, "bootstrap_images_per_identity": 8, "bootstrap_epochs": 2,
-                     "heldout_identities": 10, "heldout_pairs": 60},
-        },
-        "e2e",
-    )
-    return cfg, run_pipeline(cfg, progress=False)
 
 
 def test_pipeline_summary_accounts_for_every_image(pipeline_run):
     from facegen.pipeline import summary_rows
 
-    cfg, summary = pipeline_run
+    cfg, _, summary = pipeline_run
     gen, clean = summary.generate["totals"], summary.clean["totals"]
     assert gen["identities"] == 12 and gen["images"] == 12 * 12
     assert gen["injected_wrong"] > 0
@@ -67,7 +41,7 @@ def test_pipeline_summary_accounts_for_every_image(pipeline_run):
 def test_pipeline_outputs_are_consistent(pipeline_run):
     from facegen.shards import load_manifest, verify_shards
 
-    cfg, summary = pipeline_run
+    cfg, _, summary = pipeline_run
     manifest = load_manifest(cfg.stage_dir("shards"))
     assert verify_shards(cfg.stage_dir("shards")) == []
     assert manifest["num_rows"] == summary.clean["totals"]["images_out"]
@@ -80,7 +54,7 @@ def test_pipeline_outputs_are_consistent(pipeline_run):
 def test_rerun_skips_every_finished_stage(pipeline_run):
     from facegen.pipeline import run_pipeline
 
-    cfg, first = pipeline_run
+    cfg, _, first = pipeline_run
     again = run_pipeline(cfg, progress=False)
     assert again.generate["blocks_written"] == 0 and again.generate["blocks_skipped"] == 2
     assert again.clean["blocks_written"] == 0
@@ -93,7 +67,7 @@ def test_cli_eval_prints_a_table(pipeline_run):
 
     from facegen.cli import app
 
-    cfg, summary = pipeline_run
+    cfg, _, summary = pipeline_run
     heldout = summary.verification[0]
     bin_path = f"{cfg.run.output_dir}/heldout/heldout.bin"
     result = CliRunner().invoke(app, ["eval", "--checkpoint", summary.train["backbone_dir"], "--bin", bin_path], terminal_width=200)
@@ -108,7 +82,7 @@ def test_explore_notebook_runs_on_the_output(pipeline_run, tmp_path):
     import nbformat
     from nbclient import NotebookClient
 
-    cfg, _ = pipeline_run
+    cfg, _, _ = pipeline_run
     nb = nbformat.read("notebooks/explore_dataset.ipynb", as_version=4)
     figures = tmp_path / "figures"
     os.environ["FACEGEN_DATASET"], os.environ["FACEGEN_FIGURES"] = cfg.stage_dir("clean"), str(figures)

@@ -1,4 +1,5 @@
-"""Every stage tracked in one W&B group, and `facegen report` rendered by headless Chromium."""
+"""Every stage tracked in one W&B group, and `facegen report` rendered by headless Chromium (on
+conftest's shared ``pipeline_run``)."""
 
 import os
 import re
@@ -7,43 +8,28 @@ import subprocess
 
 import numpy as np
 import pytest
-import yaml
 
+from facegen import blocks as blk
 from facegen import storage
-from facegen.config import config_from_dict
-from tiny_pipeline import tiny_embedder, tiny_settings
 
 pytestmark = pytest.mark.slow
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 
-@pytest.fixture(scope="module")
-def tiny_run(ray_local, tmp_path_factory):
-    from facegen.pipeline import run_pipeline
-
-    root = tmp_path_factory.mktemp("report")
-    settings = tiny_settings(str(root / "run"), tiny_embedder(root), name="tiny-report")
-    config = root / "tiny.yaml"
-    config.write_text(yaml.safe_dump(settings))
-    cfg = config_from_dict(settings, "test")
-    return cfg, str(config), run_pipeline(cfg, progress=False)
-
-
-def test_every_stage_logs_per_block_statistics_to_the_training_group(tiny_run):
+def test_every_stage_logs_per_block_statistics_to_the_training_group(pipeline_run):
     from facegen.tracking import read_offline_run, run_id
 
-    cfg, _, summary = tiny_run
+    cfg, _, summary = pipeline_run
     wandb_dir = f"{cfg.run.output_dir}/wandb"
-    runs = {job: read_offline_run(wandb_dir, run_id=run_id(name, job))
-            for job, name in (("generate", "tiny-report"), ("clean", "tiny-report"), ("shard", "tiny-report"),
-                              ("train", "tiny-report"))}
-    assert {r.group for r in runs.values()} == {"tiny-report"}
+    runs = {job: read_offline_run(wandb_dir, run_id=run_id("e2e", job)) for job in ("generate", "clean", "shard", "train")}
+    assert {r.group for r in runs.values()} == {"e2e"}
     assert {job: r.job_type for job, r in runs.items()} == {job: job for job in runs}
     generated = [row for row in runs["generate"].history if "block_id" in row]
     assert sorted(row["block_id"] for row in generated) == [0, 1]
-    assert sum(row["images"] for row in generated) == summary.generate["totals"]["images"] == 48
-    assert runs["generate"].summary["images"] == 48 and runs["generate"].summary["blocks_written"] == 2
+    assert sum(row["images"] for row in generated) == summary.generate["totals"]["images"] == 12 * 12
+    # the run's summary is its latest session's (the end-to-end tests run the pipeline again, skipping)
+    assert runs["generate"].summary["images"] == 12 * 12 and runs["generate"].summary["blocks_total"] == 2
     cleaned = [row for row in runs["clean"].history if "block_id" in row]
     assert sum(row["images_removed"] for row in cleaned) == summary.clean["totals"]["images_removed"]
     assert all(row["difficulty"]["_type"] == "histogram" for row in cleaned)
@@ -60,13 +46,13 @@ def _chromium():
     return path
 
 
-def test_report_page_shows_the_dataset_in_headless_chromium(tiny_run, tmp_path):
+def test_report_page_shows_the_dataset_in_headless_chromium(pipeline_run, tmp_path):
     from typer.testing import CliRunner
 
     from facegen.cli import app
     from facegen.shards import load_manifest
 
-    cfg, config, summary = tiny_run
+    cfg, config, summary = pipeline_run
     result = CliRunner().invoke(app, ["report", "--config", config], terminal_width=300)
     assert result.exit_code == 0, result.output
     page = f"{cfg.run.output_dir}/report.html"
@@ -87,10 +73,12 @@ def test_report_page_shows_the_dataset_in_headless_chromium(tiny_run, tmp_path):
     assert check, "the page's script did not run"
     rendered, images = map(int, check.groups())
     grid = re.search(r'<div class="grid" id="identity-grid".*?</div>', dom, re.S).group(0)
-    assert grid.count("<img") == 4 * 6  # block 0: 4 identities x 6 images each, after top-up
-    assert rendered == images >= 24, "every inlined image decodes in the browser"
+    block = storage.read_table(blk.block_path(cfg.stage_dir("clean"), 0), columns=["identity_id", "status"])
+    kept = len({i for i, s in zip(block.column("identity_id").to_pylist(), block.column("status").to_pylist()) if s == "ok"})
+    assert grid.count("<img") == kept * 8  # block 0's kept identities, 8 of their 12 images (after top-up) each
+    assert rendered == images >= kept * 8, "every inlined image decodes in the browser"
     totals = dict(re.findall(r"<tr><td>([^<]+)</td><td>([^<]+)</td></tr>", dom))
-    assert totals["generated: images"] == "48"
+    assert totals["generated: images"] == "144"
     assert totals["cleaning: images_removed"] == str(summary.clean["totals"]["images_removed"])
     c = summary.clean["totals"]
     assert totals["injected wrong-identity images removed"] == f"{c['injected_wrong_removed']} of {c['injected_wrong_in']}"
@@ -100,7 +88,7 @@ def test_report_page_shows_the_dataset_in_headless_chromium(tiny_run, tmp_path):
     [heldout] = summary.verification
     assert f"{100 * heldout['accuracy_mean']:.2f}%" in dom
     # training curves: loss, training accuracy and the held-out validation against the step
-    curves = re.search(r'<div class="training-curves" data-run="tiny-report">(.*?)</div>', dom, re.S)
+    curves = re.search(r'<div class="training-curves" data-run="e2e">(.*?)</div>', dom, re.S)
     assert curves, "no training curves"
     names = re.findall(r'<polyline class="curve" data-name="([^"]+)"', curves.group(1))
     assert names == ["loss", "train accuracy", "validation heldout", "validation mean"], names
