@@ -71,6 +71,15 @@ def test_classifiers_are_refused_in_one_line(tmp_path):
     with pytest.raises(ValueError, match=r"refused a \[1, 3, 112, 112\] input .*; check input_size, channels and layout$"):
         check_classifiers(cfg(f"path: {path}, outputs: [smile, _]"))  # exported for 64 px
 
+    from typer.testing import CliRunner
+
+    from facegen.cli import app
+
+    given = f"directions.classifiers=[{{path: {tmp_path}/gone.onnx, outputs: [smile]}}]"
+    result = CliRunner().invoke(app, ["directions", "--set", "generator.backend=dcgan", "--set", given], terminal_width=400)
+    assert result.exit_code == 2  # before Ray, the --set blamed as typed (brackets and all)
+    assert result.output.strip() == f"error: --set {given}: directions.classifiers[0].path: {tmp_path}/gone.onnx: no such file or folder"
+
 
 def test_a_classifier_is_part_of_the_settings_by_its_content(tmp_path):
     from facegen.lineage import settings_digest

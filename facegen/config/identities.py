@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from facegen.config._base import _Section
 from facegen.config.faces import DetectorSettings
@@ -173,15 +173,23 @@ class DirectionsSettings(_Section):
     check_range: float = Field(default=2.0, gt=0.0, description="steps span -range .. +range spreads")
     pool: PoolSettings = Field(default_factory=lambda: PoolSettings(num_cpus=1.0), description="resources of the fitting task (a GPU where the GAN runs on one)")
 
+    @field_validator("classifiers")
+    @classmethod
+    def _distinct_outputs(cls, classifiers: list[ClassifierSettings]) -> list[ClassifierSettings]:
+        from facegen.identities.directions import ATTRIBUTES
+
+        classified = [o for c in classifiers for o in c.outputs if o != "_"]
+        clashes = sorted({o for o in classified if o in ATTRIBUTES or classified.count(o) > 1})
+        if clashes:
+            raise ValueError(f"outputs {clashes} name a built-in estimator ({', '.join(ATTRIBUTES)}) or another "
+                             "classifier's output; rename them")
+        return classifiers
+
     @model_validator(mode="after")
     def _known_attributes(self) -> "DirectionsSettings":
         from facegen.identities.directions import ATTRIBUTES
 
         classified = self.classified()
-        clashes = sorted({o for o in classified if o in ATTRIBUTES or classified.count(o) > 1})
-        if clashes:
-            raise ValueError(f"classifiers: outputs {clashes} name a built-in estimator ({', '.join(ATTRIBUTES)}) or "
-                             "another classifier's output; rename them")
         unknown = [a for a in self.attributes if a not in ATTRIBUTES and a not in classified]
         if unknown and self.labelled is None:
             raise ValueError(f"attributes: {unknown} are not facegen's estimators ({', '.join(ATTRIBUTES)}) nor a "
