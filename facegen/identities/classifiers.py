@@ -46,7 +46,8 @@ class OnnxAttributeClassifier:
         first = self.session.get_inputs()[0]
         self.input_name = first.name
         fixed = first.shape[0] if first.shape else None
-        self.batch = fixed if isinstance(fixed, int) and fixed > 0 else RUN_BATCH
+        self.fixed_batch = isinstance(fixed, int) and fixed > 0  # a graph exported for one batch size
+        self.batch = fixed if self.fixed_batch else RUN_BATCH
         blank = np.zeros((1, ALIGNED_SIZE, ALIGNED_SIZE, 3), np.uint8)
         try:
             probe = self._raw(blank)
@@ -80,7 +81,7 @@ class OnnxAttributeClassifier:
         for start in range(0, len(crops), self.batch):
             x = self._prepare(crops[start:start + self.batch])
             real = len(x)
-            if len(x) < self.batch and self.batch != RUN_BATCH:  # a fixed batch size: pad the last part
+            if self.fixed_batch and real < self.batch:  # pad the last part to the graph's batch size
                 x = np.concatenate([x, np.zeros((self.batch - real, *x.shape[1:]), np.float32)])
             out = np.asarray(self.session.run(None, {self.input_name: x})[0], np.float64)
             parts.append(out.reshape(len(x), -1)[:real])
