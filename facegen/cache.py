@@ -193,6 +193,10 @@ def input_fields(model: BaseModel, prefix: str = "") -> Iterator[tuple[str, str,
         if isinstance(value, BaseModel):
             yield from input_fields(value, f"{dotted}.")
             continue
+        if isinstance(value, list) and value and all(isinstance(v, BaseModel) for v in value):
+            for i, item in enumerate(value):  # a list of sections (directions.classifiers)
+                yield from input_fields(item, f"{dotted}[{i}].")
+            continue
         extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
         if extra.get("input_path"):
             yield dotted, str(extra["input_path"]), value
@@ -212,6 +216,10 @@ def localized(section: Section, where: str = "") -> Section:
             dotted = f"{prefix}{name}"
             if isinstance(value, BaseModel):
                 walk(value, f"{dotted}.")
+                continue
+            if isinstance(value, list) and value and all(isinstance(v, BaseModel) for v in value):
+                for i, item in enumerate(value):
+                    walk(item, f"{dotted}[{i}].")
                 continue
             extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
             kind = extra.get("input_path")

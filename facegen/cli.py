@@ -13,6 +13,7 @@ from typing import Any, Callable, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from facegen.config import ConfigError, FacegenConfig, load_config
@@ -70,16 +71,16 @@ def _one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         except KeyboardInterrupt as exc:
             message = str(exc) if isinstance(exc, StageInterrupted) else INTERRUPTED
-            console.print(f"[bold yellow]{message}[/]", highlight=False, soft_wrap=True)
+            console.print(f"[bold yellow]{escape(message)}[/]", highlight=False, soft_wrap=True)
             _stop_ray_quietly()
             raise typer.Exit(130) from None
         except (ConfigError, FileNotFoundError, ValueError, StageError) as exc:
-            console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)  # [a, b] is text
             raise typer.Exit(2) from None
         except OSError as exc:  # a filesystem fault met after the checks (disk full, a file removed)
             from facegen.storage import os_error_line
 
-            console.print(f"[bold red]error:[/] {os_error_line(exc)}", highlight=False, soft_wrap=True)
+            console.print(f"[bold red]error:[/] {escape(os_error_line(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         finally:
             if previous is not None:  # a caller in this process (a test, a notebook) gets its own handler back

@@ -58,6 +58,8 @@ def _digestible(model: BaseModel) -> dict[str, Any]:
         marker = (info.json_schema_extra or {}).get("input_path") if isinstance(info.json_schema_extra, dict) else None
         if isinstance(value, BaseModel):
             out[name] = _digestible(value)
+        elif isinstance(value, list) and value and all(isinstance(v, BaseModel) for v in value):
+            out[name] = [_digestible(v) for v in value]
         elif marker and value:
             values = value if isinstance(value, list) else [value]
             out[name] = [_input_digest(str(v), str(marker)) for v in values]

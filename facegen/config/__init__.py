@@ -29,6 +29,7 @@ from facegen.config.run import (  # noqa: F401  (re-exported: one import path fo
     TrackingSettings,
 )
 from facegen.config.identities import (  # noqa: F401  (re-exported: one import path for every setting)
+    ClassifierSettings,
     DirectionsSettings,
     IdentitySettings,
     LangevinSettings,
@@ -185,7 +186,7 @@ def source_of(field: str, source: str, overrides: list[str] | None) -> str:
     above it), else ``source`` (the YAML file), so an error blames what the user typed."""
     for text in reversed(overrides or []):
         key = text.split("=", 1)[0].strip()
-        if field == key or field.startswith(f"{key}."):
+        if field == key or field.startswith((f"{key}.", f"{key}[")):
             return f"--set {text}"
     return source
 

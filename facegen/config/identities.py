@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from facegen.config._base import _Section
 from facegen.config.faces import DetectorSettings
@@ -109,6 +109,40 @@ class InversionSettings(_Section):
     batch_size: int = Field(default=16, ge=1, description="images inverted together")
 
 
+class ClassifierSettings(_Section):
+    """One ONNX attribute classifier (an expression model, ...) run on the aligned 112 px crops the
+    lighting attributes read: each crop is resized to ``input_size``, its ``channels`` scaled as
+    ``(pixel - mean) / std`` (pixels 0..255) and laid out as ``layout``; the model's first output,
+    ``[n, len(outputs)]``, gives one attribute per name."""
+
+    path: str = Field(description="the .onnx file", json_schema_extra={"input_path": "required"})
+    outputs: list[str] = Field(min_length=1, description="one attribute name per output column, in order; _ reads a "
+                                                         "column (a softmax needs it) without making it an attribute")
+    input_size: int = Field(default=112, ge=8, description="side of the square input the model takes")
+    channels: Literal["rgb", "bgr", "gray"] = "rgb"
+    layout: Literal["nchw", "nhwc"] = "nchw"
+    mean: list[float] = Field(default_factory=lambda: [127.5], description="subtracted per channel (one value: every channel)")
+    std: list[float] = Field(default_factory=lambda: [127.5], description="divides per channel after the mean")
+    output: Literal["probabilities", "logits", "sigmoid"] = Field(
+        default="probabilities", description="probabilities: used as they come (any score); logits: a softmax over "
+                                             "the model's outputs; sigmoid: each output a yes/no logit")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ClassifierSettings":
+        width = 1 if self.channels == "gray" else 3
+        for name in ("mean", "std"):
+            if len(getattr(self, name)) not in (1, width):
+                raise ValueError(f"{name}: one value or one per channel ({width} for {self.channels})")
+        if any(s == 0 for s in self.std):
+            raise ValueError("std: a zero divides by zero")
+        named = [o for o in self.outputs if o != "_"]
+        if not named or len(set(named)) < len(named):
+            raise ValueError(f"outputs: {self.outputs}: needs at least one name and no name twice")
+        if self.output == "logits" and len(self.outputs) < 2:
+            raise ValueError("output: a softmax over one logit is always 1; a single logit is output: sigmoid")
+        return self
+
+
 class DirectionsSettings(_Section):
     """``facegen directions``: DisCo's latent directions fitted on the GAN's own samples, labelled by
     facegen's estimators (:mod:`facegen.identities.directions`), written to
@@ -116,8 +150,11 @@ class DirectionsSettings(_Section):
 
     attributes: list[str] = Field(
         default_factory=lambda: ["yaw", "pitch", "roll", "illumination"], min_length=1,
-        description="on generated samples: facegen's estimators (yaw, pitch, roll, illumination, brightness); with "
-                    "labelled: columns of its labels.csv")
+        description="on generated samples: facegen's estimators (yaw, pitch, roll, illumination, brightness; every "
+                    "classifier output is added); with labelled: columns of its labels.csv")
+    classifiers: list[ClassifierSettings] = Field(
+        default_factory=list, description="ONNX attribute classifiers (expressions, ...): each named output labels the "
+                                          "generated samples and checks the direction of its name")
     labelled: str | None = Field(
         default=None, description="a folder of face images with labels.csv (file, then one numeric column per "
                                   "attribute), projected into the GAN's latent space by inversion (the paper's MultiPIE route)",
@@ -136,12 +173,36 @@ class DirectionsSettings(_Section):
     check_range: float = Field(default=2.0, gt=0.0, description="steps span -range .. +range spreads")
     pool: PoolSettings = Field(default_factory=lambda: PoolSettings(num_cpus=1.0), description="resources of the fitting task (a GPU where the GAN runs on one)")
 
+    @field_validator("classifiers")
+    @classmethod
+    def _distinct_outputs(cls, classifiers: list[ClassifierSettings]) -> list[ClassifierSettings]:
+        from facegen.identities.directions import ATTRIBUTES
+
+        classified = [o for c in classifiers for o in c.outputs if o != "_"]
+        clashes = sorted({o for o in classified if o in ATTRIBUTES or classified.count(o) > 1})
+        if clashes:
+            raise ValueError(f"outputs {clashes} name a built-in estimator ({', '.join(ATTRIBUTES)}) or another "
+                             "classifier's output; rename them")
+        return classifiers
+
     @model_validator(mode="after")
     def _known_attributes(self) -> "DirectionsSettings":
         from facegen.identities.directions import ATTRIBUTES
 
-        unknown = [a for a in self.attributes if a not in ATTRIBUTES]
+        classified = self.classified()
+        unknown = [a for a in self.attributes if a not in ATTRIBUTES and a not in classified]
         if unknown and self.labelled is None:
-            raise ValueError(f"attributes: {unknown} are not facegen's estimators ({', '.join(ATTRIBUTES)}); other "
-                             "attributes come from a labelled folder (directions.labelled)")
+            raise ValueError(f"attributes: {unknown} are not facegen's estimators ({', '.join(ATTRIBUTES)}) nor a "
+                             "classifier's outputs; other attributes come from a labelled folder (directions.labelled)")
         return self
+
+    def classified(self) -> list[str]:
+        """The attributes ``classifiers`` give, in order."""
+        return [o for c in self.classifiers for o in c.outputs if o != "_"]
+
+    def fitted(self) -> list[str]:
+        """The directions fitted: ``attributes``, then on generated samples every classifier output
+        not listed there (a labelled folder's are its columns only)."""
+        if self.labelled:
+            return list(self.attributes)
+        return [*self.attributes, *(o for o in self.classified() if o not in self.attributes)]

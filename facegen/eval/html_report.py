@@ -226,19 +226,22 @@ def _verification(cfg: FacegenConfig) -> list[tuple[Any, ...]]:
 
 def disco_directions(cfg: FacegenConfig) -> str:
     """The run's fitted DisCo directions (``facegen directions``): one row of samples along each,
-    with its spread, fit and check; empty when none were fitted."""
+    with where its labels came from (landmarks, crop pixels, an ONNX classifier, labels.csv), its
+    spread, fit and check; empty when none were fitted."""
     folder = cfg.stage_dir("directions")
     if not storage.exists(f"{folder}/directions.json"):
         return ""
     summary = storage.read_json(f"{folder}/directions.json")
-    rows = [(name, f"{r['spread']:.3f}", f"{r['score']:.3f}", f"{r['check']['spearman']:+.2f}" if r["check"] else "-",
+    rows = [(name, r.get("labels_from", "-"), f"{r['spread']:.3f}", f"{r['score']:.3f}",
+             f"{r['check']['spearman']:+.2f}" if r["check"] else "-",
              " ".join(f"{m:+.3f}" for m in r["check"]["means"]) if r["check"] else "no estimator")
             for name, r in summary["directions"].items()]
     steps = ", ".join(f"{s:+.2f}" for s in summary["steps"])
     figure = f'<img alt="samples along each direction" src="{_data_uri(storage.read_bytes(f"{folder}/directions.png"))}"/>'
     return ("<h2>DisCo directions</h2>" + f'<p class="muted">{summary["detected"]} of {summary["samples"]} samples '
             f"labelled; rows: {', '.join(summary['directions'])}; columns: steps of {steps} spreads</p>" + figure
-            + _table(rows, ("direction", "spread", "fit", "check Spearman", "attribute along the steps"), cls="directions"))
+            + _table(rows, ("direction", "labels from", "spread", "fit", "check Spearman", "attribute along the steps"),
+                     cls="directions"))
 
 
 def build_report(cfg: FacegenConfig, identities: int = 8, per_identity: int = 8, sample_blocks: int = 2) -> str:

@@ -10,7 +10,9 @@ samples:
   the eye midpoint over the eye distance; where the nose sits between the eye line and the mouth
   line; the eye line's angle (degrees);
 * ``illumination`` (light from the subject's right minus from the left, over the mean) and
-  ``brightness`` (mean luminance / 255) of the aligned 112 px crop.
+  ``brightness`` (mean luminance / 255) of the aligned 112 px crop;
+* the named outputs of any ONNX classifier in ``directions.classifiers`` (an expression model, ...),
+  run on the same crop (:mod:`facegen.identities.classifiers`).
 
 ``svm`` trains on the lowest and highest ``tail`` fraction of an attribute (the two classes);
 ``regression`` fits least squares of the attribute on the latents (all samples). Projections are
@@ -19,8 +21,9 @@ measured from the GAN's latent centre (``w_avg``; 0 for the DCGAN).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -52,19 +55,25 @@ def crop_lighting(crops: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def estimate_attributes(images: list[np.ndarray], find_landmarks: Callable[[list[np.ndarray]], list[np.ndarray | None]],
-                        ) -> dict[str, np.ndarray]:
-    """Every attribute of :data:`ATTRIBUTES` per image; NaN where ``find_landmarks`` found no face
-    (it returns ``[5, 2]`` landmarks in each image's own pixels, or None)."""
+                        classifiers: Sequence[Any] = ()) -> dict[str, np.ndarray]:
+    """Every attribute of :data:`ATTRIBUTES` per image, then each of ``classifiers``' (callables on
+    the aligned crops returning ``{name: [n]}`` for their ``names``, e.g.
+    :class:`facegen.identities.classifiers.OnnxAttributeClassifier`); NaN where ``find_landmarks``
+    found no face (it returns ``[5, 2]`` landmarks in each image's own pixels, or None)."""
     from facegen.faces.align import align_face
 
     found = find_landmarks(images)
-    out = {name: np.full(len(images), np.nan) for name in ATTRIBUTES}
+    names = [*ATTRIBUTES, *(name for classifier in classifiers for name in classifier.names)]
+    out = {name: np.full(len(images), np.nan) for name in names}
     rows = [i for i, points in enumerate(found) if points is not None]
     if not rows:
         return out
     points = np.stack([np.asarray(found[i], np.float64).reshape(5, 2) for i in rows])
     crops = np.stack([align_face(images[i], points[k]) for k, i in enumerate(rows)])
-    for name, values in {**landmark_pose(points), **crop_lighting(crops)}.items():
+    estimated = {**landmark_pose(points), **crop_lighting(crops)}
+    for classifier in classifiers:
+        estimated |= classifier(crops)
+    for name, values in estimated.items():
         out[name][rows] = values
     return out
 

@@ -3,7 +3,8 @@
 One Ray task on a worker (``directions.pool``; a GPU where the GAN runs on one): ``directions.samples``
 latents drawn from the GAN's prior (a stream of their own, apart from every identity's), rendered,
 labelled by facegen's estimators (:mod:`facegen.identities.directions`: landmarks from
-``directions.detector``, lighting from the aligned crop), one direction fitted per attribute. Then
+``directions.detector``, lighting from the aligned crop, the outputs of ``directions.classifiers``'
+ONNX models on that crop), one direction fitted per attribute. Then
 each direction is checked: ``check_identities`` other latents are stepped along it over
 ``-check_range .. +check_range`` spreads, and the Spearman correlation between the step and the
 re-estimated attribute says whether the direction moves what it is named after.
@@ -24,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from facegen import storage
-from facegen.config import FacegenConfig
+from facegen.config import DirectionsSettings, FacegenConfig
 from facegen.stages import StageReport
 
 #: Domain tag of the latents directions are fitted on (apart from every identity's).
@@ -154,11 +155,34 @@ def _invert_labelled(cfg: FacegenConfig, gan: Any, report: Callable[..., None]) 
     return np.concatenate(parts), labels, skipped
 
 
+def _labels_from(name: str, d: DirectionsSettings) -> str:
+    """Where an attribute's labels came from, for the summary and the report."""
+    if d.labelled:
+        return LABELS_CSV
+    for classifier in d.classifiers:
+        if name in classifier.outputs:
+            return classifier.path.rstrip("/").rsplit("/", 1)[-1]
+    return "landmarks" if name in ("yaw", "pitch", "roll") else "crop pixels"
+
+
+def check_classifiers(cfg: FacegenConfig) -> None:
+    """Load and probe ``directions.classifiers`` here, before any work: a missing file, a model that
+    refuses the described input or whose output width disagrees with its names fails in one line."""
+    from facegen.cache import localized
+    from facegen.identities.classifiers import load_classifiers
+    from facegen.preflight import check_input_paths
+
+    if cfg.directions.classifiers:
+        check_input_paths(cfg, "settings", sections=("directions.classifiers",))
+        load_classifiers(localized(cfg.directions, "directions").classifiers, providers=["CPUExecutionProvider"])
+
+
 def directions_task(cfg_json: str, out: str, digest: str, report: Callable[..., None]) -> dict[str, Any]:
     """Fit, check and write every direction on this worker; returns the summary."""
     from facegen.cache import localized
     from facegen.generators.gan import build_gan
     from facegen.generators.latent import render_latents
+    from facegen.identities.classifiers import load_classifiers
     from facegen.identities.directions import ATTRIBUTES, estimate_attributes, fit_direction, write_directions_npz
     from facegen.train.generator_fit import spearman
 
@@ -168,6 +192,7 @@ def directions_task(cfg_json: str, out: str, digest: str, report: Callable[..., 
     d = cfg.directions
     gan = build_gan(cfg.generator)
     find = landmark_finder(d.detector, d.upscale)
+    classifiers = load_classifiers(d.classifiers)
     stream = int(np.random.SeedSequence([cfg.run.seed, DIRECTIONS_TAG]).generate_state(1)[0])
     check_on = gan.gaussian_latents(stream, np.arange(d.samples, d.samples + d.check_identities, dtype=np.int64))
     if d.labelled:
@@ -176,25 +201,27 @@ def directions_task(cfg_json: str, out: str, digest: str, report: Callable[..., 
     else:
         fit_on, labels, skipped = gan.gaussian_latents(stream, np.arange(d.samples, dtype=np.int64)), {}, []
         for start in range(0, d.samples, d.batch_size):
-            found = estimate_attributes(render_latents(gan, fit_on[start:start + d.batch_size], d.batch_size), find)
+            found = estimate_attributes(render_latents(gan, fit_on[start:start + d.batch_size], d.batch_size), find, classifiers)
             for name, values in found.items():
                 labels.setdefault(name, []).append(values)
             report(min(start + d.batch_size, d.samples), d.samples, "labelling samples")
         labels = {name: np.concatenate(parts) for name, parts in labels.items()}
         detected = int(np.isfinite(labels["yaw"]).sum())
     centre = gan.latent_mean.cpu().numpy()
-    total, done = d.check_identities * d.check_steps * len(d.attributes), 0
+    names, checkable = d.fitted(), {*ATTRIBUTES, *d.classified()}
+    total, done = d.check_identities * d.check_steps * len(names), 0
     fitted, checks, grid_rows = [], {}, []
     steps = np.linspace(-d.check_range, d.check_range, d.check_steps)
-    for name in d.attributes:
+    for name in names:
         direction = fit_direction(name, fit_on, labels[name], centre, d.method, d.tail, d.svm_c, cfg.run.seed)
         fitted.append(direction)
         means = []
         for step in steps:
             moved = check_on + np.float32(step * direction.spread) * direction.vector
             images = render_latents(gan, moved, d.batch_size)
-            if name in ATTRIBUTES:  # a user's label (smile, ...) has no estimator here: shown, not checked
-                means.append(float(np.nanmean(estimate_attributes(images, find)[name])))
+            if name in checkable:  # a user's label (smile, ...) with no estimator or classifier: shown, not checked
+                own = [c for c in classifiers if name in c.names]
+                means.append(float(np.nanmean(estimate_attributes(images, find, own)[name])))
             grid_rows.append(images[0])  # the first check latent: the figure's row of this direction
             done += d.check_identities
             report(done, total, f"{name}: step {step:+.2f}")
@@ -206,8 +233,8 @@ def directions_task(cfg_json: str, out: str, digest: str, report: Callable[..., 
         "digest": digest, "backend": cfg.generator.backend, "latent_dim": int(fit_on.shape[1]),
         "source": "labelled" if d.labelled else "generated", "samples": len(fit_on) + len(skipped),
         "detected": detected, "skipped": skipped[:20], "method": d.method, "steps": [round(float(s), 4) for s in steps],
-        "directions": {f.name: {"spread": round(f.spread, 6), "score": f.score, "labelled": f.samples, "check": checks[f.name]}
-                       for f in fitted},
+        "directions": {f.name: {"spread": round(f.spread, 6), "score": f.score, "labelled": f.samples, "check": checks[f.name],
+                                "labels_from": _labels_from(f.name, d)} for f in fitted},
     }
     _track(cfg, summary, grid)
     storage.write_json_atomic(summary, f"{out}/{SUMMARY}")
@@ -236,6 +263,7 @@ def run_directions(cfg: FacegenConfig, progress: bool = True) -> StageReport:
     from facegen.stages.tasks import run_tracked
 
     started, out, digest = time.time(), directions_dir(cfg), _digest(cfg)
+    check_classifiers(cfg)
     path = f"{out}/{SUMMARY}"
     summary = storage.read_json(path) if storage.exists(path) and not cfg.run.overwrite else None
     written = 0
