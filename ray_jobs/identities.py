@@ -1,4 +1,4 @@
-"""`ray job submit --working-dir . -- python ray_jobs/identities.py --config configs/disco.yaml`."""
+"""`ray job submit --working-dir . -- python ray_jobs/identities.py --config configs/langevin_disco.yaml`."""
 
 from _entry import run
 

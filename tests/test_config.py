@@ -9,7 +9,7 @@ from facegen.config import ConfigError, FacegenConfig, config_from_dict, load_co
 
 def test_repo_configs_load():
     names = sorted(str(p) for p in Path("configs").glob("*.yaml"))  # every shipped config, so none goes stale
-    assert {"configs/local.yaml", "configs/hybrid.yaml", "configs/disco.yaml", "configs/gan_local.yaml"} <= set(names)
+    assert {"configs/local.yaml", "configs/hybrid.yaml", "configs/langevin_disco.yaml", "configs/gan_local.yaml"} <= set(names)
     for name in names:
         cfg = load_config(name)
         assert isinstance(cfg, FacegenConfig)

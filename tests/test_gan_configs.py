@@ -3,9 +3,10 @@
 from facegen.config import load_config
 
 
-def test_disco_config_is_seed_001_on_stylegan2_ffhq256():
-    cfg = load_config("configs/disco.yaml")
+def test_langevin_disco_config_is_seed_001s_dataset_on_stylegan2_ffhq256():
+    cfg = load_config("configs/langevin_disco.yaml")
     assert cfg.generator.backend == "stylegan2" and cfg.generator.variation == "disco"
+    assert cfg.identities.num_identities == 10_000 and cfg.generator.embedder.arch == "iresnet50"
     assert cfg.generator.stylegan2.truncation_psi == 0.7 and cfg.generator.images_per_identity == 64
     lv = cfg.identities.sampler.langevin
     assert cfg.identities.sampler.kind == "langevin" and lv.space == "latent"

@@ -187,7 +187,7 @@ def empty_s3():
 @pytest.mark.parametrize("name, command, first_input", [
     ("sd_cluster.yaml", "pipeline", "faces.embedder.path"),
     ("hybrid.yaml", "pipeline", "generator.hybrid.reference.text_to_image.model"),
-    ("disco.yaml", "pipeline", "identities.sampler.langevin.real_embeddings"),
+    ("langevin_disco.yaml", "pipeline", "identities.sampler.langevin.real_embeddings"),
     ("train_datacv_r50.yaml", "train", "eval.bins[0]"),
     ("ingest.yaml", "ingest", "ingest.images_dir"),
     ("hybridgen.yaml", "shard", "shards.assembly.ingested"),
