@@ -44,7 +44,8 @@ class TrainingInputChanged(ValueError):
     """A training run would resume on another shard set than it started on (one line)."""
 
 
-def _short(blob: bytes) -> str:
+def short_digest(blob: bytes) -> str:
+    """The 16 hex characters of sha256 that every facegen digest uses."""
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
@@ -82,7 +83,7 @@ def _input_digest(path: str, kind: str) -> str:
 def settings_digest(*parts: Any) -> str:
     """Digest (16 hex) of settings sections and plain values, scheduling fields left out."""
     plain = [_digestible(p) if isinstance(p, BaseModel) else p for p in parts]
-    return _short(json.dumps(plain, sort_keys=True, default=str).encode())
+    return short_digest(json.dumps(plain, sort_keys=True, default=str).encode())
 
 
 def raw_digest(cfg: FacegenConfig) -> str:
@@ -115,27 +116,6 @@ def shards_digest(cfg: FacegenConfig) -> str:
     if cfg.shards.assembly is not None:
         plain["assembly"] = cfg.shards.assembly.model_dump(mode="json")
     return settings_digest(plain)
-
-
-def manifest_digest(shards: list[dict[str, Any]], labels_sha256: str, edges: list[float], settings: str) -> str:
-    """Digest of a shard set's content: its shard files, labels, bucket edges and settings."""
-    body = {"shards": sorted((s["path"], s["sha256"]) for s in shards), "labels": labels_sha256,
-            "edges": [float(e) for e in edges], "settings": settings}
-    return _short(json.dumps(body, sort_keys=True).encode())
-
-
-def shard_set_digest(shards_dir: str) -> str:
-    """The ``digest`` of the shard set in ``shards_dir`` (computed for manifests older than it)."""
-    from facegen.shards import load_manifest
-
-    return manifest_set_digest(load_manifest(shards_dir))
-
-
-def manifest_set_digest(manifest: dict[str, Any]) -> str:
-    """The ``digest`` of a loaded shard manifest (computed for manifests older than it)."""
-    if manifest.get("digest"):
-        return str(manifest["digest"])
-    return manifest_digest(manifest["shards"], "", manifest["bucket_edges"], str(manifest.get("config_digest", "")))
 
 
 def check_training_input(run_dir: str, shards_dir: str, digest: str, overwrite: bool) -> bool:

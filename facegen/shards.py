@@ -22,6 +22,7 @@ A training label is ``searchsorted(labels, identity_id)``.
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -31,6 +32,7 @@ import pyarrow as pa
 
 from facegen import storage
 from facegen.curriculum import assign_buckets
+from facegen.lineage import short_digest
 
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -111,8 +113,6 @@ def write_manifest(
     (shards, labels, edges, settings): a training run records it and refuses to resume on a set
     with another. Returns the manifest.
     """
-    from facegen.lineage import manifest_digest
-
     edges = np.asarray(edges, dtype=np.float64)
     if edges.ndim != 1 or len(edges) < 2 or not np.isfinite(edges).all() or np.any(np.diff(edges) <= 0):
         raise ValueError(f"write_manifest: bucket edges must be finite and strictly increasing, got {edges.tolist()}")
@@ -167,6 +167,25 @@ def load_manifest(shards_dir: str) -> dict[str, Any]:
 
 class ScaleCapExceeded(ValueError):
     """A shard set larger than the DataCV scale ``train.datacv_scale`` allows (one line)."""
+
+
+def manifest_digest(shards: list[dict[str, Any]], labels_sha256: str, edges: list[float], settings: str) -> str:
+    """Digest of a shard set's content: its shard files, labels, bucket edges and settings."""
+    body = {"shards": sorted((s["path"], s["sha256"]) for s in shards), "labels": labels_sha256,
+            "edges": [float(e) for e in edges], "settings": settings}
+    return short_digest(json.dumps(body, sort_keys=True).encode())
+
+
+def shard_set_digest(shards_dir: str) -> str:
+    """The ``digest`` of the shard set in ``shards_dir`` (computed for manifests older than it)."""
+    return manifest_set_digest(load_manifest(shards_dir))
+
+
+def manifest_set_digest(manifest: dict[str, Any]) -> str:
+    """The ``digest`` of a loaded shard manifest (computed for manifests older than it)."""
+    if manifest.get("digest"):
+        return str(manifest["digest"])
+    return manifest_digest(manifest["shards"], "", manifest["bucket_edges"], str(manifest.get("config_digest", "")))
 
 
 def check_datacv_scale(scale: str | None, manifest: dict[str, Any], shards_dir: str) -> None:

@@ -46,7 +46,8 @@ def test_a_changed_raw_block_is_recleaned_and_resharded_and_training_refuses(ray
     from typer.testing import CliRunner
 
     from facegen.cli import app
-    from facegen.lineage import TrainingInputChanged, check_training_input, shard_set_digest
+    from facegen.lineage import TrainingInputChanged, check_training_input
+    from facegen.shards import shard_set_digest
     from facegen.stages.clean import run_clean
     from facegen.stages.generate import run_generate
     from facegen.stages.shard import run_shard

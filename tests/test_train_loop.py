@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 from facegen.config import config_from_dict
-from facegen.lineage import TrainingInputChanged, check_training_input, shard_set_digest
+from facegen.lineage import TrainingInputChanged, check_training_input
+from facegen.shards import shard_set_digest
 from facegen.train.checkpoint import read_state
 from facegen.train.fit import LocalSession, fit
 from facegen.train.loop import check_run_against_shards, train

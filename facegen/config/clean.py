@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, Field, model_validator
@@ -9,7 +10,26 @@ from pydantic import AfterValidator, Field, model_validator
 from facegen.config._base import _Section
 from facegen.config.faces import EmbedderSettings
 from facegen.config.resources import PooledSection, PoolSettings, TaskSettings
-from facegen.faces.calibration import check_threshold_spec
+
+#: The threshold specs on an embedder's own scale, resolved by :func:`facegen.faces.calibration.resolve_threshold`.
+THRESHOLD_SPEC = re.compile(r"^(same_person|far:(?P<far>[0-9.eE+-]+)|genuine:(?P<q>[0-9.eE+-]+))$")
+
+
+def check_threshold_spec(value: float | str) -> float | str:
+    """``value`` if it is a cosine in [-1, 1] or a spec (same_person, far:RATE, genuine:PERCENTILE;
+    :mod:`facegen.faces.calibration`); ValueError otherwise."""
+    if isinstance(value, str):
+        match = THRESHOLD_SPEC.match(value.strip())
+        if not match:
+            raise ValueError(f"{value!r}: give a cosine, same_person, far:RATE (e.g. far:1e-3) or genuine:PERCENTILE")
+        if match.group("far") is not None and not 0.0 < float(match.group("far")) < 1.0:
+            raise ValueError(f"{value!r}: the false-accept rate must be in (0, 1)")
+        if match.group("q") is not None and not 0.0 <= float(match.group("q")) <= 100.0:
+            raise ValueError(f"{value!r}: the percentile must be in [0, 100]")
+        return value.strip()
+    if not -1.0 <= float(value) <= 1.0:
+        raise ValueError(f"{value}: a cosine must be in [-1, 1]")
+    return float(value)
 
 
 #: A similarity threshold: a cosine, or a spec on the embedder's own scale (same_person, far:RATE,

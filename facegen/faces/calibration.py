@@ -21,15 +21,15 @@ names it. dlib needs none: its published rule ships here.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, Field
 
+from facegen.config.clean import THRESHOLD_SPEC, check_threshold_spec
+
 #: Percentiles stored of each distribution: 0, 0.1, ..., 1, 2, ..., 99, 99.1, ..., 99.9, 100 (low FAR needs the tail).
 PERCENTILES = sorted({*np.round(np.arange(0, 1.0, 0.1), 1), *range(0, 101), *np.round(np.arange(99.0, 100.0, 0.1), 1)})
-SPEC = re.compile(r"^(same_person|far:(?P<far>[0-9.eE+-]+)|genuine:(?P<q>[0-9.eE+-]+))$")
 #: dlib's rule: descriptors closer than 0.6 (Euclidean) are one person. facegen compares unit vectors,
 #: so the rule is carried at dlib's typical descriptor norm: 1.58, the median on insightface's t1
 #: faces (1.57-1.59; scikit-image's astronaut 1.43), cos = 1 - 0.6^2 / (2 * 1.58^2).
@@ -71,22 +71,6 @@ PUBLISHED: dict[str, Calibration] = {
 }
 
 
-def check_threshold_spec(value: float | str) -> float | str:
-    """``value`` if it is a cosine in [-1, 1] or a spec of the module docstring; ValueError otherwise."""
-    if isinstance(value, str):
-        match = SPEC.match(value.strip())
-        if not match:
-            raise ValueError(f"{value!r}: give a cosine, same_person, far:RATE (e.g. far:1e-3) or genuine:PERCENTILE")
-        if match.group("far") is not None and not 0.0 < float(match.group("far")) < 1.0:
-            raise ValueError(f"{value!r}: the false-accept rate must be in (0, 1)")
-        if match.group("q") is not None and not 0.0 <= float(match.group("q")) <= 100.0:
-            raise ValueError(f"{value!r}: the percentile must be in [0, 100]")
-        return value.strip()
-    if not -1.0 <= float(value) <= 1.0:
-        raise ValueError(f"{value}: a cosine must be in [-1, 1]")
-    return float(value)
-
-
 def resolve_threshold(value: float | str, calibration: Calibration | None, field: str) -> float:
     """The cosine that ``value`` (a cosine or a spec) means on ``calibration``'s scale."""
     value = check_threshold_spec(value)
@@ -95,7 +79,7 @@ def resolve_threshold(value: float | str, calibration: Calibration | None, field
     if calibration is None:
         raise ValueError(f"{field}: {value} needs the embedder's calibration: set faces.embedder.calibration "
                          "(facegen calibrate writes one) or give a cosine")
-    match = SPEC.match(value)
+    match = THRESHOLD_SPEC.match(value)
     try:
         if match.group("far") is not None:
             return calibration.far_threshold(float(match.group("far")))

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from facegen.config import FacegenConfig, TaskSettings
-from facegen.lineage import check_training_input, shard_set_digest
-from facegen.shards import load_manifest
+from facegen.lineage import check_training_input
+from facegen.shards import load_manifest, shard_set_digest
 from facegen.storage import exists, read_json, write_json_atomic
 from facegen.train.generator_fit import MODEL_DIR, STATE_FILE
 

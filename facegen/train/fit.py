@@ -27,9 +27,8 @@ import torch.distributed as dist
 from torch import nn
 
 from facegen.config import FacegenConfig, TrainSettings
-from facegen.lineage import manifest_set_digest
 from facegen.models.iresnet import build_backbone
-from facegen.shards import check_datacv_scale
+from facegen.shards import check_datacv_scale, manifest_set_digest
 from facegen.storage import read_json, write_json_atomic
 from facegen.train.checkpoint import load_checkpoint, save_checkpoint
 from facegen.train.data import CurriculumReader, prefetch

@@ -24,8 +24,7 @@ import cv2
 import numpy as np
 import torch
 
-from facegen.lineage import manifest_set_digest
-from facegen.shards import load_manifest, shard_paths
+from facegen.shards import load_manifest, manifest_set_digest, shard_paths
 from facegen.storage import exists, read_bytes, read_json, read_table, write_bytes_atomic, write_json_atomic
 
 INDEX_FILE = "pairs.json"

@@ -24,9 +24,9 @@ from typing import Any
 import torch
 
 from facegen.config import FacegenConfig
-from facegen.lineage import TrainingInputChanged, check_training_input, shard_set_digest
+from facegen.lineage import TrainingInputChanged, check_training_input
 from facegen.models.iresnet_checkpoint import load_backbone, save_backbone
-from facegen.shards import check_datacv_scale, load_manifest
+from facegen.shards import check_datacv_scale, load_manifest, shard_set_digest
 from facegen.storage import exists, list_dirs, read_json, write_json_atomic
 from facegen.train.checkpoint import STATE_FILE
 from facegen.train.data import CurriculumReader
