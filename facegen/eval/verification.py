@@ -24,10 +24,10 @@ from sklearn.model_selection import KFold
 from torch import nn
 
 from facegen.faces.align import decode_image, encode_image
-from facegen.curriculum import l2_normalize
 from facegen.faces.embed import Embedder, embed_with_model
 from facegen.schema import ALIGNED_SIZE
 from facegen.storage import os_error_line, read_bytes, write_bytes_atomic
+from facegen.vectors import l2_normalize
 
 THRESHOLDS = np.arange(0, 4, 0.01)
 

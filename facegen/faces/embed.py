@@ -32,10 +32,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from facegen.curriculum import l2_normalize
 from facegen.faces.align import ARCFACE_CROP, FaceCrop
 from facegen.schema import ALIGNED_SIZE
 from facegen.storage import exists, sha256_of
+from facegen.vectors import l2_normalize
 
 if TYPE_CHECKING:
     from facegen.config import EmbedderSettings
