@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from facegen.config import DiffusionSettings, GeneratorSettings
+from facegen.devices import resolve_device
 from facegen.generators import check_identity_id, failure_reason, identity_rows, run_with_splitting, sample_seed
 from facegen.generators.text_to_image import load_text_to_image, render_text
 from facegen.identities.attributes import build_prompt, sample_attributes
@@ -53,8 +54,6 @@ class DiffusionGenerator:
     """Ray Data stage: identity rows -> ``images_per_identity`` Stable Diffusion images each."""
 
     def __init__(self, settings: GeneratorSettings, seed: int, micro_batch: int | None = None):
-        import torch
-
         if int(seed) < 0:
             raise ValueError(f"run.seed must be >= 0, got {seed}")
         micro_batch = settings.diffusion.micro_batch if micro_batch is None else micro_batch
@@ -63,7 +62,7 @@ class DiffusionGenerator:
         self.settings, self.seed, self.micro_batch = settings, int(seed), int(micro_batch)
         self.options = settings.diffusion
         self.source = f"diffusion:{self.options.model}"
-        self.pipeline = load_pipeline(self.options, "cuda" if torch.cuda.is_available() else "cpu")
+        self.pipeline = load_pipeline(self.options, resolve_device().type)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows: list[dict[str, Any]] = []

@@ -37,6 +37,7 @@ import numpy as np
 from PIL import Image
 
 from facegen.config import GeneratorSettings
+from facegen.devices import resolve_device
 from facegen.faces.align import align_face
 from facegen.generators import check_identity_id, failure_reason, identity_rows, run_with_splitting, sample_seed
 from facegen.generators.references import Reference, build_reference_source, feature_reference, find_reference
@@ -99,15 +100,13 @@ class HybridGenerator:
     """Ray Data stage: identity rows -> ``images_per_identity`` expanded images of one person each."""
 
     def __init__(self, settings: GeneratorSettings, seed: int, expander: Any = None):
-        import torch
-
         from facegen.faces.detect import build_detector
         from facegen.faces.embed import build_embedder
 
         if int(seed) < 0:
             raise ValueError(f"run.seed must be >= 0, got {seed}")
         self.settings, self.seed, self.hybrid = settings, int(seed), settings.hybrid
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = resolve_device().type
         self.detector = build_detector(self.hybrid.detector)
         if self.detector is None:
             raise ValueError("generator.hybrid.detector.kind: the hybrid backend needs a face detector, not 'none'")
