@@ -22,7 +22,7 @@ from facegen.clean.augment import top_up
 from facegen.clean.selection import band_summary, select
 from facegen.config import CleanSettings
 from facegen.curriculum import identity_centre
-from facegen.faces.align import decode_image, encode_image
+from facegen.images import decode_image, encode_image
 from facegen.schema import CLEAN_NAMES, STATUS_DROPPED, STATUS_OK, batch_from_table, clean_schema, embedding_dim, rows_to_batch, table_from_batch
 from facegen.vectors import l2_normalize
 

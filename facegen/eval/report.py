@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 
 from facegen import blocks as blk
 from facegen import storage
-from facegen.faces.align import decode_image
+from facegen.images import decode_image
 from facegen.vectors import l2_normalize
 
 

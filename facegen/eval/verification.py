@@ -23,8 +23,8 @@ import numpy as np
 from sklearn.model_selection import KFold
 from torch import nn
 
-from facegen.faces.align import decode_image, encode_image
 from facegen.faces.embed import Embedder, embed_with_model
+from facegen.images import decode_image, encode_image
 from facegen.schema import ALIGNED_SIZE
 from facegen.storage import os_error_line, read_bytes, write_bytes_atomic
 from facegen.vectors import l2_normalize

@@ -15,13 +15,11 @@ such rows.
 
 from __future__ import annotations
 
-import io
 import json
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from facegen.config import DiffusionSettings, GeneratorSettings
 from facegen.devices import resolve_device
@@ -29,6 +27,7 @@ from facegen.generators import check_identity_id, failure_reason, identity_rows,
 from facegen.generators.text_to_image import load_text_to_image, render_text
 from facegen.identities.attributes import build_prompt, sample_attributes
 from facegen.identities.phrases import with_variation
+from facegen.images import encode_png
 from facegen.schema import GENERATED, LANDMARK_DIM, STATUS_OK, error_row, rows_to_batch
 
 #: Samples per pipeline call (times two with classifier-free guidance).
@@ -103,12 +102,7 @@ class DiffusionGenerator:
 
     def _generate(self, samples: list[_Sample]) -> list[bytes]:
         images = render_text(self.pipeline, self.options, [s.prompt for s in samples], [s.seed for s in samples])
-        encoded = []
-        for image in images:
-            buffer = io.BytesIO()
-            Image.fromarray(image).save(buffer, format="PNG")
-            encoded.append(buffer.getvalue())
-        return encoded
+        return [encode_png(image) for image in images]
 
     def _row(self, sample: _Sample, png: bytes) -> dict[str, Any]:
         meta = {"prompt": sample.prompt, "attributes": sample.attributes}

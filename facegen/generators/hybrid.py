@@ -28,13 +28,11 @@ fails alone becomes an error row.
 
 from __future__ import annotations
 
-import io
 import json
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from facegen.config import GeneratorSettings
 from facegen.devices import resolve_device
@@ -43,6 +41,7 @@ from facegen.generators import check_identity_id, failure_reason, identity_rows,
 from facegen.generators.references import Reference, build_reference_source, feature_reference, find_reference
 from facegen.identities.expansion import Conditioning, cosine, sample_conditioning
 from facegen.identities.phrases import variation_phrase
+from facegen.images import encode_png
 from facegen.schema import GENERATED, LANDMARK_DIM, STATUS_OK, error_row, rows_to_batch
 
 
@@ -88,12 +87,6 @@ def build_sources(settings: GeneratorSettings, seed: int, device: str, expander:
     from facegen.generators.vec2face import Vec2FaceExpander
 
     return references, Vec2FaceExpander(h.vec2face, device)
-
-
-def _png(image: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 class HybridGenerator:
@@ -300,7 +293,7 @@ class HybridGenerator:
             "sample_idx": s.sample_idx,
             "seed": s.seed,
             "source": self.source,
-            "image": _png(image),
+            "image": encode_png(image),
             "landmarks": landmarks,
             "true_identity_id": -1,
             "meta": json.dumps(meta, sort_keys=True),
