@@ -30,9 +30,6 @@ from facegen.identities.phrases import with_variation
 from facegen.images import encode_png
 from facegen.schema import GENERATED, LANDMARK_DIM, STATUS_OK, error_row, rows_to_batch
 
-#: Samples per pipeline call (times two with classifier-free guidance).
-MICRO_BATCH = 8
-
 
 @dataclass(frozen=True)
 class _Sample:
