@@ -40,10 +40,10 @@ from dcgan_identity import Judge, cached, fixed_crops, render  # noqa: E402
 from facegen.clean.block import vote_block  # noqa: E402
 from facegen.clean.thresholds import resolve_clean_settings  # noqa: E402
 from facegen.config import CleanSettings, load_config  # noqa: E402
-from facegen.faces.align import encode_image  # noqa: E402
 from facegen.faces.calibration import PUBLISHED, measure_calibration  # noqa: E402
 from facegen.faces.embed import build_embedder, to_model_input  # noqa: E402
 from facegen.generators.gan import build_gan  # noqa: E402
+from facegen.images import encode_image  # noqa: E402
 from facegen.schema import rows_to_batch, sample_schema, table_from_batch  # noqa: E402
 
 

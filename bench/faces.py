@@ -90,7 +90,7 @@ def bench_stage(images: list[np.ndarray], device: str) -> list[tuple[str, float,
     except ImportError as exc:
         print(f"faces stage: skipped, it needs pydantic and pyyaml ({exc})")
         return []
-    from facegen.faces.align import encode_image
+    from facegen.images import encode_image
     from facegen.schema import GENERATED, LANDMARK_DIM, rows_to_batch
 
     rows = [{"identity_id": 0, "block_id": 0, "sample_idx": k, "seed": k, "source": "bench", "image": encode_image(im, "png"),

@@ -29,7 +29,7 @@ from facegen.config import FacegenConfig
 #: Settings that change where and how fast work runs, never what it produces.
 SCHEDULING_FIELDS = frozenset({
     "batch_size", "concurrency", "num_gpus", "num_cpus", "resources", "device", "micro_batch",
-    "dataloader_workers", "cpus_per_worker", "pool", "global_task", "max_tasks_in_flight",
+    "cpus_per_worker", "pool", "global_task", "max_tasks_in_flight",
     "mtcnn_cascade",  # the same detections, on the host or the device (float tolerance, as device itself)
     "channels_last", "compile",  # training: the same steps, faster (float tolerance)
 })

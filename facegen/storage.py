@@ -131,6 +131,19 @@ def write_bytes_atomic(data: bytes, path: str) -> FileRecord:
     return FileRecord(str(path), 0, len(data), hashlib.sha256(data).hexdigest())
 
 
+def upload_tree(local: str, destination: str) -> int:
+    """Copy every file under ``local`` to the same relative path under ``destination`` (atomic
+    writes); returns how many files were copied."""
+    copied = 0
+    for folder, _, files in os.walk(local):
+        for name in files:
+            path = os.path.join(folder, name)
+            with open(path, "rb") as f:
+                write_bytes_atomic(f.read(), f"{destination.rstrip('/')}/{os.path.relpath(path, local)}")
+            copied += 1
+    return copied
+
+
 def read_bytes(path: str) -> bytes:
     """The whole content of a file."""
     fs, p = _resolve(path)

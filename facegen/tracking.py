@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from facegen.config import FacegenConfig
-from facegen.storage import is_remote
+from facegen.storage import is_remote, upload_tree
 
 
 class Tracker:
@@ -68,21 +68,6 @@ class Tracker:
                 wandb.teardown()
             if self.upload is not None:
                 upload_tree(*self.upload)
-
-
-def upload_tree(local: str, destination: str) -> int:
-    """Copy every file under ``local`` to the same relative path under ``destination`` (atomic
-    writes); returns how many files were copied."""
-    from facegen.storage import write_bytes_atomic
-
-    copied = 0
-    for folder, _, files in os.walk(local):
-        for name in files:
-            path = os.path.join(folder, name)
-            with open(path, "rb") as f:
-                write_bytes_atomic(f.read(), f"{destination.rstrip('/')}/{os.path.relpath(path, local)}")
-            copied += 1
-    return copied
 
 
 def run_id(name: str, job_type: str) -> str:

@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 
 from facegen.clean.vlm import LABEL_HEIGHT
-from facegen.faces.align import decode_image, encode_image
+from facegen.images import decode_image, encode_image
 from facegen.schema import rows_to_batch, sample_schema, table_from_batch
 
 SAMPLE = sample_schema(512)

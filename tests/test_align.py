@@ -8,15 +8,8 @@ import pytest
 from insightface.data import get_image
 from insightface.utils.face_align import estimate_norm, norm_crop
 
-from facegen.faces.align import (
-    ARCFACE_TEMPLATE,
-    align_face,
-    center_crop,
-    decode_image,
-    encode_image,
-    estimate_similarity,
-    sharpness,
-)
+from facegen.faces.align import ARCFACE_TEMPLATE, align_face, center_crop, estimate_similarity, sharpness
+from facegen.images import decode_image, encode_image
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,8 @@ from facegen.clean.block import vote_block
 from facegen.clean.thresholds import resolve_clean_settings
 from facegen.config import CleanSettings, ConfigError, DetectorSettings, config_from_dict
 from facegen.eval.verification import load_bin, write_bin
-from facegen.faces.align import ARCFACE_CROP, encode_image
+from facegen.faces.align import ARCFACE_CROP
+from facegen.images import encode_image
 from facegen.faces.calibration import (
     DLIB_SAME_PERSON, PUBLISHED, Calibration, calibrate_embedder, load_calibration, measure_calibration, resolve_threshold,
 )

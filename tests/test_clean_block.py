@@ -13,8 +13,8 @@ import pyarrow.compute as pc
 import pytest
 
 from facegen.clean.block import clean_block
-from facegen.faces.align import decode_image, encode_image
 from facegen.config import CleanSettings
+from facegen.images import decode_image, encode_image
 from facegen.schema import clean_schema, rows_to_batch, sample_schema, table_from_batch
 
 SAMPLE = sample_schema(512)

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from facegen.config import load_config
-from facegen.faces.align import decode_image
 from facegen.generators import generator_class
+from facegen.images import decode_image
 from facegen.models.dcgan import DCGANGenerator, load_dcgan, packaged_weights
 from untrusted import RunsShell
 

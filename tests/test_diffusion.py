@@ -9,9 +9,9 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from facegen.config import DiffusionSettings, GeneratorSettings  # noqa: E402
-from facegen.faces.align import decode_image  # noqa: E402
 from facegen.generators import generator_class, sample_seed  # noqa: E402
 from facegen.identities.attributes import build_prompt, sample_attributes  # noqa: E402
+from facegen.images import decode_image  # noqa: E402
 from facegen.schema import GENERATED, STATUS_ERROR, STATUS_OK, table_from_batch  # noqa: E402
 from tiny_sd import build_tiny_lora, build_tiny_sd, build_tiny_sdxl  # noqa: E402
 

@@ -11,10 +11,11 @@ import pytest
 from insightface.data import get_image
 
 from facegen.config import DetectorSettings, EmbedderSettings, FaceSettings
-from facegen.faces.align import decode_image, encode_image, sharpness
+from facegen.faces.align import sharpness
 from facegen.faces.detect import build_detector
 from facegen.faces.embed import build_embedder
 from facegen.faces.stage import FaceStage
+from facegen.images import decode_image, encode_image
 from facegen.schema import GENERATED, LANDMARK_DIM, rows_to_batch, sample_schema, table_from_batch
 
 NAN = np.full(LANDMARK_DIM, np.nan, np.float32)

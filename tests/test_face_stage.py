@@ -9,12 +9,13 @@ import torch
 from insightface.data import get_image
 
 from facegen.config import DetectorSettings, EmbedderSettings, FaceSettings
-from facegen.faces.align import ARCFACE_TEMPLATE, align_face, center_crop, decode_image, encode_image
+from facegen.faces.align import ARCFACE_TEMPLATE, align_face, center_crop
 from facegen.faces.embed import IResNetEmbedder
 from facegen.faces.stage import FaceStage
-from facegen.schema import GENERATED, error_row, sample_schema, rows_to_batch, table_from_batch
-from facegen.models.iresnet_checkpoint import save_backbone
+from facegen.images import decode_image, encode_image
 from facegen.models.iresnet import build_backbone
+from facegen.models.iresnet_checkpoint import save_backbone
+from facegen.schema import GENERATED, error_row, sample_schema, rows_to_batch, table_from_batch
 
 SAMPLE = sample_schema(512)
 

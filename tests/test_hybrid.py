@@ -184,7 +184,8 @@ def test_vec2face_expansion_measures_the_realised_similarity(models):
     out = gen(_ids(0))
     assert out["status"].tolist() == [STATUS_OK] * 3 and set(out["source"]) == {"hybrid:photos+vec2face"}
     feature = gen.reference(0).feature
-    from facegen.faces.align import align_face, decode_image
+    from facegen.faces.align import align_face
+    from facegen.images import decode_image
 
     for k in range(3):
         image = decode_image(out["image"][k])

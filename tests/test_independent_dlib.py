@@ -8,8 +8,9 @@ from facegen.clean.augment import augment_face
 from facegen.clean.independent import IndependentExpert, load_embedder
 from facegen.clean.view import block_view
 from facegen.config import AugmentSettings, DetectorSettings, EmbedderSettings, IndependentSettings
-from facegen.faces.align import align_face, encode_image
+from facegen.faces.align import align_face
 from facegen.faces.detect import build_detector
+from facegen.images import encode_image
 from facegen.schema import rows_to_batch, sample_schema, table_from_batch
 
 

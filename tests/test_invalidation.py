@@ -41,6 +41,32 @@ def test_training_refuses_another_shard_set_unless_overwrite(tmp_path):
     assert storage.read_json(f"{run_dir}/dataset.json")["manifest_digest"] == "bbbb"
 
 
+def test_every_digest_exempt_name_is_a_settings_field():
+    """A name in SCHEDULING_FIELDS or RESOLVED_FIELDS that no settings model has exempts nothing."""
+    import typing
+
+    from pydantic import BaseModel
+
+    from facegen.config import FacegenConfig
+    from facegen.lineage import RESOLVED_FIELDS, SCHEDULING_FIELDS
+
+    names, todo, seen = set(), [FacegenConfig], set()
+    while todo:
+        model = todo.pop()
+        if model in seen:
+            continue
+        seen.add(model)
+        for name, field in model.model_fields.items():
+            names.add(name)
+            stack = [field.annotation]
+            while stack:
+                t = stack.pop()
+                stack.extend(typing.get_args(t))
+                if isinstance(t, type) and issubclass(t, BaseModel):
+                    todo.append(t)
+    assert (SCHEDULING_FIELDS | RESOLVED_FIELDS) - names == set()
+
+
 @pytest.mark.slow
 def test_a_changed_raw_block_is_recleaned_and_resharded_and_training_refuses(ray_local, tmp_path):
     from typer.testing import CliRunner

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from facegen.config import GeneratorSettings, ParametricSettings
-from facegen.faces.align import align_face, decode_image
+from facegen.faces.align import align_face
 from facegen.generators import BACKENDS, MAX_IDENTITY_ID, generator_class, sample_seed
 from facegen.generators.parametric import ParametricGenerator, draw_nuisance, identity_params, render_face
+from facegen.images import decode_image
 from facegen.schema import GENERATED, STATUS_ERROR, STATUS_OK, table_from_batch
 
 

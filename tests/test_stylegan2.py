@@ -212,7 +212,7 @@ def test_unreadable_or_foreign_checkpoints_fail_with_one_line_naming_the_file(tm
 
 def test_stylegan2_backend_renders_identity_rows_from_a_pickle(tmp_path):
     from facegen.config import load_config
-    from facegen.faces.align import decode_image
+    from facegen.images import decode_image
     from facegen.generators import generator_class
 
     G = small_generator(seed=2)

@@ -17,10 +17,10 @@ from facegen.eval.verification import (
     verify_bins,
     write_bin,
 )
-from facegen.faces.align import encode_image
 from facegen.faces.embed import IResNetEmbedder as Embedder
-from facegen.models.iresnet_checkpoint import save_backbone
+from facegen.images import encode_image
 from facegen.models.iresnet import build_backbone
+from facegen.models.iresnet_checkpoint import save_backbone
 from untrusted import RunsShell
 
 

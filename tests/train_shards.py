@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from facegen.faces.align import encode_image
+from facegen.images import encode_image
 from facegen.schema import rows_to_batch, sample_schema, table_from_batch
 from facegen.shards import split_block_into_buckets, write_manifest
 

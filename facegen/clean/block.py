@@ -20,8 +20,8 @@ from facegen.clean.fusion import fuse, rows_needing
 from facegen.clean.view import BlockView, block_view
 from facegen.clean.votes import DROP, ExpertVotes, votes_column
 from facegen.config import CleanSettings
-from facegen.curriculum import l2_normalize
 from facegen.schema import STATUS_DROPPED, STATUS_OK, clean_schema, embedding_dim
+from facegen.vectors import l2_normalize
 
 #: Version of the centres files written beside each votes block (2: ``mean_length`` added); part of
 #: the votes blocks' digest, so blocks written in an older format are redone, never misread.

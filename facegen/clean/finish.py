@@ -21,9 +21,10 @@ import pyarrow.compute as pc
 from facegen.clean.augment import top_up
 from facegen.clean.selection import band_summary, select
 from facegen.config import CleanSettings
-from facegen.curriculum import identity_centre, l2_normalize
-from facegen.faces.align import decode_image, encode_image
+from facegen.curriculum import identity_centre
+from facegen.images import decode_image, encode_image
 from facegen.schema import CLEAN_NAMES, STATUS_DROPPED, STATUS_OK, batch_from_table, clean_schema, embedding_dim, rows_to_batch, table_from_batch
+from facegen.vectors import l2_normalize
 
 EmbedFn = Callable[[np.ndarray], np.ndarray]
 

@@ -17,7 +17,7 @@ import numpy as np
 from facegen.clean.view import BlockView
 from facegen.clean.votes import DROP, KEEP, ExpertVotes
 from facegen.config import EmbedderSettings, IndependentSettings
-from facegen.curriculum import l2_normalize
+from facegen.vectors import l2_normalize
 
 EmbedFn = Callable[[np.ndarray], np.ndarray]
 EMBED_CHUNK = 128

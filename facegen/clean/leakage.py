@@ -20,8 +20,8 @@ import pyarrow as pa
 
 from facegen.clean.search import ChunkSource, SearchPlan, search_pairs
 from facegen.config import LeakageSettings, SearchSettings
-from facegen.curriculum import l2_normalize
 from facegen.schema import vectors_from_column
+from facegen.vectors import l2_normalize
 
 HISTOGRAM_BINS = 100  # of the best cosine per synthetic vector, over [-1, 1]
 MAX_VERIFICATION = 20_000  # embeddings used for impostor pairs (about 2e8 pairs)

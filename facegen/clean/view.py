@@ -8,9 +8,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from facegen.curriculum import l2_normalize
-from facegen.faces.align import decode_image
+from facegen.images import decode_image
 from facegen.schema import SAMPLE_NAMES, STATUS_OK, batch_from_table, embedding_dim, sample_schema
+from facegen.vectors import l2_normalize
 
 
 @dataclass

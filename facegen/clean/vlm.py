@@ -27,7 +27,7 @@ from facegen import storage
 from facegen.clean.view import BlockView
 from facegen.clean.votes import DROP, KEEP, ExpertVotes
 from facegen.config import VlmSettings
-from facegen.faces.align import encode_image
+from facegen.images import encode_image
 
 PROMPT_VERSION = 1
 PROMPT = (

@@ -171,7 +171,7 @@ class SearchSettings(_Section):
     vectors_per_list: int = Field(default=64, ge=16, description="IVF: lists = vectors / this")
     # 4096: above it the CPU quantizer is an HNSW graph, which at 1M centres cost more than the scan and
     # missed lists (dedup recall 0.98); a flat quantizer with 4096 lists (about 244 vectors each at 1M)
-    # is BLAS-fast and exact (bench/RESULTS.md, issue 10).
+    # is BLAS-fast and exact (bench/RESULTS.md).
     max_lists: int = Field(default=4096, ge=1, description="IVF: at most this many lists")
     nprobe: int = Field(default=16, ge=1, description="IVF: lists searched per query (a self-join, dedup, probes half as "
                         "many: a pair is missed only when each of its two vectors misses the other's list)")
@@ -182,7 +182,7 @@ class SearchSettings(_Section):
     # lists one-sided (32: 0.08 %); at 1M 16 were enough, 32 cost 15 more CPU seconds there.
     train_per_list: int = Field(default=32, ge=4, description="IVF k-means training points per list")
     # capped lists hold several times vectors_per_list: at 1M centres (4096 lists of 244) 16 points per
-    # list found every planted pair, for half the k-means time of 32 (bench/RESULTS.md, issues 10 and 21)
+    # list found every planted pair, for half the k-means time of 32 (bench/RESULTS.md)
     capped_train_per_list: int = Field(default=16, ge=4, description="IVF k-means training points per list when max_lists caps the lists")
     train_iterations: int = Field(default=10, ge=1, description="IVF k-means iterations")
     scan: Literal["lists", "faiss"] = Field(

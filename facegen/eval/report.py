@@ -14,8 +14,8 @@ import pyarrow.compute as pc
 
 from facegen import blocks as blk
 from facegen import storage
-from facegen.curriculum import l2_normalize
-from facegen.faces.align import decode_image
+from facegen.images import decode_image
+from facegen.vectors import l2_normalize
 
 
 def load_samples(stage_dir: str, columns: list[str] | None = None, max_blocks: int | None = None) -> pa.Table:

@@ -23,11 +23,11 @@ import numpy as np
 from sklearn.model_selection import KFold
 from torch import nn
 
-from facegen.faces.align import decode_image, encode_image
-from facegen.curriculum import l2_normalize
 from facegen.faces.embed import Embedder, embed_with_model
+from facegen.images import decode_image, encode_image
 from facegen.schema import ALIGNED_SIZE
 from facegen.storage import os_error_line, read_bytes, write_bytes_atomic
+from facegen.vectors import l2_normalize
 
 THRESHOLDS = np.arange(0, 4, 0.01)
 
@@ -206,7 +206,8 @@ class VerificationResult:
     error: str = ""
 
 
-def _set_name(path: str) -> str:
+def set_name(path: str) -> str:
+    """``/data/lfw.bin`` -> ``lfw``."""
     base = os.path.basename(str(path).rstrip("/"))
     return base[: -len(".bin")] if base.endswith(".bin") else base
 
@@ -240,7 +241,7 @@ def verify_bin(
     if not 2 <= nrof_folds <= len(issame):
         raise ValueError(f"{path}: its {len(issame)} pairs cannot make {nrof_folds} folds (folds: 2 to {len(issame)})")
     mean, std = evaluate(embeddings, issame, nrof_folds)
-    return VerificationResult(_set_name(path), int(len(issame)), mean, std)
+    return VerificationResult(set_name(path), int(len(issame)), mean, std)
 
 
 def verify_bins(
@@ -254,5 +255,5 @@ def verify_bins(
             results.append(verify_bin(embedder_or_model, path, batch_size, nrof_folds))
         except (OSError, ValueError) as exc:
             reason = os_error_line(exc) if isinstance(exc, OSError) else str(exc)
-            results.append(VerificationResult(_set_name(path), 0, float("nan"), float("nan"), error=reason))
+            results.append(VerificationResult(set_name(path), 0, float("nan"), float("nan"), error=reason))
     return results

@@ -1,4 +1,6 @@
-"""Pixel-level face preparation: decode, 5-point similarity alignment to the ArcFace template, encode.
+"""Pixel-level face preparation: 5-point similarity alignment to the ArcFace template, centre crops, sharpness.
+
+The codecs (decode, encode) live in :mod:`facegen.images`.
 
 The alignment matches insightface ``utils.face_align.norm_crop``: a least-squares similarity
 transform (Umeyama 1991) from the five landmarks to the 112x112 ArcFace reference points, applied
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from facegen.images import check_image
 from facegen.schema import ALIGNED_SIZE
 
 #: The 112x112 ArcFace reference: left eye, right eye, nose tip, left and right mouth corners (x, y).
@@ -66,16 +69,9 @@ def estimate_similarity(src_points: np.ndarray, dst_points: np.ndarray) -> np.nd
     return matrix
 
 
-def _check_image(image_rgb: np.ndarray) -> None:
-    if not isinstance(image_rgb, np.ndarray) or image_rgb.dtype != np.uint8:
-        raise ValueError(f"image: expected a uint8 numpy array, got {getattr(image_rgb, 'dtype', type(image_rgb))}")
-    if image_rgb.ndim != 3 or image_rgb.shape[2] != 3 or min(image_rgb.shape[:2]) == 0:
-        raise ValueError(f"image: expected shape (H, W, 3), got {image_rgb.shape}")
-
-
 def align_face(image_rgb: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
     """Warp a face so its 5 landmarks land on :data:`ARCFACE_TEMPLATE`; returns uint8 112x112x3."""
-    _check_image(image_rgb)
+    check_image(image_rgb)
     matrix = estimate_similarity(landmarks, ARCFACE_TEMPLATE)
     return cv2.warpAffine(image_rgb, matrix, (ALIGNED_SIZE, ALIGNED_SIZE), borderValue=0.0)
 
@@ -91,7 +87,7 @@ class FaceCrop:
 
     def cut(self, image_rgb: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
         """The crop of one face of ``image_rgb`` whose five landmarks are ``landmarks``."""
-        _check_image(image_rgb)
+        check_image(image_rgb)
         matrix = estimate_similarity(landmarks, self.points)
         return cv2.warpAffine(image_rgb, matrix, (self.size, self.size), borderValue=0.0)
 
@@ -113,7 +109,7 @@ ARCFACE_CROP = FaceCrop(ALIGNED_SIZE, ARCFACE_TEMPLATE)
 
 def center_crop(image_rgb: np.ndarray, size: int = ALIGNED_SIZE) -> np.ndarray:
     """The central square of an image resized to ``size`` (used when no landmarks are known)."""
-    _check_image(image_rgb)
+    check_image(image_rgb)
     h, w = image_rgb.shape[:2]
     side = min(h, w)
     top, left = (h - side) // 2, (w - side) // 2
@@ -124,38 +120,13 @@ def center_crop(image_rgb: np.ndarray, size: int = ALIGNED_SIZE) -> np.ndarray:
     return cv2.resize(square, (size, size), interpolation=interp)
 
 
-def decode_image(data: bytes) -> np.ndarray:
-    """Encoded image bytes (PNG, JPEG, ...) -> uint8 RGB (H, W, 3); grey and alpha are converted."""
-    if data is None or len(data) == 0:
-        raise ValueError("empty image bytes")
-    bgr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
-    if bgr is None:
-        raise ValueError(f"cannot decode image ({len(data)} bytes)")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-
-
-def encode_image(image_rgb: np.ndarray, image_format: str = "jpeg", jpeg_quality: int = 95) -> bytes:
-    """uint8 RGB (H, W, 3) -> JPEG or PNG bytes."""
-    _check_image(image_rgb)
-    bgr = cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR)
-    if image_format == "jpeg":
-        ok, buf = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, int(jpeg_quality)])
-    elif image_format == "png":
-        ok, buf = cv2.imencode(".png", bgr)
-    else:
-        raise ValueError(f"image_format: expected 'jpeg' or 'png', got {image_format!r}")
-    if not ok:
-        raise ValueError(f"image: {image_format} encoding failed")
-    return buf.tobytes()
-
-
 def sharpness(image_rgb: np.ndarray, scale: float = 100.0) -> float:
     """Focus score in [0, 1): variance of the Laplacian of the grey image, squashed as v / (v + scale).
 
     ``scale`` is the variance that scores 0.5; at 112x112, blurred faces sit well below 100 and
     sharp ones well above, so the score separates them without being a calibrated quality model.
     """
-    _check_image(image_rgb)
+    check_image(image_rgb)
     grey = cv2.cvtColor(image_rgb, cv2.COLOR_RGB2GRAY)
     var = float(cv2.Laplacian(grey, cv2.CV_64F).var())
     return var / (var + scale)

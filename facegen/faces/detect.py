@@ -88,7 +88,7 @@ class MtcnnDetector:
 
     def __init__(self, device: str = "auto", min_face: int = 20, thresholds: tuple[float, float, float] = (0.6, 0.7, 0.8),
                  cascade: str = "auto"):
-        from facegen.faces.embed import resolve_device
+        from facegen.devices import resolve_device
         from facegen.models.mtcnn import MTCNN
 
         self.model = MTCNN(resolve_device(device), min_face, thresholds, cascade=cascade)

@@ -32,22 +32,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from facegen.curriculum import l2_normalize
+from facegen.devices import resolve_device
 from facegen.faces.align import ARCFACE_CROP, FaceCrop
 from facegen.schema import ALIGNED_SIZE
 from facegen.storage import exists, sha256_of
+from facegen.vectors import l2_normalize
 
 if TYPE_CHECKING:
     from facegen.config import EmbedderSettings
 
 KINDS = ("facegen", "arcface_torch", "onnx", "dlib")
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` -> cuda when available, else cpu; anything else is passed to ``torch.device``."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def check_crops(images: np.ndarray, name: str = "images", size: int = ALIGNED_SIZE) -> np.ndarray:

@@ -24,9 +24,10 @@ from typing import Any
 import numpy as np
 
 from facegen.config import FaceSettings
-from facegen.faces.align import ARCFACE_CROP, center_crop, decode_image, encode_image, sharpness
+from facegen.faces.align import ARCFACE_CROP, center_crop, sharpness
 from facegen.faces.detect import Detection, FaceRejected, build_detector, choose_face
 from facegen.faces.embed import build_embedder
+from facegen.images import decode_image, encode_image
 from facegen.schema import (
     DEFAULT_EMBEDDING_DIM,
     GENERATED,

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from facegen.devices import resolve_device
 from facegen.generators.text_to_image import (
     finish_pipeline,
     load_error,
@@ -139,10 +140,8 @@ class Arc2FaceExpander:
     source = "arc2face"
 
     def __init__(self, settings: Any, device: str | None = None):
-        import torch
-
         self.settings = settings
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = device or resolve_device().type
         self.pipeline = load_arc2face(settings, self.device)
         self.token_id = id_token_id(self.pipeline.tokenizer, settings.id_token)
 

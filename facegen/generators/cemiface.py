@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from facegen.devices import resolve_device
 from facegen.faces.align import ARCFACE_TEMPLATE
 from facegen.models.cemiface import check_similarities, ddim_sample, load_generator, to_aligned_crops
 
@@ -44,7 +45,7 @@ class CemiFaceExpander:
         if not settings.model:
             raise ValueError(f"{FIELD}.model: a CemiFace generator folder is required (facegen train-generator)")
         self.settings = settings
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = resolve_device(device or "auto")
         self.model, self.scheduler_config, self.info = load_generator(settings.model, f"{FIELD}.model", self.device)
         self.dtype = torch.float16 if settings.fp16 and self.device.type == "cuda" else None
         trained = self.info.get("embedder", {})

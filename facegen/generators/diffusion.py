@@ -15,23 +15,20 @@ such rows.
 
 from __future__ import annotations
 
-import io
 import json
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from facegen.config import DiffusionSettings, GeneratorSettings
+from facegen.devices import resolve_device
 from facegen.generators import check_identity_id, failure_reason, identity_rows, run_with_splitting, sample_seed
 from facegen.generators.text_to_image import load_text_to_image, render_text
 from facegen.identities.attributes import build_prompt, sample_attributes
 from facegen.identities.phrases import with_variation
+from facegen.images import encode_png
 from facegen.schema import GENERATED, LANDMARK_DIM, STATUS_OK, error_row, rows_to_batch
-
-#: Samples per pipeline call (times two with classifier-free guidance).
-MICRO_BATCH = 8
 
 
 @dataclass(frozen=True)
@@ -53,8 +50,6 @@ class DiffusionGenerator:
     """Ray Data stage: identity rows -> ``images_per_identity`` Stable Diffusion images each."""
 
     def __init__(self, settings: GeneratorSettings, seed: int, micro_batch: int | None = None):
-        import torch
-
         if int(seed) < 0:
             raise ValueError(f"run.seed must be >= 0, got {seed}")
         micro_batch = settings.diffusion.micro_batch if micro_batch is None else micro_batch
@@ -63,7 +58,7 @@ class DiffusionGenerator:
         self.settings, self.seed, self.micro_batch = settings, int(seed), int(micro_batch)
         self.options = settings.diffusion
         self.source = f"diffusion:{self.options.model}"
-        self.pipeline = load_pipeline(self.options, "cuda" if torch.cuda.is_available() else "cpu")
+        self.pipeline = load_pipeline(self.options, resolve_device().type)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows: list[dict[str, Any]] = []
@@ -104,12 +99,7 @@ class DiffusionGenerator:
 
     def _generate(self, samples: list[_Sample]) -> list[bytes]:
         images = render_text(self.pipeline, self.options, [s.prompt for s in samples], [s.seed for s in samples])
-        encoded = []
-        for image in images:
-            buffer = io.BytesIO()
-            Image.fromarray(image).save(buffer, format="PNG")
-            encoded.append(buffer.getvalue())
-        return encoded
+        return [encode_png(image) for image in images]
 
     def _row(self, sample: _Sample, png: bytes) -> dict[str, Any]:
         meta = {"prompt": sample.prompt, "attributes": sample.attributes}

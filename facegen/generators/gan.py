@@ -14,7 +14,7 @@ import torch
 
 from facegen.config import GeneratorSettings
 from facegen.config.generation import GAN_BACKENDS  # noqa: F401  (re-exported: the GAN backends)
-from facegen.faces.embed import resolve_device
+from facegen.devices import resolve_device
 from facegen.generators.crop import FaceCrop
 from facegen.identities.seeds import identity_rng
 

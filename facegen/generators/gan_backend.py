@@ -18,10 +18,10 @@ import numpy as np
 
 from facegen.config import GeneratorSettings
 from facegen.generators import check_identity_id, failure_reason, identity_rows, sample_seed
-from facegen.faces.align import encode_image
 from facegen.generators.gan import build_gan, crop_detector, crop_settings
 from facegen.generators.latent import render_latents
 from facegen.identities.seeds import identity_rng
+from facegen.images import encode_image
 from facegen.schema import GENERATED, LANDMARK_DIM, STATUS_OK, error_row, rows_to_batch
 
 #: Domain tag of the per-identity variation draws (Dispersion noise, DisCo covariates).

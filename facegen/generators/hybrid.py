@@ -28,20 +28,20 @@ fails alone becomes an error row.
 
 from __future__ import annotations
 
-import io
 import json
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from facegen.config import GeneratorSettings
+from facegen.devices import resolve_device
 from facegen.faces.align import align_face
 from facegen.generators import check_identity_id, failure_reason, identity_rows, run_with_splitting, sample_seed
 from facegen.generators.references import Reference, build_reference_source, feature_reference, find_reference
 from facegen.identities.expansion import Conditioning, cosine, sample_conditioning
 from facegen.identities.phrases import variation_phrase
+from facegen.images import encode_png
 from facegen.schema import GENERATED, LANDMARK_DIM, STATUS_OK, error_row, rows_to_batch
 
 
@@ -89,25 +89,17 @@ def build_sources(settings: GeneratorSettings, seed: int, device: str, expander:
     return references, Vec2FaceExpander(h.vec2face, device)
 
 
-def _png(image: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 class HybridGenerator:
     """Ray Data stage: identity rows -> ``images_per_identity`` expanded images of one person each."""
 
     def __init__(self, settings: GeneratorSettings, seed: int, expander: Any = None):
-        import torch
-
         from facegen.faces.detect import build_detector
         from facegen.faces.embed import build_embedder
 
         if int(seed) < 0:
             raise ValueError(f"run.seed must be >= 0, got {seed}")
         self.settings, self.seed, self.hybrid = settings, int(seed), settings.hybrid
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = resolve_device().type
         self.detector = build_detector(self.hybrid.detector)
         if self.detector is None:
             raise ValueError("generator.hybrid.detector.kind: the hybrid backend needs a face detector, not 'none'")
@@ -301,7 +293,7 @@ class HybridGenerator:
             "sample_idx": s.sample_idx,
             "seed": s.seed,
             "source": self.source,
-            "image": _png(image),
+            "image": encode_png(image),
             "landmarks": landmarks,
             "true_identity_id": -1,
             "meta": json.dumps(meta, sort_keys=True),

@@ -24,6 +24,7 @@ import numpy as np
 from facegen.config import GeneratorSettings, ParametricSettings
 from facegen.generators import MAX_IDENTITY_ID, check_identity_id, failure_reason, identity_rows, sample_seed
 from facegen.identities.seeds import identity_rng
+from facegen.images import encode_png
 from facegen.schema import GENERATED, PIXELS, STATUS_OK, error_row, object_column, rows_to_batch
 
 SOURCE = "parametric"
@@ -32,8 +33,6 @@ IDENTITY_TAG = 0xFACE
 HAIR_STYLES = ("bald", "short", "side_part", "long", "curly")
 _SHIFT = 4  # fractional bits of OpenCV's sub-pixel drawing
 _EYE_WHITE = (238, 236, 230)
-# Run-length deflate: about twice as fast as the default on these flat, noisy images, and as small.
-_PNG_FLAGS = [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE]
 
 Colour = tuple[int, int, int]
 
@@ -296,10 +295,7 @@ def render_sample(seed: int, identity_id: int, sample_idx: int, options: Paramet
     image, landmarks = render_face(identity_params(int(seed), shown), nuisance, options.image_size, rng)
     data = b""
     if encode:
-        ok, png = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), _PNG_FLAGS)
-        if not ok:
-            raise ValueError("PNG encoding failed")
-        data = png.tobytes()
+        data = encode_png(image, rle=True)
     meta = {"wrong_identity": wrong, "nuisance": _rounded(nuisance)}
     row = {
         "identity_id": identity_id, "sample_idx": int(sample_idx), "seed": row_seed, "source": SOURCE,

@@ -34,7 +34,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from facegen.faces.align import align_face, decode_image
+from facegen.faces.align import align_face
+from facegen.images import decode_image
 
 #: Domain tag of reference seeds (distinct from the per-sample seeds of expansion).
 REFERENCE_TAG = 0x4EF1

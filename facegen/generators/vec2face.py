@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from facegen.devices import resolve_device
 from facegen.faces.align import ARCFACE_TEMPLATE
 from facegen.models.vec2face import Vec2Face, draw_token_masks, load_vec2face, vec2face_vit_base_patch16
 
@@ -41,7 +42,7 @@ class Vec2FaceExpander:
         if model is None and not settings.checkpoint:
             raise ValueError("generator.hybrid.vec2face.checkpoint: a Vec2Face checkpoint (.pth) is required")
         self.settings = settings
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = resolve_device(device or "auto")
         self.model = (model if model is not None else load_vec2face(settings.checkpoint)).eval().to(self.device)
         self.half = bool(settings.fp16 and self.device.type == "cuda")
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from facegen.config import ForceEmbedderSettings
-from facegen.faces.embed import resolve_device
+from facegen.devices import resolve_device
 from facegen.generators.crop import to_uint8_images
 from facegen.generators.gan import LatentGAN
 from facegen.models.iresnet_checkpoint import load_backbone

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from facegen.clean.search import gpu_available
+from facegen.devices import resolve_device
 
 #: Inner-product scores held at once by an exact search (floats): bounds its memory to ~1 GiB.
 _SCORE_BUDGET = 1 << 28
@@ -111,14 +112,9 @@ class IvfIndex:
         return _search_in_chunks(self.index, queries, k, self.chunk_size)
 
 
-def search_device(use_gpu: bool) -> torch.device:
-    """CUDA when allowed and present, else CPU."""
-    return torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-
-
 def build_index(points: np.ndarray, options: KnnOptions) -> ExactIndex | FaissGpuExact | IvfIndex:
     """The index ``options.index`` asks for (``auto``: exact up to ``exact_max`` or on a GPU)."""
-    device = search_device(options.use_gpu)
+    device = resolve_device("auto" if options.use_gpu else "cpu")
     kind = options.index
     if kind == "auto":
         kind = "exact" if len(points) <= options.exact_max or device.type == "cuda" else "ivf"

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 import torch
 
+from facegen.devices import resolve_device
 from facegen.identities import knn
 
 if TYPE_CHECKING:  # the settings class needs pydantic; the sampler itself does not
@@ -144,7 +145,7 @@ class LangevinSampler:
                                                      index=settings.neighbour_index, use_gpu=settings.search_on_gpu)
         self.reference = None if reference is None else np.ascontiguousarray(reference, np.float32)
         self.reference_index = None if self.reference is None else knn.ExactIndex(
-            self.reference, knn.search_device(settings.search_on_gpu))
+            self.reference, resolve_device("auto" if settings.search_on_gpu else "cpu"))
         self.pairs = np.zeros((0, 2), np.int64)
         self.reference_neighbours: np.ndarray | None = None
 

@@ -176,12 +176,10 @@ def save_generator(directory: str, model: CemiFaceUNet, scheduler_config: dict, 
     """``<directory>/unet`` (safetensors), ``scheduler/`` and ``cemiface.json`` (what C_id is)."""
     import tempfile
 
-    from facegen.storage import is_remote, write_json_atomic
+    from facegen.storage import is_remote, upload_tree, write_json_atomic
 
     directory = str(directory).rstrip("/")
     if is_remote(directory):
-        from facegen.tracking import upload_tree
-
         with tempfile.TemporaryDirectory() as tmp:
             save_generator(tmp, model, scheduler_config, info)
             upload_tree(tmp, directory)

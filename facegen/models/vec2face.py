@@ -43,7 +43,6 @@ from torch import nn
 
 GRID = 7
 NUM_TOKENS = GRID * GRID
-IMAGE_SIZE = 112
 FEATURE_DIM = 512
 CHECKPOINT_KEY = "model_vec2face"
 

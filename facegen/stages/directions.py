@@ -95,14 +95,6 @@ def _grid(rows: list[list[np.ndarray]]) -> np.ndarray:
     return canvas
 
 
-def _png(image: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 LABELS_CSV = "labels.csv"
 
 
@@ -111,7 +103,7 @@ def read_labelled(folder: str, attributes: list[str]) -> tuple[list[np.ndarray],
     labels; an image that cannot be read is left out with its reason (one line each, returned)."""
     import csv
 
-    from facegen.faces.align import decode_image
+    from facegen.images import decode_image
 
     path = f"{folder.rstrip('/')}/{LABELS_CSV}"
     if not storage.exists(path):
@@ -184,6 +176,7 @@ def directions_task(cfg_json: str, out: str, digest: str, report: Callable[..., 
     from facegen.generators.latent import render_latents
     from facegen.identities.classifiers import load_classifiers
     from facegen.identities.directions import ATTRIBUTES, estimate_attributes, fit_direction, write_directions_npz
+    from facegen.images import encode_png
     from facegen.train.generator_fit import spearman
 
     cfg = FacegenConfig.model_validate_json(cfg_json)
@@ -228,7 +221,7 @@ def directions_task(cfg_json: str, out: str, digest: str, report: Callable[..., 
         checks[name] = {"spearman": round(spearman(steps, means), 4), "means": [round(m, 4) for m in means]} if means else None
     storage.write_bytes_atomic(write_directions_npz(fitted), f"{out}/{NPZ}")
     grid = _grid([grid_rows[i * len(steps):(i + 1) * len(steps)] for i in range(len(fitted))])
-    storage.write_bytes_atomic(_png(grid), f"{out}/{PNG}")
+    storage.write_bytes_atomic(encode_png(grid), f"{out}/{PNG}")
     summary = {
         "digest": digest, "backend": cfg.generator.backend, "latent_dim": int(fit_on.shape[1]),
         "source": "labelled" if d.labelled else "generated", "samples": len(fit_on) + len(skipped),

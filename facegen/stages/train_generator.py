@@ -24,7 +24,7 @@ from typing import Any
 from facegen.config import FacegenConfig, TaskSettings
 from facegen.lineage import check_training_input
 from facegen.shards import load_manifest, shard_set_digest
-from facegen.storage import exists, read_json, write_json_atomic
+from facegen.storage import exists, read_json, upload_tree, write_json_atomic
 from facegen.train.generator_fit import MODEL_DIR, STATE_FILE
 
 RESULT_FILE = "result.json"
@@ -57,8 +57,6 @@ def train_func(config: dict) -> None:
 
 def export_model(checkpoint: Any, model_dir: str) -> dict[str, Any]:
     """Copy a checkpoint's generator folder to ``model_dir``; returns its state (a Ray task body)."""
-    from facegen.tracking import upload_tree
-
     with checkpoint.as_directory() as ckpt:
         upload_tree(f"{ckpt}/{MODEL_DIR}", model_dir)
         return read_json(f"{ckpt}/{STATE_FILE}")

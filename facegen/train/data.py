@@ -39,8 +39,8 @@ import numpy as np
 import torch
 
 from facegen.config import TrainAugmentSettings, TrainDataSettings
-from facegen.faces.align import decode_image
-from facegen.schema import ALIGNED_SIZE, STATUS_OK
+from facegen.images import decode_aligned
+from facegen.schema import STATUS_OK
 from facegen.shards import load_manifest
 from facegen.storage import read_table
 from facegen.train.augment import TrainAugment
@@ -55,14 +55,6 @@ def buckets_in_use(epoch: int, total_epochs: int, num_buckets: int) -> int:
     """How many of the easiest buckets epoch ``epoch`` (0-based) trains on: 1 .. num_buckets."""
     half = max(1, math.ceil(total_epochs / 2))
     return int(min(num_buckets, max(1, math.ceil(num_buckets * (epoch + 1) / half))))
-
-
-def decode_aligned(data: bytes) -> np.ndarray:
-    """JPEG/PNG bytes -> ``uint8 [112, 112, 3]`` RGB (resized if stored at another size)."""
-    img = decode_image(data)
-    if img.shape[:2] != (ALIGNED_SIZE, ALIGNED_SIZE):
-        img = cv2.resize(img, (ALIGNED_SIZE, ALIGNED_SIZE), interpolation=cv2.INTER_AREA)
-    return img
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:

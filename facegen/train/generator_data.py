@@ -41,7 +41,7 @@ def _save_array(array: np.ndarray, path: str) -> None:
 
 def _decoded_rows(shards_dir: str, skipped: dict[str, int], report: Callable[[int, int, str], None] | None):
     """``(identity_id, uint8 112 crop)`` of every decodable ok row, shard by shard."""
-    from facegen.train.data import decode_aligned
+    from facegen.images import decode_aligned
 
     paths = shard_paths(load_manifest(shards_dir), shards_dir)
     for done, path in enumerate(paths):

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from facegen.config import FacegenConfig
+from facegen.images import encode_png
 from facegen.models.cemiface import (
     CemiFaceUNet,
     cemiface_loss,
@@ -104,14 +105,6 @@ def similarity_control(model: CemiFaceUNet, scheduler_config: dict, table: PairT
     return figure, grid
 
 
-def _png(image: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def _differentiable_embedder(cfg: FacegenConfig, device: torch.device) -> nn.Module | None:
     s = cfg.train_generator
     if s.similarity_weight <= 0:
@@ -178,7 +171,7 @@ def fit_generator(session: Any, cfg: FacegenConfig, data_dir: str, run_name: str
                 buffer = io.BytesIO()
                 torch.save(optimizer.state_dict(), buffer)
                 write_bytes_atomic(buffer.getvalue(), f"{tmp}/{OPTIMIZER_FILE}")
-                write_bytes_atomic(_png(grid), f"{tmp}/{GRID_FILE}")
+                write_bytes_atomic(encode_png(grid), f"{tmp}/{GRID_FILE}")
                 write_json_atomic({**state, "data_key": table.index["key"], "run_name": run_name, "world_size": world_size,
                                    "scaler": scaler.state_dict() if scaler is not None else None}, f"{tmp}/{STATE_FILE}")
                 if tracker is not None:

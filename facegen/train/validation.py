@@ -8,7 +8,6 @@ records its best point in every checkpoint and in W&B.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import numpy as np
@@ -18,17 +17,11 @@ from torch import nn
 from facegen.models.iresnet_checkpoint import unwrap
 
 
-def set_name(path: str) -> str:
-    """``/data/lfw.bin`` -> ``lfw``."""
-    base = os.path.basename(str(path).rstrip("/"))
-    return base[: -len(".bin")] if base.endswith(".bin") else base
-
-
 class Validator:
     """Loads the sets once; ``validator(model, step, epoch)`` -> ``val/*`` metrics (with ``val/best_mean``)."""
 
     def __init__(self, paths: list[str], batch_size: int = 64, nrof_folds: int = 10, best: dict | None = None):
-        from facegen.eval.verification import load_bin
+        from facegen.eval.verification import load_bin, set_name
 
         self.sets: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         for path in paths:
