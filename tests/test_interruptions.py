@@ -89,6 +89,8 @@ def _identities_once(out: Path) -> list[int]:
 
 @pytest.mark.parametrize("how", ["SIGINT", "SIGTERM"])
 def test_an_interrupted_stage_says_so_in_one_line_and_the_same_command_resumes(tmp_path, how):
+    """Ctrl-C or SIGTERM: one line, exit 130, no Ray process left; after Ctrl-C the same command
+    finishes the stage with every identity exactly once."""
     out, config, ray_tmp, proc = _started_run(tmp_path, "fgi")
     _wait_for_blocks(out, proc, 2)
     if how == "SIGINT":
@@ -106,6 +108,8 @@ def test_an_interrupted_stage_says_so_in_one_line_and_the_same_command_resumes(t
     done = int(match.group(1))
     assert 2 <= done < BLOCKS and len(blk.done_block_ids(str(out / "raw"))) >= done
     assert _gone_within(ray_tmp, 10) == []
+    if how == "SIGTERM":
+        return  # the blocks on disk are the same whichever signal stopped the run: one resume shows it
 
     rerun = _start(config, ray_tmp)
     output, _ = rerun.communicate(timeout=300)

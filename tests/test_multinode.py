@@ -121,18 +121,38 @@ def _checksums(stage_dir: str) -> dict[int, str]:
     return {b: storage.sha256_of(blk.block_path(stage_dir, b)) for b in blk.done_block_ids(stage_dir)}
 
 
-def test_the_whole_pipeline_runs_on_the_workers_with_models_from_s3(cluster, s3_server, embedder_uri):
+#: Identities of the pipeline run and of the node-loss runs, which compare their blocks with its.
+IDENTITIES = 16
+
+
+def _loss_settings(endpoint: str, run: str, embedder: str) -> dict:
+    """The settings the node-loss runs share with the whole-pipeline run (whose blocks are theirs
+    uninterrupted): 16 images per identity, topped up to 40 (top-up augmentation and its embedding
+    make the final cleaning pass last long enough to lose a node in it)."""
+    settings = _settings(endpoint, run, embedder, identities=IDENTITIES, per_identity=16, size=96)
+    settings["clean"]["target_images"] = 40
+    return settings
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(cluster, s3_server, embedder_uri) -> tuple[str, str]:
+    """``ray_jobs/pipeline.py`` submitted once: (its output on S3, its logs)."""
+    nodes, hidden = cluster
+    run = f"s3://{BUCKET}/pipeline"
+    settings = _loss_settings(s3_server, run, embedder_uri)
+    # one 2-CPU actor per worker node, one block at a time: both nodes make blocks, whichever starts first
+    settings["generator"]["pool"] = {"min_size": 2, "num_cpus": 2.0, "max_tasks_in_flight": 1}
+    return run, _wait(nodes, _job(nodes, hidden, "pipeline", settings, "pipeline"))
+
+
+def test_the_whole_pipeline_runs_on_the_workers_with_models_from_s3(cluster, embedder_uri, pipeline_run):
     from ray.util.state import list_actors, list_tasks
 
     from facegen.cache import fetch_log
     from facegen.shards import verify_shards
 
-    nodes, hidden = cluster
-    run = f"s3://{BUCKET}/pipeline"
-    settings = _settings(s3_server, run, embedder_uri, identities=16, per_identity=12, size=96)
-    # one 2-CPU actor per worker node, one block at a time: both nodes make blocks, whichever starts first
-    settings["generator"]["pool"] = {"min_size": 2, "num_cpus": 2.0, "max_tasks_in_flight": 1}
-    logs = _wait(nodes, _job(nodes, hidden, "pipeline", settings, "pipeline"))
+    nodes, _ = cluster
+    run, logs = pipeline_run
     assert "facegen pipeline summary" in logs
 
     workers = {w.node_id for w in nodes.workers}
@@ -177,19 +197,16 @@ def _kill_when(cluster: LoopbackCluster, stage_dir: str, done: int, total: int, 
     raise TimeoutError(f"{stage_dir}: {done} blocks not done in {timeout} s")
 
 
-def test_a_worker_node_killed_during_generate_and_clean_does_not_fail_the_job(cluster, s3_server, embedder_uri):
+def test_a_worker_node_killed_during_generate_and_clean_does_not_fail_the_job(cluster, s3_server, embedder_uri,
+                                                                              pipeline_run):
     nodes, hidden = cluster
-    reference, interrupted = f"s3://{BUCKET}/loss-reference", f"s3://{BUCKET}/loss-interrupted"
-    identities = 16
+    reference, _ = pipeline_run  # the same blocks, made without losing a node
+    interrupted, identities = f"s3://{BUCKET}/loss-interrupted", IDENTITIES
 
     def settings(run: str) -> dict:
-        s = _settings(s3_server, run, embedder_uri, identities=identities, per_identity=16, size=96)
-        s["clean"]["target_images"] = 40  # top-up augmentation and its embedding make the final pass last
+        s = _loss_settings(s3_server, run, embedder_uri)
         s["tracking"] = {"mode": "disabled"}
         return s
-
-    _wait(nodes, _job(nodes, hidden, "reference-generate", settings(reference), "generate"))
-    _wait(nodes, _job(nodes, hidden, "reference-clean", settings(reference), "clean"))
 
     job = _job(nodes, hidden, "interrupted-generate", settings(interrupted), "generate")
     _kill_when(nodes, f"{interrupted}/raw", done=2, total=identities // 2)
