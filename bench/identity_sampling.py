@@ -2,11 +2,14 @@
 
     python bench/identity_sampling.py [--sizes 10000 100000 1000000] [--index ivf|exact|auto] [--device cpu|cuda]
     python bench/identity_sampling.py --acceptance [--iterations 15]
+    python bench/identity_sampling.py --step-cap [--iterations 15]
 
 ``--acceptance`` runs the issue's full-size check instead: 20,000 particles in 512-d, d0 = 1.4 rad,
 1,000 fixed "real" embeddings (exact neighbour lists): pairs closer than d0 after Gaussian sampling
 and after Langevin (side by side, same run), the smallest angle, and particles within
-constant_radius (1.4 rad) of a real embedding.
+constant_radius (1.4 rad) of a real embedding. ``--step-cap`` runs 3,000 such particles (no real
+embeddings) with the default step cap (dt_max 1.0) and without it: per iteration the step, and the
+pairs inside d0 and the smallest angle at the start and the end.
 
 Feature-space Langevin (512-d unit particles, d0 = 1.4 rad, k = 16 neighbours rebuilt every
 ``knn_every`` = 5 iterations): each size runs in its own process so its peak resident memory is its
@@ -34,11 +37,11 @@ DIM = 512
 KNN_EVERY = 5
 
 
-def _settings(index: str, device: str):
+def _settings(index: str, device: str, dt_max: float | None = 1.0):
     from types import SimpleNamespace
 
     # the fields LangevinSampler reads (LangevinSettings defaults), without importing pydantic
-    return SimpleNamespace(k=1.0, d0=1.4, skin=0.01, k_l=0.1, eta0=0.01, tau=0.3, mu=1.0, dt_max=1.0,
+    return SimpleNamespace(k=1.0, d0=1.4, skin=0.01, k_l=0.1, eta0=0.01, tau=0.3, mu=1.0, dt_max=dt_max,
                            neighbours=16, neighbour_index=index, chunk_size=65536, knn_every=KNN_EVERY,
                            constant_radius=1.4, k_cst=1.0, search_on_gpu=device == "cuda")
 
@@ -115,17 +118,39 @@ def acceptance(iterations: int, device: str) -> dict:
             "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
 
 
+def step_cap(iterations: int, device: str, n: int = 3000) -> dict:
+    """Feature-space Langevin with the default step cap (dt_max 1.0) and without, same start and noise."""
+    from facegen.identities.langevin import FeatureSpace, LangevinSampler, LangevinState
+
+    out = {}
+    for label, cap in (("cap 1.0", 1.0), ("no cap", None)):
+        sampler = LangevinSampler(_settings("exact", device, cap), FeatureSpace())
+        start = _particles(n)
+        gaussian = sampler.measure(start)
+        state = LangevinState(start, 0, np.random.default_rng(1))
+        sampler.run(state, iterations)
+        final = sampler.measure(state.particles)
+        out[label] = {"dt": [round(h["dt"], 3) for h in state.history],
+                      "pairs_within_d0": [gaussian["pairs_within_d0"], final["pairs_within_d0"]],
+                      "min_angle": [round(gaussian["min_angle"], 4), round(final["min_angle"], 4)]}
+    return {"particles": n, "dim": DIM, "d0": 1.4, "iterations": iterations, "start -> end": out}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--index", default="ivf", choices=["ivf", "exact", "auto"])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--acceptance", action="store_true", help="the 20k x 512-d acceptance run instead")
+    parser.add_argument("--step-cap", action="store_true", help="3,000 particles with and without the step cap instead")
     parser.add_argument("--iterations", type=int, default=15)
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.acceptance:
         print(json.dumps(acceptance(args.iterations, args.device), indent=2))
+        return
+    if args.step_cap:
+        print(json.dumps(step_cap(args.iterations, args.device), indent=1))
         return
     if args.one:
         print(json.dumps(run_one(args.one, args.index, args.device)))

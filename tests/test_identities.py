@@ -102,17 +102,37 @@ def test_reference_embeddings_from_parquet_and_their_errors(tmp_path):
 
 
 def test_brownian_noise_on_the_sphere_is_scaled_to_the_dimension():
-    """Without forces a particle moves about eta0 * sqrt(dt) radians per step, whatever the dimension."""
+    """Without forces a particle moves about eta0 * sqrt(dt) radians per step, whatever the dimension;
+    the step cap (dt_max, 1.0 by default) is what sets dt there."""
     for dim in (64, 512):
-        settings = LangevinSettings(space="feature", eta0=0.01, k=0.0, dt_max=1.0, search_on_gpu=False)
+        settings = LangevinSettings(space="feature", eta0=0.01, k=0.0, search_on_gpu=False)
         sampler = LangevinSampler(settings, FeatureSpace())
         from facegen.identities.langevin import LangevinState
 
         start = _unit(200, dim, 3)
         state = LangevinState(start.copy(), 0, np.random.default_rng(0))
-        sampler.step(state, rebuild=True)
+        stats = sampler.step(state, rebuild=True)
+        assert stats["dt"] == 1.0 and stats["dt_capped"]
         moved = np.arccos(np.clip((state.particles * start).sum(axis=1), -1, 1))
         assert 0.008 < moved.mean() < 0.012
+
+
+def test_without_dt_max_the_step_is_the_papers_adaptive_rule():
+    """dt = tau * mu * min pair distance / max force, uncapped; with no force at all nothing moves."""
+    from facegen.identities.langevin import LangevinState
+
+    start = _unit(300, 32, 4)
+    for cap, expect_capped in ((None, False), (0.05, True)):
+        sampler = LangevinSampler(LangevinSettings(space="feature", d0=1.3, tau=0.3, mu=2.0, dt_max=cap, search_on_gpu=False), FeatureSpace())
+        stats = sampler.step(LangevinState(start.copy(), 0, np.random.default_rng(0)), rebuild=True)
+        adaptive = 0.3 * 2.0 * stats["min_distance"] / stats["force_max"]
+        assert stats["force_max"] > 0 and stats["dt_capped"] == expect_capped
+        assert stats["dt"] == pytest.approx(adaptive if cap is None else cap, rel=1e-6)
+    assert adaptive > 0.05
+    still = LangevinSampler(LangevinSettings(space="feature", k=0.0, dt_max=None, search_on_gpu=False), FeatureSpace())
+    state = LangevinState(start.copy(), 0, np.random.default_rng(0))
+    assert still.step(state, rebuild=True)["dt"] == 0.0
+    np.testing.assert_allclose(state.particles, start, atol=1e-6)  # renormalised, not moved
 
 
 @pytest.fixture(scope="module")
@@ -149,6 +169,10 @@ def test_latent_space_langevin_pushes_dcgan_identities_apart_through_g_and_the_e
     assert summary["gaussian"]["pairs_within_d0"] == int((angles < d0).sum())
     assert summary["final"]["pairs_within_d0"] < 0.7 * summary["gaussian"]["pairs_within_d0"]
     assert all(it["force_max"] > 0 for it in summary["iterations"])
+    # the paper's step (the fastest particle moves tau = 0.3 of the closest pair's distance) under the dt_max cap of 1
+    for it in summary["iterations"]:
+        adaptive = 0.3 * it["min_distance"] / it["force_max"]
+        assert it["dt"] == pytest.approx(min(adaptive, 1.0), rel=1e-6) and it["dt_capped"] == (adaptive > 1.0)
     ids, latents = read_latents(cfg)
     assert latents.shape == (24, 100) and not np.allclose(latents, start)
 

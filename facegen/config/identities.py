@@ -13,32 +13,44 @@ from facegen.config.resources import PooledSection, PoolSettings
 
 class LangevinSettings(_Section):
     """Brownian identity diffusion (ALGORITHMS.md 2): soft-sphere repulsion of radius d0 between
-    identity embeddings, latent pull toward w_avg, Brownian noise, adaptive time step."""
+    identity embeddings, latent pull toward w_avg, Brownian noise, adaptive time step.
+
+    Defaults are the paper's 10k-identity run as face_synthetics' README gives it (its
+    ``--langevin-*`` options in brackets); that code's own defaults differ where noted. Beyond the
+    paper: pairs come from k-nearest-neighbour lists instead of all pairs, the radius has a skin,
+    the step has a cap (``dt_max``), and particles may live on the embedding sphere (``feature``)."""
 
     space: Literal["latent", "feature"] = Field(default="latent", description="latent: GAN latents through G and the embedder; feature: points on the embedding hypersphere")
-    iterations: int = Field(default=100, ge=0)
-    k: float = Field(default=1.0, ge=0.0, description="repulsion stiffness")
-    d0: float = Field(default=1.4, gt=0.0, le=3.1416, description="repulsion radius (angle, radians)")
-    k_l: float = Field(default=0.1, ge=0.0, description="latent pull toward w_avg (latent space only)")
-    eta0: float = Field(default=0.01, ge=0.0, description="Brownian noise; on the sphere the total step, spread over the dimensions")
-    tau: float = Field(default=0.3, gt=0.0, description="adaptive step: dt = tau * mu * min distance / max force")
-    mu: float = Field(default=1.0, gt=0.0)
-    dt_max: float = Field(default=1.0, gt=0.0, description="cap of the adaptive step (when forces vanish)")
-    skin: float = Field(default=0.01, ge=0.0, description="repulsion acts out to radius + skin, so Brownian jitter leaves no pair inside the radius")
-    batch_size: int = Field(default=64, ge=1, description="particles per pass through G and the embedder")
-    neighbours: int = Field(default=16, ge=1, description="k of the k-nearest-neighbour pair list")
+    iterations: int = Field(default=100, ge=0, description="the paper's run (face_synthetics' code default: 10)")
+    k: float = Field(default=1.0, ge=0.0, description="repulsion stiffness (repulsion-coefficient)")
+    d0: float = Field(default=1.4, gt=0.0, le=3.1416, description="repulsion radius, an angle in radians (repulsion-radius: 1.4 in the paper's run, 1.7 as the code's default)")
+    k_l: float = Field(default=0.1, ge=0.0, description="latent pull toward w_avg, latent space only (latent-force: 0.1 in the paper's run on StyleGAN2's W, 0.0 as the code's default)")
+    eta0: float = Field(default=0.01, ge=0.0, description="Brownian noise (random-force): per coordinate in latent space, as the paper; on the sphere the total step, spread over the dimensions")
+    tau: float = Field(default=0.3, gt=0.0, description="adaptive step dt = tau * mu * min latent distance / max force (timestep -0.3: face_synthetics' negative timestep "
+                                                        "means this rule with tau = 0.3, a positive one a fixed step, which nothing here uses); the "
+                                                        "min distance is over the neighbour pairs, the paper's over all pairs (up to 6.5 % smaller on the DCGAN)")
+    mu: float = Field(default=1.0, gt=0.0, description="viscosity (viscous-coefficient)")
+    dt_max: float | None = Field(default=1.0, gt=0.0, description=(
+        "cap of the adaptive step, not in the paper (None: uncapped, the paper's rule). As pairs clear the radius the "
+        "forces fade and the uncapped step grows (to 20 on the DCGAN): the latent pull then shrinks every latent by "
+        "k_l * dt per step (DCGAN latent norm 10.0 -> 4.0 in 20 iterations, against 8.5 capped, and close pairs "
+        "oscillate); on the sphere, where nothing pulls, it reaches 67 and the noise sqrt(dt) eta0 grows with it. "
+        "Measured in bench/RESULTS.md, latent-space Langevin on the DCGAN"))
+    skin: float = Field(default=0.01, ge=0.0, description="repulsion acts out to radius + skin, so Brownian jitter leaves no pair inside the radius (not in the paper)")
+    batch_size: int = Field(default=64, ge=1, description="particles per pass through G and the embedder (the paper's run: 64)")
+    neighbours: int = Field(default=16, ge=1, description="k of the k-nearest-neighbour pair list; the paper sums over all pairs, which a particle with more than k others inside the radius feels only in part")
     neighbour_index: Literal["auto", "exact", "ivf"] = Field(default="auto", description="auto: exact up to 200k particles or on a GPU, faiss IVF beyond")
     knn_every: int = Field(default=5, ge=1, description="iterations between neighbour-list rebuilds")
     chunk_size: int = Field(default=65536, ge=1, description="queries per faiss search / force chunk")
-    checkpoint_every: int = Field(default=10, ge=1)
+    checkpoint_every: int = Field(default=10, ge=1, description="iterations between checkpoints (checkpoint-iter: 10 in the paper's run)")
     feature_dim: int = Field(default=512, ge=2, description="dimension of feature-space particles")
     real_embeddings: str | None = Field(
         default=None, description=".npy or Parquet of real-face embeddings to stay away from",
         json_schema_extra={"input_path": "required"},
     )
     real_column: str = "embedding"
-    constant_radius: float = Field(default=1.4, gt=0.0, le=3.1416, description="repulsion radius around real embeddings (radians)")
-    k_cst: float = Field(default=1.0, ge=0.0, description="stiffness of the repulsion from real embeddings")
+    constant_radius: float = Field(default=1.4, gt=0.0, le=3.1416, description="repulsion radius around real embeddings, radians (constant-distance; the code's default 0 turns it off, facegen's switch is real_embeddings)")
+    k_cst: float = Field(default=1.0, ge=0.0, description="stiffness of the repulsion from real embeddings (face_synthetics uses k for both)")
     search_on_gpu: bool = Field(default=True, description="search neighbours on the GPU when CUDA is present")
 
 

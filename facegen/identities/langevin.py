@@ -9,7 +9,9 @@ whose second term pushes particles away from fixed real-face embeddings ``r`` (o
 radii are widened by a small ``skin`` so that Brownian jitter around the equilibrium leaves no pair
 inside the nominal radius (statistics count against the nominal radii). Per
 iteration: ``F = -dE/dp`` (through G and the embedder in latent space: a vector-Jacobian product per
-batch), plus the latent pull ``k_l (w_avg - p)``; ``dt = min(tau mu min|p_i - p_j| / max|F_i|, dt_max)``;
+batch), plus the latent pull ``k_l (w_avg - p)``; ``dt = min(tau mu min|p_i - p_j| / max|F_i|, dt_max)``
+(the paper has no ``dt_max``: as pairs clear the radius the forces fade and its step grows without
+bound, and the latent pull and the noise then take over; measured in bench/RESULTS.md);
 ``p <- p + dt/mu F + sqrt(dt)/mu eta``. In latent space ``eta = eta0 N(0, I)`` per coordinate, as the
 paper; on the sphere ``eta`` is tangent noise of total size ``eta0`` (``eta0 / sqrt(D)`` per
 coordinate: unscaled, 0.01 per coordinate in 512-d moves a particle about 0.25 rad per step and
@@ -183,7 +185,11 @@ class LangevinSampler:
         norms = np.concatenate([np.linalg.norm(force[i : i + chunk], axis=1) for i in range(0, len(force), chunk)])
         max_force = float(norms.max()) if len(norms) else 0.0
         min_dist = min_pair_distance(p, self.pairs, chunk)
-        dt = s.dt_max if max_force == 0.0 or not math.isfinite(min_dist) else min(s.tau * s.mu * min_dist / max_force, s.dt_max)
+        adaptive = s.tau * s.mu * min_dist / max_force if max_force > 0.0 else math.inf
+        cap = s.dt_max
+        dt = adaptive if cap is None else min(adaptive, cap)
+        if not math.isfinite(dt):
+            dt = 0.0  # no force and no cap: the particles are at rest, and an unbounded step would be all noise
         self._move(state, force, dt)
         stats = {
             "iteration": state.iteration,
@@ -197,7 +203,9 @@ class LangevinSampler:
             "nearest_real_angle": nearest_real,
             "force_mean": float(norms.mean()) if len(norms) else 0.0,
             "force_max": max_force,
+            "min_distance": min_dist,
             "dt": float(dt),
+            "dt_capped": bool(cap is not None and adaptive > cap),
             "neighbours_rebuilt": bool(rebuild),
             "seconds": round(time.time() - started, 3),
         }
