@@ -74,7 +74,8 @@ def test_stage_dedups_audits_and_finishes_blocks(ray_local, tmp_path):
     assert sims["after_selection"]["count"] == totals["images_out"] - totals["images_augmented"]
     assert sum(sims["before_selection"]["histogram"]) == sims["before_selection"]["count"] >= sims["after_selection"]["count"]
     assert summary["expert_votes"]["cluster"]["keep"] > 0 and summary["global"]["dedup"]["identities_removed"] == 1
-    from facegen.tracking import read_offline_run, run_id
+    from facegen.tracking import run_id
+    from wandb_offline import read_offline_run
 
     logged = read_offline_run(str(tmp_path / "run" / "wandb"), run_id=run_id(cfg.run.name, "clean"))
     assert logged.summary["clean/images_out"] == totals["images_out"]

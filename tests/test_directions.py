@@ -75,7 +75,8 @@ def test_the_fitted_yaw_direction_turns_the_dcgan_face_monotonically(tmp_path, r
     summary = storage.read_json(f"{tmp_path}/out/directions/directions.json")
     assert summary["detected"] >= 300 and summary["directions"]["yaw"]["check"]["spearman"] >= 0.8
     assert os.path.getsize(f"{tmp_path}/out/directions/directions.png") > 1000
-    from facegen.tracking import read_offline_run, run_id
+    from facegen.tracking import run_id
+    from wandb_offline import read_offline_run
 
     logged = read_offline_run(f"{tmp_path}/out/wandb", run_id=run_id("dirs", "directions"))  # the figures on W&B
     assert logged.summary["directions/yaw/check_spearman"] == summary["directions"]["yaw"]["check"]["spearman"]

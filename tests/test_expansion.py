@@ -194,7 +194,8 @@ def test_block_stats_carry_similarity_histograms_that_sum_per_run():
 
 def test_run_histograms_go_to_wandb(tmp_path, monkeypatch):
     from facegen.config import config_from_dict
-    from facegen.tracking import read_offline_run, start_stage_tracker
+    from facegen.tracking import start_stage_tracker
+    from wandb_offline import read_offline_run
 
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)

@@ -18,7 +18,8 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-back
 
 
 def test_every_stage_logs_per_block_statistics_to_the_training_group(pipeline_run):
-    from facegen.tracking import read_offline_run, run_id
+    from facegen.tracking import run_id
+    from wandb_offline import read_offline_run
 
     cfg, _, summary = pipeline_run
     wandb_dir = f"{cfg.run.output_dir}/wandb"

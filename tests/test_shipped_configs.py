@@ -157,7 +157,8 @@ def cemiface_cpu_trains_on_these_shards_and_generates(tmp_path, shards):
     assert re.search(r"steps\W+4\W", trained) and "realised at m=0.9" in trained, trained
     result = storage.read_json(str(out / "generator" / "cemiface-cpu" / "result.json"))
     assert result["global_step"] == 4 and [b["m"] for b in result["control"]["by_m"]] == [0.0, 0.3, 0.6, 0.9]
-    from facegen.tracking import read_offline_run, run_id
+    from facegen.tracking import run_id
+    from wandb_offline import read_offline_run
 
     logged = read_offline_run(str(out / "wandb"), run_id=run_id("cemiface-cpu", "train-generator"))
     curves = [row for row in logged.history if "control/spearman" in row]

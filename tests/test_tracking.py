@@ -7,7 +7,8 @@ import sys
 import pytest
 
 from facegen.config import config_from_dict
-from facegen.tracking import Tracker, read_offline_run, resolve_mode, run_id, start_run
+from facegen.tracking import Tracker, resolve_mode, run_id, start_run
+from wandb_offline import read_offline_run
 
 
 @pytest.fixture(autouse=True)

@@ -71,7 +71,7 @@ def _local_worker(rank: int, tmp: str, shards: str) -> None:
 
 @pytest.mark.slow
 def test_killed_worker_resumes_and_matches_an_uninterrupted_run(tmp_path, ray_local):
-    from facegen.tracking import read_offline_run
+    from wandb_offline import read_offline_run
 
     shards = tmp_path / "shards"
     make_shard_set(shards, per_class=8)  # 48 rows: 6 global batches of 8 per epoch
