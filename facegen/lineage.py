@@ -89,7 +89,7 @@ def settings_digest(*parts: Any) -> str:
 def raw_digest(cfg: FacegenConfig) -> str:
     """What shapes a raw block: seed, block size, the chosen generator backend's settings and the
     face settings (embedder by content). Other backends' sections are left out."""
-    from facegen.generators import BACKENDS
+    from facegen.config.generation import BACKENDS
 
     generator = _digestible(cfg.generator)
     for backend in BACKENDS:

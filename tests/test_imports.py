@@ -89,3 +89,11 @@ def test_even_imports_inside_functions_make_no_cycle_but_mtcnns_backend_choice()
     graph = _module_level_imports(in_functions=True)
     assert "facegen.lineage" in graph["facegen.shards"] and "facegen.shards" not in graph["facegen.lineage"]
     assert _cycles(graph) == [["facegen.models.mtcnn", "facegen.models.mtcnn_torch"]]
+
+
+def test_settings_import_only_settings():
+    """facegen.config validates YAML without importing the code the settings configure (even lazily)."""
+    graph = _module_level_imports(in_functions=True)
+    reached = {m: sorted(i for i in imports if not i.startswith("facegen.config") and i != "facegen")
+               for m, imports in graph.items() if m.startswith("facegen.config")}
+    assert {m: i for m, i in reached.items() if i} == {}

@@ -12,6 +12,8 @@ from facegen.config.rerender import RerenderSettings
 from facegen.config.resources import PooledSection, PoolSettings
 
 
+#: Names accepted by ``generator.backend`` (:func:`facegen.generators.generator_class` builds them).
+BACKENDS = ("parametric", "diffusion", "hybrid", "stylegan2", "dcgan")
 #: The generator backends whose identities are GAN latents (:mod:`facegen.generators.gan`).
 GAN_BACKENDS = ("stylegan2", "dcgan")
 
@@ -146,8 +148,6 @@ class ReferenceSettings(_Section):
     @field_validator("backend")
     @classmethod
     def _known_backend(cls, v: str) -> str:
-        from facegen.generators import BACKENDS
-
         allowed = ("text_to_image", "photos", "identities") + tuple(b for b in BACKENDS if b != "hybrid")
         if v not in allowed:
             raise ValueError(f"unknown reference backend {v!r}, expected one of {', '.join(allowed)}")
@@ -349,7 +349,7 @@ class DiscoSettings(_Section):
 class GeneratorSettings(PooledSection):
     """Which backend renders images and how its Ray Data actor pool is sized."""
 
-    backend: Literal["parametric", "diffusion", "hybrid", "stylegan2", "dcgan"] = "parametric"
+    backend: Literal[BACKENDS] = "parametric"
     images_per_identity: int = Field(default=20, ge=1)
     batch_size: int = Field(default=8, ge=1, description="identities per generator call inside a block")
     pool: PoolSettings = Field(default_factory=PoolSettings, description="the generate stage's Ray Data actor pool: each "

@@ -10,6 +10,10 @@ from facegen.config._base import _Section
 from facegen.config.faces import DetectorSettings
 from facegen.config.resources import PooledSection, PoolSettings
 
+#: The attributes ``facegen directions`` estimates itself (:mod:`facegen.identities.directions`):
+#: pose from the landmarks, lighting from the aligned crop.
+ESTIMATED_ATTRIBUTES = ("yaw", "pitch", "roll", "illumination", "brightness")
+
 
 class LangevinSettings(_Section):
     """Brownian identity diffusion (ALGORITHMS.md 2): soft-sphere repulsion of radius d0 between
@@ -188,23 +192,19 @@ class DirectionsSettings(_Section):
     @field_validator("classifiers")
     @classmethod
     def _distinct_outputs(cls, classifiers: list[ClassifierSettings]) -> list[ClassifierSettings]:
-        from facegen.identities.directions import ATTRIBUTES
-
         classified = [o for c in classifiers for o in c.outputs if o != "_"]
-        clashes = sorted({o for o in classified if o in ATTRIBUTES or classified.count(o) > 1})
+        clashes = sorted({o for o in classified if o in ESTIMATED_ATTRIBUTES or classified.count(o) > 1})
         if clashes:
-            raise ValueError(f"outputs {clashes} name a built-in estimator ({', '.join(ATTRIBUTES)}) or another "
+            raise ValueError(f"outputs {clashes} name a built-in estimator ({', '.join(ESTIMATED_ATTRIBUTES)}) or another "
                              "classifier's output; rename them")
         return classifiers
 
     @model_validator(mode="after")
     def _known_attributes(self) -> "DirectionsSettings":
-        from facegen.identities.directions import ATTRIBUTES
-
         classified = self.classified()
-        unknown = [a for a in self.attributes if a not in ATTRIBUTES and a not in classified]
+        unknown = [a for a in self.attributes if a not in ESTIMATED_ATTRIBUTES and a not in classified]
         if unknown and self.labelled is None:
-            raise ValueError(f"attributes: {unknown} are not facegen's estimators ({', '.join(ATTRIBUTES)}) nor a "
+            raise ValueError(f"attributes: {unknown} are not facegen's estimators ({', '.join(ESTIMATED_ATTRIBUTES)}) nor a "
                              "classifier's outputs; other attributes come from a labelled folder (directions.labelled)")
         return self
 

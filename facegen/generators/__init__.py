@@ -14,8 +14,7 @@ import importlib
 
 import numpy as np
 
-#: Names accepted by ``generator.backend``.
-BACKENDS = ("parametric", "diffusion", "hybrid", "stylegan2", "dcgan")
+from facegen.config.generation import BACKENDS  # noqa: F401  (re-exported: the names generator_class knows)
 
 _CLASSES = {
     "parametric": ("facegen.generators.parametric", "ParametricGenerator"),

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-ATTRIBUTES = ("yaw", "pitch", "roll", "illumination", "brightness")
+from facegen.config.identities import ESTIMATED_ATTRIBUTES as ATTRIBUTES
 
 
 def landmark_pose(landmarks: np.ndarray) -> dict[str, np.ndarray]:
