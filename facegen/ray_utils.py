@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
+from collections.abc import Iterator
 
 from facegen.config import RaySettings, StorageSettings
 
@@ -215,10 +217,18 @@ def start_local_ray(**init_kwargs: object) -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    saved = {name: os.environ.get(name) for name in ("RAY_ADDRESS", GCS_PORT_ENV)}
-    os.environ.update({"RAY_ADDRESS": f"127.0.0.1:{port}", GCS_PORT_ENV: str(port)})
-    try:
+    with environment({"RAY_ADDRESS": f"127.0.0.1:{port}", GCS_PORT_ENV: str(port)}):
         ray.init(address="local", _node_ip_address="127.0.0.1", **init_kwargs)
+
+
+@contextlib.contextmanager
+def environment(values: dict[str, str]) -> Iterator[None]:
+    """``values`` set in this process's environment for the block, then each name as it was
+    (removed again where it was unset)."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
     finally:
         for name, value in saved.items():
             if value is None:

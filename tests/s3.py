@@ -41,17 +41,10 @@ def moto_server() -> Iterator[str]:
 @contextlib.contextmanager
 def s3_env(endpoint: str) -> Iterator[None]:
     """This process reads and writes ``s3://`` through ``endpoint`` with the test credentials."""
-    keys = {**CREDENTIALS, "AWS_ENDPOINT_URL": endpoint}
-    saved = {k: os.environ.get(k) for k in keys}
-    os.environ.update(keys)
-    try:
+    from facegen.ray_utils import environment
+
+    with environment({**CREDENTIALS, "AWS_ENDPOINT_URL": endpoint}):
         yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def upload(local: str, uri: str) -> None:
