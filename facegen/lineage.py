@@ -81,8 +81,10 @@ def _input_digest(path: str, kind: str) -> str:
 
 
 def settings_digest(*parts: Any) -> str:
-    """Digest (16 hex) of settings sections and plain values, scheduling fields left out."""
-    plain = [_digestible(p) if isinstance(p, BaseModel) else p for p in parts]
+    """Digest (16 hex) of settings sections, lists of them and plain values, scheduling fields left out."""
+    plain = [_digestible(p) if isinstance(p, BaseModel)
+             else [_digestible(v) if isinstance(v, BaseModel) else v for v in p] if isinstance(p, list) else p
+             for p in parts]
     return short_digest(json.dumps(plain, sort_keys=True, default=str).encode())
 
 

@@ -92,3 +92,14 @@ def test_the_old_pool_fields_still_load_and_mixing_both_spellings_names_the_new_
         config_from_dict({"generator": {"concurrency": 3, "pool": {"min_size": 2}}}, "x.yaml")
     with pytest.raises(ConfigError, match=r"generator.pool: max_size \(1\) must be >= min_size \(2\)"):
         config_from_dict({"generator": {"pool": {"min_size": 2, "max_size": 1}}}, "x.yaml")
+
+
+def test_every_yaml_example_in_the_readme_is_a_valid_config():
+    import re
+
+    import yaml
+
+    blocks = re.findall(r"```yaml\n(.*?)```", (Path(__file__).resolve().parents[1] / "README.md").read_text(), re.S)
+    assert len(blocks) >= 2
+    for block in blocks:
+        config_from_dict(yaml.safe_load(block), "README.md")

@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from facegen.clean.block import Experts, vote_block
+from facegen.clean.block import vote_block
 from facegen.clean.fusion import fuse, rows_needing
-from facegen.clean.independent import IndependentExpert, load_embedder
+from facegen.clean.independent import IndependentExpert, IndependentSettings, load_embedder
 from facegen.clean.votes import ABSTAIN, DROP, KEEP, ExpertVotes
-from facegen.clean.vlm import VlmExpert
-from facegen.config import CleanSettings, EmbedderSettings, FusionSettings, IndependentSettings, VlmSettings
+from facegen.clean.vlm import VlmExpert, VlmSettings
+from facegen.config import CleanSettings, EmbedderSettings, FusionSettings
 from facegen.models.iresnet import iresnet18
 from facegen.models.iresnet_checkpoint import save_backbone
 from planted import ChatServer, planted_block
@@ -38,11 +38,14 @@ def test_default_rules_drop_on_agreement_and_defer_disagreement_to_the_vlm():
 
 
 def test_rules_come_from_the_config():
-    settings = CleanSettings.model_validate({"fusion": {"rules": [{"when": {"vlm": "drop"}, "then": "drop"}], "default": "keep"}}).fusion
+    settings = CleanSettings.model_validate({"experts": [{"kind": "vlm"}],
+                                             "fusion": {"rules": [{"when": {"vlm": "drop"}, "then": "drop"}], "default": "keep"}}).fusion
     fused = fuse({"vlm": votes("vlm", [DROP, KEEP, ABSTAIN])}, settings, 3)
     assert fused.keep.tolist() == [False, True, True] and fused.rule.tolist() == [0, -1, -1]
-    with pytest.raises(ValueError, match="then"):
+    with pytest.raises(ValueError, match=r"fusion.rules\[0\]: oracle is not a configured expert \(configured: cluster;"):
         CleanSettings.model_validate({"fusion": {"rules": [{"then": "oracle"}]}})
+    with pytest.raises(ValueError, match=r"fusion.rules\[1\]: vlm is not a configured expert"):  # a rule for an expert left out
+        CleanSettings.model_validate({"fusion": {"rules": [{"then": "cluster"}, {"when": {"vlm": "drop"}, "then": "drop"}]}})
 
 
 def precision_recall(table):
@@ -58,7 +61,7 @@ def second_model(tmp_path_factory):
     torch.manual_seed(0)  # an untrained IResNet still maps equal patterns close together
     folder = tmp_path_factory.mktemp("independent")
     save_backbone(str(folder), iresnet18(width=8).eval(), "iresnet18", 8, 512)
-    return IndependentExpert(load_embedder(EmbedderSettings(path=str(folder))), IndependentSettings(enabled=True, percentile=10))
+    return IndependentExpert(load_embedder(EmbedderSettings(path=str(folder))), IndependentSettings(percentile=10))
 
 
 def test_planted_noise_cluster_alone_and_fusion(second_model, tmp_path):
@@ -67,8 +70,8 @@ def test_planted_noise_cluster_alone_and_fusion(second_model, tmp_path):
     alone, _, _ = vote_block(table, 0, settings)
     p_cluster, r_cluster = precision_recall(alone)
     with ChatServer(64) as server:
-        vlm = VlmExpert(VlmSettings(enabled=True, base_url=server.base_url, thumbnail=64, requests_per_minute=6000), str(tmp_path / "vlm"))
-        fused, _, stats = vote_block(table, 0, settings, Experts(independent=second_model, vlm=vlm))
+        vlm = VlmExpert(VlmSettings(base_url=server.base_url, thumbnail=64, requests_per_minute=6000), str(tmp_path / "vlm"))
+        fused, _, stats = vote_block(table, 0, settings, [second_model, vlm])
         asked = len(server.requests)
     p_fusion, r_fusion = precision_recall(fused)
     print(f"cluster alone: precision {p_cluster:.3f} recall {r_cluster:.3f}; fusion: precision {p_fusion:.3f} recall {r_fusion:.3f}")

@@ -5,9 +5,9 @@ import numpy as np
 from insightface.data import get_image
 
 from facegen.clean.augment import augment_face
-from facegen.clean.independent import IndependentExpert, load_embedder
+from facegen.clean.independent import IndependentExpert, IndependentSettings, load_embedder
 from facegen.clean.view import block_view
-from facegen.config import AugmentSettings, DetectorSettings, EmbedderSettings, IndependentSettings
+from facegen.config import AugmentSettings, DetectorSettings, EmbedderSettings
 from facegen.faces.align import align_face
 from facegen.faces.detect import build_detector
 from facegen.images import encode_image
@@ -32,7 +32,7 @@ def test_dlib_flags_other_people_inside_an_identity():
     schema = sample_schema(128)
     view = block_view(table_from_batch(rows_to_batch(rows, schema), schema))
 
-    votes = IndependentExpert(dlib, IndependentSettings(enabled=True, percentile=15)).vote(view, [7])
+    votes = IndependentExpert(dlib, IndependentSettings(percentile=15)).vote(view, [7])
     assert votes.vote.tolist() == [1] * 10 + [0] * 2  # the two strangers, and only they, fall below the threshold
     assert votes.info["judged"] == 12 and 0 < votes.info["threshold"] < 1
     assert all("independent: cos" in r for r in votes.reason)

@@ -10,8 +10,7 @@ import pyarrow.compute as pc
 
 from facegen import storage
 from facegen.clean.view import block_view
-from facegen.clean.vlm import VlmExpert, parse_answer, render_grid
-from facegen.config import VlmSettings
+from facegen.clean.vlm import VlmExpert, VlmSettings, parse_answer, render_grid
 from planted import ChatServer, judge, planted_block
 
 THUMB = 64
@@ -40,7 +39,7 @@ def make_block():
 
 
 def settings(**kw):
-    base = dict(enabled=True, model="stand-in", thumbnail=THUMB, timeout_s=0.5, max_attempts=8, backoff_s=0.05,
+    base = dict(model="stand-in", thumbnail=THUMB, timeout_s=0.5, max_attempts=8, backoff_s=0.05,
                 backoff_max_s=0.2, concurrency=2, requests_per_minute=300)
     return VlmSettings(**{**base, **kw})
 
@@ -87,8 +86,7 @@ KILLED_RUN = """
 import sys
 from facegen import storage
 from facegen.clean.view import block_view
-from facegen.clean.vlm import VlmExpert
-from facegen.config import VlmSettings
+from facegen.clean.vlm import VlmExpert, VlmSettings
 view = block_view(storage.read_table(sys.argv[1]))
 settings = VlmSettings.model_validate_json(sys.argv[2])
 VlmExpert(settings, sys.argv[3]).vote(view, sorted(view.groups))

@@ -8,8 +8,7 @@ and the final pass for one block on its own (no cross-block steps), as tests and
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -43,7 +42,8 @@ def centres_schema(dim: int) -> pa.Schema:
 
 
 class Expert(Protocol):
-    """An expert that can be asked about some identities of a block."""
+    """An expert that can be asked about some identities of a block (built by its module's ``build``
+    from its entry of ``clean.experts``; :data:`facegen.config.clean.EXPERTS`)."""
 
     name: str
 
@@ -51,16 +51,12 @@ class Expert(Protocol):
         """Votes over all rows of ``view`` (rows of other identities abstain)."""
 
 
-@dataclass
-class Experts:
-    """The optional experts of a run (the cluster expert always runs)."""
+def build_experts(settings: CleanSettings, **context: Any) -> list[Expert]:
+    """The configured experts in ``clean.experts`` order (the order they are asked in); ``context``
+    is what a kind's ``build`` may use: ``stage_dir(name)``, the run's folder for a stage's files."""
+    from facegen.config.clean import EXPERTS
 
-    independent: Expert | None = None
-    vlm: Expert | None = None
-
-    def ordered(self) -> list[Expert]:
-        """Cheap before costly: the VLM is asked only where the others leave the decision open."""
-        return [e for e in (self.independent, self.vlm) if e is not None]
+    return [EXPERTS.build(s, **context) for s in settings.experts]
 
 
 def _drop_reason(votes: dict[str, ExpertVotes], row: int) -> str:
@@ -68,18 +64,18 @@ def _drop_reason(votes: dict[str, ExpertVotes], row: int) -> str:
     return "; ".join(reasons) or "dropped by fusion"
 
 
-def vote_block(table: pa.Table, block_id: int, settings: CleanSettings, experts: Experts | None = None) -> tuple[pa.Table, pa.Table, dict[str, Any]]:
-    """Run the experts and the fusion on one block; returns (CLEAN rows, centres rows, stats)."""
+def vote_block(table: pa.Table, block_id: int, settings: CleanSettings, experts: Sequence[Expert] = ()) -> tuple[pa.Table, pa.Table, dict[str, Any]]:
+    """Run the cluster expert, then ``experts`` in order, and the fusion on one block; returns
+    (CLEAN rows, centres rows, stats)."""
     from facegen.clean.thresholds import resolve_clean_settings
 
     settings = resolve_clean_settings(settings)
-    experts = experts or Experts()
     view = block_view(table)
     n = view.num_rows
     votes: dict[str, ExpertVotes] = {"cluster": cluster_votes(view, settings.dbscan)}
-    pending = {e.name for e in experts.ordered()}
+    pending = {e.name for e in experts}
     asked: dict[str, int] = {}
-    for expert in experts.ordered():
+    for expert in experts:
         need = rows_needing(expert.name, votes, settings.fusion, n, pending) & view.usable
         identities = sorted({int(i) for i in view.identity[need]})
         asked[expert.name] = len(identities)
@@ -154,7 +150,7 @@ def combine_stats(expert_stats: dict[str, Any], final_stats: dict[str, Any]) -> 
 
 
 def clean_block(table: pa.Table, settings: CleanSettings, seed: int, embed_fn: EmbedFn | None = None, *,
-                experts: Experts | None = None, block_id: int = 0, jpeg_quality: int = 95) -> tuple[pa.Table, dict[str, Any]]:
+                experts: Sequence[Expert] = (), block_id: int = 0, jpeg_quality: int = 95) -> tuple[pa.Table, dict[str, Any]]:
     """Expert pass and final pass of one block on its own (no dedup or leakage across blocks)."""
     from facegen.clean.finish import finish_block
 

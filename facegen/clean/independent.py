@@ -16,11 +16,27 @@ import numpy as np
 
 from facegen.clean.view import BlockView
 from facegen.clean.votes import DROP, KEEP, ExpertVotes
-from facegen.config import EmbedderSettings, IndependentSettings
+from typing import Literal
+
+from pydantic import Field
+
+from facegen.config.clean import ExpertSettings
+from facegen.config.faces import EmbedderSettings
 from facegen.vectors import l2_normalize
 
 EmbedFn = Callable[[np.ndarray], np.ndarray]
 EMBED_CHUNK = 128
+
+
+class IndependentSettings(ExpertSettings):
+    """A second FR model flags samples far from their identity centre (threshold calibrated per block)."""
+
+    kind: Literal["independent"] = "independent"
+    embedder: EmbedderSettings = EmbedderSettings()
+    percentile: float = Field(default=10.0, gt=0.0, lt=100.0, description="of within-identity cos to centre")
+
+
+SETTINGS = IndependentSettings
 
 
 def load_embedder(settings: EmbedderSettings) -> EmbedFn:
@@ -28,7 +44,7 @@ def load_embedder(settings: EmbedderSettings) -> EmbedFn:
     from facegen.faces.embed import build_embedder
 
     if not settings.enabled:
-        raise ValueError("clean.independent.embedder.path: the independent expert needs a second FR model (or kind: dlib)")
+        raise ValueError("clean.experts (independent): embedder.path: the independent expert needs a second FR model (or kind: dlib)")
     return build_embedder(settings).embed
 
 
@@ -42,10 +58,9 @@ def trimmed_centre(unit: np.ndarray) -> np.ndarray:
 class IndependentExpert:
     """Votes from a second FR model's similarity to a trimmed identity centre."""
 
-    name = "independent"
-
     def __init__(self, embed_fn: EmbedFn, settings: IndependentSettings):
         self.embed_fn, self.settings = embed_fn, settings
+        self.name = settings.expert_name
 
     @classmethod
     def from_settings(cls, settings: IndependentSettings) -> "IndependentExpert":
@@ -88,3 +103,8 @@ class IndependentExpert:
         votes.info = {"threshold": threshold, "percentile": self.settings.percentile, "judged": int(judged.size),
                       "cos_mean": float(cos[judged].mean())}
         return votes
+
+
+def build(settings: IndependentSettings, **context: object) -> IndependentExpert:
+    """The expert of ``settings`` (the stage's context is not needed)."""
+    return IndependentExpert.from_settings(settings)

@@ -20,8 +20,23 @@ def _merge_band(parts: list[dict[str, Any]]) -> dict[str, Any]:
     return {"count": count, **weighted, "histogram": histogram}
 
 
+def _merge_figures(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One expert's per-block figures over all blocks: counts summed, measurements as min / mean / max."""
+    out: dict[str, Any] = {}
+    for key in sorted({k for p in parts for k in p} - {"votes"}):
+        values = [p[key] for p in parts if isinstance(p.get(key), (int, float)) and not isinstance(p.get(key), bool)]
+        if not values:
+            continue
+        if all(isinstance(v, int) for v in values):
+            out[key] = int(sum(values))
+        else:
+            out[key] = {"blocks": len(values), "min": float(min(values)), "mean": float(np.mean(values)), "max": float(max(values))}
+    return out
+
+
 def clean_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """Similarity-to-centre distribution before/after selection, expert votes and fusion, summed over blocks."""
+    """Similarity-to-centre distribution before/after selection, expert votes, each expert's own
+    figures (e.g. the independent expert's thresholds, the VLM's answers) and fusion, over all blocks."""
     votes: dict[str, Counter] = {}
     info: dict[str, list[dict[str, Any]]] = {}
     rules: Counter = Counter()
@@ -30,10 +45,6 @@ def clean_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
             votes.setdefault(name, Counter()).update(data.get("votes", {}))
             info.setdefault(name, []).append(data)
         rules.update(r.get("fusion_rules_fired") or {})
-    thresholds = [d["threshold"] for d in info.get("independent", []) if d.get("threshold") is not None]
-    vlm = Counter()
-    for d in info.get("vlm", []):
-        vlm.update({k: d.get(k, 0) for k in ("asked", "answered", "unparsable", "failed", "cached")})
     sims = [r.get("similarity_to_centre") or {} for r in records]
     return {
         "similarity_to_centre": {
@@ -42,9 +53,7 @@ def clean_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
             "after_selection": _merge_band([s.get("after_selection") for s in sims]),
         },
         "expert_votes": {name: dict(c) for name, c in votes.items()},
-        "independent_thresholds": {"blocks": len(thresholds), "min": min(thresholds), "max": max(thresholds),
-                                   "mean": float(np.mean(thresholds))} if thresholds else None,
-        "vlm": dict(vlm) if vlm else None,
+        "experts": {name: _merge_figures(parts) for name, parts in info.items()},
         "fusion_rules_fired": dict(rules),
     }
 

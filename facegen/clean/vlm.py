@@ -18,16 +18,38 @@ import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Callable, Literal
 
 import cv2
 import numpy as np
+from pydantic import Field
 
 from facegen import storage
 from facegen.clean.view import BlockView
 from facegen.clean.votes import DROP, KEEP, ExpertVotes
-from facegen.config import VlmSettings
+from facegen.config.clean import ExpertSettings
 from facegen.images import encode_image
+
+
+class VlmSettings(ExpertSettings):
+    """Vision-language verifier on an OpenAI-compatible chat-completions endpoint (GPT-4o, vLLM)."""
+
+    kind: Literal["vlm"] = "vlm"
+    base_url: str | None = Field(default=None, description="e.g. http://host:8000/v1; env FACEGEN_VLM_BASE_URL")
+    model: str = "gpt-4o"
+    api_key_env: str = Field(default="OPENAI_API_KEY", description="environment variable holding the key")
+    max_images: int = Field(default=64, ge=2, description="faces per grid; later ones are not judged")
+    thumbnail: int = Field(default=96, ge=32, le=224, description="pixels per face in the grid")
+    timeout_s: float = Field(default=120.0, gt=0.0)
+    max_attempts: int = Field(default=5, ge=1)
+    backoff_s: float = Field(default=1.0, ge=0.0, description="first retry delay, doubled each attempt")
+    backoff_max_s: float = Field(default=30.0, ge=0.0)
+    concurrency: int = Field(default=4, ge=1, description="requests in flight per cleaning actor")
+    requests_per_minute: float = Field(default=60.0, gt=0.0, description="per cleaning actor")
+    cache_dir: str | None = Field(default=None, description="default <run.output_dir>/clean_vlm_cache")
+
+
+SETTINGS = VlmSettings
 
 PROMPT_VERSION = 1
 PROMPT = (
@@ -105,15 +127,14 @@ def _retry_after(exc: Exception) -> float | None:
 class VlmExpert:
     """Asks the endpoint about whole identities; one cached answer per identity and image set."""
 
-    name = "vlm"
-
     def __init__(self, settings: VlmSettings, cache_dir: str):
         from openai import OpenAI
 
         base_url = settings.base_url or os.environ.get("FACEGEN_VLM_BASE_URL")
         if not base_url:
-            raise ValueError("clean.vlm.base_url: no endpoint (set it, or FACEGEN_VLM_BASE_URL)")
+            raise ValueError(f"clean.experts ({settings.expert_name}): base_url: no endpoint (set it, or FACEGEN_VLM_BASE_URL)")
         self.settings, self.cache_dir = settings, cache_dir.rstrip("/")
+        self.name = settings.expert_name
         self.client = OpenAI(base_url=base_url, api_key=os.environ.get(settings.api_key_env) or "EMPTY",
                              timeout=settings.timeout_s, max_retries=0)
         self.limiter = RateLimiter(settings.requests_per_minute)
@@ -183,3 +204,8 @@ class VlmExpert:
             votes.set(rows[~out], KEEP, 0.9, "vlm: the majority person")
         votes.info = {"asked": len(jobs), **counts}
         return votes
+
+
+def build(settings: VlmSettings, stage_dir: Callable[[str], str], **context: object) -> VlmExpert:
+    """The expert of ``settings``; answers are cached in ``cache_dir`` or the run's ``clean_vlm_cache``."""
+    return VlmExpert(settings, settings.cache_dir or stage_dir("clean_vlm_cache"))

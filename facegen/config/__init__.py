@@ -71,13 +71,12 @@ from facegen.config.clean import (  # noqa: F401  (re-exported: one import path 
     CleanSettings,
     DbscanSettings,
     DedupSettings,
+    ExpertSettings,
     FusionRule,
     FusionSettings,
-    IndependentSettings,
     LeakageSettings,
     SearchSettings,
     SelectionSettings,
-    VlmSettings,
 )
 from facegen.config.generator_training import (  # noqa: F401  (re-exported: one import path for every setting)
     CemiFaceNetSettings,

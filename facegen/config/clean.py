@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, Field, model_validator
+from pydantic import AfterValidator, Field, SerializeAsAny, field_validator, model_validator
 
 from facegen.config._base import _Section
+from facegen.config.components import ComponentTable, ComponentSettings
 from facegen.config.faces import EmbedderSettings
 from facegen.config.resources import PooledSection, PoolSettings, TaskSettings
 
@@ -91,38 +92,40 @@ class AugmentSettings(_Section):
     low_res_factor: float = Field(default=0.5, gt=0.0, le=1.0)
 
 
-class IndependentSettings(_Section):
-    """A second FR model flags samples far from their identity centre (threshold calibrated per block)."""
+class ExpertSettings(ComponentSettings):
+    """What every cleaning expert's settings share. ``kind`` names its module (:data:`EXPERTS`);
+    ``name`` is what its votes are called in the rows and in ``clean.fusion.rules`` (default: the
+    kind), so one kind can vote twice (two independent FR models)."""
 
-    enabled: bool = False
-    embedder: EmbedderSettings = EmbedderSettings()
-    percentile: float = Field(default=10.0, gt=0.0, lt=100.0, description="of within-identity cos to centre")
+    name: str | None = Field(default=None, pattern=r"^[a-z][a-z0-9_]*$", description="the votes' name (default: kind)")
+
+    @property
+    def expert_name(self) -> str:
+        """The name the votes and the fusion rules use."""
+        return self.name or self.kind
 
 
-class VlmSettings(_Section):
-    """Vision-language verifier on an OpenAI-compatible chat-completions endpoint (GPT-4o, vLLM)."""
-
-    enabled: bool = False
-    base_url: str | None = Field(default=None, description="e.g. http://host:8000/v1; env FACEGEN_VLM_BASE_URL")
-    model: str = "gpt-4o"
-    api_key_env: str = Field(default="OPENAI_API_KEY", description="environment variable holding the key")
-    max_images: int = Field(default=64, ge=2, description="faces per grid; later ones are not judged")
-    thumbnail: int = Field(default=96, ge=32, le=224, description="pixels per face in the grid")
-    timeout_s: float = Field(default=120.0, gt=0.0)
-    max_attempts: int = Field(default=5, ge=1)
-    backoff_s: float = Field(default=1.0, ge=0.0, description="first retry delay, doubled each attempt")
-    backoff_max_s: float = Field(default=30.0, ge=0.0)
-    concurrency: int = Field(default=4, ge=1, description="requests in flight per cleaning actor")
-    requests_per_minute: float = Field(default=60.0, gt=0.0, description="per cleaning actor")
-    cache_dir: str | None = Field(default=None, description="default <run.output_dir>/clean_vlm_cache")
-
+#: The cleaning experts besides the cluster expert (which always votes): kind -> its module, which
+#: declares ``SETTINGS`` and ``build(settings, stage_dir=...)`` (:mod:`facegen.config.components`).
+EXPERTS = ComponentTable("clean.experts", ExpertSettings, {
+    "independent": "facegen.clean.independent",
+    "vlm": "facegen.clean.vlm",
+})
+#: The sections that configured the experts before ``clean.experts`` (still read).
+LEGACY_EXPERTS = ("independent", "vlm")
+#: The expert that always votes: per-identity DBSCAN (``clean.dbscan``).
+CLUSTER_EXPERT = "cluster"
 
 class FusionRule(_Section):
     """If every expert named in ``when`` voted as given, ``then`` decides: keep, drop, or an expert's
     own vote (when that expert abstained, the next rule is tried)."""
 
-    when: dict[Literal["cluster", "independent", "vlm"], Literal["keep", "drop", "abstain"]] = {}
-    then: Literal["keep", "drop", "cluster", "independent", "vlm"]
+    when: dict[str, Literal["keep", "drop", "abstain"]] = Field(default={}, description="expert name -> its vote")
+    then: str = Field(description="keep, drop, or an expert's name (its own vote)")
+
+    def experts(self) -> list[str]:
+        """The expert names this rule reads."""
+        return [*self.when, *([] if self.then in ("keep", "drop") else [self.then])]
 
 
 def _default_rules() -> list[FusionRule]:
@@ -137,7 +140,8 @@ def _default_rules() -> list[FusionRule]:
 class FusionSettings(_Section):
     """How expert votes become one decision per sample: the first rule that decides wins."""
 
-    rules: list[FusionRule] = Field(default_factory=_default_rules)
+    rules: list[FusionRule] = Field(default_factory=_default_rules, description="the default names independent and vlm, "
+                                    "which abstain when not configured")
     default: Literal["keep", "drop"] = "keep"
 
 
@@ -232,8 +236,10 @@ class CleanSettings(PooledSection):
     """Cleaning: expert votes fused per sample, dedup and leakage over all identities, selection, top-up."""
 
     dbscan: DbscanSettings = DbscanSettings()
-    independent: IndependentSettings = IndependentSettings()
-    vlm: VlmSettings = VlmSettings()
+    experts: list[SerializeAsAny[ExpertSettings]] = Field(
+        default_factory=list, description="experts voting beside the cluster expert, asked in this order (cheap before "
+        "costly: an expert is asked only about rows the fusion rules could still give to it); each a mapping with "
+        f"kind ({', '.join(EXPERTS.kinds)}) and its settings")
     fusion: FusionSettings = FusionSettings()
     selection: SelectionSettings = SelectionSettings()
     dedup: DedupSettings = DedupSettings()
@@ -246,3 +252,56 @@ class CleanSettings(PooledSection):
     pool: PoolSettings = Field(default_factory=PoolSettings, description="actor pool of the expert and final passes")
     global_task: TaskSettings = Field(default_factory=lambda: TaskSettings(num_cpus=1.0),
                                       description="the Ray task of dedup + leakage (a GPU for faiss where configured)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_experts(cls, data: Any) -> Any:
+        """``independent: {enabled: ...}`` and ``vlm: {enabled: ...}`` sections (before ``experts``)
+        become entries of ``experts``; both spellings at once is an error naming the new one."""
+        if not isinstance(data, dict) or not any(k in data for k in LEGACY_EXPERTS):
+            return data
+        data = dict(data)
+        if data.get("experts"):
+            old = next(k for k in LEGACY_EXPERTS if k in data)
+            raise ValueError(f"{old} is now an entry of experts ({{kind: {old}, ...}}); give only experts")
+        experts = []
+        for kind in LEGACY_EXPERTS:
+            section = data.pop(kind, None)
+            if section is None:
+                continue
+            if not isinstance(section, dict):
+                raise ValueError(f"{kind}: expected a mapping (now written as experts: [{{kind: {kind}, ...}}])")
+            section = dict(section)
+            if section.pop("enabled", False):
+                experts.append({"kind": kind, **section})
+        data["experts"] = experts
+        return data
+
+    @field_validator("experts", mode="before")
+    @classmethod
+    def _expert_settings(cls, value: Any) -> Any:
+        if not isinstance(value, list):
+            return value
+        built = []
+        for i, item in enumerate(value):
+            try:
+                built.append(EXPERTS.settings(item))
+            except ValueError as exc:
+                raise ValueError(f"[{i}]: {exc}") from None
+        return built
+
+    @model_validator(mode="after")
+    def _fusion_names_known(self) -> "CleanSettings":
+        names = [e.expert_name for e in self.experts]
+        twice = sorted({n for n in names if names.count(n) > 1} | ({CLUSTER_EXPERT} & set(names)))
+        if twice:
+            raise ValueError(f"experts: {twice[0]} names two experts: give one a name")
+        configured = {CLUSTER_EXPERT, *names}
+        explicit = self.fusion.rules != _default_rules()  # the defaults, also as a dumped config repeats them
+        for i, rule in enumerate(self.fusion.rules):
+            for name in rule.experts():
+                if name in configured or (not explicit and name in EXPERTS.kinds):
+                    continue  # the default rules name the built-in experts, which abstain when not configured
+                raise ValueError(f"fusion.rules[{i}]: {name} is not a configured expert (configured: "
+                                 f"{', '.join(sorted(configured))}; experts are set in clean.experts)")
+        return self

@@ -51,7 +51,7 @@ def votes_digest(cfg: FacegenConfig) -> str:
     from facegen.lineage import settings_digest
 
     c = cfg.clean
-    return settings_digest(cfg.run.seed, c.dbscan, c.independent, c.vlm, c.fusion, cfg.faces, CENTRES_FORMAT)
+    return settings_digest(cfg.run.seed, c.dbscan, c.experts, c.fusion, cfg.faces, CENTRES_FORMAT)
 
 
 class BlockVoter(BlockWorker):
@@ -59,21 +59,13 @@ class BlockVoter(BlockWorker):
 
     def __init__(self, cfg_json: str, raw_dir: str, votes_dir: str, config_digest: str):
         from facegen.cache import localized
-        from facegen.clean.block import Experts
+        from facegen.clean.block import build_experts
 
         self.cfg = FacegenConfig.model_validate_json(cfg_json)
         self.raw_dir, self.votes_dir, self.config_digest = raw_dir, votes_dir, config_digest
-        settings = self.cfg.clean
-        self.experts = Experts()
-        if settings.independent.enabled:
-            from facegen.clean.independent import IndependentExpert
-
-            self.experts.independent = IndependentExpert.from_settings(localized(settings.independent, "clean.independent"))
-        if settings.vlm.enabled:
-            from facegen.clean.vlm import VlmExpert
-
-            cache = settings.vlm.cache_dir or self.cfg.stage_dir("clean_vlm_cache")
-            self.experts.vlm = VlmExpert(settings.vlm, cache)
+        clean = self.cfg.clean.model_copy(update={"experts": [
+            localized(e, f"clean.experts[{i}]") for i, e in enumerate(self.cfg.clean.experts)]})
+        self.experts = build_experts(clean, stage_dir=self.cfg.stage_dir)
 
     def make(self, row: dict[str, Any]) -> dict[str, Any]:
         """Vote on the block of a ``{"block_id", "source_sha256"}`` row."""

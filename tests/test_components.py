@@ -1,0 +1,122 @@
+"""Components that own their settings: a cleaning expert is one module plus one registration line."""
+
+import textwrap
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from facegen.clean.block import build_experts, vote_block
+from facegen.clean.independent import IndependentSettings
+from facegen.clean.vlm import VlmSettings
+from facegen.config import CleanSettings, ConfigError, FacegenConfig, load_config
+from facegen.config.clean import EXPERTS
+from facegen.images import decode_image, encode_image
+from facegen.stages.clean import votes_digest
+from planted import planted_block
+
+THROWAWAY = '''
+"""An expert that drops frames darker than a mean level (a throwaway for the registration test)."""
+from typing import Literal
+
+from facegen.clean.votes import DROP, KEEP, ExpertVotes
+from facegen.config.clean import ExpertSettings
+
+
+class DarkFrameSettings(ExpertSettings):
+    kind: Literal["dark_frame"] = "dark_frame"
+    max_mean: float = 40.0
+
+
+SETTINGS = DarkFrameSettings
+
+
+class DarkFrameExpert:
+    def __init__(self, settings):
+        self.settings, self.name = settings, settings.expert_name
+
+    def vote(self, view, identities):
+        votes = ExpertVotes.abstaining(self.name, view.num_rows)
+        for ident in identities:
+            for row in view.groups[ident]:
+                mean = float(view.image(row).mean())
+                dark = mean < self.settings.max_mean
+                votes.set(row, DROP if dark else KEEP, 1.0, f"dark_frame: mean {mean:.0f}" if dark else "")
+        votes.info = {"judged": sum(len(view.groups[i]) for i in identities)}
+        return votes
+
+
+def build(settings, **context):
+    return DarkFrameExpert(settings)
+'''
+
+
+@pytest.fixture
+def dark_frame(tmp_path, monkeypatch):
+    (tmp_path / "dark_frame_expert.py").write_text(textwrap.dedent(THROWAWAY))  # the one new file
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(EXPERTS, "_modules", dict(EXPERTS._modules))  # the table as it was after the test
+    EXPERTS.register("dark_frame", "dark_frame_expert")  # the one registration line
+
+
+def darken(table, rows):
+    images = table.column("image").to_pylist()
+    for r in rows:
+        images[r] = encode_image((decode_image(images[r]) * 0.1).astype(np.uint8), "png")
+    return table.set_column(table.schema.get_field_index("image"), "image", pa.array(images, table.schema.field("image").type))
+
+
+def test_a_new_expert_is_one_file_and_one_line(dark_frame, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(textwrap.dedent(f"""
+        run: {{output_dir: {tmp_path / 'out'}}}
+        clean:
+          experts: [{{kind: dark_frame, max_mean: 30}}]
+          fusion:
+            rules: [{{when: {{dark_frame: drop}}, then: drop}}]
+            default: keep
+    """))
+    cfg = load_config(config)
+    assert type(cfg.clean.experts[0]).__name__ == "DarkFrameSettings" and cfg.clean.experts[0].max_mean == 30
+    assert FacegenConfig.model_validate_json(cfg.model_dump_json()) == cfg  # the stage actors' copy
+
+    table = darken(planted_block(4, 10, 0.0, seed=3), [2, 13, 27])
+    experts = build_experts(cfg.clean, stage_dir=cfg.stage_dir)  # what the clean stage's block actor does
+    voted, _, stats = vote_block(table, 0, cfg.clean, experts)
+    rows = voted.to_pylist()
+    dropped = [k for k, r in enumerate(rows) if r["status"] == "dropped"]
+    assert dropped == [2, 13, 27]
+    assert all(rows[k]["reason"].startswith("dark_frame: mean") and rows[k]["decided_by"].startswith("rule 1") for k in dropped)
+    assert [v["expert"] for v in rows[0]["votes"]] == ["cluster", "dark_frame"]
+    assert stats["experts"]["dark_frame"] == {"votes": {"keep": 37, "drop": 3, "abstain": 0}, "judged": 40}
+
+    with pytest.raises(ConfigError, match=r"^--set clean.experts=.*: clean.experts: \[0\]: max_mean: Input should be a valid number"):
+        load_config(config, ["clean.experts=[{kind: dark_frame, max_mean: dim}]"])
+
+
+def test_expert_settings_are_checked_in_one_line(tmp_path):
+    def load(**clean):
+        return CleanSettings.model_validate(clean)
+
+    with pytest.raises(ValueError, match=r"\[0\]: unknown kind 'oracle', expected one of independent, vlm"):
+        load(experts=[{"kind": "oracle"}])
+    with pytest.raises(ValueError, match=r"\[1\]: percentile: Input should be less than 100"):
+        load(experts=[{"kind": "vlm"}, {"kind": "independent", "percentile": 150}])
+    with pytest.raises(ValueError, match="experts: independent names two experts: give one a name"):
+        load(experts=[{"kind": "independent"}, {"kind": "independent", "embedder": {"kind": "dlib"}}])
+    two = load(experts=[{"kind": "independent"}, {"kind": "independent", "name": "dlib", "embedder": {"kind": "dlib"}}],
+               fusion={"rules": [{"when": {"independent": "drop", "dlib": "drop"}, "then": "drop"}]})
+    assert [e.expert_name for e in two.experts] == ["independent", "dlib"]
+
+
+def test_the_old_spelling_still_loads_and_digests_the_same():
+    old = FacegenConfig.model_validate({"clean": {
+        "independent": {"enabled": True, "embedder": {"kind": "dlib"}, "percentile": 5},
+        "vlm": {"enabled": False, "model": "unused"}}})
+    new = FacegenConfig.model_validate({"clean": {"experts": [{"kind": "independent", "embedder": {"kind": "dlib"}, "percentile": 5}]}})
+    assert old.clean.experts == new.clean.experts == [IndependentSettings(embedder={"kind": "dlib"}, percentile=5)]
+    assert votes_digest(old) == votes_digest(new) != votes_digest(FacegenConfig())
+    both = VlmSettings(base_url="http://127.0.0.1:9/v1")
+    assert FacegenConfig.model_validate({"clean": {"vlm": {"enabled": True, "base_url": both.base_url}}}).clean.experts == [both]
+    with pytest.raises(ValueError, match=r"independent is now an entry of experts \(\{kind: independent, \.\.\.\}\); give only experts"):
+        FacegenConfig.model_validate({"clean": {"independent": {"enabled": True}, "experts": [{"kind": "vlm"}]}})
