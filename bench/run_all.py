@@ -38,7 +38,7 @@ def bench_parametric(quick: bool) -> list[tuple[str, float, str]]:
 def bench_embed(quick: bool, device: str) -> list[tuple[str, float, str]]:
     import tempfile
 
-    from facegen.faces.embed import IResNetEmbedder
+    from facegen.faces.embedders.iresnet import IResNetEmbedder
     from facegen.models.iresnet_checkpoint import save_backbone
     from facegen.models.iresnet import build_backbone
 

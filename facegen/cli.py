@@ -17,6 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from facegen.config import ConfigError, FacegenConfig, load_config
+from facegen.config.faces import EMBEDDERS
 from facegen.stages import StageError, StageInterrupted
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Synthetic face-recognition datasets on Ray.")
@@ -250,7 +251,7 @@ def train_generator(config: Optional[str] = ConfigOption, set_: Optional[list[st
 @_one_line_errors
 def eval_(
     checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="embedder weights: facegen backbone directory, .pth, .onnx (dlib: optional)"),
-    kind: str = typer.Option("facegen", "--kind", help="embedder kind: facegen | arcface_torch | onnx | dlib"),
+    kind: str = typer.Option("facegen", "--kind", help=f"embedder kind: {' | '.join(EMBEDDERS.kinds)}"),
     arch: Optional[str] = typer.Option(None, "--arch", help="arcface_torch only: iresnet18/34/50/100"),
     bins: list[str] = typer.Option(..., "--bin", help="insightface .bin verification set (repeatable)"),
     batch_size: int = typer.Option(64, "--batch-size"),
@@ -296,7 +297,7 @@ def calibrate(
     bins: list[str] = typer.Option(..., "--bin", help="insightface .bin verification set (repeatable; pairs pooled)"),
     output: str = typer.Option(..., "--output", "-o", help="calibration JSON to write (for faces.embedder.calibration)"),
     checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="embedder weights (dlib: optional)"),
-    kind: str = typer.Option("facegen", "--kind", help="embedder kind: facegen | arcface_torch | onnx | dlib"),
+    kind: str = typer.Option("facegen", "--kind", help=f"embedder kind: {' | '.join(EMBEDDERS.kinds)}"),
     arch: Optional[str] = typer.Option(None, "--arch", help="arcface_torch only: iresnet18/34/50/100"),
     batch_size: int = typer.Option(64, "--batch-size"),
     folds: int = typer.Option(10, "--folds"),

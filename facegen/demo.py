@@ -72,6 +72,7 @@ def with_run_embedders(cfg: FacegenConfig, progress: bool = True) -> FacegenConf
     - a GAN backend without ``generator.embedder.path``: identity forces (Langevin, Dispersion) go
       through the run's own facegen / arcface_torch embedder.
     """
+    from facegen.config.faces import EMBEDDERS
     from facegen.generators.gan import GAN_BACKENDS
 
     cfg = cfg.model_copy(deep=True)
@@ -79,7 +80,7 @@ def with_run_embedders(cfg: FacegenConfig, progress: bool = True) -> FacegenConf
         cfg.faces.embedder.kind, cfg.faces.embedder.path = "facegen", bootstrap_embedder(cfg, progress=progress)
     faces_embedder = cfg.faces.embedder
     if (cfg.generator.backend in GAN_BACKENDS and faces_embedder.enabled and not cfg.generator.embedder.path
-            and faces_embedder.kind in ("facegen", "arcface_torch")):
+            and EMBEDDERS.hook(faces_embedder.kind, "differentiable_model")):
         cfg.generator.embedder.kind, cfg.generator.embedder.path = faces_embedder.kind, faces_embedder.path
         cfg.generator.embedder.arch = faces_embedder.arch
     if cfg.demo.bootstrap_identities and cfg.demo.calibration_identities and not cfg.faces.embedder.calibration:

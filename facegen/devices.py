@@ -1,4 +1,4 @@
-"""Device choice: the one rule every stage and backend uses to pick where torch runs."""
+"""Device choice: the one rule every stage and backend uses to pick where torch (and onnxruntime) runs."""
 
 from __future__ import annotations
 
@@ -15,3 +15,11 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def onnx_providers() -> list[str]:
+    """onnxruntime providers to use: CUDA first when this onnxruntime build has it."""
+    import onnxruntime
+
+    available = onnxruntime.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]

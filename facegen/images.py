@@ -61,3 +61,13 @@ def encode_image(image_rgb: np.ndarray, image_format: str = "jpeg", jpeg_quality
     if not ok:
         raise ValueError("image: jpeg encoding failed")
     return buf.tobytes()
+
+
+def low_resolution(image: np.ndarray, factor: float, interpolation: int = cv2.INTER_LINEAR) -> np.ndarray:
+    """Resize down to ``factor`` of each side and back up to the original size with ``interpolation``
+    (a camera's low resolution; ``factor >= 1`` leaves the image as it is)."""
+    if factor >= 1.0:
+        return image
+    h, w = image.shape[:2]
+    small = cv2.resize(image, (max(1, int(w * factor)), max(1, int(h * factor))), interpolation=interpolation)
+    return cv2.resize(small, (w, h), interpolation=interpolation)

@@ -243,17 +243,32 @@ def read_vectors(path: str, column: str, what: str) -> "Any":
     return np.asarray(array, np.float32)
 
 
+def _npy_header(f: Any, path: str) -> tuple[tuple[int, int], Any]:
+    import numpy as np
+
+    version = np.lib.format.read_magic(f)
+    reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = reader(f)
+    if fortran or len(shape) != 2 or dtype.hasobject:
+        raise ValueError(f"{path}: expected a C-ordered numeric [n, d] array, got shape {shape}")
+    return shape, dtype
+
+
+def npy_shape(path: str) -> tuple[int, int]:
+    """``(n, d)`` of a 2-D ``.npy`` on any storage, from its header alone."""
+    fs, p = filesystem(path)
+    with fs.open_input_file(p) as f:
+        return _npy_header(f, path)[0]
+
+
 def read_npy_rows(path: str, start: int, stop: int) -> "Any":
     """Rows ``start:stop`` of a 2-D ``.npy`` on any storage, reading only those bytes."""
     import numpy as np
 
     fs, p = filesystem(path)
     with fs.open_input_file(p) as f:
-        version = np.lib.format.read_magic(f)
-        reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, fortran, dtype = reader(f)
-        if fortran or len(shape) != 2 or dtype.hasobject:
-            raise ValueError(f"{path}: expected a C-ordered numeric [n, d] array, got shape {shape}")
+        shape, dtype = _npy_header(f, path)
+        stop = min(stop, shape[0])
         row = shape[1] * dtype.itemsize
         f.seek(f.tell() + start * row)
         data = f.read((stop - start) * row)

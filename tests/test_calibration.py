@@ -17,7 +17,7 @@ from facegen.faces.calibration import (
     DLIB_SAME_PERSON, PUBLISHED, Calibration, calibrate_embedder, load_calibration, measure_calibration, resolve_threshold,
 )
 from facegen.faces.detect import build_detector
-from facegen.faces.embed import DlibEmbedder
+from facegen.faces.embedders.dlib import DlibEmbedder
 from facegen.schema import rows_to_batch, sample_schema, table_from_batch
 
 

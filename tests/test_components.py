@@ -120,3 +120,82 @@ def test_the_old_spelling_still_loads_and_digests_the_same():
     assert FacegenConfig.model_validate({"clean": {"vlm": {"enabled": True, "base_url": both.base_url}}}).clean.experts == [both]
     with pytest.raises(ValueError, match=r"independent is now an entry of experts \(\{kind: independent, \.\.\.\}\); give only experts"):
         FacegenConfig.model_validate({"clean": {"independent": {"enabled": True}, "experts": [{"kind": "vlm"}]}})
+
+
+PIXELS = '''
+"""An embedder kind that describes a crop by its 8x8 grey thumbnail (a throwaway for the registration test)."""
+import cv2
+import numpy as np
+
+from facegen.faces.align import ARCFACE_CROP
+from facegen.vectors import l2_normalize
+
+PACKAGED_WEIGHTS = True
+
+
+class PixelEmbedder:
+    kind, dim, crop = "pixels", 64, ARCFACE_CROP
+    record = {"kind": "pixels", "file": "none", "sha256": "", "dim": 64}
+
+    def embed_raw(self, images):
+        grey = [cv2.resize(cv2.cvtColor(i, cv2.COLOR_RGB2GRAY), (8, 8), interpolation=cv2.INTER_AREA) for i in images]
+        return np.asarray(grey, np.float32).reshape(len(images), 64) - 127.5
+
+    def embed(self, images, flip=False):
+        out = self.embed_raw(images) + (self.embed_raw(images[:, :, ::-1]) if flip else 0.0)
+        return l2_normalize(out).astype(np.float32)
+
+    embed_crops = embed
+
+
+def build(settings):
+    return PixelEmbedder()
+
+
+def weights_file(settings):
+    return __file__
+'''
+
+
+@pytest.fixture
+def pixels(tmp_path, monkeypatch):
+    from facegen.config.faces import EMBEDDERS
+
+    (tmp_path / "pixel_embedder.py").write_text(PIXELS)  # the one new file
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(EMBEDDERS, "_modules", dict(EMBEDDERS._modules))
+    EMBEDDERS.register("pixels", "pixel_embedder")  # the one registration line
+
+
+def test_a_new_embedder_kind_is_one_file_and_one_line(pixels, tmp_path):
+    import json
+
+    import cv2
+    from insightface.data import get_image
+
+    from facegen.faces.align import center_crop
+    from facegen.faces.embed import describe_embedder
+    from facegen.faces.stage import FaceStage
+    from facegen.schema import GENERATED, rows_to_batch
+
+    cfg = config_from_yaml(tmp_path, "faces: {embedder: {kind: pixels}, detector: {kind: none}}")
+    assert cfg.faces.embedder.enabled and describe_embedder(cfg.faces.embedder)["file"] == "pixel_embedder.py"
+    photo = cv2.cvtColor(get_image("t1"), cv2.COLOR_BGR2RGB)[:, :400]
+    rows = [{"identity_id": 3, "block_id": 0, "sample_idx": k, "seed": k, "source": "photo", "image": encode_image(img, "png"),
+             "landmarks": np.full(10, np.nan, np.float32), "true_identity_id": 3, "meta": json.dumps({}), "status": "ok",
+             "reason": ""} for k, img in enumerate([photo, photo[:, ::-1].copy()])]
+    out = FaceStage(cfg.faces)(rows_to_batch(rows, GENERATED))  # the faces stage's actor, as Ray Data runs it
+    assert out["embedding"].shape == (2, 64)
+    import pixel_embedder
+
+    crops = np.stack([center_crop(photo), center_crop(np.ascontiguousarray(photo[:, ::-1]))])
+    np.testing.assert_allclose(out["embedding"], pixel_embedder.PixelEmbedder().embed(crops), atol=1e-6)
+    with pytest.raises(ConfigError, match=r"run.yaml: generator.embedder: kind: identity forces backpropagate "
+                                          r"through the embedder, and pixels is not differentiable \(use one of facegen, arcface_torch\)"):
+        config_from_yaml(tmp_path, "generator: {embedder: {kind: pixels}}")
+
+
+def config_from_yaml(tmp_path, text):
+    path = tmp_path / "run.yaml"
+    path.write_text(f"run: {{output_dir: {tmp_path / 'out'}}}\n{text}\n")
+    return load_config(path)

@@ -10,7 +10,7 @@ from insightface.data import get_image
 
 from facegen.config import DetectorSettings, EmbedderSettings, FaceSettings
 from facegen.faces.align import ARCFACE_TEMPLATE, align_face, center_crop
-from facegen.faces.embed import IResNetEmbedder
+from facegen.faces.embedders.iresnet import IResNetEmbedder
 from facegen.faces.stage import FaceStage
 from facegen.images import decode_image, encode_image
 from facegen.models.iresnet import build_backbone

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from facegen.config import ConfigError, load_config
 from facegen.eval.verification import verify_bins, write_bin
-from facegen.faces.embed import IResNetEmbedder
+from facegen.faces.embedders.iresnet import IResNetEmbedder
 from facegen.preflight import check_output_location
 from facegen.stages.generate import reason_kind
 from tiny_pipeline import tiny_embedder

@@ -4,8 +4,8 @@ import numpy as np
 import torch
 
 from facegen.config import FFHQ_EYES, ForceEmbedderSettings, GanCropSettings
-from facegen.faces.align import ARCFACE_TEMPLATE, align_face
-from facegen.generators.crop import FaceCrop, similarity_from_points, to_uint8_images
+from facegen.faces.align import ARCFACE_TEMPLATE, align_face, estimate_similarity
+from facegen.generators.crop import GanCrop, to_uint8_images
 from facegen.generators.gan import LatentGAN
 from facegen.identities.encoder import ForceEmbedder, IdentityEncoder
 from facegen.models.iresnet import build_backbone
@@ -14,7 +14,7 @@ from facegen.models.stylegan2 import StyleGAN2Config, StyleGAN2Generator
 
 
 def test_fixed_crop_maps_ffhq_eyes_onto_arcface_eyes_and_matches_five_point_alignment():
-    crop = FaceCrop.from_settings(GanCropSettings(), 256)
+    crop = GanCrop.from_settings(GanCropSettings(), 256)
     eyes = np.array(FFHQ_EYES) * 256
     mapped = (crop.matrix @ np.hstack([eyes, np.ones((2, 1))]).T).T
     np.testing.assert_allclose(mapped, ARCFACE_TEMPLATE[:2], atol=0.05)  # 2-point least squares of 2 points: exact up to the tilt
@@ -38,7 +38,7 @@ def test_similarity_is_exact_for_a_known_transform():
     src = np.array([[10.0, 20.0], [50.0, 25.0], [30.0, 60.0]])
     angle, scale, shift = 0.3, 1.7, np.array([5.0, -3.0])
     rot = scale * np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
-    m = similarity_from_points(src, src @ rot.T + shift)
+    m = estimate_similarity(src, src @ rot.T + shift)
     np.testing.assert_allclose(m[:, :2], rot, atol=1e-9)
     np.testing.assert_allclose(m[:, 2], shift, atol=1e-9)
 
@@ -49,7 +49,7 @@ def test_gradients_flow_from_the_embedder_through_the_crop_back_to_w(tmp_path):
     G = StyleGAN2Generator(cfg).eval().requires_grad_(False)
     backbone = build_backbone("iresnet18", width=4, embedding_size=16).eval()
     save_backbone(str(tmp_path / "emb"), backbone, "iresnet18", 4, 16)
-    crop = FaceCrop.from_settings(GanCropSettings(src_points=[(0.3, 0.4), (0.7, 0.4)]), 32)
+    crop = GanCrop.from_settings(GanCropSettings(src_points=[(0.3, 0.4), (0.7, 0.4)]), 32)
     encoder = IdentityEncoder(LatentGAN("stylegan2", G, crop, torch.device("cpu")), ForceEmbedder(ForceEmbedderSettings(path=str(tmp_path / "emb"))))
     w = G.mapping(torch.randn(2, 8))[:, 0].clone()
     target = torch.nn.functional.normalize(torch.randn(2, 16), dim=1)

@@ -203,3 +203,23 @@ def test_mean_pair_dedup_separates_people_whose_centres_averaging_brought_close(
     assert (resolved.threshold, resolved.measure) == (0.45, "mean_pair")
     assert resolve_clean_settings(CleanSettings(dedup={"threshold": 0.8})).dedup.measure == "centre"  # a cosine as written
     assert resolve_clean_settings(CleanSettings()).dedup.measure == "centre"  # no calibration: ArcFace's 0.7 on centres
+
+
+def test_references_stream_from_object_storage_as_from_disk(tmp_path):
+    """A .npy of real embeddings on s3:// is read chunk by chunk (only each chunk's bytes), as a local one."""
+    from s3 import BUCKET, moto_server, s3_env, upload
+
+    refs = np.random.default_rng(5).standard_normal((300, 16)).astype(np.float32)
+    np.save(tmp_path / "refs.npy", refs)
+    local = ReferenceSet([str(tmp_path / "refs.npy")], chunk=128)
+    with moto_server() as endpoint, s3_env(endpoint):
+        uri = f"s3://{BUCKET}/refs.npy"
+        upload(str(tmp_path / "refs.npy"), uri)
+        remote = ReferenceSet([uri], chunk=128)
+        assert (remote.total, remote.dim) == (local.total, local.dim) == (300, 16)
+        got = list(remote.chunks())
+    want = list(local.chunks())
+    assert [len(ids) for ids, _ in got] == [128, 128, 44]
+    for (ids_a, vec_a), (ids_b, vec_b) in zip(got, want):
+        np.testing.assert_array_equal(ids_a, ids_b)
+        np.testing.assert_array_equal(vec_a, vec_b)

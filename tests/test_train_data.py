@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from facegen.config import TrainAugmentSettings, TrainDataSettings
-from facegen.train.augment import TrainAugment, crop_in_place, low_resolution, photometric, random_erase
+from facegen.train.augment import TrainAugment, crop_in_place, photometric, random_erase, random_low_resolution
 from facegen.train.data import CurriculumReader, buckets_in_use, prefetch
 from train_shards import make_shard_set, read_markers
 
@@ -195,7 +195,7 @@ def test_each_augmentation_does_what_it_says(face):
     box = np.zeros_like(kept)
     box[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1] = True
     assert np.all(cropped[~box] == 0) and 0.15 <= box.mean() <= 0.55  # one box kept in place, rest black
-    low = low_resolution(face, np.random.default_rng(4), (0.2, 0.3))
+    low = random_low_resolution(face, np.random.default_rng(4), (0.2, 0.3))
     assert low.shape == face.shape and np.abs(low.astype(int) - face).mean() > 1.0
     bright = photometric(face, np.random.default_rng(5), (0.5, 0.5, 0.5))
     assert bright.dtype == np.uint8 and not np.array_equal(bright, face)

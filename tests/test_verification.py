@@ -17,7 +17,7 @@ from facegen.eval.verification import (
     verify_bins,
     write_bin,
 )
-from facegen.faces.embed import IResNetEmbedder as Embedder
+from facegen.faces.embedders.iresnet import IResNetEmbedder as Embedder
 from facegen.images import encode_image
 from facegen.models.iresnet import build_backbone
 from facegen.models.iresnet_checkpoint import save_backbone

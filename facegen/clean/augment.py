@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 
 from facegen.config import AugmentSettings
+from facegen.images import low_resolution
 
 
 def _check_settings(settings: AugmentSettings) -> None:
@@ -81,15 +82,6 @@ def warp(img: np.ndarray, matrix: np.ndarray) -> np.ndarray:
     """Bilinear affine warp keeping the size; uncovered pixels are black."""
     h, w = img.shape[:2]
     return cv2.warpAffine(img, matrix, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0))
-
-
-def low_resolution(img: np.ndarray, factor: float) -> np.ndarray:
-    """Bilinear resize down by ``factor`` and back up to the original size (1.0 = unchanged)."""
-    if factor >= 1.0:
-        return img
-    h, w = img.shape[:2]
-    small = cv2.resize(img, (max(1, int(w * factor)), max(1, int(h * factor))), interpolation=cv2.INTER_LINEAR)
-    return cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
 
 
 def augment_face(image: np.ndarray, rng: np.random.Generator, settings: AugmentSettings) -> np.ndarray:

@@ -44,10 +44,7 @@ class ReferenceSet(ChunkSource):
             if not storage.exists(path):
                 raise FileNotFoundError(f"clean.leakage.references: {path} not found")
             if path.endswith(".npy"):
-                arr = np.load(path, mmap_mode="r")
-                if arr.ndim != 2:
-                    raise ValueError(f"{path}: expected a 2-D [n, d] array, got shape {arr.shape}")
-                n, d = arr.shape
+                n, d = storage.npy_shape(path)
             elif path.endswith(".parquet"):
                 import pyarrow.parquet as pq
 
@@ -74,9 +71,10 @@ class ReferenceSet(ChunkSource):
         offset = 0
         for path, n in zip(self.paths, self.sizes):
             if path.endswith(".npy"):
-                arr = np.load(path, mmap_mode="r")
-                for s in range(0, n, self.chunk):
-                    vec = l2_normalize(np.asarray(arr[s : s + self.chunk], np.float32))
+                from facegen.storage import read_npy_rows
+
+                for s in range(0, n, self.chunk):  # only the chunk's bytes, from any storage
+                    vec = l2_normalize(np.asarray(read_npy_rows(path, s, s + self.chunk), np.float32))
                     yield np.arange(offset + s, offset + s + len(vec), dtype=np.int64), vec
             else:
                 from facegen.storage import read_table
@@ -125,7 +123,9 @@ def load_verification(path: str) -> tuple[np.ndarray, np.ndarray]:
     if not storage.exists(path):
         raise FileNotFoundError(f"clean.leakage.verification: {path} not found")
     if path.endswith(".npz"):
-        with np.load(path, allow_pickle=False) as data:
+        import io
+
+        with np.load(io.BytesIO(storage.read_bytes(path)), allow_pickle=False) as data:
             if "embeddings" not in data or "labels" not in data:
                 raise ValueError(f"{path}: needs arrays 'embeddings' and 'labels'")
             emb, labels = np.asarray(data["embeddings"], np.float32), np.asarray(data["labels"])

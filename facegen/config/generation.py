@@ -7,9 +7,10 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import Field, field_validator, model_validator
 
 from facegen.config._base import _Section
-from facegen.config.faces import DetectorSettings, EmbedderSettings, EmbedderWeights
+from facegen.config.faces import EMBEDDERS, DetectorSettings, EmbedderSettings, EmbedderWeights
 from facegen.config.rerender import RerenderSettings
 from facegen.config.resources import PooledSection, PoolSettings
+from facegen.templates import ARCFACE_EYES, ARCFACE_TEMPLATE_112, FFHQ_EYES
 
 
 #: Names accepted by ``generator.backend`` (:func:`facegen.generators.generator_class` builds them).
@@ -266,10 +267,6 @@ class HybridSettings(_Section):
         return self
 
 
-#: FFHQ's aligned eye centres as fractions of the image side; ArcFace's eyes and template in 112 px.
-FFHQ_EYES = [(380 / 1024, 480 / 1024), (650 / 1024, 480 / 1024)]
-ARCFACE_EYES = [(38.2946, 51.6963), (73.5318, 51.5014)]
-ARCFACE_TEMPLATE_112 = [(38.2946, 51.6963), (73.5318, 51.5014), (56.0252, 71.7366), (41.5493, 92.3655), (70.7299, 92.2041)]
 
 
 class GanCropSettings(_Section):
@@ -317,7 +314,12 @@ class ForceEmbedderSettings(EmbedderWeights):
 
     where: ClassVar[str] = "generator.embedder"
 
-    kind: Literal["facegen", "arcface_torch"] = "facegen"
+    @model_validator(mode="after")
+    def _differentiable(self) -> "ForceEmbedderSettings":
+        if self.model_fields_set and self.kind in EMBEDDERS.kinds and not EMBEDDERS.hook(self.kind, "differentiable_model"):
+            raise ValueError(f"kind: identity forces backpropagate through the embedder, and {self.kind} is not "
+                             f"differentiable (use one of {', '.join(EMBEDDERS.having('differentiable_model'))})")
+        return self
 
 
 class DispersionSettings(_Section):

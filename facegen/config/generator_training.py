@@ -12,10 +12,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from facegen.config._base import _Section
-from facegen.config.faces import EmbedderSettings
-
-#: Embedder kinds that are torch networks (the similarity-matching loss backpropagates through them).
-DIFFERENTIABLE_EMBEDDERS = ("facegen", "arcface_torch")
+from facegen.config.faces import EMBEDDERS, EmbedderSettings
 
 
 class CemiFaceNetSettings(_Section):
@@ -85,9 +82,10 @@ class GeneratorTrainSettings(_Section):
     def _consistent(self) -> "GeneratorTrainSettings":
         if self.batch_size % self.num_workers:
             raise ValueError(f"batch_size: {self.batch_size} does not split evenly over num_workers={self.num_workers}")
-        if self.similarity_weight > 0 and self.embedder.kind not in DIFFERENTIABLE_EMBEDDERS:
+        if self.similarity_weight > 0 and not EMBEDDERS.hook(self.embedder.kind, "differentiable_model"):
             raise ValueError(f"similarity_weight: the similarity-matching loss backpropagates through the embedder, "
-                             f"which must be kind facegen or arcface_torch (got {self.embedder.kind}); "
+                             f"which must be differentiable ({', '.join(EMBEDDERS.having('differentiable_model'))}; "
+                             f"got {self.embedder.kind}); "
                              "set similarity_weight: 0 to train with the MSE alone")
         bad = [m for m in self.control_similarities if not -1.0 <= m <= 1.0]
         if bad:

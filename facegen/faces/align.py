@@ -17,18 +17,10 @@ import numpy as np
 
 from facegen.images import check_image
 from facegen.schema import ALIGNED_SIZE
+from facegen.templates import ARCFACE_TEMPLATE_112
 
 #: The 112x112 ArcFace reference: left eye, right eye, nose tip, left and right mouth corners (x, y).
-ARCFACE_TEMPLATE = np.array(
-    [
-        [38.2946, 51.6963],
-        [73.5318, 51.5014],
-        [56.0252, 71.7366],
-        [41.5493, 92.3655],
-        [70.7299, 92.2041],
-    ],
-    dtype=np.float32,
-)
+ARCFACE_TEMPLATE = np.array(ARCFACE_TEMPLATE_112, dtype=np.float32)
 
 
 def as_points(landmarks: np.ndarray, name: str = "landmarks") -> np.ndarray:
@@ -45,15 +37,32 @@ def as_points(landmarks: np.ndarray, name: str = "landmarks") -> np.ndarray:
     return pts
 
 
+def _point_set(points: np.ndarray, name: str) -> np.ndarray:
+    """Validate ``n >= 2`` points ``(n, 2)`` (or five flat landmarks ``(10,)``) -> float64 ``(n, 2)``."""
+    pts = np.asarray(points, dtype=np.float64)
+    if pts.shape == (10,):
+        return as_points(pts, name)
+    if pts.ndim != 2 or pts.shape[1] != 2 or len(pts) < 2:
+        raise ValueError(f"{name}: expected shape (n >= 2, 2), got {np.shape(points)}")
+    if not np.isfinite(pts).all():
+        raise ValueError(f"{name}: contain NaN or infinite values")
+    if np.ptp(pts, axis=0).max() == 0.0:
+        raise ValueError(f"{name}: degenerate, all points are equal")
+    return pts
+
+
 def estimate_similarity(src_points: np.ndarray, dst_points: np.ndarray) -> np.ndarray:
-    """Least-squares similarity (rotation, uniform scale, translation) mapping ``src`` onto ``dst``.
+    """Least-squares similarity (rotation, uniform scale, translation) mapping ``src`` onto ``dst``
+    (two or more point pairs: five landmarks, or a GAN crop's reference points).
 
     Umeyama's closed form: SVD of the cross-covariance, with the sign of the last singular
     direction chosen so the result is a rotation, never a reflection. Returns the (2, 3) matrix
     ``M`` with ``dst ~= M @ [x, y, 1]``.
     """
-    src = as_points(src_points, "src_points")
-    dst = as_points(dst_points, "dst_points")
+    src = _point_set(src_points, "src_points")
+    dst = _point_set(dst_points, "dst_points")
+    if src.shape != dst.shape:
+        raise ValueError(f"src_points and dst_points: need the same number of points, got {len(src)} and {len(dst)}")
     src_mean, dst_mean = src.mean(axis=0), dst.mean(axis=0)
     src_c, dst_c = src - src_mean, dst - dst_mean
     cov = dst_c.T @ src_c / len(src)
@@ -72,7 +81,7 @@ def estimate_similarity(src_points: np.ndarray, dst_points: np.ndarray) -> np.nd
 def align_face(image_rgb: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
     """Warp a face so its 5 landmarks land on :data:`ARCFACE_TEMPLATE`; returns uint8 112x112x3."""
     check_image(image_rgb)
-    matrix = estimate_similarity(landmarks, ARCFACE_TEMPLATE)
+    matrix = estimate_similarity(as_points(landmarks), ARCFACE_TEMPLATE)
     return cv2.warpAffine(image_rgb, matrix, (ALIGNED_SIZE, ALIGNED_SIZE), borderValue=0.0)
 
 
@@ -88,7 +97,7 @@ class FaceCrop:
     def cut(self, image_rgb: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
         """The crop of one face of ``image_rgb`` whose five landmarks are ``landmarks``."""
         check_image(image_rgb)
-        matrix = estimate_similarity(landmarks, self.points)
+        matrix = estimate_similarity(as_points(landmarks), self.points)
         return cv2.warpAffine(image_rgb, matrix, (self.size, self.size), borderValue=0.0)
 
     def from_aligned(self, crops: np.ndarray) -> np.ndarray:

@@ -153,7 +153,7 @@ class InsightfaceDetector:
     def __init__(self, path: str, det_size: int = 640, min_score: float = 0.5):
         from insightface.model_zoo import get_model
 
-        from facegen.faces.embed import onnx_providers
+        from facegen.devices import onnx_providers
 
         self.path = find_detection_onnx(path)
         providers = onnx_providers()

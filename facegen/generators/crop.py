@@ -6,7 +6,7 @@ onto their ArcFace positions (112 px), crops every image. The defaults are the f
 FFHQ's alignment puts the eye centres at (380, 480) and (650, 480) of 1024 px, which idiap's
 face_synthetics maps onto the ArcFace eyes for its IResNet crop.
 
-:class:`FaceCrop` gives the same transform twice: as five landmarks in generated-image pixels (the
+:class:`GanCrop` gives the same transform twice: as five landmarks in generated-image pixels (the
 ArcFace template mapped back), so the faces stage's 5-point alignment reproduces it; and as a
 ``grid_sample`` warp of a ``[N, 3, R, R]`` tensor, so identity forces flow from an embedder back to
 the latent. ``kind: detector`` leaves landmarks to the faces stage's detector instead.
@@ -18,34 +18,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from facegen.faces.align import ARCFACE_TEMPLATE
+from facegen.faces.align import ARCFACE_TEMPLATE, estimate_similarity
 from facegen.schema import ALIGNED_SIZE
-
-def similarity_from_points(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
-    """Least-squares similarity (rotation, scale, translation; no reflection) with ``dst ~= M [x, y, 1]``.
-
-    Two or more point pairs; in complex numbers ``d = a s + b`` with
-    ``a = sum (d - mean d) conj(s - mean s) / sum |s - mean s|^2``.
-    """
-    src, dst = np.asarray(src, np.float64), np.asarray(dst, np.float64)
-    if src.shape != dst.shape or src.ndim != 2 or src.shape[1] != 2 or len(src) < 2:
-        raise ValueError(f"crop points: need matching (n >= 2, 2) arrays, got {src.shape} and {dst.shape}")
-    s = src[:, 0] + 1j * src[:, 1]
-    d = dst[:, 0] + 1j * dst[:, 1]
-    sc, dc = s - s.mean(), d - d.mean()
-    spread = float(np.sum(np.abs(sc) ** 2))
-    if spread == 0.0:
-        raise ValueError("crop points: all source points coincide")
-    a = np.sum(dc * np.conj(sc)) / spread
-    b = d.mean() - a * s.mean()
-    return np.array([[a.real, -a.imag, b.real], [a.imag, a.real, b.imag]])
-
 
 def _homogeneous(matrix: np.ndarray) -> np.ndarray:
     return np.vstack([matrix, [0.0, 0.0, 1.0]])
 
 
-class FaceCrop:
+class GanCrop:
     """The fixed crop of one generator: landmarks for the faces stage and a differentiable warp."""
 
     def __init__(self, src_points, dst_points, image_size: int):
@@ -53,14 +33,14 @@ class FaceCrop:
             raise ValueError(f"image_size must be positive, got {image_size}")
         self.image_size = int(image_size)
         src = np.asarray(src_points, np.float64) * self.image_size
-        self.matrix = similarity_from_points(src, np.asarray(dst_points, np.float64))
+        self.matrix = estimate_similarity(src, np.asarray(dst_points, np.float64))
         inverse = np.linalg.inv(_homogeneous(self.matrix))
         template = np.hstack([ARCFACE_TEMPLATE.astype(np.float64), np.ones((5, 1))])
         self._landmarks = (template @ inverse.T)[:, :2].astype(np.float32).reshape(-1)
         self._theta = self.theta(self.matrix)
 
     @classmethod
-    def from_settings(cls, settings, image_size: int) -> "FaceCrop":
+    def from_settings(cls, settings, image_size: int) -> "GanCrop":
         """From a crop settings section (``src_points``, ``dst_points``)."""
         return cls(settings.src_points, settings.dst_points, image_size)
 
@@ -74,7 +54,7 @@ class FaceCrop:
 
     def matrices_from_landmarks(self, landmarks: list[np.ndarray | None]) -> np.ndarray:
         """Per-image transforms from detected 5-point landmarks (the fixed crop where none was found)."""
-        return np.stack([self.matrix if lm is None else similarity_from_points(np.asarray(lm).reshape(5, 2), ARCFACE_TEMPLATE)
+        return np.stack([self.matrix if lm is None else estimate_similarity(np.asarray(lm).reshape(5, 2), ARCFACE_TEMPLATE)
                          for lm in landmarks])
 
     def landmarks(self) -> np.ndarray:

@@ -15,7 +15,7 @@ import torch
 from facegen.config import GeneratorSettings
 from facegen.config.generation import GAN_BACKENDS  # noqa: F401  (re-exported: the GAN backends)
 from facegen.devices import resolve_device
-from facegen.generators.crop import FaceCrop
+from facegen.generators.crop import GanCrop
 from facegen.identities.seeds import identity_rng
 
 #: Domain tag of the identity-level latent draw (distinct from every other identity-level tag).
@@ -25,7 +25,7 @@ LATENT_TAG = 0x6A7E
 class LatentGAN:
     """Latent -> image for one loaded generator (StyleGAN2 or DCGAN)."""
 
-    def __init__(self, kind: str, network: torch.nn.Module, crop: FaceCrop, device: torch.device,
+    def __init__(self, kind: str, network: torch.nn.Module, crop: GanCrop, device: torch.device,
                  truncation_psi: float = 1.0, noise_mode: str = "const", fp16: bool = True):
         self.kind, self.network, self.crop, self.device = kind, network, crop, device
         self.truncation_psi, self.noise_mode, self.fp16 = truncation_psi, noise_mode, fp16
@@ -91,11 +91,11 @@ def build_gan(settings: GeneratorSettings, device: str | torch.device | None = N
         if not sg.checkpoint:
             raise ValueError("generator.stylegan2.checkpoint: the stylegan2 backend needs a .pkl or .pt checkpoint")
         network = load_stylegan2(sg.checkpoint, device=device, key=sg.network)
-        crop = FaceCrop.from_settings(sg.crop, network.img_resolution)
+        crop = GanCrop.from_settings(sg.crop, network.img_resolution)
         return LatentGAN("stylegan2", network, crop, device, sg.truncation_psi, sg.noise_mode, sg.fp16)
     if settings.backend == "dcgan":
         from facegen.models.dcgan import load_dcgan
 
         network = load_dcgan(settings.dcgan.weights, device=device)
-        return LatentGAN("dcgan", network, FaceCrop.from_settings(settings.dcgan.crop, network.img_resolution), device)
+        return LatentGAN("dcgan", network, GanCrop.from_settings(settings.dcgan.crop, network.img_resolution), device)
     raise ValueError(f"generator.backend: {settings.backend!r} has no latent space (expected one of {', '.join(GAN_BACKENDS)})")

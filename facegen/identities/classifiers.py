@@ -35,7 +35,7 @@ class OnnxAttributeClassifier:
                  providers: Sequence[str] | None = None):
         import onnxruntime
 
-        from facegen.faces.embed import onnx_providers
+        from facegen.devices import onnx_providers
 
         self.settings, self.field = settings, field
         self.names = [o for o in settings.outputs if o != "_"]

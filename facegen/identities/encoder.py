@@ -28,9 +28,10 @@ class ForceEmbedder:
     def __init__(self, settings: ForceEmbedderSettings, device: str | torch.device | None = None):
         if not settings.path:
             raise ValueError("generator.embedder.path: identity forces need a differentiable embedder (a facegen backbone folder or an arcface_torch .pth)")
+        from facegen.config.faces import EMBEDDERS
+
         self.device = resolve_device(device or settings.device)
-        arch = settings.arch if settings.kind == "arcface_torch" else None
-        self.model = load_backbone(settings.path, device=self.device, arch=arch).requires_grad_(False)
+        self.model = EMBEDDERS.hook(settings.kind, "differentiable_model")(settings, self.device)
 
     def __call__(self, crops: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.model(crops.to(self.device)).float(), dim=1)

@@ -24,6 +24,7 @@ import numpy as np
 
 from facegen.clean.augment import color_jitter
 from facegen.config import TrainAugmentSettings
+from facegen.images import low_resolution
 
 INTERPOLATIONS = (cv2.INTER_NEAREST, cv2.INTER_LINEAR, cv2.INTER_AREA, cv2.INTER_CUBIC, cv2.INTER_LANCZOS4)
 ERASE_VALUE = 128  # uint8 grey: ~0 after (x / 127.5 - 1)
@@ -56,13 +57,11 @@ def crop_in_place(img: np.ndarray, rng: np.random.Generator, scale: tuple[float,
     return out
 
 
-def low_resolution(img: np.ndarray, rng: np.random.Generator, scale: tuple[float, float]) -> np.ndarray:
+def random_low_resolution(img: np.ndarray, rng: np.random.Generator, scale: tuple[float, float]) -> np.ndarray:
     """Down-sample to a random share of the side and back, with one random interpolation."""
-    h, w = img.shape[:2]
     share = rng.uniform(*scale)
     interpolation = INTERPOLATIONS[int(rng.integers(len(INTERPOLATIONS)))]
-    small = cv2.resize(img, (max(1, int(w * share)), max(1, int(h * share))), interpolation=interpolation)
-    return cv2.resize(small, (w, h), interpolation=interpolation)
+    return low_resolution(img, share, interpolation)
 
 
 def photometric(img: np.ndarray, rng: np.random.Generator, strengths: tuple[float, float, float]) -> np.ndarray:
@@ -96,7 +95,7 @@ class TrainAugment:
         if draws[0] < s.crop_p:
             img = crop_in_place(img, rng, s.crop_scale, s.crop_ratio)
         if draws[1] < s.low_res_p:
-            img = low_resolution(img, rng, s.low_res_scale)
+            img = random_low_resolution(img, rng, s.low_res_scale)
         if draws[2] < s.photometric_p:
             img = photometric(img, rng, s.photometric)
         if draws[3] < s.hflip_p:

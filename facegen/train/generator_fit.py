@@ -109,10 +109,11 @@ def _differentiable_embedder(cfg: FacegenConfig, device: torch.device) -> nn.Mod
     s = cfg.train_generator
     if s.similarity_weight <= 0:
         return None
-    from facegen.cache import fetch
-    from facegen.models.iresnet_checkpoint import load_backbone
+    from facegen.cache import localized
+    from facegen.config.faces import EMBEDDERS
 
-    model = load_backbone(fetch(str(s.embedder.path), "train_generator.embedder.path"), device=device, arch=s.embedder.arch)
+    settings = localized(s.embedder, "train_generator.embedder")
+    model = EMBEDDERS.hook(settings.kind, "differentiable_model")(settings, device)
     model.eval().requires_grad_(False)
     if hasattr(model, "fp16"):
         model.fp16 = False  # the outer autocast decides
