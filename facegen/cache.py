@@ -187,19 +187,11 @@ def fetch_log(root: str | Path | None = None) -> list[dict[str, Any]]:
 
 def input_fields(model: BaseModel, prefix: str = "") -> Iterator[tuple[str, str, Any]]:
     """``(dotted field, kind, value)`` of every field marked as an input path, set or not."""
-    for name, info in type(model).model_fields.items():
-        value = getattr(model, name)
-        dotted = f"{prefix}{name}"
-        if isinstance(value, BaseModel):
-            yield from input_fields(value, f"{dotted}.")
-            continue
-        if isinstance(value, list) and value and all(isinstance(v, BaseModel) for v in value):
-            for i, item in enumerate(value):  # a list of sections (directions.classifiers)
-                yield from input_fields(item, f"{dotted}[{i}].")
-            continue
-        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
-        if extra.get("input_path"):
-            yield dotted, str(extra["input_path"]), value
+    from facegen.config.walk import leaves
+
+    for leaf in leaves(model, prefix):
+        if leaf.input_path:
+            yield leaf.dotted, leaf.input_path, leaf.value
 
 
 def localized(section: Section, where: str = "") -> Section:
@@ -208,28 +200,16 @@ def localized(section: Section, where: str = "") -> Section:
     Hub ids stay as they are (the loading library fetches them); fields marked ``folder`` (an
     image folder to read, not a model to copy) are left for their stage to read in place.
     """
+    from facegen.config.walk import leaves
+
     copy = section.model_copy(deep=True)
-
-    def walk(model: BaseModel, prefix: str) -> None:
-        for name, info in type(model).model_fields.items():
-            value = getattr(model, name)
-            dotted = f"{prefix}{name}"
-            if isinstance(value, BaseModel):
-                walk(value, f"{dotted}.")
-                continue
-            if isinstance(value, list) and value and all(isinstance(v, BaseModel) for v in value):
-                for i, item in enumerate(value):
-                    walk(item, f"{dotted}[{i}].")
-                continue
-            extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
-            kind = extra.get("input_path")
-            if not kind or not value or kind == "folder":
-                continue
-            if isinstance(value, list):
-                fetched = [fetch(str(v), f"{dotted}[{i}]") if looks_like_path(str(v), kind) else v for i, v in enumerate(value)]
-            else:
-                fetched = fetch(str(value), dotted) if looks_like_path(str(value), kind) else value
-            object.__setattr__(model, name, fetched)  # no re-validation: the values were valid before
-
-    walk(copy, f"{where}." if where else "")
+    for leaf in leaves(copy, f"{where}." if where else ""):
+        kind, value = leaf.input_path, leaf.value
+        if not kind or not value or kind == "folder":
+            continue
+        if isinstance(value, list):
+            fetched = [fetch(str(v), f"{leaf.dotted}[{i}]") if looks_like_path(str(v), kind) else v for i, v in enumerate(value)]
+        else:
+            fetched = fetch(str(value), leaf.dotted) if looks_like_path(str(value), kind) else value
+        object.__setattr__(leaf.owner, leaf.name, fetched)  # no re-validation: the values were valid before
     return copy

@@ -51,21 +51,18 @@ def short_digest(blob: bytes) -> str:
 
 def _digestible(model: BaseModel) -> dict[str, Any]:
     """``model`` as plain data without scheduling fields, input paths replaced by content digests."""
+    from facegen.config.walk import items
+
     out: dict[str, Any] = {}
-    for name, info in type(model).model_fields.items():
-        if name in SCHEDULING_FIELDS or name in RESOLVED_FIELDS:
-            continue
-        value = getattr(model, name)
-        marker = (info.json_schema_extra or {}).get("input_path") if isinstance(info.json_schema_extra, dict) else None
-        if isinstance(value, BaseModel):
-            out[name] = _digestible(value)
-        elif isinstance(value, list) and value and all(isinstance(v, BaseModel) for v in value):
-            out[name] = [_digestible(v) for v in value]
-        elif marker and value:
-            values = value if isinstance(value, list) else [value]
-            out[name] = [_input_digest(str(v), str(marker)) for v in values]
+    for item in items(model, SCHEDULING_FIELDS | RESOLVED_FIELDS):
+        if item.sections is not None:
+            digested = [_digestible(v) for v in item.sections]
+            out[item.name] = digested if item.is_list else digested[0]
+        elif item.input_path and item.value:
+            values = item.value if isinstance(item.value, list) else [item.value]
+            out[item.name] = [_input_digest(str(v), item.input_path) for v in values]
         else:
-            out[name] = json.loads(json.dumps(value, default=str))
+            out[item.name] = json.loads(json.dumps(item.value, default=str))
     return out
 
 
