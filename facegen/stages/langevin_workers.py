@@ -42,11 +42,13 @@ def build_encoder(generator: GeneratorSettings, batch_size: int):
 
 
 def batch_chunks(n: int, batch_size: int, pieces: int) -> list[tuple[int, int]]:
-    """About ``pieces`` contiguous ``(start, stop)`` ranges covering ``n`` particles, every start a
-    multiple of ``batch_size`` (so each range holds whole batches of the single-process run)."""
+    """At most ``pieces`` contiguous ``(start, stop)`` ranges covering ``n`` particles, every start a
+    multiple of ``batch_size`` (so each range holds whole batches of the single-process run), their
+    batch counts differing by at most one."""
     batches = -(-n // batch_size)
-    step = max(1, -(-batches // max(pieces, 1))) * batch_size
-    return [(start, min(start + step, n)) for start in range(0, n, step)]
+    pieces = max(1, min(pieces, batches))
+    bounds = [min(i * batches // pieces * batch_size, n) for i in range(pieces + 1)]
+    return [(start, stop) for start, stop in zip(bounds, bounds[1:]) if stop > start]
 
 
 class EncoderWorker:
