@@ -135,3 +135,10 @@ def test_bad_worker_settings_fail_in_one_line(tmp_path, tiny_embedder, ray_local
         run_identities(gpu, progress=False)
     assert "\n" not in str(refused.value)
     assert str(refused.value).startswith("identities.sampler.langevin.worker: one actor or task asks for CPU 0.25, GPU 1")
+    # an actor that cannot load its models: the constructor's own error, not Ray's traceback
+    unloadable = _config(tmp_path / "out2", tmp_path / "no-embedder", 2)
+    with pytest.raises(StageError) as failed:
+        run_identities(unloadable, progress=False)
+    assert "\n" not in str(failed.value)
+    assert str(failed.value).startswith("identities.sampler.langevin.worker: an encoder actor failed to start: ")
+    assert "no-embedder" in str(failed.value)

@@ -180,8 +180,9 @@ def _langevin_space(cfg: FacegenConfig, ids: np.ndarray):
 
 
 def langevin_task(cfg_json: str, out: str, digest: str, report: Callable[..., None]) -> dict[str, Any]:
-    """Run (or resume) Langevin over every identity on this worker; writes checkpoints and the
-    final particles (``langevin-checkpoint/final.npy``); returns the sampler's summary."""
+    """Run (or resume) Langevin over every identity on this worker (G and the embedder here, or on
+    ``langevin.workers`` encoder actors, stopped when it returns); writes checkpoints and the final
+    particles (``langevin-checkpoint/final.npy``); returns the sampler's summary."""
     from facegen.cache import localized
 
     cfg = FacegenConfig.model_validate_json(cfg_json)
