@@ -129,12 +129,17 @@ def test_bad_worker_settings_fail_in_one_line(tmp_path, tiny_embedder, ray_local
     assert "use workers: 1 with space: feature" in str(feature.value)
     with pytest.raises(ConfigError, match=r"identities.sampler.langevin.workers: .*greater than or equal to 1"):
         load_config(None, ["identities.sampler.langevin.workers=0"])
-    # a GPU per actor on this CPU-only cluster: refused before any actor waits for one
+    # a GPU per actor on this CPU-only cluster: refused before any actor waits for one, by the CLI's
+    # check before the stage starts and by the Langevin task itself
+    from facegen.stages.tasks import check_stage_resources
+
     gpu = _config(tmp_path / "out", tiny_embedder, 2, ["identities.sampler.langevin.worker.num_gpus=1"])
+    wanted = "identities.sampler.langevin.worker: one actor or task asks for CPU 0.25, GPU 1"
+    with pytest.raises(StageError, match=wanted):
+        check_stage_resources(gpu, ["identities"])
     with pytest.raises(StageError) as refused:
         run_identities(gpu, progress=False)
-    assert "\n" not in str(refused.value)
-    assert str(refused.value).startswith("identities.sampler.langevin.worker: one actor or task asks for CPU 0.25, GPU 1")
+    assert "\n" not in str(refused.value) and str(refused.value).startswith(wanted)
     # an actor that cannot load its models: the constructor's own error, not Ray's traceback
     unloadable = _config(tmp_path / "out2", tmp_path / "no-embedder", 2)
     with pytest.raises(StageError) as failed:
