@@ -3,6 +3,7 @@ and whether a cap on the adaptive step binds.
 
     python bench/langevin_latent.py [--sizes 1000 10000] [--threads N] [--embedder DIR]
     python bench/langevin_latent.py --step-cap [--particles 300] [--iterations 20] [--d0-quantile Q] [--embedder DIR]
+    python bench/langevin_latent.py --workers N [--particles 300] [--iterations 3] [--threads 1] [--embedder DIR]
 
 The DCGAN of gan-face-generate (100-d z, 64 px; weights for non-commercial research only) with
 configs/gan_local.yaml's sampler settings (d0 1.4 rad, k_l 0.01, eta0 0.01, tau 0.3, batch 32,
@@ -25,6 +26,14 @@ ratio is printed against near-linear (10x per 10x; the target is at most 12x).
 rule) and with ``dt_max`` = 1.0 (facegen's default), and prints per iteration the
 step, whether the cap bound, the smallest latent distance over the neighbour pairs (what the step
 uses) and over all pairs (the paper's), the smallest pair angle and the pairs inside d0.
+
+``--workers N`` runs the same particles (same noise) for ``--iterations`` steps twice in one local
+Ray, the two runs' steps alternating (a load change on a shared machine hits both): G and the
+embedder in this process (``workers: 1``) and on N encoder actors of one CPU each
+(:class:`facegen.stages.langevin_workers.ActorLatentSpace`, one torch thread each as Ray gives an
+actor of one CPU); prints seconds per iteration side by side (the first step, with the neighbour
+rebuild, and the mean of the plain ones), the time in the passes through G and the embedder, the
+speedup, and whether the final particles are bitwise equal.
 """
 
 from __future__ import annotations
@@ -222,20 +231,85 @@ def step_cap(n: int, iterations: int, embedder: str | None, quantile: float | No
     print(f"start mean latent norm {a['mean_latent_norm_start']}")
 
 
+class WorkersRun:
+    """Steps of one run from ``start`` (a neighbour rebuild first) with G and the embedder in ``space``,
+    timed one at a time so that two runs can alternate (a load change on a shared machine then hits both)."""
+
+    def __init__(self, space, settings: LangevinSettings, start: np.ndarray):
+        self.sampler = TimedSampler(settings, TimedSpace(space))
+        self.state = LangevinState(start.copy(), 0, np.random.default_rng(1))
+        self.steps, self.passes = [], []
+
+    def step(self, name: str) -> None:
+        space = self.sampler.space
+        space.seconds = dict.fromkeys(space.seconds, 0.0)
+        t0 = time.perf_counter()
+        self.sampler.step(self.state, rebuild=self.state.iteration == 0)
+        self.steps.append(time.perf_counter() - t0)
+        self.passes.append(space.seconds["embed"] + space.seconds["pullback"])
+        print(json.dumps({"run": name, "iteration": self.state.iteration, "s": round(self.steps[-1], 2),
+                          "g_embedder_s": round(self.passes[-1], 2), "load": round(os.getloadavg()[0], 1)}), flush=True)
+
+    def figures(self) -> dict:
+        return {"first_s": self.steps[0], "plain_s": float(np.mean(self.steps[1:] or self.steps)),
+                "passes_s": float(np.mean(self.passes[1:] or self.passes))}
+
+
+def workers(n: int, iterations: int, count: int, embedder: str | None) -> None:
+    from facegen.config import TaskSettings
+    from facegen.ray_utils import start_local_ray
+    from facegen.stages.langevin_workers import ActorLatentSpace
+
+    with tempfile.TemporaryDirectory() as scratch:
+        path = embedder or random_embedder(scratch)
+        cfg = load_config(CONFIG, [f"generator.embedder.path={path}", "generator.device=cpu"])
+        s = cfg.identities.sampler.langevin
+        start_local_ray(num_cpus=max(count, 2), include_dashboard=False, log_to_driver=False)
+        gan = build_gan(cfg.generator)
+        start = gan.gaussian_latents(0, np.arange(n))
+        print(f"latent-space Langevin, DCGAN + {'embedder ' + embedder if embedder else 'random IResNet-18 w16'}; {n} particles, "
+              f"{iterations} iterations, batch {s.batch_size}; this process: torch threads {torch.get_num_threads()}; "
+              f"os.cpu_count {os.cpu_count()}, load average {os.getloadavg()[0]:.1f}", flush=True)
+        local = LatentSpace(IdentityEncoder(gan, ForceEmbedder(cfg.generator.embedder, "cpu"), s.batch_size),
+                            gan.latent_mean.cpu().numpy())
+        t0 = time.perf_counter()
+        actors = ActorLatentSpace(cfg.generator, s.batch_size, count, TaskSettings(num_cpus=1.0))
+        started = time.perf_counter() - t0
+        one, many = WorkersRun(local, s, start), WorkersRun(actors, s, start)
+        try:
+            for _ in range(iterations):  # alternating: workers 1's step, then workers N's
+                one.step("workers 1")
+                many.step(f"workers {count}")
+        finally:
+            actors.close()
+    a, b = one.figures(), many.figures()
+    print(f"{'':>36} {'workers 1':>10} {f'workers {count}':>10} {'speedup':>8}")
+    for name, key in (("s / first step (neighbour rebuild)", "first_s"), ("s / plain step, mean", "plain_s"),
+                      ("of which G + embedder passes s", "passes_s")):
+        print(f"{name:>36} {a[key]:>10.2f} {b[key]:>10.2f} {a[key] / b[key]:>7.2f}x")
+    difference = np.abs(one.state.particles - many.state.particles).max()
+    print(f"actors started in {started:.1f} s (once per run); final particles bitwise equal: "
+          f"{bool(np.array_equal(one.state.particles, many.state.particles))}, largest difference {float(difference):.3g}; "
+          f"load average now {os.getloadavg()[0]:.1f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
     parser.add_argument("--threads", type=int, help="torch threads (default torch's own; 1 is steadier on a shared machine)")
     parser.add_argument("--embedder", help="a facegen backbone folder (default: gan_local's shape, random weights)")
     parser.add_argument("--step-cap", action="store_true", help="compare no cap with dt_max 1.0 instead")
+    parser.add_argument("--workers", type=int, help="compare G and the embedder in this process with on this many encoder actors")
     parser.add_argument("--particles", type=int, default=300)
-    parser.add_argument("--iterations", type=int, default=20)
+    parser.add_argument("--iterations", type=int, help="default 20 (--step-cap), 3 (--workers)")
     parser.add_argument("--d0-quantile", type=float, help="--step-cap: d0 at this quantile of the gaussian start's pair angles (default gan_local's 1.4)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.step_cap:
-        step_cap(args.particles, args.iterations, args.embedder, args.d0_quantile)
+    if args.workers:
+        workers(args.particles, args.iterations or 3, args.workers, args.embedder)
+    elif args.step_cap:
+        step_cap(args.particles, args.iterations or 20, args.embedder, args.d0_quantile)
     else:
         scaling(args.sizes, args.embedder)
 

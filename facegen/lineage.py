@@ -32,6 +32,7 @@ SCHEDULING_FIELDS = frozenset({
     "cpus_per_worker", "pool", "global_task", "max_tasks_in_flight",
     "mtcnn_cascade",  # the same detections, on the host or the device (float tolerance, as device itself)
     "channels_last", "compile",  # training: the same steps, faster (float tolerance)
+    "workers", "worker",  # Langevin's encoder actors: the same batches on more processes
 })
 #: Settings whose effect enters the digests in another form: an embedder's calibration only moves the
 #: cleaning thresholds, which the clean stage resolves to cosines before digesting its settings, so

@@ -8,7 +8,7 @@ from pydantic import Field, field_validator, model_validator
 
 from facegen.config._base import _Section
 from facegen.config.faces import DetectorSettings
-from facegen.config.resources import PooledSection, PoolSettings
+from facegen.config.resources import PooledSection, PoolSettings, TaskSettings
 
 #: The attributes ``facegen directions`` estimates itself (:mod:`facegen.identities.directions`):
 #: pose from the landmarks, lighting from the aligned crop.
@@ -56,6 +56,20 @@ class LangevinSettings(_Section):
     constant_radius: float = Field(default=1.4, gt=0.0, le=3.1416, description="repulsion radius around real embeddings, radians (constant-distance; the code's default 0 turns it off, facegen's switch is real_embeddings)")
     k_cst: float = Field(default=1.0, ge=0.0, description="stiffness of the repulsion from real embeddings (face_synthetics uses k for both)")
     search_on_gpu: bool = Field(default=True, description="search neighbours on the GPU when CUDA is present")
+    workers: int = Field(default=1, ge=1, description=(
+        "latent space: encoder actors sharing each iteration's passes through G and the embedder (one per GPU on a "
+        "cluster), given whole batches of particles; the Langevin task keeps the particles, the neighbour lists, the "
+        "step and the noise, so the particles do not depend on this number. 1: the Langevin task runs G itself"))
+    worker: TaskSettings = Field(default_factory=lambda: TaskSettings(num_cpus=1.0), description=(
+        "resources of each encoder actor when workers > 1 (num_gpus: 1 for a GPU each; the Langevin task, "
+        "identities.sampler.pool, then needs none)"))
+
+    @model_validator(mode="after")
+    def _workers_need_latent_space(self) -> "LangevinSettings":
+        if self.workers > 1 and self.space == "feature":
+            raise ValueError(f"workers: {self.workers} encoder actors split the passes through G and the embedder, "
+                             "which feature space has none of; use workers: 1 with space: feature")
+        return self
 
 
 class Vec2FaceSamplerSettings(_Section):

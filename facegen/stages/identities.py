@@ -6,7 +6,9 @@ sampler, its settings, per-iteration statistics, the start and end measurements)
 the stage is done when it and every block exist. Generation reads the latents when they exist.
 
 Nothing runs in the driver: Langevin is one Ray task on a worker (``identities.sampler.pool``'s
-resources: a GPU where configured) that checkpoints and, restarted after a node loss, resumes; the
+resources: a GPU where configured) that checkpoints and, restarted after a node loss, resumes; in
+latent space its passes through G and the embedder may run on ``langevin.workers`` encoder actors
+(one per GPU, :mod:`facegen.stages.langevin_workers`) while the task keeps the particles; the
 identity blocks are a block stage on a Ray Data actor pool (:mod:`facegen.stages.runner`) whose
 workers draw Gaussian latents or read their rows of Langevin's final particles.
 
@@ -154,36 +156,53 @@ def _write_blocks(cfg: FacegenConfig, out: str, name: str, particles: str | None
 
 
 def _langevin_space(cfg: FacegenConfig, ids: np.ndarray):
+    """The space the particles live in, their start and the embedding width. In latent space G and
+    the embedder run in this task (``workers`` 1) or on encoder actors, which fetch the models to
+    their own nodes (``cfg.generator``'s paths as the user gave them)."""
     from facegen.identities.langevin import FeatureSpace, LatentSpace
 
     ls = cfg.identities.sampler.langevin
     if ls.space == "feature":
         return FeatureSpace(), feature_gaussian(cfg.run.seed, ids, ls.feature_dim), ls.feature_dim
-    from facegen.generators.gan import build_gan, crop_detector
-    from facegen.identities.encoder import ForceEmbedder, IdentityEncoder
+    if ls.workers > 1:
+        from facegen.stages.langevin_workers import ActorLatentSpace
 
-    gan = build_gan(cfg.generator)
-    embedder = ForceEmbedder(cfg.generator.embedder, gan.device)
-    encoder = IdentityEncoder(gan, embedder, ls.batch_size, crop_detector(cfg.generator))
-    start = gan.gaussian_latents(cfg.run.seed, ids)
-    dim = int(encoder.embed(start[:1]).shape[1])
-    return LatentSpace(encoder, gan.latent_mean.cpu().numpy()), start, dim
+        space = ActorLatentSpace(cfg.generator, ls.batch_size, ls.workers, ls.worker)
+        start = space.gaussian_latents(cfg.run.seed, ids)
+    else:
+        from facegen.cache import localized
+        from facegen.stages.langevin_workers import build_encoder
+
+        encoder = build_encoder(localized(cfg.generator, "generator"), ls.batch_size)
+        space = LatentSpace(encoder, encoder.gan.latent_mean.cpu().numpy())
+        start = encoder.gan.gaussian_latents(cfg.run.seed, ids)
+    return space, start, int(space.embed(start[:1]).shape[1])
 
 
 def langevin_task(cfg_json: str, out: str, digest: str, report: Callable[..., None]) -> dict[str, Any]:
-    """Run (or resume) Langevin over every identity on this worker; writes checkpoints and the
-    final particles (``langevin-checkpoint/final.npy``); returns the sampler's summary."""
+    """Run (or resume) Langevin over every identity on this worker (G and the embedder here, or on
+    ``langevin.workers`` encoder actors, stopped when it returns); writes checkpoints and the final
+    particles (``langevin-checkpoint/final.npy``); returns the sampler's summary."""
     from facegen.cache import localized
+
+    cfg = FacegenConfig.model_validate_json(cfg_json)
+    cfg = cfg.model_copy(update={"identities": localized(cfg.identities, "identities")})
+    space, start, embed_dim = _langevin_space(cfg, identity_ids(cfg))
+    try:
+        return _run_langevin(cfg, out, digest, report, space, start, embed_dim)
+    finally:
+        if hasattr(space, "close"):
+            space.close()
+
+
+def _run_langevin(cfg: FacegenConfig, out: str, digest: str, report: Callable[..., None], space: Any,
+                  start: np.ndarray, embed_dim: int) -> dict[str, Any]:
     from facegen.identities.langevin import LangevinSampler, LangevinState
     from facegen.identities.seeds import identity_rng
     from facegen.tracking import start_run
 
-    cfg = FacegenConfig.model_validate_json(cfg_json)
-    cfg = cfg.model_copy(update={"generator": localized(cfg.generator, "generator"),
-                                 "identities": localized(cfg.identities, "identities")})
     ls = cfg.identities.sampler.langevin
     ids = identity_ids(cfg)
-    space, start, embed_dim = _langevin_space(cfg, ids)
     reference = load_reference_embeddings(ls.real_embeddings, ls.real_column, embed_dim) if ls.real_embeddings else None
     sampler = LangevinSampler(ls, space, reference)
     ckpt_dir = f"{out}/{CHECKPOINT_DIR}"

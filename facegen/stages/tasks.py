@@ -169,7 +169,9 @@ def run_tracked(fn: Callable[..., Any], *args: Any, resources: TaskSettings, fie
 def stage_resources(cfg: Any, stages: list[str]) -> list[tuple[str, TaskSettings]]:
     """``(field, resources)`` of every pool and task the named stages will ask the cluster for."""
     needs = {
-        "identities": [("identities.sampler.pool", cfg.identities.sampler.pool)],
+        "identities": [("identities.sampler.pool", cfg.identities.sampler.pool)]
+        + ([("identities.sampler.langevin.worker", cfg.identities.sampler.langevin.worker)]
+           if cfg.identities.sampler.kind == "langevin" and cfg.identities.sampler.langevin.workers > 1 else []),
         "directions": [("directions.pool", cfg.directions.pool)],
         "generate": [("generator.pool", cfg.generator.pool)],
         "ingest": [("faces.pool", cfg.faces.pool)],
