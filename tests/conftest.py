@@ -63,3 +63,17 @@ def pipeline_run(ray_local, tmp_path_factory):
     config.write_text(yaml.safe_dump(settings))
     cfg = config_from_dict(settings, "e2e")
     return cfg, str(config), run_pipeline(cfg, progress=False)
+
+
+@pytest.fixture(scope="session")
+def force_embedder(tmp_path_factory):
+    """A seeded IResNet-18 of width 4 (32-d) as a facegen backbone folder: the differentiable
+    embedder identity forces (Langevin, Dispersion) go through in the tests."""
+    import torch
+
+    from facegen.models.iresnet import build_backbone
+    from facegen.models.iresnet_checkpoint import save_backbone
+
+    torch.manual_seed(0)
+    directory = str(tmp_path_factory.mktemp("force_embedder"))
+    return save_backbone(directory, build_backbone("iresnet18", width=4, embedding_size=32).eval(), "iresnet18", 4, 32)

@@ -135,24 +135,12 @@ def test_without_dt_max_the_step_is_the_papers_adaptive_rule():
     np.testing.assert_allclose(state.particles, start, atol=1e-6)  # renormalised, not moved
 
 
-@pytest.fixture(scope="module")
-def tiny_embedder(tmp_path_factory):
-    from facegen.models.iresnet import build_backbone
-    from facegen.models.iresnet_checkpoint import save_backbone
-
-    import torch
-
-    torch.manual_seed(0)
-    directory = str(tmp_path_factory.mktemp("embedder"))
-    return save_backbone(directory, build_backbone("iresnet18", width=4, embedding_size=32).eval(), "iresnet18", 4, 32)
-
-
-def test_latent_space_langevin_pushes_dcgan_identities_apart_through_g_and_the_embedder(tmp_path, tiny_embedder, ray_local):
+def test_latent_space_langevin_pushes_dcgan_identities_apart_through_g_and_the_embedder(tmp_path, force_embedder, ray_local):
     from facegen.generators.gan import build_gan
     from facegen.identities.encoder import ForceEmbedder, IdentityEncoder
 
     base = [f"run.output_dir={tmp_path}/out", "tracking.mode=disabled", "identities.num_identities=24", "identities.block_size=12",
-            "generator.backend=dcgan", "generator.device=cpu", f"generator.embedder.path={tiny_embedder}"]
+            "generator.backend=dcgan", "generator.device=cpu", f"generator.embedder.path={force_embedder}"]
     cfg = load_config(None, base)
     gan = build_gan(cfg.generator)
     encoder = IdentityEncoder(gan, ForceEmbedder(cfg.generator.embedder), 24)

@@ -15,18 +15,6 @@ from facegen.stages.langevin_workers import batch_chunks
 N, BATCH, ITERATIONS, CHECKPOINT_EVERY = 22, 4, 4, 2
 
 
-@pytest.fixture(scope="module")
-def tiny_embedder(tmp_path_factory):
-    import torch
-
-    from facegen.models.iresnet import build_backbone
-    from facegen.models.iresnet_checkpoint import save_backbone
-
-    torch.manual_seed(0)
-    directory = str(tmp_path_factory.mktemp("embedder"))
-    return save_backbone(directory, build_backbone("iresnet18", width=4, embedding_size=32).eval(), "iresnet18", 4, 32)
-
-
 def _config(out, embedder, workers, extra=()):
     """22 DCGAN identities (the packaged gan-face-generate model) in batches of 4: the last batch is
     short, and with several workers each actor gets a few whole batches per pass. Checkpoints fall on
@@ -42,9 +30,9 @@ def _config(out, embedder, workers, extra=()):
 
 
 @pytest.fixture(scope="module")
-def one_worker(tmp_path_factory, tiny_embedder, ray_local):
+def one_worker(tmp_path_factory, force_embedder, ray_local):
     """The uninterrupted run with G and the embedder in the Langevin task itself."""
-    cfg = _config(tmp_path_factory.mktemp("one") / "out", tiny_embedder, 1)
+    cfg = _config(tmp_path_factory.mktemp("one") / "out", force_embedder, 1)
     run_identities(cfg, progress=False)
     return cfg, json.loads((_stage(cfg) / "sampler.json").read_text())
 
@@ -61,11 +49,11 @@ def test_chunks_hold_whole_batches_and_cover_every_particle():
         assert (ranges[0][0], ranges[-1][1]) == (0, n) if n else ranges == []
 
 
-def test_two_workers_give_the_particles_of_one(tmp_path, tiny_embedder, one_worker):
+def test_two_workers_give_the_particles_of_one(tmp_path, force_embedder, one_worker):
     from facegen.stages.identities import CHECKPOINT_DIR, FINAL_PARTICLES, _digest, langevin_task
 
     cfg1, summary1 = one_worker
-    cfg2 = _config(tmp_path / "out", tiny_embedder, 2)
+    cfg2 = _config(tmp_path / "out", force_embedder, 2)
     out = cfg2.stage_dir("identities")
     # as sampler.json stores it (json's one NaN object compares equal to itself)
     summary2 = json.loads(json.dumps(langevin_task(cfg2.model_dump_json(), out, _digest(cfg2), lambda *a: None)))
@@ -82,11 +70,11 @@ def test_two_workers_give_the_particles_of_one(tmp_path, tiny_embedder, one_work
         assert {k: v for k, v in a.items() if k != "seconds"} == {k: v for k, v in b.items() if k != "seconds"}
 
 
-def test_a_run_interrupted_after_a_checkpoint_resumes_with_another_worker_count(tmp_path, tiny_embedder, one_worker):
+def test_a_run_interrupted_after_a_checkpoint_resumes_with_another_worker_count(tmp_path, force_embedder, one_worker):
     from facegen.stages.identities import _digest, langevin_task
 
     _, summary1 = one_worker
-    broken = _config(tmp_path / "out", tiny_embedder, 2)
+    broken = _config(tmp_path / "out", force_embedder, 2)
 
     def stop_after_the_checkpoint(done, total, postfix=""):
         if done == CHECKPOINT_EVERY + 1:  # iteration 3 is done, the checkpoint of iteration 2 is on storage
@@ -94,7 +82,7 @@ def test_a_run_interrupted_after_a_checkpoint_resumes_with_another_worker_count(
 
     with pytest.raises(KeyboardInterrupt):
         langevin_task(broken.model_dump_json(), broken.stage_dir("identities"), _digest(broken), stop_after_the_checkpoint)
-    resumed = _config(tmp_path / "out", tiny_embedder, 1)
+    resumed = _config(tmp_path / "out", force_embedder, 1)
     run_identities(resumed, progress=False)
     summary = json.loads((_stage(resumed) / "sampler.json").read_text())
     assert summary["resumed_from_iteration"] == CHECKPOINT_EVERY and len(summary["iterations"]) == ITERATIONS
@@ -102,12 +90,12 @@ def test_a_run_interrupted_after_a_checkpoint_resumes_with_another_worker_count(
     assert summary["final"] == summary1["final"]
 
 
-def test_a_killed_encoder_actor_is_restarted_and_its_chunk_retried(tiny_embedder, ray_local):
+def test_a_killed_encoder_actor_is_restarted_and_its_chunk_retried(force_embedder, ray_local):
     import ray
 
     from facegen.stages.langevin_workers import ActorLatentSpace
 
-    cfg = _config("/tmp/unused", tiny_embedder, 1)
+    cfg = _config("/tmp/unused", force_embedder, 1)
     space = ActorLatentSpace(cfg.generator, BATCH, 1, cfg.identities.sampler.langevin.worker)
     try:
         latents = space.gaussian_latents(0, np.arange(N))
@@ -120,7 +108,7 @@ def test_a_killed_encoder_actor_is_restarted_and_its_chunk_retried(tiny_embedder
         space.close()
 
 
-def test_bad_worker_settings_fail_in_one_line(tmp_path, tiny_embedder, ray_local):
+def test_bad_worker_settings_fail_in_one_line(tmp_path, force_embedder, ray_local):
     with pytest.raises(ConfigError) as feature:
         load_config(None, ["identities.sampler.kind=langevin", "identities.sampler.langevin.space=feature",
                            "identities.sampler.langevin.workers=2"])
@@ -133,7 +121,7 @@ def test_bad_worker_settings_fail_in_one_line(tmp_path, tiny_embedder, ray_local
     # check before the stage starts and by the Langevin task itself
     from facegen.stages.tasks import check_stage_resources
 
-    gpu = _config(tmp_path / "out", tiny_embedder, 2, ["identities.sampler.langevin.worker.num_gpus=1"])
+    gpu = _config(tmp_path / "out", force_embedder, 2, ["identities.sampler.langevin.worker.num_gpus=1"])
     wanted = "identities.sampler.langevin.worker: one actor or task asks for CPU 0.25, GPU 1"
     with pytest.raises(StageError, match=wanted):
         check_stage_resources(gpu, ["identities"])

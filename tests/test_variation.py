@@ -12,24 +12,14 @@ from facegen.identities.encoder import ForceEmbedder, IdentityEncoder
 from facegen.identities.variation import covariate_offsets, disperse, load_directions, noise_variants
 
 
-@pytest.fixture(scope="module")
-def tiny_embedder(tmp_path_factory):
-    from facegen.models.iresnet import build_backbone
-    from facegen.models.iresnet_checkpoint import save_backbone
-
-    torch.manual_seed(0)
-    directory = str(tmp_path_factory.mktemp("embedder"))
-    return save_backbone(directory, build_backbone("iresnet18", width=4, embedding_size=32).eval(), "iresnet18", 4, 32)
-
-
 def _angles(encoder, latents, reference):
     e = encoder.embed(latents)
     r = encoder.embed(reference[None])[0]
     return np.arccos(np.clip(e @ r, -1, 1))
 
 
-def test_dispersion_keeps_variants_closer_to_the_reference_identity_than_noise_of_the_same_spread(tiny_embedder):
-    cfg = load_config(None, ["generator.backend=dcgan", "generator.device=cpu", f"generator.embedder.path={tiny_embedder}"])
+def test_dispersion_keeps_variants_closer_to_the_reference_identity_than_noise_of_the_same_spread(force_embedder):
+    cfg = load_config(None, ["generator.backend=dcgan", "generator.device=cpu", f"generator.embedder.path={force_embedder}"])
     gan = build_gan(cfg.generator)
     encoder = IdentityEncoder(gan, ForceEmbedder(cfg.generator.embedder), 16)
     reference = gan.gaussian_latents(0, np.array([3]))[0]
@@ -71,7 +61,7 @@ def test_disco_directions_spreads_and_offsets(tmp_path):
 
 
 @pytest.mark.slow
-def test_identities_then_disco_generation_on_a_ray_actor_pool(tmp_path, tiny_embedder, ray_local):
+def test_identities_then_disco_generation_on_a_ray_actor_pool(tmp_path, force_embedder, ray_local):
     from facegen import blocks as blk
     from facegen import storage
     from facegen.stages.generate import run_generate
@@ -83,7 +73,7 @@ def test_identities_then_disco_generation_on_a_ray_actor_pool(tmp_path, tiny_emb
         f"run.output_dir={tmp_path}/out", "tracking.mode=disabled", "identities.num_identities=4", "identities.block_size=2",
         "generator.backend=dcgan", "generator.device=cpu", "generator.variation=disco", "generator.images_per_identity=3",
         "generator.batch_size=2", "generator.dispersion.iterations=2", f"generator.disco.directions={tmp_path}/dirs.npy",
-        f"generator.embedder.path={tiny_embedder}", "faces.image_format=png"])
+        f"generator.embedder.path={force_embedder}", "faces.image_format=png"])
     run_identities(cfg, progress=False)
     ids, latents = read_latents(cfg)
     report = run_generate(cfg, progress=False)
