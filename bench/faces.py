@@ -49,7 +49,8 @@ def photos_512(n: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
 
 
 def bench_detectors(images: list[np.ndarray], device: str) -> list[tuple[str, float, str]]:
-    from facegen.faces.detect import DlibDetector, MtcnnDetector
+    from facegen.faces.detectors.dlib import DlibDetector
+    from facegen.faces.detectors.mtcnn import MtcnnDetector
 
     mtcnn = MtcnnDetector(device=device)
     rows = [("detect mtcnn batched (one detect_batch)", best_rate(lambda: mtcnn.detect_batch(images), len(images)), "img/s"),

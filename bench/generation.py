@@ -92,9 +92,9 @@ class Timed:
     """A generator class with clocks: when it finished loading, and when each batch was done."""
 
     def __init__(self, backend: str, settings, seed: int):
-        from facegen.generators import generator_class
+        from facegen.generators import build_generator
 
-        self.inner = generator_class(backend)(settings, seed)
+        self.inner = build_generator(settings.model_copy(update={"backend": backend}), seed)
         self.ready = time.time()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

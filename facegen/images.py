@@ -15,12 +15,13 @@ from facegen.schema import ALIGNED_SIZE
 PNG_RLE = (cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE)
 
 
-def check_image(image_rgb: np.ndarray) -> None:
-    """Raise ``ValueError`` unless ``image_rgb`` is a non-empty uint8 ``(H, W, 3)`` array."""
+def check_image(image_rgb: np.ndarray) -> np.ndarray:
+    """``image_rgb``, or ``ValueError`` unless it is a non-empty uint8 ``(H, W, 3)`` array."""
     if not isinstance(image_rgb, np.ndarray) or image_rgb.dtype != np.uint8:
         raise ValueError(f"image: expected a uint8 numpy array, got {getattr(image_rgb, 'dtype', type(image_rgb))}")
     if image_rgb.ndim != 3 or image_rgb.shape[2] != 3 or min(image_rgb.shape[:2]) == 0:
         raise ValueError(f"image: expected shape (H, W, 3), got {image_rgb.shape}")
+    return image_rgb
 
 
 def decode_image(data: bytes) -> np.ndarray:

@@ -89,10 +89,10 @@ def settings_digest(*parts: Any) -> str:
 def raw_digest(cfg: FacegenConfig) -> str:
     """What shapes a raw block: seed, block size, the chosen generator backend's settings and the
     face settings (embedder by content). Other backends' sections are left out."""
-    from facegen.config.generation import BACKENDS
+    from facegen.config.generation import GENERATORS
 
     generator = _digestible(cfg.generator)
-    for backend in BACKENDS:
+    for backend in GENERATORS.kinds:
         if backend != cfg.generator.backend:
             generator.pop(backend, None)
     if "hybrid" in generator and not cfg.generator.hybrid.rerender.enabled:

@@ -15,6 +15,15 @@ from facegen.images import decode_image, encode_image
 from facegen.stages.clean import votes_digest
 from planted import planted_block
 
+
+def add_kind(table, kind, module, source, tmp_path, monkeypatch):
+    """What adding a component takes: its one new file (``module``.py) and its one registration line;
+    the table is put back as it was after the test."""
+    (tmp_path / f"{module}.py").write_text(textwrap.dedent(source))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(table, "_modules", dict(table._modules))
+    table.register(kind, module)
+
 THROWAWAY = '''
 """An expert that drops frames darker than a mean level (a throwaway for the registration test)."""
 from typing import Literal
@@ -53,10 +62,7 @@ def build(settings, **context):
 
 @pytest.fixture
 def dark_frame(tmp_path, monkeypatch):
-    (tmp_path / "dark_frame_expert.py").write_text(textwrap.dedent(THROWAWAY))  # the one new file
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(EXPERTS, "_modules", dict(EXPERTS._modules))  # the table as it was after the test
-    EXPERTS.register("dark_frame", "dark_frame_expert")  # the one registration line
+    add_kind(EXPERTS, "dark_frame", "dark_frame_expert", THROWAWAY, tmp_path, monkeypatch)
 
 
 def darken(table, rows):
@@ -161,30 +167,21 @@ def weights_file(settings):
 def pixels(tmp_path, monkeypatch):
     from facegen.config.faces import EMBEDDERS
 
-    (tmp_path / "pixel_embedder.py").write_text(PIXELS)  # the one new file
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(EMBEDDERS, "_modules", dict(EMBEDDERS._modules))
-    EMBEDDERS.register("pixels", "pixel_embedder")  # the one registration line
+    add_kind(EMBEDDERS, "pixels", "pixel_embedder", PIXELS, tmp_path, monkeypatch)
 
 
 def test_a_new_embedder_kind_is_one_file_and_one_line(pixels, tmp_path):
-    import json
-
     import cv2
     from insightface.data import get_image
 
     from facegen.faces.align import center_crop
     from facegen.faces.embed import describe_embedder
     from facegen.faces.stage import FaceStage
-    from facegen.schema import GENERATED, rows_to_batch
 
     cfg = config_from_yaml(tmp_path, "faces: {embedder: {kind: pixels}, detector: {kind: none}}")
     assert cfg.faces.embedder.enabled and describe_embedder(cfg.faces.embedder)["file"] == "pixel_embedder.py"
     photo = cv2.cvtColor(get_image("t1"), cv2.COLOR_BGR2RGB)[:, :400]
-    rows = [{"identity_id": 3, "block_id": 0, "sample_idx": k, "seed": k, "source": "photo", "image": encode_image(img, "png"),
-             "landmarks": np.full(10, np.nan, np.float32), "true_identity_id": 3, "meta": json.dumps({}), "status": "ok",
-             "reason": ""} for k, img in enumerate([photo, photo[:, ::-1].copy()])]
-    out = FaceStage(cfg.faces)(rows_to_batch(rows, GENERATED))  # the faces stage's actor, as Ray Data runs it
+    out = FaceStage(cfg.faces)(photo_batch([photo, photo[:, ::-1].copy()]))  # the faces stage's actor, as Ray Data runs it
     assert out["embedding"].shape == (2, 64)
     import pixel_embedder
 
@@ -195,7 +192,136 @@ def test_a_new_embedder_kind_is_one_file_and_one_line(pixels, tmp_path):
         config_from_yaml(tmp_path, "generator: {embedder: {kind: pixels}}")
 
 
+def photo_batch(images):
+    """GENERATED rows of one identity holding ``images`` without landmarks (the faces stage detects or centre-crops)."""
+    import json
+
+    from facegen.schema import GENERATED, rows_to_batch
+
+    rows = [{"identity_id": 3, "block_id": 0, "sample_idx": k, "seed": k, "source": "photo", "image": encode_image(img, "png"),
+             "landmarks": np.full(10, np.nan, np.float32), "true_identity_id": 3, "meta": json.dumps({}), "status": "ok",
+             "reason": ""} for k, img in enumerate(images)]
+    return rows_to_batch(rows, GENERATED)
+
+
 def config_from_yaml(tmp_path, text):
     path = tmp_path / "run.yaml"
     path.write_text(f"run: {{output_dir: {tmp_path / 'out'}}}\n{text}\n")
     return load_config(path)
+
+
+CENTRE_FACE = '''
+"""A detector kind that reports one face filling the middle of the image (a throwaway for the registration test)."""
+import numpy as np
+
+from facegen.faces.align import ARCFACE_TEMPLATE
+from facegen.faces.detect import detections
+
+DEFAULT_MIN_SCORE = 0.5
+
+
+class CentreFace:
+    kind = "centre_face"
+
+    def detect(self, image):
+        h, w = image.shape[:2]
+        side = min(h, w) / 2
+        x0, y0 = (w - side) / 2, (h - side) / 2
+        landmarks = ARCFACE_TEMPLATE / 112.0 * side + [x0, y0]
+        return detections(np.array([[x0, y0, x0 + side, y0 + side]]), np.array([0.8]), landmarks[None])
+
+    def detect_batch(self, images):
+        return [self.detect(i) for i in images]
+
+
+def build(settings):
+    return CentreFace()
+'''
+
+
+def test_a_new_detector_kind_is_one_file_and_one_line(tmp_path, monkeypatch):
+    import json
+
+    from facegen.config.faces import DETECTORS
+    from facegen.faces.align import ARCFACE_TEMPLATE, align_face
+    from facegen.faces.stage import FaceStage
+
+    add_kind(DETECTORS, "centre_face", "centre_face", CENTRE_FACE, tmp_path, monkeypatch)
+
+    cfg = config_from_yaml(tmp_path, "faces: {detector: {kind: centre_face, min_size: 10}}")
+    image = np.random.default_rng(2).integers(0, 256, (200, 300, 3), dtype=np.uint8)
+    out = FaceStage(cfg.faces.model_copy(update={"image_format": "png"}))(photo_batch([image]))
+    assert out["status"][0] == "ok" and json.loads(out["meta"][0])["face"]["detector"] == "centre_face"
+    expected = align_face(image, (ARCFACE_TEMPLATE / 112.0 * 100 + [100, 50]).astype(np.float32))  # as Detection stores them
+    np.testing.assert_array_equal(decode_image(out["image"][0]), expected)
+    with pytest.raises(ConfigError, match=r"faces.detector: kind: unknown detector kind 'centre_fce', expected one of "
+                                          r"mtcnn, dlib, insightface, centre_face or none"):
+        config_from_yaml(tmp_path, "faces: {detector: {kind: centre_fce}}")
+
+
+FLAT_COLOUR = '''
+"""A generator backend drawing one flat colour per sample (a throwaway for the registration test)."""
+import json
+from typing import Literal
+
+import numpy as np
+from pydantic import Field
+
+from facegen.config.generation import BackendSettings
+from facegen.generators import identity_rows, sample_seed
+from facegen.images import encode_image
+from facegen.schema import GENERATED, rows_to_batch
+
+
+class FlatColourSettings(BackendSettings):
+    kind: Literal["flat_colour"] = "flat_colour"
+    size: int = Field(default=96, ge=8)
+
+
+SETTINGS = FlatColourSettings
+
+
+class FlatColour:
+    def __init__(self, settings, seed):
+        self.options, self.per_identity, self.seed = settings.backend_settings(), settings.images_per_identity, seed
+
+    def __call__(self, batch):
+        rows = []
+        for identity_id, block_id in identity_rows(batch):
+            for k in range(self.per_identity):
+                seed = sample_seed(self.seed, identity_id, k)
+                colour = np.random.default_rng(seed).integers(0, 256, 3).astype(np.uint8)
+                image = np.broadcast_to(colour, (self.options.size, self.options.size, 3)).copy()
+                rows.append({"identity_id": identity_id, "block_id": block_id, "sample_idx": k, "seed": seed,
+                             "source": "flat_colour", "image": encode_image(image, "png"), "landmarks": None,
+                             "true_identity_id": identity_id, "meta": json.dumps({}), "status": "ok", "reason": ""})
+        return rows_to_batch(rows, GENERATED)
+
+
+def build(settings, seed, **options):
+    return FlatColour(settings, seed)
+'''
+
+
+def test_a_new_generator_backend_is_one_file_and_one_line(tmp_path, monkeypatch):
+    from facegen.config.generation import GENERATORS
+    from facegen.generators import build_generator, sample_seed
+    from facegen.lineage import raw_digest
+
+    add_kind(GENERATORS, "flat_colour", "flat_colour", FLAT_COLOUR, tmp_path, monkeypatch)
+
+    cfg = config_from_yaml(tmp_path, "generator: {backend: flat_colour, images_per_identity: 3, flat_colour: {size: 48}}")
+    assert cfg.generator.flat_colour.size == 48 and cfg.generator.backend_settings() is cfg.generator.flat_colour
+    assert FacegenConfig.model_validate_json(cfg.model_dump_json()) == cfg  # what the stage actors get
+    bigger = config_from_yaml(tmp_path, "generator: {backend: flat_colour, images_per_identity: 3, flat_colour: {size: 64}}")
+    other = config_from_yaml(tmp_path, "generator: {backend: flat_colour, images_per_identity: 3, flat_colour: {size: 48}, "
+                                       "diffusion: {num_inference_steps: 5}}")
+    assert raw_digest(bigger) != raw_digest(cfg) == raw_digest(other)  # its section is digested, other backends' are not
+
+    out = build_generator(cfg.generator, cfg.run.seed)({"identity_id": np.array([5, 9]), "block_id": np.array([0, 0])})
+    assert out["identity_id"].tolist() == [5, 5, 5, 9, 9, 9] and out["sample_idx"].tolist() == [0, 1, 2] * 2
+    first = decode_image(out["image"][0])
+    colour = np.random.default_rng(sample_seed(cfg.run.seed, 5, 0)).integers(0, 256, 3)
+    assert first.shape == (48, 48, 3) and (first == colour).all()
+    with pytest.raises(ConfigError, match=r"generator: flat_colour: size: Input should be greater than or equal to 8"):
+        config_from_yaml(tmp_path, "generator: {backend: flat_colour, flat_colour: {size: 4}}")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from facegen.config import load_config
-from facegen.generators import generator_class
+from facegen.generators import build_generator
 from facegen.images import decode_image
 from facegen.models.dcgan import DCGANGenerator, load_dcgan, packaged_weights
 from untrusted import RunsShell
@@ -48,7 +48,7 @@ def test_checkpoints_that_need_code_or_are_not_dcgans_fail_with_the_file_named(t
 
 def test_dcgan_backend_renders_rows_with_the_crop_landmarks_and_reuses_sampled_latents():
     cfg = load_config(None, ["generator.backend=dcgan", "generator.images_per_identity=3", "generator.device=cpu"])
-    backend = generator_class("dcgan")(cfg.generator, seed=7)
+    backend = build_generator(cfg.generator, seed=7)
     batch = {"identity_id": np.array([4, 2**62 + 1]), "block_id": np.array([0, 0])}
     out = backend(batch)
     assert list(out["status"]) == ["ok"] * 3 + ["error"] * 3

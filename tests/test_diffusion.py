@@ -9,7 +9,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from facegen.config import DiffusionSettings, GeneratorSettings  # noqa: E402
-from facegen.generators import generator_class, sample_seed  # noqa: E402
+from facegen.generators import build_generator, sample_seed  # noqa: E402
 from facegen.identities.attributes import build_prompt, sample_attributes  # noqa: E402
 from facegen.images import decode_image  # noqa: E402
 from facegen.schema import GENERATED, STATUS_ERROR, STATUS_OK, table_from_batch  # noqa: E402
@@ -40,7 +40,7 @@ def _ids(*ids):
 
 @pytest.fixture(scope="module")
 def generator(tiny_sd):
-    return generator_class("diffusion")(_settings(tiny_sd, per_identity=3), seed=0, micro_batch=2)
+    return build_generator(_settings(tiny_sd, per_identity=3), seed=0, micro_batch=2)
 
 
 def test_images_have_the_requested_size_and_metadata(generator, tiny_sd):
@@ -69,7 +69,7 @@ def test_bad_identity_and_failing_pipeline_calls_become_error_rows(generator, ti
     out = generator(_ids(-2, 3))
     assert out["status"].tolist() == [STATUS_ERROR] * 3 + [STATUS_OK] * 3
     assert "identity_id=-2 sample_idx=0" in out["reason"][0]
-    odd = generator_class("diffusion")(_settings(tiny_sd, per_identity=2, height=60), seed=0)
+    odd = build_generator(_settings(tiny_sd, per_identity=2, height=60), seed=0)
     out = odd(_ids(1))  # SD needs sizes divisible by 8: every call fails, each sample is reported
     assert out["status"].tolist() == [STATUS_ERROR] * 2
     assert "identity_id=1 sample_idx=1" in out["reason"][1] and "divisible by 8" in out["reason"][1]
@@ -78,17 +78,17 @@ def test_bad_identity_and_failing_pipeline_calls_become_error_rows(generator, ti
 def test_unloadable_model_is_one_clear_error(tmp_path):
     missing = str(tmp_path / "no_such_model")
     with pytest.raises(FileNotFoundError, match="no_such_model: no such directory"):
-        generator_class("diffusion")(_settings(missing), seed=0)
+        build_generator(_settings(missing), seed=0)
     (tmp_path / "empty").mkdir()
     with pytest.raises(RuntimeError, match="empty: cannot load a Stable Diffusion pipeline"):
-        generator_class("diffusion")(_settings(str(tmp_path / "empty")), seed=0)
+        build_generator(_settings(str(tmp_path / "empty")), seed=0)
 
 
 def test_the_pipeline_class_follows_the_model_folder(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        xl = generator_class("diffusion")(_settings(build_tiny_sdxl(str(tmp_path / "xl")), per_identity=2), seed=0)
+        xl = build_generator(_settings(build_tiny_sdxl(str(tmp_path / "xl")), per_identity=2), seed=0)
         out = xl(_ids(5))
     finally:
         torch.set_num_threads(threads)
@@ -100,7 +100,7 @@ def test_the_pipeline_class_follows_the_model_folder(tmp_path):
 def test_variation_phrases_give_each_sample_its_own_prompt(tiny_sd):
     from facegen.identities.phrases import CATEGORIES, variation_phrase
 
-    varied = generator_class("diffusion")(_settings(tiny_sd, per_identity=3, variation_phrases=True), seed=0)
+    varied = build_generator(_settings(tiny_sd, per_identity=3, variation_phrases=True), seed=0)
     out = varied(_ids(4))
     prompts = [json.loads(m)["prompt"] for m in out["meta"]]
     base = build_prompt(sample_attributes(0, 4))
@@ -131,8 +131,8 @@ def test_out_of_memory_batches_are_split_and_other_failures_retried_alone():
 
 def test_an_lcm_lora_is_fused_and_switches_to_the_lcm_scheduler(tiny_sd, tmp_path):
     lora = build_tiny_lora(tiny_sd, str(tmp_path / "lora"))
-    plain = generator_class("diffusion")(_settings(tiny_sd, per_identity=1, guidance_scale=1.0), seed=0)
-    fast = generator_class("diffusion")(_settings(tiny_sd, per_identity=1, guidance_scale=1.0, lcm_lora=lora), seed=0)
+    plain = build_generator(_settings(tiny_sd, per_identity=1, guidance_scale=1.0), seed=0)
+    fast = build_generator(_settings(tiny_sd, per_identity=1, guidance_scale=1.0, lcm_lora=lora), seed=0)
     assert type(fast.pipeline.scheduler).__name__ == "LCMScheduler"
     assert type(plain.pipeline.scheduler).__name__ == "DDIMScheduler"
     name = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.weight"
@@ -141,4 +141,4 @@ def test_an_lcm_lora_is_fused_and_switches_to_the_lcm_scheduler(tiny_sd, tmp_pat
     out = fast(_ids(3))
     assert out["status"].tolist() == [STATUS_OK] and decode_image(out["image"][0]).shape == (64, 64, 3)
     with pytest.raises(FileNotFoundError, match=r"lcm_lora: .*nowhere: no such directory"):
-        generator_class("diffusion")(_settings(tiny_sd, lcm_lora=str(tmp_path / "nowhere")), seed=0)
+        build_generator(_settings(tiny_sd, lcm_lora=str(tmp_path / "nowhere")), seed=0)

@@ -99,3 +99,15 @@ def test_settings_import_only_settings():
                for m, imports in graph.items() if m.startswith("facegen.config")}
     assert {m: i for m, i in reached.items() if i} == {}
     assert graph["facegen.templates"] == set()
+
+
+def test_loading_settings_imports_no_component():
+    """Building the default settings imports no generator, embedder, detector or expert module: a kind's
+    module is imported only when a config names that kind."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from facegen.config import FacegenConfig, load_config; FacegenConfig(); load_config('configs/local.yaml'); "
+            "print(sorted(m for m in sys.modules if m.startswith('facegen') and not m.startswith('facegen.config')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=PACKAGE.parent)
+    assert out.stdout.strip() == "['facegen', 'facegen.templates']"

@@ -9,7 +9,7 @@ import pytest
 
 from facegen.config import GeneratorSettings, ParametricSettings
 from facegen.faces.align import align_face
-from facegen.generators import BACKENDS, MAX_IDENTITY_ID, generator_class, sample_seed
+from facegen.generators import MAX_IDENTITY_ID, build_generator, sample_seed
 from facegen.generators.parametric import ParametricGenerator, draw_nuisance, identity_params, render_face
 from facegen.images import decode_image
 from facegen.schema import GENERATED, STATUS_ERROR, STATUS_OK, table_from_batch
@@ -128,9 +128,12 @@ def test_images_of_one_identity_look_alike_after_alignment():
 
 
 def test_backend_registry_is_lazy():
-    assert generator_class("parametric") is ParametricGenerator
-    assert BACKENDS[:3] == ("parametric", "diffusion", "hybrid")
-    with pytest.raises(ValueError, match="'stylegan'"):
-        generator_class("stylegan")
+    from facegen.config import GeneratorSettings
+    from facegen.config.generation import GENERATORS
+
+    assert isinstance(build_generator(GeneratorSettings(), 0), ParametricGenerator)
+    assert GENERATORS.kinds[:3] == ("parametric", "diffusion", "hybrid")
+    with pytest.raises(ValueError, match="unknown backend 'stylegan', expected one of parametric, diffusion, hybrid, stylegan2, dcgan"):
+        GeneratorSettings(backend="stylegan")
     code = "import sys, facegen.generators.parametric; assert not {'diffusers', 'torch'} & set(sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True)

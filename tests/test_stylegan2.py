@@ -213,13 +213,13 @@ def test_unreadable_or_foreign_checkpoints_fail_with_one_line_naming_the_file(tm
 def test_stylegan2_backend_renders_identity_rows_from_a_pickle(tmp_path):
     from facegen.config import load_config
     from facegen.images import decode_image
-    from facegen.generators import generator_class
+    from facegen.generators import build_generator
 
     G = small_generator(seed=2)
     write_nvidia_pickle(tmp_path / "g.pkl", G)
     cfg = load_config(None, ["generator.backend=stylegan2", f"generator.stylegan2.checkpoint={tmp_path / 'g.pkl'}",
                              "generator.images_per_identity=2", "generator.device=cpu"])
-    backend = generator_class("stylegan2")(cfg.generator, seed=1)
+    backend = build_generator(cfg.generator, seed=1)
     out = backend({"identity_id": np.array([0, 1]), "block_id": np.array([0, 0])})
     assert list(out["status"]) == ["ok"] * 4 and list(out["source"]) == ["stylegan2"] * 4
     assert decode_image(out["image"][0]).shape == (32, 32, 3)

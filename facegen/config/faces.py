@@ -35,8 +35,8 @@ class EmbedderWeights(ComponentSettings):
 
     @model_validator(mode="after")
     def _kind_checks(self) -> "EmbedderWeights":
-        if not self.model_fields_set:
-            return self  # the defaults (built while the config classes are defined) are valid as they are
+        if "kind" not in self.model_fields_set:
+            return self  # the default kind has no rules of its own; not importing it keeps config loading light
         if self.kind not in EMBEDDERS.kinds:
             raise ValueError(f"kind: unknown embedder kind {self.kind!r}, expected one of {', '.join(EMBEDDERS.kinds)}")
         check = EMBEDDERS.hook(self.kind, "check")
@@ -71,7 +71,7 @@ class EmbedderSettings(EmbedderWeights):
 
     @model_validator(mode="after")
     def _weights_given(self) -> "EmbedderSettings":
-        if self.model_fields_set and self.kind != "facegen" and not self.enabled:
+        if "kind" in self.model_fields_set and self.kind != "facegen" and not self.enabled:
             raise ValueError(f"path: the {self.kind} embedder needs a weights file")
         return self
 
@@ -80,6 +80,15 @@ class EmbedderSettings(EmbedderWeights):
         """Whether the faces stage embeds at all: a ``path``, or a kind whose weights ship with its
         package (``PACKAGED_WEIGHTS``, dlib); ``facegen`` without a path embeds nothing."""
         return bool(self.path) or bool(self.kind != "facegen" and EMBEDDERS.hook(self.kind, "PACKAGED_WEIGHTS"))
+
+
+#: The face detector kinds: kind -> its module (:mod:`facegen.faces.detectors`), which has ``build``
+#: and ``DEFAULT_MIN_SCORE`` and may have ``check``. ``none`` (no detector) is not a kind of its own.
+DETECTORS = ComponentTable("faces.detector", ComponentSettings, {
+    "mtcnn": "facegen.faces.detectors.mtcnn",
+    "dlib": "facegen.faces.detectors.dlib",
+    "insightface": "facegen.faces.detectors.insightface",
+})
 
 
 class DetectorSettings(_Section):
@@ -92,7 +101,8 @@ class DetectorSettings(_Section):
     kept face is at least ``rival_size_ratio`` times its size ("more than one large face").
     """
 
-    kind: Literal["mtcnn", "dlib", "insightface", "none"] = "mtcnn"
+    kind: str = Field(default="mtcnn", description="mtcnn, dlib, insightface, any kind in DETECTORS, or none (the "
+                      "generator's landmarks only)")
     min_score: float | None = Field(
         default=None, ge=0.0, le=1.0, description="None = the kind's own: mtcnn 0.9, dlib 0.5, insightface 0.5"
     )
@@ -111,9 +121,14 @@ class DetectorSettings(_Section):
     det_size: int = Field(default=640, ge=32, description="insightface: network input side (px)")
 
     @model_validator(mode="after")
-    def _complete(self) -> "DetectorSettings":
-        if self.kind == "insightface" and not self.path:
-            raise ValueError("path: the insightface detector needs a model folder or a detection .onnx")
+    def _kind_checks(self) -> "DetectorSettings":
+        if "kind" not in self.model_fields_set or self.kind == "none":
+            return self  # the default kind (mtcnn) has no rules of its own
+        if self.kind not in DETECTORS.kinds:
+            raise ValueError(f"kind: unknown detector kind {self.kind!r}, expected one of {', '.join(DETECTORS.kinds)} or none")
+        check = DETECTORS.hook(self.kind, "check")
+        if check is not None:
+            check(self)
         return self
 
 

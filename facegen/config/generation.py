@@ -4,17 +4,32 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from facegen.config._base import _Section
-from facegen.config.faces import EMBEDDERS, DetectorSettings, EmbedderSettings, EmbedderWeights
+from facegen.config.components import ComponentSettings, ComponentTable
+from facegen.config.faces import DETECTORS, EMBEDDERS, DetectorSettings, EmbedderSettings, EmbedderWeights
 from facegen.config.rerender import RerenderSettings
 from facegen.config.resources import PooledSection, PoolSettings
 from facegen.templates import ARCFACE_EYES, ARCFACE_TEMPLATE_112, FFHQ_EYES
 
 
-#: Names accepted by ``generator.backend`` (:func:`facegen.generators.generator_class` builds them).
-BACKENDS = ("parametric", "diffusion", "hybrid", "stylegan2", "dcgan")
+class BackendSettings(ComponentSettings):
+    """The base of a generator backend's own settings section (``generator.<backend>``), for the
+    backends whose module declares ``SETTINGS``; the built-in backends' sections are below."""
+
+
+#: The generator backends (``generator.backend``): name -> its module, which has
+#: ``build(settings: GeneratorSettings, seed, **options)`` returning the callable Ray Data maps over
+#: identity rows (:mod:`facegen.generators`), and may declare ``SETTINGS`` (a :class:`BackendSettings`),
+#: its section ``generator.<name>``. GAN backends (latent spaces) are :data:`GAN_BACKENDS` as well.
+GENERATORS = ComponentTable("generator.backend", BackendSettings, {
+    "parametric": "facegen.generators.parametric",
+    "diffusion": "facegen.generators.diffusion",
+    "hybrid": "facegen.generators.hybrid",
+    "stylegan2": "facegen.generators.gan_backend",
+    "dcgan": "facegen.generators.gan_backend",
+})
 #: The generator backends whose identities are GAN latents (:mod:`facegen.generators.gan`).
 GAN_BACKENDS = ("stylegan2", "dcgan")
 
@@ -149,7 +164,7 @@ class ReferenceSettings(_Section):
     @field_validator("backend")
     @classmethod
     def _known_backend(cls, v: str) -> str:
-        allowed = ("text_to_image", "photos", "identities") + tuple(b for b in BACKENDS if b != "hybrid")
+        allowed = ("text_to_image", "photos", "identities") + tuple(b for b in GENERATORS.kinds if b != "hybrid")
         if v not in allowed:
             raise ValueError(f"unknown reference backend {v!r}, expected one of {', '.join(allowed)}")
         return v
@@ -276,10 +291,15 @@ class GanCropSettings(_Section):
     kind: Literal["fixed", "detector"] = "fixed"
     src_points: list[tuple[float, float]] = Field(default_factory=lambda: list(FFHQ_EYES), min_length=2)
     dst_points: list[tuple[float, float]] = Field(default_factory=lambda: list(ARCFACE_EYES), min_length=2)
-    detector: Literal["mtcnn", "dlib"] = Field(default="mtcnn", description="kind detector: the detector (default settings) whose landmarks identity forces crop by; generated rows carry none, the faces stage's detector aligns them")
+    detector: str = Field(default="mtcnn", description="kind detector: the detector kind (default settings: mtcnn, dlib) whose landmarks identity forces crop by; generated rows carry none, the faces stage's detector aligns them")
 
     @model_validator(mode="after")
     def _paired(self) -> "GanCropSettings":
+        if "detector" in self.model_fields_set and (
+                self.detector not in DETECTORS.kinds or DETECTORS.hook(self.detector, "check") is not None):
+            usable = [k for k in DETECTORS.kinds if DETECTORS.hook(k, "check") is None]
+            raise ValueError(f"detector: {self.detector!r} is not a detector that runs with its default settings "
+                             f"({', '.join(usable)})")
         if len(self.src_points) != len(self.dst_points):
             raise ValueError("src_points and dst_points must have the same length")
         return self
@@ -316,7 +336,7 @@ class ForceEmbedderSettings(EmbedderWeights):
 
     @model_validator(mode="after")
     def _differentiable(self) -> "ForceEmbedderSettings":
-        if self.model_fields_set and self.kind in EMBEDDERS.kinds and not EMBEDDERS.hook(self.kind, "differentiable_model"):
+        if "kind" in self.model_fields_set and self.kind in EMBEDDERS.kinds and not EMBEDDERS.hook(self.kind, "differentiable_model"):
             raise ValueError(f"kind: identity forces backpropagate through the embedder, and {self.kind} is not "
                              f"differentiable (use one of {', '.join(EMBEDDERS.having('differentiable_model'))})")
         return self
@@ -349,9 +369,13 @@ class DiscoSettings(_Section):
 
 
 class GeneratorSettings(PooledSection):
-    """Which backend renders images and how its Ray Data actor pool is sized."""
+    """Which backend renders images and how its Ray Data actor pool is sized. A backend's settings are
+    the section named after it: a field below for the built-in ones, or the ``SETTINGS`` its module
+    declares (:data:`GENERATORS`)."""
 
-    backend: Literal[BACKENDS] = "parametric"
+    model_config = ConfigDict(extra="allow", validate_assignment=True)  # the sections of registered backends
+
+    backend: str = Field(default="parametric", description="parametric, diffusion, hybrid, stylegan2, dcgan, or any backend in GENERATORS")
     images_per_identity: int = Field(default=20, ge=1)
     batch_size: int = Field(default=8, ge=1, description="identities per generator call inside a block")
     pool: PoolSettings = Field(default_factory=PoolSettings, description="the generate stage's Ray Data actor pool: each "
@@ -366,6 +390,35 @@ class GeneratorSettings(PooledSection):
     dispersion: DispersionSettings = DispersionSettings()
     disco: DiscoSettings = DiscoSettings()
     hybrid: HybridSettings = Field(default_factory=lambda: HybridSettings())
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, v: str) -> str:
+        if v not in GENERATORS.kinds:
+            raise ValueError(f"unknown backend {v!r}, expected one of {', '.join(GENERATORS.kinds)}")
+        return v
+
+    @model_validator(mode="after")
+    def _backend_sections(self) -> "GeneratorSettings":
+        for name, value in list((self.__pydantic_extra__ or {}).items()):
+            settings_class = getattr(GENERATORS.module(name), "SETTINGS", None) if name in GENERATORS.kinds else None
+            if settings_class is None:
+                raise ValueError(f"{name}: Extra inputs are not permitted (a backend's own section is named after it: "
+                                 f"{', '.join(GENERATORS.kinds)})")
+            try:
+                self.__pydantic_extra__[name] = GENERATORS.settings({"kind": name, **value} if isinstance(value, dict) else value)
+            except ValueError as exc:
+                raise ValueError(f"{name}: {exc}") from None
+        return self
+
+    def backend_settings(self) -> Any:
+        """The chosen backend's own section: its field, the section given for it, or its module's
+        ``SETTINGS`` defaults (None for a backend without a section)."""
+        section = getattr(self, self.backend, None)
+        if section is not None:
+            return section
+        settings_class = getattr(GENERATORS.module(self.backend), "SETTINGS", None)
+        return settings_class() if settings_class is not None else None
 
     def identity_space(self) -> str | None:
         """What this generator reads from the identities stage: ``latent`` (a GAN backend),

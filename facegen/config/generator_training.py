@@ -82,7 +82,8 @@ class GeneratorTrainSettings(_Section):
     def _consistent(self) -> "GeneratorTrainSettings":
         if self.batch_size % self.num_workers:
             raise ValueError(f"batch_size: {self.batch_size} does not split evenly over num_workers={self.num_workers}")
-        if self.similarity_weight > 0 and not EMBEDDERS.hook(self.embedder.kind, "differentiable_model"):
+        if (self.similarity_weight > 0 and "kind" in self.embedder.model_fields_set
+                and not EMBEDDERS.hook(self.embedder.kind, "differentiable_model")):
             raise ValueError(f"similarity_weight: the similarity-matching loss backpropagates through the embedder, "
                              f"which must be differentiable ({', '.join(EMBEDDERS.having('differentiable_model'))}; "
                              f"got {self.embedder.kind}); "

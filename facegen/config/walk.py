@@ -27,12 +27,14 @@ class Item:
 
 
 def items(model: BaseModel, skip: frozenset[str] = frozenset()) -> Iterator[Item]:
-    """The fields of ``model`` (in declaration order), those named in ``skip`` left out."""
-    for name, info in type(model).model_fields.items():
+    """The fields of ``model`` (in declaration order, then the sections a model that allows extra
+    fields holds, e.g. ``generator.<backend>`` of a registered backend), those named in ``skip`` left out."""
+    fields = [(name, getattr(model, name), info) for name, info in type(model).model_fields.items()]
+    fields += [(name, value, None) for name, value in (model.__pydantic_extra__ or {}).items()]
+    for name, value, info in fields:
         if name in skip:
             continue
-        value = getattr(model, name)
-        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        extra = info.json_schema_extra if info is not None and isinstance(info.json_schema_extra, dict) else {}
         marker = str(extra["input_path"]) if extra.get("input_path") else None
         if isinstance(value, BaseModel):
             yield Item(name, value, marker, [value])

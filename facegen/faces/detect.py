@@ -6,25 +6,15 @@ A detector's ``detect(image)`` takes one RGB uint8 ``[H, W, 3]`` image and retur
 nose tip, left and right mouth corner, "left" as seen in the image), best first;
 ``detect_batch(images)`` does a list at once (batched on the network where the model allows).
 
-Kinds (``faces.detector.kind``):
-
-- ``mtcnn``: MTCNN in torch (:mod:`facegen.models.mtcnn`) with the ``mtcnn`` package's weights,
-  batched, CPU or GPU; on a GPU its pyramid, crops and NMS run there too
-  (:mod:`facegen.models.mtcnn_torch`). The default: it works offline everywhere.
-- ``dlib``: dlib's HOG or CNN detector with its 5-point predictor; the ArcFace points are derived
-  from dlib's eye corners and nose base as :mod:`facegen.models.dlib_face` explains. Its score is
-  the logistic of the detector's margin.
-- ``insightface``: an SCRFD/RetinaFace ONNX (a model folder such as buffalo_l or antelopev2, or
-  one ``.onnx``) through ``insightface.model_zoo``, with onnxruntime's CUDA provider when present.
-- ``none``: no detector; the faces stage uses the generator's landmarks only.
+The kinds (``faces.detector.kind``: mtcnn, dlib, insightface, ...) are modules of
+:mod:`facegen.faces.detectors`, listed in :data:`facegen.config.faces.DETECTORS`; ``none`` means no
+detector (the faces stage uses the generator's landmarks only).
 
 Nothing here knows about Ray.
 """
 
 from __future__ import annotations
 
-import glob
-import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -32,10 +22,6 @@ import numpy as np
 
 if TYPE_CHECKING:
     from facegen.config import DetectorSettings
-
-KINDS = ("mtcnn", "dlib", "insightface", "none")
-#: ``faces.detector.min_score`` when left unset, per kind (their scores mean different things).
-DEFAULT_MIN_SCORE = {"mtcnn": 0.9, "dlib": 0.5, "insightface": 0.5, "none": 0.0}
 
 REASON_NO_FACE = "no face"
 REASON_TOO_SMALL = "face too small"
@@ -69,136 +55,30 @@ class FaceDetector(Protocol):
         """:meth:`detect` for each image."""
 
 
-def check_image(image: np.ndarray) -> np.ndarray:
-    """Validate one RGB uint8 ``[H, W, 3]`` image."""
-    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"image: expected RGB uint8 [H, W, 3], got {getattr(image, 'dtype', type(image))} {np.shape(image)}")
-    return image
-
-
-def _detections(boxes: np.ndarray, scores: np.ndarray, landmarks: np.ndarray) -> list[Detection]:
+def detections(boxes: np.ndarray, scores: np.ndarray, landmarks: np.ndarray) -> list[Detection]:
+    """Detections from parallel arrays of boxes, scores and landmarks, best score first."""
     order = np.argsort(-np.asarray(scores), kind="stable")
     return [Detection(np.asarray(boxes[i], np.float32), float(scores[i]), np.asarray(landmarks[i], np.float32)) for i in order]
 
 
-class MtcnnDetector:
-    """MTCNN in torch; ``detect_batch`` runs all images through each network together."""
-
-    kind = "mtcnn"
-
-    def __init__(self, device: str = "auto", min_face: int = 20, thresholds: tuple[float, float, float] = (0.6, 0.7, 0.8),
-                 cascade: str = "auto"):
-        from facegen.devices import resolve_device
-        from facegen.models.mtcnn import MTCNN
-
-        self.model = MTCNN(resolve_device(device), min_face, thresholds, cascade=cascade)
-
-    def detect_batch(self, images: list[np.ndarray]) -> list[list[Detection]]:
-        images = [check_image(im) for im in images]
-        return [_detections(*found) for found in self.model.detect_batch(images)] if images else []
-
-    def detect(self, image: np.ndarray) -> list[Detection]:
-        return self.detect_batch([image])[0]
-
-
-class DlibDetector:
-    """dlib HOG (CPU) or CNN (mmod) detector + 5-point predictor, ArcFace points derived."""
-
-    kind = "dlib"
-
-    def __init__(self, model: str = "hog", upsample: int = 1):
-        from facegen.models.dlib_face import DlibFaces
-
-        self.model = DlibFaces(model, upsample)
-
-    def detect(self, image: np.ndarray) -> list[Detection]:
-        from facegen.models.dlib_face import arcface_from_dlib5
-
-        boxes, margins, points = self.model.detect(check_image(image))
-        scores = 1.0 / (1.0 + np.exp(-margins.astype(np.float64)))
-        landmarks = np.array([arcface_from_dlib5(p) for p in points], np.float32).reshape(-1, 5, 2)
-        return _detections(boxes, scores, landmarks)
-
-    def detect_batch(self, images: list[np.ndarray]) -> list[list[Detection]]:
-        return [self.detect(image) for image in images]
-
-
-def find_detection_onnx(path: str) -> str:
-    """``path`` if it is an ONNX file, else the detection model of an insightface model folder
-    (the ``.onnx`` whose graph has SCRFD's five or more outputs)."""
-    import onnxruntime
-
-    if os.path.isfile(path):
-        return path
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"faces.detector.path: {path}: no such model folder or .onnx file")
-    candidates = sorted(glob.glob(os.path.join(path, "*.onnx")))
-    # model packs name their detector det_*.onnx (buffalo_l) or scrfd_*.onnx (antelopev2): open those first
-    candidates.sort(key=lambda f: not os.path.basename(f).startswith(("det", "scrfd", "retinaface")))
-    for candidate in candidates:
-        try:
-            session = onnxruntime.InferenceSession(candidate, providers=["CPUExecutionProvider"])
-        except Exception:  # noqa: BLE001 - a broken file is simply not the detector
-            continue
-        if len(session.get_outputs()) >= 5:
-            return candidate
-    raise FileNotFoundError(f"faces.detector.path: {path}: no SCRFD/RetinaFace detection .onnx in this folder")
-
-
-class InsightfaceDetector:
-    """An SCRFD/RetinaFace ONNX through ``insightface.model_zoo`` (input ``det_size`` square)."""
-
-    kind = "insightface"
-
-    def __init__(self, path: str, det_size: int = 640, min_score: float = 0.5):
-        from insightface.model_zoo import get_model
-
-        from facegen.devices import onnx_providers
-
-        self.path = find_detection_onnx(path)
-        providers = onnx_providers()
-        try:
-            model = get_model(self.path, providers=providers)
-        except Exception as exc:  # onnxruntime's own exception types
-            raise ValueError(f"faces.detector.path: {self.path}: not a loadable ONNX model ({type(exc).__name__}: {exc})"[:400]) from None
-        if model is None or getattr(model, "taskname", None) != "detection":
-            raise ValueError(f"faces.detector.path: {self.path}: insightface does not read it as a face detector")
-        ctx = 0 if providers[0] == "CUDAExecutionProvider" else -1
-        model.prepare(ctx_id=ctx, input_size=(det_size, det_size), det_thresh=float(min_score))
-        if not model.use_kps:
-            raise ValueError(f"faces.detector.path: {self.path}: the detector gives no landmarks (no keypoint outputs)")
-        self.model, self.det_size, self.min_score = model, int(det_size), float(min_score)
-
-    def detect(self, image: np.ndarray) -> list[Detection]:
-        bgr = np.ascontiguousarray(check_image(image)[:, :, ::-1])  # insightface reads BGR (OpenCV)
-        det, kps = self.model.detect(bgr, input_size=(self.det_size, self.det_size), det_thresh=self.min_score)
-        if kps is None or len(det) == 0:
-            return []
-        return _detections(det[:, :4], det[:, 4], kps)
-
-    def detect_batch(self, images: list[np.ndarray]) -> list[list[Detection]]:
-        return [self.detect(image) for image in images]
-
-
 def min_score_of(settings: "DetectorSettings") -> float:
-    """``settings.min_score``, or the kind's default when unset."""
-    return DEFAULT_MIN_SCORE[settings.kind] if settings.min_score is None else float(settings.min_score)
+    """``settings.min_score``, or the kind's ``DEFAULT_MIN_SCORE`` when unset (0 for ``none``)."""
+    if settings.min_score is not None:
+        return float(settings.min_score)
+    if settings.kind == "none":
+        return 0.0
+    from facegen.config.faces import DETECTORS
+
+    return float(DETECTORS.hook(settings.kind, "DEFAULT_MIN_SCORE"))
 
 
 def build_detector(settings: "DetectorSettings") -> FaceDetector | None:
-    """The detector ``settings`` describe (``faces.detector``); ``None`` for kind ``none``."""
-    kind = settings.kind
-    if kind == "none":
+    """The detector ``settings`` describe (its kind's module's ``build``); ``None`` for kind ``none``."""
+    if settings.kind == "none":
         return None
-    if kind == "mtcnn":
-        return MtcnnDetector(settings.device, settings.mtcnn_min_face, settings.mtcnn_thresholds, settings.mtcnn_cascade)
-    if kind == "dlib":
-        return DlibDetector(settings.dlib_model, settings.dlib_upsample)
-    if kind == "insightface":
-        if not settings.path:
-            raise ValueError("faces.detector.path: the insightface detector needs a model folder or .onnx")
-        return InsightfaceDetector(settings.path, settings.det_size, min_score_of(settings))
-    raise ValueError(f"faces.detector.kind: unknown kind {kind!r}, expected one of {', '.join(KINDS)}")
+    from facegen.config.faces import DETECTORS
+
+    return DETECTORS.build(settings)
 
 
 class FaceRejected(ValueError):

@@ -1,7 +1,8 @@
 """Generator backends behind one protocol, and the per-sample seed they all share.
 
-A backend is a callable class for Ray Data ``map_batches``: ``__init__(settings: GeneratorSettings,
-seed: int)`` loads what it needs once; ``__call__(batch)`` takes identity rows (``identity_id``,
+A backend is a module listed in :data:`facegen.config.generation.GENERATORS` whose
+``build(settings: GeneratorSettings, seed: int)`` returns a callable for Ray Data ``map_batches`` (a
+stage's actor builds it once); ``__call__(batch)`` takes identity rows (``identity_id``,
 ``block_id``) and returns ``settings.images_per_identity`` rows per identity with exactly the
 columns of :data:`facegen.schema.GENERATED`. A sample that fails becomes a ``status="error"`` row.
 
@@ -10,19 +11,12 @@ Backends are imported lazily, so using the parametric renderer never imports dif
 
 from __future__ import annotations
 
-import importlib
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from facegen.config.generation import BACKENDS  # noqa: F401  (re-exported: the names generator_class knows)
-
-_CLASSES = {
-    "parametric": ("facegen.generators.parametric", "ParametricGenerator"),
-    "diffusion": ("facegen.generators.diffusion", "DiffusionGenerator"),
-    "hybrid": ("facegen.generators.hybrid", "HybridGenerator"),
-    "stylegan2": ("facegen.generators.gan_backend", "GanGenerator"),
-    "dcgan": ("facegen.generators.gan_backend", "GanGenerator"),
-}
+if TYPE_CHECKING:
+    from facegen.config import GeneratorSettings
 
 #: Domain tag of per-sample seeds (distinct from every identity-level tag).
 SAMPLE_TAG = 0x5A4D
@@ -30,12 +24,11 @@ SAMPLE_TAG = 0x5A4D
 MAX_IDENTITY_ID = 2**62
 
 
-def generator_class(backend: str) -> type:
-    """The generator class of ``backend`` (imports its module only now)."""
-    if backend not in _CLASSES:
-        raise ValueError(f"generator.backend: unknown backend {backend!r}, expected one of {', '.join(BACKENDS)}")
-    module, name = _CLASSES[backend]
-    return getattr(importlib.import_module(module), name)
+def build_generator(settings: GeneratorSettings, seed: int, **options: Any) -> Any:
+    """The generator of ``settings.backend`` (its module's ``build``, the module imported only now)."""
+    from facegen.config.generation import GENERATORS
+
+    return GENERATORS.module(settings.backend).build(settings, seed, **options)
 
 
 def check_identity_id(identity_id: int) -> int:

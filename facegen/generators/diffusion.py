@@ -116,3 +116,8 @@ class DiffusionGenerator:
             "status": STATUS_OK,
             "reason": "",
         }
+
+
+def build(settings: GeneratorSettings, seed: int, **options: Any) -> DiffusionGenerator:
+    """The backend's generator (:data:`facegen.config.generation.GENERATORS`)."""
+    return DiffusionGenerator(settings, seed, **options)

@@ -106,3 +106,8 @@ class GanGenerator:
         for (identity_id, block_id), latent in zip(identity_rows(batch), latent_column(batch)):
             rows.extend(self._identity_rows(identity_id, block_id, latent))
         return rows_to_batch(rows, GENERATED)
+
+
+def build(settings: GeneratorSettings, seed: int, **options: Any) -> GanGenerator:
+    """The backend's generator (:data:`facegen.config.generation.GENERATORS`)."""
+    return GanGenerator(settings, seed, **options)

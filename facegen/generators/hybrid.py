@@ -304,3 +304,8 @@ class HybridGenerator:
             "requested_similarity": c.requested_similarity,
             "realised_similarity": realised,
         }
+
+
+def build(settings: GeneratorSettings, seed: int, **options: Any) -> HybridGenerator:
+    """The backend's generator (:data:`facegen.config.generation.GENERATORS`)."""
+    return HybridGenerator(settings, seed, **options)

@@ -349,3 +349,8 @@ class ParametricGenerator:
             return error_row(identity_id, block_id, sample_idx, seed, SOURCE, reason)
         row["block_id"] = int(block_id)
         return row
+
+
+def build(settings: GeneratorSettings, seed: int, **options: Any) -> ParametricGenerator:
+    """The backend's generator (:data:`facegen.config.generation.GENERATORS`)."""
+    return ParametricGenerator(settings, seed, **options)

@@ -161,10 +161,10 @@ class GeneratorSource:
     """References from any facegen generator backend: its sample ``a`` is attempt ``a``."""
 
     def __init__(self, backend: str, settings: Any, seed: int, max_attempts: int):
-        from facegen.generators import generator_class
+        from facegen.generators import build_generator
 
         inner = settings.model_copy(update={"backend": backend, "images_per_identity": max_attempts})
-        self.generator = generator_class(backend)(inner, seed)
+        self.generator = build_generator(inner, seed)
         self.batch_size = max_attempts
 
     def render(self, identity_id: int, attempts: list[int]) -> list[Candidate]:

@@ -140,10 +140,10 @@ class BlockGenerator(BlockWorker):
     def build_source(self, cfg: FacegenConfig) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None:
         """The callable turning identity rows into GENERATED rows: the configured generator."""
         from facegen.cache import localized
-        from facegen.generators import generator_class
+        from facegen.generators import build_generator
 
         settings = localized(cfg.generator, "generator")
-        source = generator_class(settings.backend)(settings, cfg.run.seed)
+        source = build_generator(settings, cfg.run.seed)
         if hasattr(source, "emit_pixels"):
             source.emit_pixels = True  # the face stage runs in this process: no PNG round trip
         return source
