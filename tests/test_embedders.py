@@ -131,5 +131,5 @@ def test_clean_refuses_raw_blocks_of_another_embedder(seeded_r18, tmp_path):
 def test_detector_settings_fail_with_one_line_naming_the_field():
     with pytest.raises(ConfigError, match="faces.detector: .*path: the insightface detector needs a model folder"):
         config_from_dict({"faces": {"detector": {"kind": "insightface"}}}, "run.yaml")
-    with pytest.raises(ConfigError, match="faces.detector.kind: Input should be 'mtcnn', 'dlib', 'insightface' or 'none'"):
+    with pytest.raises(ConfigError, match="faces.detector: kind: unknown detector kind 'yolo', expected one of mtcnn, dlib, insightface or none"):
         config_from_dict({"faces": {"detector": {"kind": "yolo"}}}, "run.yaml")
