@@ -234,7 +234,7 @@ def langevin_vs_gaussian(cfg_overrides: list[str], gan, judge: Judge, student_di
     start = gan.gaussian_latents(0, np.arange(n))
     # k_l 0.01, not the paper's 0.1: the DCGAN's prior is N(0, I) (|z| about 10) and interaction forces
     # through G are O(1), so a pull of 0.1 |z| per unit time shrinks every z toward the mean face
-    settings = LangevinSettings(space="latent", iterations=iterations, d0=d0, k_l=0.01, neighbours=min(32, n - 1), search_on_gpu=False)
+    settings = LangevinSettings(space="latent", iterations=iterations, d0=d0, k_l=0.01, neighbours=min(32, n - 1), search_device="cpu")
     sampler = LangevinSampler(settings, LatentSpace(encoder, gan.latent_mean.cpu().numpy()))
     t0 = time.time()
     before = sampler.measure(start)

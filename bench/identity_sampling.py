@@ -43,7 +43,7 @@ def _settings(index: str, device: str, dt_max: float | None = 1.0):
     # the fields LangevinSampler reads (LangevinSettings defaults), without importing pydantic
     return SimpleNamespace(k=1.0, d0=1.4, skin=0.01, k_l=0.1, eta0=0.01, tau=0.3, mu=1.0, dt_max=dt_max,
                            neighbours=16, neighbour_index=index, chunk_size=65536, knn_every=KNN_EVERY,
-                           constant_radius=1.4, k_cst=1.0, search_on_gpu=device == "cuda")
+                           constant_radius=1.4, k_cst=1.0, search_device="cuda" if device == "cuda" else "cpu")
 
 
 def _particles(n: int) -> np.ndarray:

@@ -38,6 +38,9 @@ SCHEDULING_FIELDS = frozenset({
 #: cleaning thresholds, which the clean stage resolves to cosines before digesting its settings, so
 #: a new calibration redoes the clean blocks whose thresholds it moves and never the raw ones.
 RESOLVED_FIELDS = frozenset({"calibration"})
+#: Renamed settings digest under their old name and value, so blocks made before the rename are
+#: found again: ``search_device`` (auto / cpu / cuda) was ``search_on_gpu`` (a bool).
+RENAMED_FIELDS: dict[str, tuple[str, Any]] = {"search_device": ("search_on_gpu", lambda device: device != "cpu")}
 DATASET_FILE = "dataset.json"
 
 
@@ -59,6 +62,9 @@ def _digestible(model: BaseModel) -> dict[str, Any]:
         if item.sections is not None:
             digested = [_digestible(v) for v in item.sections]
             out[item.name] = digested if item.is_list else digested[0]
+        elif item.name in RENAMED_FIELDS:
+            old_name, old_value = RENAMED_FIELDS[item.name]
+            out[old_name] = old_value(item.value)
         elif item.input_path and item.value:
             values = item.value if isinstance(item.value, list) else [item.value]
             out[item.name] = [_input_digest(str(v), item.input_path) for v in values]

@@ -103,3 +103,14 @@ def test_every_yaml_example_in_the_readme_is_a_valid_config():
     assert len(blocks) >= 2
     for block in blocks:
         config_from_dict(yaml.safe_load(block), "README.md")
+
+
+def test_devices_are_checked_when_the_config_loads_and_the_old_search_switch_still_reads():
+    with pytest.raises(ConfigError, match=r"--set faces.embedder.device=cuda:O: faces.embedder.device: 'cuda:O': expected auto, cpu, cuda, cuda:N or mps"):
+        load_config(None, ["faces.embedder.device=cuda:O"])
+    assert load_config(None, ["generator.device=cuda:1"]).generator.device == "cuda:1"
+    old = FacegenConfig.model_validate({"identities": {"sampler": {"langevin": {"search_on_gpu": False},
+                                                                   "vec2face": {"search_on_gpu": True}}}})
+    assert (old.identities.sampler.langevin.search_device, old.identities.sampler.vec2face.search_device) == ("cpu", "auto")
+    with pytest.raises(ConfigError, match="search_on_gpu is now search_device"):
+        load_config(None, ["identities.sampler.langevin.search_on_gpu=false", "identities.sampler.langevin.search_device=cpu"])

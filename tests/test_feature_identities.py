@@ -24,7 +24,7 @@ def _max_offdiagonal_cosine(features: np.ndarray) -> float:
 
 
 def test_gaussian_sampling_leaves_no_pair_above_the_threshold_and_records_the_largest():
-    settings = Vec2FaceSamplerSettings(dim=128, max_similarity=0.3, candidates_per_round=512, search_on_gpu=False)
+    settings = Vec2FaceSamplerSettings(dim=128, max_similarity=0.3, candidates_per_round=512, search_device="cpu")
     features, figures = sample_feature_identities(settings, 7, 3000)
     assert features.shape == (3000, 128) and features.dtype == np.float32
     largest = _max_offdiagonal_cosine(features)  # every pair, exactly
@@ -52,14 +52,14 @@ def test_pca_sampling_draws_from_the_class_centres_normal():
     assert model.std[0] == pytest.approx(4.0, rel=0.05) and np.abs(model.axes[0] @ axes[0]) > 0.99
 
     settings = Vec2FaceSamplerSettings(distribution="pca", centres="centres.npy", max_similarity=1.0, candidates_per_round=4000,
-                                       search_on_gpu=False)
+                                       search_device="cpu")
     drawn, figures = sample_feature_identities(settings, 1, 4000, centres)
     assert figures["dim"] == 32 and figures["components"] == 32
     np.testing.assert_allclose(drawn.mean(axis=0), mean, atol=0.2)
     along = (drawn - mean) @ axes[:3].T
     np.testing.assert_allclose(along.std(axis=0), spread[:3], rtol=0.06)  # the centres' spread on each axis
     two = Vec2FaceSamplerSettings(distribution="pca", centres="centres.npy", components=2, max_similarity=1.0,
-                                  search_on_gpu=False)
+                                  search_device="cpu")
     flat, _ = sample_feature_identities(two, 1, 200, centres)
     residual = (flat - model.mean) - ((flat - model.mean) @ model.axes[:2].T) @ model.axes[:2]
     assert np.abs(residual).max() < 1e-3  # two components: draws stay in their plane
@@ -69,7 +69,7 @@ def test_pca_sampling_draws_from_the_class_centres_normal():
 
 def test_bad_sampler_settings_fail_in_one_line():
     settings = Vec2FaceSamplerSettings(dim=8, max_similarity=-0.5, candidates_per_round=64, max_candidates_ratio=2,
-                                       search_on_gpu=False)
+                                       search_device="cpu")
     with pytest.raises(ValueError, match=r"^identities.sampler.vec2face.max_similarity: only \d of 50 identities"):
         sample_feature_identities(settings, 0, 50)
     with pytest.raises(ConfigError, match="identities.sampler.vec2face: centres: distribution pca fits class-centre"):
@@ -107,7 +107,7 @@ def _run_config(tmp_path, arc2face):
     sets = {"run.output_dir": str(tmp_path / "out"), "tracking.mode": "disabled",
             "identities.num_identities": 4, "identities.block_size": 2, "identities.sampler.kind": "vec2face",
             "identities.sampler.vec2face.dim": 128, "identities.sampler.vec2face.candidates_per_round": 64,
-            "identities.sampler.vec2face.search_on_gpu": False, "identities.sampler.pool.num_cpus": 0.5,
+            "identities.sampler.vec2face.search_device": "cpu", "identities.sampler.pool.num_cpus": 0.5,
             "generator.backend": "hybrid", "generator.images_per_identity": 2, "generator.batch_size": 2,
             "generator.pool.num_cpus": 0.5, "generator.hybrid.reference.backend": "identities",
             "generator.hybrid.detector.kind": "dlib", "generator.hybrid.embedder.kind": "dlib",

@@ -35,7 +35,7 @@ def _feature_config(tmp_path, n, iterations=10, extra=()):
     return load_config(None, [
         f"run.output_dir={tmp_path}/out", "tracking.mode=disabled", f"identities.num_identities={n}",
         "identities.block_size=1000", "identities.sampler.kind=langevin", "identities.sampler.langevin.space=feature",
-        f"identities.sampler.langevin.iterations={iterations}", "identities.sampler.langevin.search_on_gpu=false", *extra])
+        f"identities.sampler.langevin.iterations={iterations}", "identities.sampler.langevin.search_device=cpu", *extra])
 
 
 def test_feature_space_langevin_spreads_identities_and_keeps_away_from_real_faces(tmp_path, ray_local):
@@ -105,7 +105,7 @@ def test_brownian_noise_on_the_sphere_is_scaled_to_the_dimension():
     """Without forces a particle moves about eta0 * sqrt(dt) radians per step, whatever the dimension;
     the step cap (dt_max, 1.0 by default) is what sets dt there."""
     for dim in (64, 512):
-        settings = LangevinSettings(space="feature", eta0=0.01, k=0.0, search_on_gpu=False)
+        settings = LangevinSettings(space="feature", eta0=0.01, k=0.0, search_device="cpu")
         sampler = LangevinSampler(settings, FeatureSpace())
         from facegen.identities.langevin import LangevinState
 
@@ -123,13 +123,13 @@ def test_without_dt_max_the_step_is_the_papers_adaptive_rule():
 
     start = _unit(300, 32, 4)
     for cap, expect_capped in ((None, False), (0.05, True)):
-        sampler = LangevinSampler(LangevinSettings(space="feature", d0=1.3, tau=0.3, mu=2.0, dt_max=cap, search_on_gpu=False), FeatureSpace())
+        sampler = LangevinSampler(LangevinSettings(space="feature", d0=1.3, tau=0.3, mu=2.0, dt_max=cap, search_device="cpu"), FeatureSpace())
         stats = sampler.step(LangevinState(start.copy(), 0, np.random.default_rng(0)), rebuild=True)
         adaptive = 0.3 * 2.0 * stats["min_distance"] / stats["force_max"]
         assert stats["force_max"] > 0 and stats["dt_capped"] == expect_capped
         assert stats["dt"] == pytest.approx(adaptive if cap is None else cap, rel=1e-6)
     assert adaptive > 0.05
-    still = LangevinSampler(LangevinSettings(space="feature", k=0.0, dt_max=None, search_on_gpu=False), FeatureSpace())
+    still = LangevinSampler(LangevinSettings(space="feature", k=0.0, dt_max=None, search_device="cpu"), FeatureSpace())
     state = LangevinState(start.copy(), 0, np.random.default_rng(0))
     assert still.step(state, rebuild=True)["dt"] == 0.0
     np.testing.assert_allclose(state.particles, start, atol=1e-6)  # renormalised, not moved
@@ -150,7 +150,7 @@ def test_latent_space_langevin_pushes_dcgan_identities_apart_through_g_and_the_e
     d0 = float(np.quantile(angles, 0.3))  # a radius that 30 % of the gaussian pairs violate
     cfg = load_config(None, base + ["identities.sampler.kind=langevin", "identities.sampler.langevin.iterations=4",
                                     f"identities.sampler.langevin.d0={d0}", "identities.sampler.langevin.neighbours=23",
-                                    "identities.sampler.langevin.search_on_gpu=false", "identities.sampler.langevin.eta0=0.0"])
+                                    "identities.sampler.langevin.search_device=cpu", "identities.sampler.langevin.eta0=0.0"])
     run_identities(cfg, progress=False)
     summary = json.loads((tmp_path / "out/identities/sampler.json").read_text())
     assert summary["space"] == "latent" and summary["latent_dim"] == 100 and summary["embedding_dim"] == 32
@@ -174,7 +174,7 @@ def test_cli_identities_prints_the_sampler_figures_and_names_a_bad_real_file(tmp
     base = ["--set", f"run.output_dir={tmp_path}/out", "--set", "tracking.mode=disabled", "--set", "identities.num_identities=200",
             "--set", "identities.sampler.kind=langevin", "--set", "identities.sampler.langevin.space=feature",
             "--set", "identities.sampler.langevin.feature_dim=32", "--set", "identities.sampler.langevin.d0=1.3",
-            "--set", "identities.sampler.langevin.iterations=3", "--set", "identities.sampler.langevin.search_on_gpu=false"]
+            "--set", "identities.sampler.langevin.iterations=3", "--set", "identities.sampler.langevin.search_device=cpu"]
     result = CliRunner().invoke(app, ["identities", "--no-progress", *base], terminal_width=200)
     assert result.exit_code == 0, result.output
     assert "pairs_within_d0 gaussian" in result.output and "pairs_within_d0 langevin" in result.output

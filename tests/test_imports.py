@@ -111,3 +111,12 @@ def test_loading_settings_imports_no_component():
             "print(sorted(m for m in sys.modules if m.startswith('facegen') and not m.startswith('facegen.config')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=PACKAGE.parent)
     assert out.stdout.strip() == "['facegen', 'facegen.templates']"
+
+
+def test_no_library_module_imports_the_app_layer():
+    """The CLI, the whole-pipeline driver, the demo and the HTML report sit on top: nothing below
+    imports them, not even inside a function."""
+    app = {"facegen.cli", "facegen.__main__", "facegen.pipeline", "facegen.demo", "facegen.eval.html_report"}
+    graph = _module_level_imports(in_functions=True)
+    assert app <= set(graph)
+    assert {m: sorted(i & app) for m, i in graph.items() if m not in app and i & app} == {}

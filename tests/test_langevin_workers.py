@@ -25,7 +25,7 @@ def _config(out, embedder, workers, extra=()):
         "identities.sampler.kind=langevin", f"identities.sampler.langevin.iterations={ITERATIONS}",
         f"identities.sampler.langevin.batch_size={BATCH}", "identities.sampler.langevin.neighbours=8",
         f"identities.sampler.langevin.knn_every={CHECKPOINT_EVERY}", f"identities.sampler.langevin.checkpoint_every={CHECKPOINT_EVERY}",
-        "identities.sampler.langevin.search_on_gpu=false", f"identities.sampler.langevin.workers={workers}",
+        "identities.sampler.langevin.search_device=cpu", f"identities.sampler.langevin.workers={workers}",
         "identities.sampler.langevin.worker.num_cpus=0.25", *extra])
 
 

@@ -229,6 +229,29 @@ def _train_ivf(base: ChunkSource, plan: SearchPlan, settings: SearchSettings):
     return index
 
 
+def flat_index(dim: int, gpu: bool):
+    """An exact inner-product faiss index, on the GPU when ``gpu`` and faiss has one."""
+    import faiss
+
+    index = faiss.IndexFlatIP(dim)
+    if gpu and gpu_available():
+        resources = faiss.StandardGpuResources()
+        index = faiss.index_cpu_to_gpu(resources, 0, index)
+        index.gpu_resources = resources  # must outlive the index
+    return index
+
+
+def ivf_index(vectors: np.ndarray, settings: SearchSettings, chunk: int = 65536):
+    """An IVF index over ``vectors`` (unit rows) built as the dedup's: :func:`build_plan`'s lists
+    and probes, spherical k-means on a sample, on the GPU where the plan says; filled in chunks."""
+    base = ArrayChunks(np.asarray(vectors, np.float32), chunk=chunk)
+    plan = build_plan(base.total, settings.model_copy(update={"index": "ivf", "max_vectors_per_part": max(1, base.total)}))
+    index = _new_index(plan, base.dim, _train_ivf(base, plan, settings), settings)
+    for _, vecs in base.chunks():
+        index.add(vecs)
+    return index
+
+
 def _graph_of(index):
     """The HNSW index inside an ID map, or None."""
     import faiss

@@ -6,7 +6,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from facegen.config._base import IResNetArch, _Section
+from facegen.config._base import Device, IResNetArch, _Section
 from facegen.config.components import ComponentSettings, ComponentTable
 from facegen.config.resources import PooledSection, PoolSettings
 
@@ -24,7 +24,7 @@ class EmbedderWeights(ComponentSettings):
         default=None, description="arcface_torch only: the network the .pth belongs to (iresnet50_se: a checkpoint "
         "of the DataCV organisers' trainer)"
     )
-    device: str = "auto"
+    device: Device = "auto"
 
     @model_validator(mode="before")
     @classmethod
@@ -108,7 +108,7 @@ class DetectorSettings(_Section):
     )
     min_size: float = Field(default=40.0, ge=0.0, description="pixels, sqrt of the box area")
     rival_size_ratio: float = Field(default=0.6, gt=0.0, le=1.0)
-    device: str = "auto"
+    device: Device = "auto"
     mtcnn_min_face: int = Field(default=20, ge=12, description="smallest face the MTCNN pyramid looks for (px)")
     mtcnn_thresholds: tuple[float, float, float] = (0.6, 0.7, 0.8)
     mtcnn_cascade: Literal["auto", "numpy", "torch"] = Field(

@@ -6,7 +6,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from facegen.config._base import _Section
+from facegen.config._base import Device, _Section
 from facegen.config.components import ComponentSettings, ComponentTable
 from facegen.config.faces import DETECTORS, EMBEDDERS, DetectorSettings, EmbedderSettings, EmbedderWeights
 from facegen.config.rerender import RerenderSettings
@@ -383,7 +383,7 @@ class GeneratorSettings(PooledSection):
     parametric: ParametricSettings = ParametricSettings()
     diffusion: DiffusionSettings = DiffusionSettings()
     variation: Literal["noise", "dispersion", "disco"] = Field(default="noise", description="GAN backends: how the images of one identity vary")
-    device: str = Field(default="auto", description="GAN backends: torch device")
+    device: Device = Field(default="auto", description="GAN backends: torch device")
     stylegan2: StyleGAN2Settings = StyleGAN2Settings()
     dcgan: DcganSettings = DcganSettings()
     embedder: ForceEmbedderSettings = ForceEmbedderSettings()

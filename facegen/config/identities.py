@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -15,7 +15,26 @@ from facegen.config.resources import PooledSection, PoolSettings, TaskSettings
 ESTIMATED_ATTRIBUTES = ("yaw", "pitch", "roll", "illumination", "brightness")
 
 
-class LangevinSettings(_Section):
+#: Where a faiss / torch neighbour search runs (the spelling of ``clean.search.device``).
+SearchDevice = Literal["auto", "cpu", "cuda"]
+
+
+class SearchSection(_Section):
+    """A section with ``search_device``, whose old spelling ``search_on_gpu`` (a bool) still loads."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_search_on_gpu(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or "search_on_gpu" not in data:
+            return data
+        if "search_device" in data:
+            raise ValueError("search_on_gpu is now search_device (auto, cpu or cuda); give only search_device")
+        data = dict(data)
+        data["search_device"] = "auto" if data.pop("search_on_gpu") else "cpu"
+        return data
+
+
+class LangevinSettings(SearchSection):
     """Brownian identity diffusion (ALGORITHMS.md 2): soft-sphere repulsion of radius d0 between
     identity embeddings, latent pull toward w_avg, Brownian noise, adaptive time step.
 
@@ -55,7 +74,8 @@ class LangevinSettings(_Section):
     real_column: str = "embedding"
     constant_radius: float = Field(default=1.4, gt=0.0, le=3.1416, description="repulsion radius around real embeddings, radians (constant-distance; the code's default 0 turns it off, facegen's switch is real_embeddings)")
     k_cst: float = Field(default=1.0, ge=0.0, description="stiffness of the repulsion from real embeddings (face_synthetics uses k for both)")
-    search_on_gpu: bool = Field(default=True, description="search neighbours on the GPU when CUDA is present")
+    search_device: SearchDevice = Field(default="auto", description="where neighbours are searched: auto (the GPU when "
+                                        "CUDA is present), cpu or cuda; the old search_on_gpu: true/false reads as auto/cpu")
     workers: int = Field(default=1, ge=1, description=(
         "latent space: encoder actors sharing each iteration's passes through G and the embedder (one per GPU on a "
         "cluster), given whole batches of particles; the Langevin task keeps the particles, the neighbour lists, the "
@@ -72,7 +92,7 @@ class LangevinSettings(_Section):
         return self
 
 
-class Vec2FaceSamplerSettings(_Section):
+class Vec2FaceSamplerSettings(SearchSection):
     """Vec2Face's identity sampler (ALGORITHMS.md, Vec2Face): identity features drawn from a Gaussian
     or from a multivariate normal fitted (PCA) on class-centre features of a real set, each kept only
     while its cosine to every identity kept before it stays below ``max_similarity`` (exact faiss
@@ -90,7 +110,8 @@ class Vec2FaceSamplerSettings(_Section):
     components: int | None = Field(default=None, ge=1, description="pca: principal components kept (None: all, the full covariance)")
     candidates_per_round: int = Field(default=8192, ge=1, description="candidates drawn and filtered together (part of the random stream)")
     max_candidates_ratio: float = Field(default=50.0, ge=1.0, description="give up after this many candidates per wanted identity")
-    search_on_gpu: bool = Field(default=True, description="search on the GPU when faiss has one")
+    search_device: SearchDevice = Field(default="auto", description="where the pairwise filter searches: auto (the GPU "
+                                        "when faiss has one), cpu or cuda; the old search_on_gpu: true/false reads as auto/cpu")
 
     @model_validator(mode="after")
     def _pca_needs_centres(self) -> "Vec2FaceSamplerSettings":

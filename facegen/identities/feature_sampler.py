@@ -64,15 +64,9 @@ def _unit(vectors: np.ndarray) -> np.ndarray:
 
 
 def _index(dim: int, on_gpu: bool):
-    import faiss
+    from facegen.clean.search import flat_index
 
-    index = faiss.IndexFlatIP(dim)
-    if on_gpu:
-        from facegen.clean.search import gpu_available
-
-        if gpu_available():
-            return faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
-    return index
+    return flat_index(dim, on_gpu)
 
 
 def filter_round(units: np.ndarray, nearest_kept: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
@@ -108,7 +102,7 @@ def sample_feature_identities(settings: Any, seed: int, count: int, centres: np.
     dim = pca.dim if pca is not None else settings.dim
     threshold = float(settings.max_similarity)
     budget = int(np.ceil(settings.max_candidates_ratio * count))
-    index = _index(dim, settings.search_on_gpu)
+    index = _index(dim, settings.search_device != "cpu")
     kept: list[np.ndarray] = []
     largest, accepted, drawn, round_index = -1.0, 0, 0, 0
     while accepted < count:

@@ -7,9 +7,11 @@ nearest neighbours, not every other particle. Two searches:
            index when faiss-gpu and CUDA are present (the ``[gpu]`` extra), else torch matmul + topk
            (on CUDA when present): exact, and the fastest choice up to a few hundred thousand points
            on CPU (on 2 cores it beats faiss's CPU flat index) and to millions on a GPU.
-``ivf``    a faiss inverted-file index (about ``cluster_size`` points per list, an HNSW coarse
-           quantizer, ``nprobe`` lists searched): per-query cost independent of N, so a neighbour
-           rebuild stays near-linear at millions of points on CPU, at the price of recall.
+``ivf``    a faiss inverted-file index (about ``cluster_size`` points per list, ``nprobe`` lists
+           searched), built as the cleaning's dedup builds its own (:func:`facegen.clean.search.ivf_index`:
+           a flat quantizer up to 4096 lists, spherical k-means on a sample): per-query cost
+           independent of N, so a neighbour rebuild stays near-linear at millions of points on CPU,
+           at the price of recall.
 
 ``auto`` picks exact up to ``exact_max`` points (or always, on a GPU), IVF beyond.
 """
@@ -65,10 +67,10 @@ class FaissGpuExact:
     """faiss ``GpuIndexFlatIP``: exact search on the GPU, tiled by faiss itself."""
 
     def __init__(self, points: np.ndarray, chunk_size: int):
-        import faiss
+        from facegen.clean.search import flat_index
 
         points = np.ascontiguousarray(points, np.float32)
-        self.index = faiss.GpuIndexFlatIP(faiss.StandardGpuResources(), points.shape[1])
+        self.index = flat_index(points.shape[1], gpu=True)
         for start in range(0, len(points), chunk_size):
             self.index.add(points[start : start + chunk_size])
         self.chunk_size = chunk_size
@@ -88,24 +90,15 @@ def _search_in_chunks(index, queries: np.ndarray, k: int, chunk_size: int) -> tu
 
 
 class IvfIndex:
-    """faiss ``IndexIVFFlat`` (inner product) with an HNSW coarse quantizer."""
+    """A faiss IVF index (inner product) over the points, from the one IVF builder facegen has."""
 
     def __init__(self, points: np.ndarray, options: KnnOptions):
-        import faiss
+        from facegen.clean.search import ivf_index
+        from facegen.config import SearchSettings
 
-        points = np.ascontiguousarray(points, np.float32)
-        n, dim = points.shape
-        nlist = max(1, n // options.cluster_size)
-        quantizer = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
-        self.index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
-        self.index.cp.max_points_per_centroid = 64  # k-means on a sample: training stays a small share of the cost
-        sample = points[np.random.default_rng(0).choice(n, size=min(n, 64 * nlist), replace=False)]
-        self.index.train(sample)
-        self.index.nprobe = options.nprobe
-        if options.use_gpu and gpu_available():
-            self.index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, self.index)
-        for start in range(0, n, options.chunk_size):
-            self.index.add(points[start : start + options.chunk_size])
+        settings = SearchSettings(device="auto" if options.use_gpu else "cpu", vectors_per_list=options.cluster_size,
+                                  nprobe=options.nprobe, capped_nprobe=options.nprobe)
+        self.index = ivf_index(points, settings, options.chunk_size)
         self.chunk_size = options.chunk_size
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

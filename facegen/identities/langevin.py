@@ -144,10 +144,10 @@ class LangevinSampler:
                  knn_options: knn.KnnOptions | None = None):
         self.s, self.space = settings, space
         self.options = knn_options or knn.KnnOptions(k=settings.neighbours, chunk_size=settings.chunk_size,
-                                                     index=settings.neighbour_index, use_gpu=settings.search_on_gpu)
+                                                     index=settings.neighbour_index, use_gpu=settings.search_device != "cpu")
         self.reference = None if reference is None else np.ascontiguousarray(reference, np.float32)
         self.reference_index = None if self.reference is None else knn.ExactIndex(
-            self.reference, resolve_device("auto" if settings.search_on_gpu else "cpu"))
+            self.reference, resolve_device(settings.search_device))
         self.pairs = np.zeros((0, 2), np.int64)
         self.reference_neighbours: np.ndarray | None = None
 
