@@ -42,7 +42,6 @@ import numpy as np  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "tests"))  # the tiny-model builders of the tests
 
 
 def settings_for(backend: str, workdir: str, per_identity: int, batch: int):
@@ -57,7 +56,7 @@ def settings_for(backend: str, workdir: str, per_identity: int, batch: int):
     common = dict(backend=backend, images_per_identity=per_identity, batch_size=batch, pool=PoolSettings(num_cpus=1.0))
     if backend == "parametric":
         return GeneratorSettings(parametric=ParametricSettings(image_size=128, wrong_identity_rate=0.0), **common)
-    from tiny_sd import build_tiny_arc2face, build_tiny_sd
+    from facegen.testing.tiny_diffusers import build_tiny_arc2face, build_tiny_sd
 
     if backend == "diffusion":
         sd = build_tiny_sd(f"{workdir}/sd")

@@ -8,7 +8,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from facegen.config import Arc2FaceSettings  # noqa: E402
-from tiny_sd import build_tiny_arc2face  # noqa: E402
+from facegen.testing.tiny_diffusers import build_tiny_arc2face  # noqa: E402
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")

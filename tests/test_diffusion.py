@@ -13,7 +13,7 @@ from facegen.generators import build_generator, sample_seed  # noqa: E402
 from facegen.identities.attributes import build_prompt, sample_attributes  # noqa: E402
 from facegen.images import decode_image  # noqa: E402
 from facegen.schema import GENERATED, STATUS_ERROR, STATUS_OK, table_from_batch  # noqa: E402
-from tiny_sd import build_tiny_lora, build_tiny_sd, build_tiny_sdxl  # noqa: E402
+from facegen.testing.tiny_diffusers import build_tiny_lora, build_tiny_sd, build_tiny_sdxl  # noqa: E402
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")

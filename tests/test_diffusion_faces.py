@@ -6,7 +6,7 @@ import pytest
 from facegen import blocks as blk
 from facegen import storage
 from facegen.config import config_from_dict
-from tiny_sd import build_tiny_sd
+from facegen.testing.tiny_diffusers import build_tiny_sd
 
 pytestmark = pytest.mark.slow
 

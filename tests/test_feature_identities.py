@@ -96,7 +96,7 @@ def test_a_gan_refuses_feature_identities_and_a_feature_generator_refuses_latent
 
 @pytest.fixture(scope="module")
 def arc2face(tmp_path_factory):
-    from tiny_sd import build_tiny_arc2face
+    from facegen.testing.tiny_diffusers import build_tiny_arc2face
 
     return build_tiny_arc2face(str(tmp_path_factory.mktemp("a2f")))
 

@@ -29,7 +29,7 @@ from facegen.config import (  # noqa: E402
 from facegen.generators import sample_seed  # noqa: E402
 from facegen.identities.expansion import cosine, sample_conditioning  # noqa: E402
 from facegen.schema import GENERATED, STATUS_ERROR, STATUS_OK, table_from_batch  # noqa: E402
-from tiny_sd import build_tiny_arc2face, build_tiny_sd, build_tiny_sdxl  # noqa: E402
+from facegen.testing.tiny_diffusers import build_tiny_arc2face, build_tiny_sd, build_tiny_sdxl  # noqa: E402
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")

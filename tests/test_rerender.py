@@ -27,7 +27,7 @@ from facegen.config import (  # noqa: E402
     RerenderSettings,
 )
 from facegen.generators.rerender import draw_keypoints, draw_rerender, keypoint_condition, read_ip_adapter  # noqa: E402
-from tiny_sd import build_tiny_arc2face, build_tiny_instantid  # noqa: E402
+from facegen.testing.tiny_diffusers import build_tiny_arc2face, build_tiny_instantid  # noqa: E402
 from tiny_scrfd import build_tiny_scrfd  # noqa: E402
 from untrusted import RunsShell  # noqa: E402
 
@@ -311,7 +311,7 @@ def test_the_lcm_lora_is_fused_and_the_adapter_keeps_sdpa_self_attention(models,
 
     from facegen.generators.references import Candidate, Reference
     from facegen.generators.rerender import Rerenderer
-    from tiny_sd import build_tiny_lora
+    from facegen.testing.tiny_diffusers import build_tiny_lora
 
     lora = build_tiny_lora(models["sdxl"], str(tmp_path / "lcm-lora"))
     plain = Rerenderer(rerender_settings(models), 0, "cpu", "unused")
