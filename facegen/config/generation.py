@@ -42,26 +42,32 @@ class ParametricSettings(_Section):
     nuisance: float = Field(default=1.0, ge=0.0, le=2.0, description="scale of pose/light/blur/occlusion")
 
 
-class DiffusionSettings(_Section):
-    """Stable Diffusion text-to-image through diffusers ``from_pretrained``."""
+class DiffusersSettings(_Section):
+    """What every diffusers text-to-image backend shares: sampling steps and guidance, image size,
+    half precision on GPU, an optional LCM-LoRA, batching, and offline loading."""
 
-    model: str = Field(default="stabilityai/stable-diffusion-2-1-base", json_schema_extra={"input_path": "local_or_hub"})
     num_inference_steps: int = Field(default=30, ge=1)
     guidance_scale: float = Field(default=7.5, ge=0.0)
     height: int = Field(default=512, ge=8)
     width: int = Field(default=512, ge=8)
     fp16: bool = True
-    negative_prompt: str = (
-        "low quality, blurry, text, watermark, logo, painting, drawing, cartoon, deformed, "
-        "disfigured, multiple faces, cropped face, occluded face"
-    )
-    local_files_only: bool = False
-    micro_batch: int = Field(default=8, ge=1, description="images per pipeline call (one identity at a time)")
     half_dtype: Literal["float16", "bfloat16"] = Field(default="float16", description="the dtype of fp16 on GPU")
     lcm_lora: str | None = Field(default=None, description="LCM-LoRA folder or hub id: LCMScheduler, few steps",
                                  json_schema_extra={"input_path": "local_or_hub"})
     compile_unet: bool = Field(default=False, description="torch.compile the UNet (GPU)")
+    micro_batch: int = Field(default=8, ge=1, description="images per pipeline call (one identity at a time)")
     variation_phrases: bool = Field(default=False, description="append a per-sample pose/expression/light phrase")
+    local_files_only: bool = False
+
+
+class DiffusionSettings(DiffusersSettings):
+    """Stable Diffusion text-to-image through diffusers ``from_pretrained``."""
+
+    model: str = Field(default="stabilityai/stable-diffusion-2-1-base", json_schema_extra={"input_path": "local_or_hub"})
+    negative_prompt: str = (
+        "low quality, blurry, text, watermark, logo, painting, drawing, cartoon, deformed, "
+        "disfigured, multiple faces, cropped face, occluded face"
+    )
 
 
 #: The published noise recipes of ``generator.hybrid.expansion.preset``: each sets sigmas, shares and
@@ -170,7 +176,7 @@ class ReferenceSettings(_Section):
         return v
 
 
-class Arc2FaceSettings(_Section):
+class Arc2FaceSettings(DiffusersSettings):
     """Arc2Face through diffusers: its UNet and ID encoder with the VAE, tokenizer and scheduler of
     the base SD 1.5 model (folders or hub ids; ``*_subfolder`` as in the public model repository)."""
 
@@ -184,16 +190,9 @@ class Arc2FaceSettings(_Section):
     scheduler: Literal["dpm_multistep", "ddim", "base"] = "dpm_multistep"
     num_inference_steps: int = Field(default=25, ge=1)
     guidance_scale: float = Field(default=3.0, ge=0.0)
-    height: int = Field(default=512, ge=8)
-    width: int = Field(default=512, ge=8)
-    fp16: bool = True
-    half_dtype: Literal["float16", "bfloat16"] = "float16"
     lcm_lora: str | None = Field(default=None, description="LCM-LoRA for SD 1.5: LCMScheduler, 2-4 steps, guidance 1",
                                  json_schema_extra={"input_path": "local_or_hub"})
-    compile_unet: bool = False
-    micro_batch: int = Field(default=8, ge=1, description="images per pipeline call (one identity at a time)")
     variation_phrases: bool = Field(default=False, description="append a per-sample phrase to the ID prompt")
-    local_files_only: bool = False
 
 
 class Vec2FaceSettings(_Section):
