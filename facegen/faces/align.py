@@ -30,15 +30,12 @@ def as_points(landmarks: np.ndarray, name: str = "landmarks") -> np.ndarray:
         pts = pts.reshape(5, 2)
     if pts.shape != (5, 2):
         raise ValueError(f"{name}: expected shape (5, 2) or (10,), got {np.shape(landmarks)}")
-    if not np.isfinite(pts).all():
-        raise ValueError(f"{name}: contain NaN or infinite values")
-    if np.ptp(pts, axis=0).max() == 0.0:
-        raise ValueError(f"{name}: degenerate, all five points are equal")
-    return pts
+    return _point_set(pts, name)
 
 
 def _point_set(points: np.ndarray, name: str) -> np.ndarray:
-    """Validate ``n >= 2`` points ``(n, 2)`` (or five flat landmarks ``(10,)``) -> float64 ``(n, 2)``."""
+    """Validate ``n >= 2`` points ``(n, 2)`` (or five flat landmarks ``(10,)``) -> float64 ``(n, 2)``:
+    finite, and not all in one place."""
     pts = np.asarray(points, dtype=np.float64)
     if pts.shape == (10,):
         return as_points(pts, name)
@@ -47,7 +44,7 @@ def _point_set(points: np.ndarray, name: str) -> np.ndarray:
     if not np.isfinite(pts).all():
         raise ValueError(f"{name}: contain NaN or infinite values")
     if np.ptp(pts, axis=0).max() == 0.0:
-        raise ValueError(f"{name}: degenerate, all points are equal")
+        raise ValueError(f"{name}: degenerate, all {'five ' if len(pts) == 5 else ''}points are equal")
     return pts
 
 
