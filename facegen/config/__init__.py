@@ -36,28 +36,28 @@ from facegen.config.identities import (  # noqa: F401  (re-exported: one import 
     SamplerSettings,
     Vec2FaceSamplerSettings,
 )
-from facegen.config.generation import (  # noqa: F401  (re-exported: one import path for every setting)
-    ARCFACE_EYES,
-    ARCFACE_TEMPLATE_112,
-    Arc2FaceSettings,
-    CemiFaceSettings,
+from facegen.config.gan import (  # noqa: F401  (re-exported: one import path for every setting)
     DcganSettings,
-    DiffusionSettings,
     DiscoSettings,
     DispersionSettings,
+    ForceEmbedderSettings,
+    GanCropSettings,
+    StyleGAN2Settings,
+)
+from facegen.config.generation import (  # noqa: F401  (re-exported: one import path for every setting)
+    Arc2FaceSettings,
+    CemiFaceSettings,
+    DiffusionSettings,
     EXPANDER_PRESETS,
     EXPANSION_PRESETS,
     ExpansionSettings,
-    FFHQ_EYES,
-    ForceEmbedderSettings,
-    GanCropSettings,
     GeneratorSettings,
     HybridSettings,
     ParametricSettings,
     ReferenceSettings,
-    StyleGAN2Settings,
     Vec2FaceSettings,
 )
+from facegen.templates import ARCFACE_EYES, ARCFACE_TEMPLATE_112, FFHQ_EYES  # noqa: F401  (re-exported)
 from facegen.config.faces import (  # noqa: F401  (re-exported: one import path for every setting)
     DetectorSettings,
     EmbedderSettings,

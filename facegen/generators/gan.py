@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from facegen.config import GeneratorSettings
-from facegen.config.generation import GAN_BACKENDS  # noqa: F401  (re-exported: the GAN backends)
+from facegen.config.gan import GAN_BACKENDS  # noqa: F401  (re-exported: the GAN backends)
 from facegen.devices import resolve_device
 from facegen.generators.crop import GanCrop
 from facegen.identities.seeds import identity_rng

@@ -54,7 +54,7 @@ def with_fitted_directions(cfg: FacegenConfig) -> FacegenConfig:
 
 
 def _digest(cfg: FacegenConfig) -> str:
-    from facegen.config.generation import GAN_BACKENDS
+    from facegen.config.gan import GAN_BACKENDS
     from facegen.lineage import settings_digest
 
     g = cfg.generator
