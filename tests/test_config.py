@@ -114,3 +114,9 @@ def test_devices_are_checked_when_the_config_loads_and_the_old_search_switch_sti
     assert (old.identities.sampler.langevin.search_device, old.identities.sampler.vec2face.search_device) == ("cpu", "auto")
     with pytest.raises(ConfigError, match="search_on_gpu is now search_device"):
         load_config(None, ["identities.sampler.langevin.search_on_gpu=false", "identities.sampler.langevin.search_device=cpu"])
+
+
+def test_an_unknown_embedder_kind_fails_in_one_line():
+    with pytest.raises(ConfigError, match=r"^run.yaml: faces.embedder: kind: unknown embedder kind "
+                                          r"'facenet', expected one of facegen, arcface_torch, onnx, dlib$"):
+        config_from_dict({"faces": {"embedder": {"kind": "facenet"}}}, "run.yaml")

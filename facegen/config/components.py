@@ -77,6 +77,15 @@ class ComponentTable:
             where = ".".join(str(p) for p in err["loc"]) or "<root>"
             raise ValueError(f"{where}: {err['msg'].removeprefix('Value error, ')}") from None
 
+    def check(self, settings: Any, noun: str, also: str = "") -> None:
+        """That ``settings.kind`` is registered (``kind: unknown <noun> kind ...``, listing ``also``
+        after the kinds), then its module's ``check(settings)`` where it has one."""
+        if settings.kind not in self._modules:
+            raise ValueError(f"kind: unknown {noun} kind {settings.kind!r}, expected one of {', '.join(self.kinds)}{also}")
+        check = self.hook(settings.kind, "check")
+        if check is not None:
+            check(settings)
+
     def hook(self, kind: str, name: str) -> Any:
         """Attribute ``name`` of ``kind``'s module (a check, a capability), or None where it has none."""
         return getattr(self.module(kind), name, None)

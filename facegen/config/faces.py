@@ -37,11 +37,7 @@ class EmbedderWeights(ComponentSettings):
     def _kind_checks(self) -> "EmbedderWeights":
         if "kind" not in self.model_fields_set:
             return self  # the default kind has no rules of its own; not importing it keeps config loading light
-        if self.kind not in EMBEDDERS.kinds:
-            raise ValueError(f"kind: unknown embedder kind {self.kind!r}, expected one of {', '.join(EMBEDDERS.kinds)}")
-        check = EMBEDDERS.hook(self.kind, "check")
-        if check is not None:
-            check(self)
+        EMBEDDERS.check(self, "embedder")
         return self
 
 
@@ -124,11 +120,7 @@ class DetectorSettings(_Section):
     def _kind_checks(self) -> "DetectorSettings":
         if "kind" not in self.model_fields_set or self.kind == "none":
             return self  # the default kind (mtcnn) has no rules of its own
-        if self.kind not in DETECTORS.kinds:
-            raise ValueError(f"kind: unknown detector kind {self.kind!r}, expected one of {', '.join(DETECTORS.kinds)} or none")
-        check = DETECTORS.hook(self.kind, "check")
-        if check is not None:
-            check(self)
+        DETECTORS.check(self, "detector", also=" or none")
         return self
 
 
