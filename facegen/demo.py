@@ -73,13 +73,13 @@ def with_run_embedders(cfg: FacegenConfig, progress: bool = True) -> FacegenConf
       through the run's own facegen / arcface_torch embedder.
     """
     from facegen.config.faces import EMBEDDERS
-    from facegen.generators.gan import GAN_BACKENDS
+    from facegen.config.generation import gan_backends
 
     cfg = cfg.model_copy(deep=True)
     if cfg.demo.bootstrap_identities and not cfg.faces.embedder.enabled:
         cfg.faces.embedder.kind, cfg.faces.embedder.path = "facegen", bootstrap_embedder(cfg, progress=progress)
     faces_embedder = cfg.faces.embedder
-    if (cfg.generator.backend in GAN_BACKENDS and faces_embedder.enabled and not cfg.generator.embedder.path
+    if (cfg.generator.backend in gan_backends() and faces_embedder.enabled and not cfg.generator.embedder.path
             and EMBEDDERS.hook(faces_embedder.kind, "differentiable_model")):
         cfg.generator.embedder.kind, cfg.generator.embedder.path = faces_embedder.kind, faces_embedder.path
         cfg.generator.embedder.arch = faces_embedder.arch

@@ -102,7 +102,7 @@ def _report_task(cfg_json: str, path: str) -> str:
 def run_pipeline(cfg: FacegenConfig, progress: bool = True) -> PipelineSummary:
     """Run every stage of ``cfg`` in order on the connected Ray cluster."""
     from facegen.demo import with_run_embedders, write_heldout_bin
-    from facegen.generators.gan import GAN_BACKENDS
+    from facegen.config.generation import gan_backends
     from facegen.stages.clean import run_clean
     from facegen.stages.generate import run_generate
     from facegen.stages.identities import run_identities
@@ -129,7 +129,7 @@ def run_pipeline(cfg: FacegenConfig, progress: bool = True) -> PipelineSummary:
         lap("bootstrap_embedder")
     if not cfg.faces.embedder.enabled:
         raise ValueError("faces.embedder.path: the pipeline needs an embedder (or demo.bootstrap_identities > 0)")
-    gan = cfg.generator.backend in GAN_BACKENDS
+    gan = cfg.generator.backend in gan_backends()
     bins = list(cfg.eval.bins)
     if cfg.demo.heldout_identities:
         bins.insert(0, write_heldout_bin(cfg, progress=progress))

@@ -16,13 +16,14 @@ from facegen.stages.clean import votes_digest
 from planted import planted_block
 
 
-def add_kind(table, kind, module, source, tmp_path, monkeypatch):
+def add_kind(table, kind, module, source, tmp_path, monkeypatch, *traits):
     """What adding a component takes: its one new file (``module``.py) and its one registration line;
     the table is put back as it was after the test."""
     (tmp_path / f"{module}.py").write_text(textwrap.dedent(source))
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(table, "_modules", dict(table._modules))
-    table.register(kind, module)
+    monkeypatch.setattr(table, "_traits", dict(table._traits))
+    table.register(kind, module, *traits)
 
 THROWAWAY = '''
 """An expert that drops frames darker than a mean level (a throwaway for the registration test)."""
@@ -325,3 +326,77 @@ def test_a_new_generator_backend_is_one_file_and_one_line(tmp_path, monkeypatch)
     assert first.shape == (48, 48, 3) and (first == colour).all()
     with pytest.raises(ConfigError, match=r"generator: flat_colour: size: Input should be greater than or equal to 8"):
         config_from_yaml(tmp_path, "generator: {backend: flat_colour, flat_colour: {size: 4}}")
+
+
+PLANE_GAN = '''
+"""A GAN whose image is a fixed linear map of its 6-d latent (a throwaway for the registration test)."""
+from typing import Literal
+
+from facegen.config.gan import GanCropSettings
+from facegen.config.generation import BackendSettings
+
+
+class PlaneGanSettings(BackendSettings):
+    kind: Literal["plane_gan"] = "plane_gan"
+    gain: float = 0.3
+    crop: GanCropSettings = GanCropSettings()
+
+
+SETTINGS = PlaneGanSettings
+
+
+def load_gan(section, device):
+    import torch
+
+    from facegen.generators.crop import GanCrop
+    from facegen.generators.gan import LatentGAN
+
+    network = torch.nn.Linear(6, 3 * 32 * 32, bias=False)
+    torch.nn.init.normal_(network.weight, generator=torch.Generator().manual_seed(0))
+    network.img_resolution = 32
+
+    def synthesize(latents):
+        return torch.tanh(section.gain * network(latents)).reshape(-1, 3, 32, 32)
+
+    return LatentGAN("plane_gan", network, GanCrop.from_settings(section.crop, 32), device, latent_dim=6,
+                     latent_mean=torch.zeros(6), synthesize=synthesize)
+
+
+def build(settings, seed, **options):
+    from facegen.generators.gan_backend import GanGenerator
+
+    return GanGenerator(settings, seed, **options)
+'''
+
+
+def test_a_new_gan_is_one_file_and_one_line(tmp_path, monkeypatch):
+    """A GAN registered with the latent_space trait is a latent space for the identities stage and the
+    GAN backends' renderer: its images are exactly its renders of the identities' latents plus noise."""
+    import torch
+
+    from facegen.config.generation import GENERATORS, gan_backends
+    from facegen.generators import build_generator, sample_seed
+    from facegen.generators.crop import to_uint8_images
+    from facegen.generators.gan import build_gan
+    from facegen.identities.variation import noise_variants
+    from facegen.lineage import raw_digest
+
+    add_kind(GENERATORS, "plane_gan", "plane_gan", PLANE_GAN, tmp_path, monkeypatch, "latent_space")
+    assert "plane_gan" in gan_backends()
+
+    cfg = config_from_yaml(tmp_path, "generator: {backend: plane_gan, images_per_identity: 2, device: cpu}")
+    assert cfg.generator.identity_space() == "latent" and cfg.generator.backend_settings().gain == 0.3
+    brighter = config_from_yaml(tmp_path, "generator: {backend: plane_gan, images_per_identity: 2, plane_gan: {gain: 0.5}}")
+    assert raw_digest(brighter) != raw_digest(cfg)
+    with pytest.raises(ConfigError, match=r"identities.sampler: vec2face makes identity features, which generator.backend "
+                                          r"plane_gan would read as latents"):
+        config_from_yaml(tmp_path, "generator: {backend: plane_gan}\nidentities: {sampler: {kind: vec2face}}")
+
+    out = build_generator(cfg.generator, cfg.run.seed)({"identity_id": np.array([3, 4]), "block_id": np.array([0, 0])})
+    assert out["status"].tolist() == ["ok"] * 4 and out["source"].tolist() == ["plane_gan"] * 4
+    gan = build_gan(cfg.generator)
+    reference = gan.gaussian_latents(cfg.run.seed, np.array([4]))[0]
+    latents = noise_variants(reference, [sample_seed(cfg.run.seed, 4, k) for k in range(2)], cfg.generator.dispersion.sigma)
+    with torch.no_grad():
+        expected = to_uint8_images(gan.render(torch.from_numpy(latents)))
+    assert [(decode_image(out["image"][2 + k]) == expected[k]).all() for k in range(2)] == [True, True]

@@ -123,7 +123,8 @@ def test_sampled_features_reach_a_tiny_arc2face_through_generation(tmp_path, arc
     from facegen import blocks as blk
     from facegen import storage
     from facegen.stages.generate import run_generate
-    from facegen.stages.identities import identity_block_inputs, read_latents, run_identities
+    from facegen.stages.identities import run_identities
+    from facegen.stages.identity_blocks import identity_block_inputs, read_latents
 
     cfg = _run_config(tmp_path, arc2face)
     with pytest.raises(FileNotFoundError, match="identities.sampler.kind is vec2face but the sampler has not run"):
@@ -163,7 +164,7 @@ def _vec2face_reads_the_blocks(cfg, ids, features):
     from facegen.generators.hybrid import HybridGenerator
     from facegen.generators.vec2face import Vec2FaceExpander
     from facegen.models.vec2face import Vec2Face
-    from facegen.stages.identities import with_latents
+    from facegen.stages.identity_blocks import with_latents
 
     torch.manual_seed(0)
     small = Vec2Face(embed_dim=64, depth=1, num_heads=4, decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=4,
@@ -201,7 +202,7 @@ def _cemiface_reads_the_blocks(cfg, ids, features, tmp_path):
     from facegen.config import CemiFaceSettings
     from facegen.generators.hybrid import HybridGenerator
     from facegen.models.cemiface import CemiFaceUNet, noise_scheduler, save_generator
-    from facegen.stages.identities import with_latents
+    from facegen.stages.identity_blocks import with_latents
 
     import torch
 

@@ -6,7 +6,7 @@ import torch
 from facegen.config import FFHQ_EYES, ForceEmbedderSettings, GanCropSettings
 from facegen.faces.align import ARCFACE_TEMPLATE, align_face, estimate_similarity
 from facegen.generators.crop import GanCrop, to_uint8_images
-from facegen.generators.gan import LatentGAN
+from facegen.generators.stylegan2 import latent_space
 from facegen.identities.encoder import ForceEmbedder, IdentityEncoder
 from facegen.models.iresnet import build_backbone
 from facegen.models.iresnet_checkpoint import save_backbone
@@ -50,7 +50,7 @@ def test_gradients_flow_from_the_embedder_through_the_crop_back_to_w(tmp_path):
     backbone = build_backbone("iresnet18", width=4, embedding_size=16).eval()
     save_backbone(str(tmp_path / "emb"), backbone, "iresnet18", 4, 16)
     crop = GanCrop.from_settings(GanCropSettings(src_points=[(0.3, 0.4), (0.7, 0.4)]), 32)
-    encoder = IdentityEncoder(LatentGAN("stylegan2", G, crop, torch.device("cpu")), ForceEmbedder(ForceEmbedderSettings(path=str(tmp_path / "emb"))))
+    encoder = IdentityEncoder(latent_space(G, crop, torch.device("cpu")), ForceEmbedder(ForceEmbedderSettings(path=str(tmp_path / "emb"))))
     w = G.mapping(torch.randn(2, 8))[:, 0].clone()
     target = torch.nn.functional.normalize(torch.randn(2, 16), dim=1)
 

@@ -10,7 +10,8 @@ import pytest
 from facegen.config import LangevinSettings, load_config
 from facegen.identities import knn
 from facegen.identities.langevin import FeatureSpace, LangevinSampler, normalize_rows
-from facegen.stages.identities import load_reference_embeddings, read_latents, run_identities
+from facegen.stages.identities import load_reference_embeddings, run_identities
+from facegen.stages.identity_blocks import read_latents
 
 
 def _unit(n, d, seed):
@@ -197,7 +198,7 @@ def test_new_sampler_settings_sample_again(tmp_path, ray_local):
 def test_generation_reads_the_sampled_latents_and_their_digest(tmp_path, ray_local):
     from facegen import blocks as blk
     from facegen.generators.gan_backend import GanGenerator
-    from facegen.stages.identities import identity_block_inputs, with_latents
+    from facegen.stages.identity_blocks import identity_block_inputs, with_latents
 
     base = [f"run.output_dir={tmp_path}/out", "tracking.mode=disabled", "identities.num_identities=4",
             "identities.block_size=2", "generator.backend=dcgan", "generator.device=cpu", "generator.images_per_identity=2"]

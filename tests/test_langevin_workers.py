@@ -9,7 +9,8 @@ import pytest
 
 from facegen.config import ConfigError, load_config
 from facegen.stages import StageError
-from facegen.stages.identities import read_latents, run_identities
+from facegen.stages.identities import run_identities
+from facegen.stages.identity_blocks import read_latents
 from facegen.stages.langevin_workers import batch_chunks
 
 N, BATCH, ITERATIONS, CHECKPOINT_EVERY = 22, 4, 4, 2

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from facegen.generators.stylegan2 import StyleGAN2Config, StyleGAN2Generator, load_stylegan2
+from facegen.models.stylegan2 import StyleGAN2Config, StyleGAN2Generator
+from facegen.models.stylegan2_checkpoint import load_stylegan2
 from facegen.models.stylegan2 import SynthesisLayer
 from facegen.models.stylegan2_checkpoint import read_network_pickle
 from stylegan2_files import randomized, write_nvidia_pickle, write_rosinality_checkpoint

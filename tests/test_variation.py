@@ -65,7 +65,8 @@ def test_identities_then_disco_generation_on_a_ray_actor_pool(tmp_path, force_em
     from facegen import blocks as blk
     from facegen import storage
     from facegen.stages.generate import run_generate
-    from facegen.stages.identities import read_latents, run_identities
+    from facegen.stages.identities import run_identities
+    from facegen.stages.identity_blocks import read_latents
 
     directions = np.random.default_rng(0).standard_normal((7, 100)).astype(np.float32)
     np.save(tmp_path / "dirs.npy", directions)

@@ -37,12 +37,10 @@ from facegen.config.identities import (  # noqa: F401  (re-exported: one import 
     Vec2FaceSamplerSettings,
 )
 from facegen.config.gan import (  # noqa: F401  (re-exported: one import path for every setting)
-    DcganSettings,
     DiscoSettings,
     DispersionSettings,
     ForceEmbedderSettings,
     GanCropSettings,
-    StyleGAN2Settings,
 )
 from facegen.config.generation import (  # noqa: F401  (re-exported: one import path for every setting)
     Arc2FaceSettings,

@@ -6,7 +6,8 @@ The module of a kind defines ``build(settings, **context)``, which returns the w
 (a kind that adds no settings may leave it out: the base is used). Whatever else a family asks of a
 kind (a check, a capability) is a module attribute read with :meth:`ComponentTable.hook`.
 Adding a kind is its module plus one line in the table (or one :meth:`ComponentTable.register`
-call). The settings layer reaches a component module only here, by name and only when a config
+call). A capability the settings must know before any module is imported (a generator backend with a
+latent space) is a trait named on that same line: ``"dcgan": ("facegen.generators.dcgan", "latent_space")``. The settings layer reaches a component module only here, by name and only when a config
 names its kind, so loading a config never imports the components it does not use.
 """
 
@@ -34,15 +35,24 @@ class ComponentTable:
     the settings class every kind's ``SETTINGS`` subclasses.
     """
 
-    def __init__(self, field: str, base: type[ComponentSettings], modules: dict[str, str]):
+    def __init__(self, field: str, base: type[ComponentSettings], modules: dict[str, str | tuple[str, ...]]):
         self.field, self.base = field, base
-        self._modules = dict(modules)
+        self._modules: dict[str, str] = {}
+        self._traits: dict[str, frozenset[str]] = {}
+        for kind, spec in modules.items():
+            module, *traits = (spec,) if isinstance(spec, str) else spec
+            self.register(kind, module, *traits)
 
-    def register(self, kind: str, module: str) -> None:
-        """Add ``kind``, implemented by the importable ``module`` (a dotted name)."""
+    def register(self, kind: str, module: str, *traits: str) -> None:
+        """Add ``kind``, implemented by the importable ``module`` (a dotted name), with ``traits``."""
         if kind in self._modules and self._modules[kind] != module:
             raise ValueError(f"{self.field}: kind {kind!r} is already implemented by {self._modules[kind]}")
         self._modules[kind] = module
+        self._traits[kind] = frozenset(traits)
+
+    def with_trait(self, trait: str) -> tuple[str, ...]:
+        """The kinds registered with ``trait`` (imports nothing)."""
+        return tuple(k for k in self.kinds if trait in self._traits[k])
 
     @property
     def kinds(self) -> tuple[str, ...]:

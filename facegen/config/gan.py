@@ -1,5 +1,6 @@
-"""GAN generator settings: StyleGAN2 and the DCGAN, the crop from their images to ArcFace's, the
-differentiable embedder identity forces go through, and Dispersion / DisCo variation."""
+"""What the GAN backends share: the crop from their images to ArcFace's, the differentiable embedder
+identity forces go through, and Dispersion / DisCo variation. Each GAN's own section is declared by
+its backend module (:mod:`facegen.generators.stylegan2`, :mod:`facegen.generators.dcgan`)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,7 @@ from pydantic import Field, model_validator
 
 from facegen.config._base import _Section
 from facegen.config.faces import DETECTORS, EMBEDDERS, EmbedderWeights
-from facegen.templates import ARCFACE_EYES, ARCFACE_TEMPLATE_112, FFHQ_EYES
-
-#: The generator backends whose identities are GAN latents (:mod:`facegen.generators.gan`).
-GAN_BACKENDS = ("stylegan2", "dcgan")
+from facegen.templates import ARCFACE_EYES, FFHQ_EYES
 
 
 class GanCropSettings(_Section):
@@ -34,29 +32,6 @@ class GanCropSettings(_Section):
         if len(self.src_points) != len(self.dst_points):
             raise ValueError("src_points and dst_points must have the same length")
         return self
-
-
-class StyleGAN2Settings(_Section):
-    """A StyleGAN2 network: NVIDIA ``.pkl`` (restricted unpickler) or rosinality ``.pt`` (weights only)."""
-
-    checkpoint: str | None = Field(default=None, json_schema_extra={"input_path": "required"})
-    network: str = Field(default="G_ema", description="which network of an NVIDIA pickle")
-    truncation_psi: float = Field(default=0.7, ge=0.0, le=1.0)
-    noise_mode: Literal["const", "random", "none"] = "const"
-    fp16: bool = Field(default=True, description="fp16 blocks on CUDA as the checkpoint declares them")
-    crop: GanCropSettings = GanCropSettings()
-
-
-class DcganSettings(_Section):
-    """The DCGAN of ``gan-face-generate`` (64 px, DigiFace-1M: non-commercial research only)."""
-
-    weights: str | None = Field(
-        default=None, description="weights.tar; None = the one packaged with gan-face-generate",
-        json_schema_extra={"input_path": "required"},
-    )
-    crop: GanCropSettings = GanCropSettings(
-        src_points=[(x / 112, y / 112) for x, y in ARCFACE_TEMPLATE_112], dst_points=list(ARCFACE_TEMPLATE_112)
-    )
 
 
 class ForceEmbedderSettings(EmbedderWeights):

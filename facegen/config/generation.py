@@ -10,14 +10,7 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 from facegen.config._base import Device, _Section
 from facegen.config.components import ComponentSettings, ComponentTable
 from facegen.config.faces import DetectorSettings, EmbedderSettings
-from facegen.config.gan import (  # noqa: F401  (GAN_BACKENDS re-exported: the GAN backends' names)
-    GAN_BACKENDS,
-    DcganSettings,
-    DiscoSettings,
-    DispersionSettings,
-    ForceEmbedderSettings,
-    StyleGAN2Settings,
-)
+from facegen.config.gan import DiscoSettings, DispersionSettings, ForceEmbedderSettings
 from facegen.config.rerender import RerenderSettings
 from facegen.config.resources import PooledSection, PoolSettings
 
@@ -30,14 +23,20 @@ class BackendSettings(ComponentSettings):
 #: The generator backends (``generator.backend``): name -> its module, which has
 #: ``build(settings: GeneratorSettings, seed, **options)`` returning the callable Ray Data maps over
 #: identity rows (:mod:`facegen.generators`), and may declare ``SETTINGS`` (a :class:`BackendSettings`),
-#: its section ``generator.<name>``. GAN backends (latent spaces) are :data:`GAN_BACKENDS` as well.
+#: its section ``generator.<name>``. A backend with the ``latent_space`` trait is a GAN: its module
+#: also has ``load_gan(section, device)`` (:mod:`facegen.generators.gan`).
 GENERATORS = ComponentTable("generator.backend", BackendSettings, {
     "parametric": "facegen.generators.parametric",
     "diffusion": "facegen.generators.diffusion",
     "hybrid": "facegen.generators.hybrid",
-    "stylegan2": "facegen.generators.gan_backend",
-    "dcgan": "facegen.generators.gan_backend",
+    "stylegan2": ("facegen.generators.stylegan2", "latent_space"),
+    "dcgan": ("facegen.generators.dcgan", "latent_space"),
 })
+
+
+def gan_backends() -> tuple[str, ...]:
+    """The generator backends whose identities are GAN latents (the ``latent_space`` trait)."""
+    return GENERATORS.with_trait("latent_space")
 
 
 class ParametricSettings(_Section):
@@ -281,9 +280,9 @@ class HybridSettings(_Section):
             raise ValueError("rerender.enabled: reference.backend identities gives features, no image to re-render")
         if self.expander == "gan" and self.rerender.enabled:
             raise ValueError("rerender.enabled: expander gan perturbs the reference's own GAN latent; a re-render has none")
-        if self.expander == "gan" and self.reference.backend not in GAN_BACKENDS:
-            raise ValueError(f"expander gan perturbs a GAN reference's latent: reference.backend must be dcgan or "
-                             f"stylegan2 (got {self.reference.backend})")
+        if self.expander == "gan" and self.reference.backend not in gan_backends():
+            raise ValueError(f"expander gan perturbs a GAN reference's latent: reference.backend must be one of "
+                             f"{', '.join(gan_backends())} (got {self.reference.backend})")
         return self
 
 
@@ -305,8 +304,6 @@ class GeneratorSettings(PooledSection):
     diffusion: DiffusionSettings = DiffusionSettings()
     variation: Literal["noise", "dispersion", "disco"] = Field(default="noise", description="GAN backends: how the images of one identity vary")
     device: Device = Field(default="auto", description="GAN backends: torch device")
-    stylegan2: StyleGAN2Settings = StyleGAN2Settings()
-    dcgan: DcganSettings = DcganSettings()
     embedder: ForceEmbedderSettings = ForceEmbedderSettings()
     dispersion: DispersionSettings = DispersionSettings()
     disco: DiscoSettings = DiscoSettings()
@@ -332,19 +329,20 @@ class GeneratorSettings(PooledSection):
                 raise ValueError(f"{name}: {exc}") from None
         return self
 
-    def backend_settings(self) -> Any:
-        """The chosen backend's own section: its field, the section given for it, or its module's
-        ``SETTINGS`` defaults (None for a backend without a section)."""
-        section = getattr(self, self.backend, None)
+    def backend_settings(self, backend: str | None = None) -> Any:
+        """The own section of ``backend`` (default: the chosen one): its field, the section given for
+        it, or its module's ``SETTINGS`` defaults (None for a backend without a section)."""
+        backend = backend or self.backend
+        section = getattr(self, backend, None)
         if section is not None:
             return section
-        settings_class = getattr(GENERATORS.module(self.backend), "SETTINGS", None)
+        settings_class = getattr(GENERATORS.module(backend), "SETTINGS", None)
         return settings_class() if settings_class is not None else None
 
     def identity_space(self) -> str | None:
         """What this generator reads from the identities stage: ``latent`` (a GAN backend),
         ``feature`` (the hybrid backend with ``reference.backend: identities``) or None (nothing)."""
-        if self.backend in GAN_BACKENDS:
+        if self.backend in gan_backends():
             return "latent"
         if self.backend == "hybrid" and self.hybrid.reference.backend == "identities":
             return "feature"

@@ -1,19 +1,24 @@
 """A GAN as identity sampling and variation see it: a latent space and a differentiable renderer.
 
-:class:`LatentGAN` wraps StyleGAN2 (latent = one w of ``w_dim``, broadcast to every layer, as the
-Langevin paper samples in W; centre = ``w_avg``) and the DCGAN (latent = z, centre = 0) behind the
-same few members: ``latent_dim``, ``latent_mean``, ``image_size``, ``crop``, ``render(latents)``
-(``[N, 3, R, R]`` in [-1, 1], differentiable) and ``gaussian_latents(seed, identity_ids)``, the
-independent draw every identity gets unless a sampler placed it.
+A GAN backend is a generator backend registered with the ``latent_space`` trait
+(:data:`facegen.config.generation.GENERATORS`) whose module has ``load_gan(section, device)``
+returning a :class:`LatentGAN`: ``latent_dim``, ``latent_mean``, ``image_size``, ``crop``,
+``render(latents)`` (``[N, 3, R, R]`` in [-1, 1], differentiable) and ``gaussian_latents(seed,
+identity_ids)``, the independent draw every identity gets unless a sampler placed it. StyleGAN2
+(:mod:`facegen.generators.stylegan2`) and the DCGAN (:mod:`facegen.generators.dcgan`) are two such
+modules; a new GAN is one more module and one line in the table.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
 
 from facegen.config import GeneratorSettings
-from facegen.config.gan import GAN_BACKENDS  # noqa: F401  (re-exported: the GAN backends)
+from facegen.config.generation import GENERATORS, gan_backends
 from facegen.devices import resolve_device
 from facegen.generators.crop import GanCrop
 from facegen.identities.seeds import identity_rng
@@ -23,36 +28,32 @@ LATENT_TAG = 0x6A7E
 
 
 class LatentGAN:
-    """Latent -> image for one loaded generator (StyleGAN2 or DCGAN)."""
+    """Latent -> image for one loaded generator, built by its backend module's ``load_gan``.
 
-    def __init__(self, kind: str, network: torch.nn.Module, crop: GanCrop, device: torch.device,
-                 truncation_psi: float = 1.0, noise_mode: str = "const", fp16: bool = True):
+    ``synthesize`` renders float32 latents ``[N, latent_dim]`` on ``device`` (keeping the graph);
+    ``map_z`` maps standard-normal draws of ``z_dim`` to latents (None: the latent space is z itself).
+    """
+
+    def __init__(self, kind: str, network: torch.nn.Module, crop: GanCrop, device: torch.device, *,
+                 latent_dim: int, latent_mean: torch.Tensor, synthesize: Callable[[torch.Tensor], torch.Tensor],
+                 z_dim: int | None = None, map_z: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.kind, self.network, self.crop, self.device = kind, network, crop, device
-        self.truncation_psi, self.noise_mode, self.fp16 = truncation_psi, noise_mode, fp16
-        if kind == "stylegan2":
-            self.latent_dim, self.z_dim = int(network.w_dim), int(network.z_dim)
-            self.latent_mean = network.w_avg.detach().float().clone()
-        else:
-            self.latent_dim = self.z_dim = int(network.nz)
-            self.latent_mean = torch.zeros(self.latent_dim, device=device)
+        self.latent_dim, self.z_dim = int(latent_dim), int(z_dim if z_dim is not None else latent_dim)
+        self.latent_mean = latent_mean
         self.image_size = int(network.img_resolution)
+        self._synthesize, self._map_z = synthesize, map_z
 
     def render(self, latents: torch.Tensor) -> torch.Tensor:
         """Images ``[N, 3, R, R]`` (about [-1, 1]) of latents ``[N, latent_dim]``; keeps the graph."""
-        latents = latents.to(self.device, torch.float32)
-        if self.kind == "stylegan2":
-            ws = latents.unsqueeze(1).repeat(1, self.network.num_ws, 1)
-            return self.network.synthesis(ws, noise_mode=self.noise_mode, force_fp32=not self.fp16)
-        return self.network(latents)
+        return self._synthesize(latents.to(self.device, torch.float32))
 
     @torch.no_grad()
     def latents_from_z(self, z: np.ndarray) -> np.ndarray:
-        """Map standard-normal draws to latents (StyleGAN2: mapping with truncation; DCGAN: z itself)."""
-        if self.kind != "stylegan2":
+        """Map standard-normal draws to latents (the backend's mapping; z itself where it has none)."""
+        if self._map_z is None:
             return np.asarray(z, np.float32)
         zt = torch.from_numpy(np.asarray(z, np.float32)).to(self.device)
-        ws = self.network.mapping(zt, truncation_psi=self.truncation_psi)
-        return ws[:, 0].float().cpu().numpy()
+        return self._map_z(zt).float().cpu().numpy()
 
     def gaussian_latents(self, seed: int, identity_ids: np.ndarray, batch_size: int = 4096) -> np.ndarray:
         """The independent latent of each identity: a pure function of ``(seed, identity_id)``."""
@@ -65,9 +66,18 @@ class LatentGAN:
         return out
 
 
+def gan_section(settings: GeneratorSettings, backend: str | None = None) -> Any:
+    """The settings section of GAN ``backend`` (default: the chosen backend); ValueError for a
+    backend without a latent space."""
+    backend = backend or settings.backend
+    if backend not in gan_backends():
+        raise ValueError(f"generator.backend: {backend!r} has no latent space (expected one of {', '.join(gan_backends())})")
+    return settings.backend_settings(backend)
+
+
 def crop_settings(settings: GeneratorSettings):
     """The crop section of the selected GAN backend."""
-    return settings.stylegan2.crop if settings.backend == "stylegan2" else settings.dcgan.crop
+    return gan_section(settings).crop
 
 
 def crop_detector(settings: GeneratorSettings):
@@ -81,21 +91,8 @@ def crop_detector(settings: GeneratorSettings):
     return build_detector(DetectorSettings(kind=crop.detector, device=settings.device))
 
 
-def build_gan(settings: GeneratorSettings, device: str | torch.device | None = None) -> LatentGAN:
-    """Load the GAN of ``settings.backend`` (``stylegan2`` or ``dcgan``) with its crop."""
-    device = resolve_device(device or settings.device)
-    if settings.backend == "stylegan2":
-        from facegen.models.stylegan2_checkpoint import load_stylegan2
-
-        sg = settings.stylegan2
-        if not sg.checkpoint:
-            raise ValueError("generator.stylegan2.checkpoint: the stylegan2 backend needs a .pkl or .pt checkpoint")
-        network = load_stylegan2(sg.checkpoint, device=device, key=sg.network)
-        crop = GanCrop.from_settings(sg.crop, network.img_resolution)
-        return LatentGAN("stylegan2", network, crop, device, sg.truncation_psi, sg.noise_mode, sg.fp16)
-    if settings.backend == "dcgan":
-        from facegen.models.dcgan import load_dcgan
-
-        network = load_dcgan(settings.dcgan.weights, device=device)
-        return LatentGAN("dcgan", network, GanCrop.from_settings(settings.dcgan.crop, network.img_resolution), device)
-    raise ValueError(f"generator.backend: {settings.backend!r} has no latent space (expected one of {', '.join(GAN_BACKENDS)})")
+def build_gan(settings: GeneratorSettings, device: str | torch.device | None = None, backend: str | None = None) -> LatentGAN:
+    """Load GAN ``backend`` (default: ``settings.backend``) with its crop, by its module's ``load_gan``."""
+    backend = backend or settings.backend
+    section = gan_section(settings, backend)
+    return GENERATORS.module(backend).load_gan(section, resolve_device(device or settings.device))

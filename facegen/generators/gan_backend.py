@@ -107,7 +107,3 @@ class GanGenerator:
             rows.extend(self._identity_rows(identity_id, block_id, latent))
         return rows_to_batch(rows, GENERATED)
 
-
-def build(settings: GeneratorSettings, seed: int, **options: Any) -> GanGenerator:
-    """The backend's generator (:data:`facegen.config.generation.GENERATORS`)."""
-    return GanGenerator(settings, seed, **options)

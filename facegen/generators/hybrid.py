@@ -70,7 +70,7 @@ def build_sources(settings: GeneratorSettings, seed: int, device: str, expander:
 
         gan = load_gan(settings, device)
         backend = h.reference.backend
-        fixed_crop = getattr(settings, backend).crop.kind == "fixed"
+        fixed_crop = settings.backend_settings(backend).crop.kind == "fixed"
         return LatentSource(gan, seed, h.reference.max_attempts, backend), expander or LatentExpander(gan, fixed_crop)
     # feature identities (reference.backend identities) come with the identity rows: no source
     references = None if h.reference.backend == "identities" else build_reference_source(settings, seed, device)

@@ -23,13 +23,14 @@ from facegen.generators.references import Candidate, reference_seed
 
 def load_gan(settings: Any, device: str | None = None):
     """The :class:`facegen.generators.gan.LatentGAN` of ``settings.hybrid.reference.backend``."""
-    from facegen.generators.gan import GAN_BACKENDS, build_gan
+    from facegen.config.generation import gan_backends
+    from facegen.generators.gan import build_gan
 
     backend = settings.hybrid.reference.backend
-    if backend not in GAN_BACKENDS:
+    if backend not in gan_backends():
         raise ValueError(f"generator.hybrid.expander: gan expands a GAN's references; reference.backend is {backend!r}, "
-                         f"expected one of {', '.join(GAN_BACKENDS)}")
-    return build_gan(settings.model_copy(update={"backend": backend}), device)
+                         f"expected one of {', '.join(gan_backends())}")
+    return build_gan(settings, device, backend=backend)
 
 
 def render_latents(gan: Any, latents: np.ndarray, batch: int = 32) -> list[np.ndarray]:

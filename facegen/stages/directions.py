@@ -54,13 +54,13 @@ def with_fitted_directions(cfg: FacegenConfig) -> FacegenConfig:
 
 
 def _digest(cfg: FacegenConfig) -> str:
-    from facegen.config.gan import GAN_BACKENDS
-    from facegen.lineage import settings_digest
+    from facegen.config.generation import gan_backends
+    from facegen.lineage import backend_section, settings_digest
 
     g = cfg.generator
-    if g.backend not in GAN_BACKENDS:
+    if g.backend not in gan_backends():
         raise ValueError(f"generator.backend: facegen directions fits a GAN's latent directions, not {g.backend}'s")
-    return settings_digest(cfg.run.seed, cfg.directions, g.backend, getattr(g, g.backend))
+    return settings_digest(cfg.run.seed, cfg.directions, g.backend, backend_section(g, g.backend))
 
 
 def landmark_finder(settings: Any, upscale: int) -> Callable[[list[np.ndarray]], list[np.ndarray | None]]:

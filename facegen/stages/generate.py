@@ -158,7 +158,7 @@ class BlockGenerator(BlockWorker):
         """The source of one block's GENERATED rows (a stage whose rows carry their inputs overrides it);
         a row naming its ``identity_block`` feeds the generator the sampled latents from it."""
         if row.get("identity_block"):
-            from facegen.stages.identities import with_latents
+            from facegen.stages.identity_blocks import with_latents
 
             return with_latents(self.source, row["identity_block"])
         return self.source
@@ -220,7 +220,7 @@ def run_generate(cfg: FacegenConfig, output_dir: str | None = None, progress: bo
     from facegen.faces.embed import describe_embedder
     from facegen.lineage import raw_digest, settings_digest
     from facegen.stages.directions import with_fitted_directions
-    from facegen.stages.identities import identity_block_inputs
+    from facegen.stages.identity_blocks import identity_block_inputs
 
     cfg = with_fitted_directions(cfg)  # disco.fit: this run's directions, by content in the digest below
     per_id = cfg.generator.images_per_identity
