@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from facegen.config import DetectorSettings, DispersionSettings, EmbedderSettings, LangevinSettings, load_config  # noqa: E402
+from facegen.config import DispersionSettings, EmbedderSettings, LangevinSettings, detector_settings, load_config  # noqa: E402
 from facegen.faces.align import align_face  # noqa: E402
 from facegen.faces.detect import build_detector  # noqa: E402
 from facegen.faces.embed import build_embedder, to_model_input  # noqa: E402
@@ -51,7 +51,7 @@ class Judge:
     """dlib's detector and raw 128-d descriptor (the faces package's), on DCGAN images."""
 
     def __init__(self, fixed_landmarks: np.ndarray):
-        self.detector = build_detector(DetectorSettings(kind="dlib", dlib_model="hog", dlib_upsample=1))
+        self.detector = build_detector(detector_settings(kind="dlib", dlib_model="hog", dlib_upsample=1))
         self.embedder = build_embedder(EmbedderSettings(kind="dlib"))
         self.fixed = fixed_landmarks
         self.detected = self.total = 0

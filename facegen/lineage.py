@@ -70,7 +70,8 @@ def _digestible(model: BaseModel) -> dict[str, Any]:
             out[item.name] = [_input_digest(str(v), item.input_path) for v in values]
         else:
             out[item.name] = json.loads(json.dumps(item.value, default=str))
-    return out
+    legacy = getattr(model, "LEGACY_DIGEST", None)  # fields a section had before its kinds declared their own
+    return {**legacy, **out} if legacy else out
 
 
 def _input_digest(path: str, kind: str) -> str:

@@ -212,21 +212,37 @@ def config_from_yaml(tmp_path, text):
 
 
 CENTRE_FACE = '''
-"""A detector kind that reports one face filling the middle of the image (a throwaway for the registration test)."""
-import numpy as np
+"""A detector kind that reports one face in the middle of the image, its side a fraction of the
+image's short side (a throwaway for the registration test)."""
+from typing import Literal
 
+import numpy as np
+from pydantic import Field
+
+from facegen.config.faces import DetectorSettings
 from facegen.faces.align import ARCFACE_TEMPLATE
 from facegen.faces.detect import detections
 
 DEFAULT_MIN_SCORE = 0.5
 
 
+class CentreFaceSettings(DetectorSettings):
+    kind: Literal["centre_face"] = "centre_face"
+    fraction: float = Field(default=0.5, gt=0.0, le=1.0)
+
+
+SETTINGS = CentreFaceSettings
+
+
 class CentreFace:
     kind = "centre_face"
 
+    def __init__(self, fraction):
+        self.fraction = fraction
+
     def detect(self, image):
         h, w = image.shape[:2]
-        side = min(h, w) / 2
+        side = min(h, w) * self.fraction
         x0, y0 = (w - side) / 2, (h - side) / 2
         landmarks = ARCFACE_TEMPLATE / 112.0 * side + [x0, y0]
         return detections(np.array([[x0, y0, x0 + side, y0 + side]]), np.array([0.8]), landmarks[None])
@@ -236,7 +252,7 @@ class CentreFace:
 
 
 def build(settings):
-    return CentreFace()
+    return CentreFace(settings.fraction)
 '''
 
 
@@ -249,12 +265,17 @@ def test_a_new_detector_kind_is_one_file_and_one_line(tmp_path, monkeypatch):
 
     add_kind(DETECTORS, "centre_face", "centre_face", CENTRE_FACE, tmp_path, monkeypatch)
 
-    cfg = config_from_yaml(tmp_path, "faces: {detector: {kind: centre_face, min_size: 10}}")
+    cfg = config_from_yaml(tmp_path, "faces: {detector: {kind: centre_face, min_size: 10, fraction: 0.4}}")
+    assert cfg.faces.detector.fraction == 0.4 and FacegenConfig.model_validate_json(cfg.model_dump_json()) == cfg
     image = np.random.default_rng(2).integers(0, 256, (200, 300, 3), dtype=np.uint8)
     out = FaceStage(cfg.faces.model_copy(update={"image_format": "png"}))(photo_batch([image]))
     assert out["status"][0] == "ok" and json.loads(out["meta"][0])["face"]["detector"] == "centre_face"
-    expected = align_face(image, (ARCFACE_TEMPLATE / 112.0 * 100 + [100, 50]).astype(np.float32))  # as Detection stores them
+    expected = align_face(image, (ARCFACE_TEMPLATE / 112.0 * 80 + [110, 60]).astype(np.float32))  # as Detection stores them
     np.testing.assert_array_equal(decode_image(out["image"][0]), expected)
+    with pytest.raises(ConfigError, match=r"faces.detector: fraction: Input should be less than or equal to 1"):
+        config_from_yaml(tmp_path, "faces: {detector: {kind: centre_face, fraction: 1.5}}")
+    with pytest.raises(ConfigError, match=r"faces.detector: mtcnn_min_face: not a setting of faces.detector kind centre_face"):
+        config_from_yaml(tmp_path, "faces: {detector: {kind: centre_face, mtcnn_min_face: 30}}")
     with pytest.raises(ConfigError, match=r"faces.detector: kind: unknown detector kind 'centre_fce', expected one of "
                                           r"mtcnn, dlib, insightface, centre_face or none"):
         config_from_yaml(tmp_path, "faces: {detector: {kind: centre_fce}}")

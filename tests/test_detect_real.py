@@ -10,7 +10,7 @@ import skimage.data
 from insightface.data import get_image
 from insightface.utils.face_align import norm_crop
 
-from facegen.config import DetectorSettings
+from facegen.config import DetectorSettings, detector_settings
 from facegen.faces.align import ARCFACE_CROP, ARCFACE_TEMPLATE
 from facegen.faces.detect import REASON_NO_FACE, REASON_SEVERAL, REASON_TOO_SMALL, Detection, FaceRejected, build_detector, choose_face
 from facegen.models.dlib_face import DLIB5_IN_ARCFACE_112, DlibFaces, measure_dlib5_in_arcface
@@ -138,7 +138,7 @@ def test_insightface_detector_reads_scrfd_layout_from_a_model_folder(tmp_path):
     folder.mkdir()
     build_tiny_scrfd(str(folder / "det_tiny.onnx"))
     (folder / "notes.onnx").write_bytes(b"not a model")  # a folder may hold other files
-    detector = build_detector(DetectorSettings(kind="insightface", path=str(folder), det_size=160))
+    detector = build_detector(detector_settings(kind="insightface", path=str(folder), det_size=160))
     image = np.zeros((240, 320, 3), np.uint8)  # scaled by 0.5 into the 160 px input, padded below
     image[96:112, 160:176] = 255  # one white network-input cell at anchor (80, 48): a face at (160, 96)
     (det,) = detector.detect(image)
@@ -148,7 +148,7 @@ def test_insightface_detector_reads_scrfd_layout_from_a_model_folder(tmp_path):
     assert det.score > 0.95
     assert detector.detect(np.zeros((240, 320, 3), np.uint8)) == []
     with pytest.raises(FileNotFoundError, match="no SCRFD/RetinaFace detection .onnx"):
-        build_detector(DetectorSettings(kind="insightface", path=str(tmp_path)))
+        build_detector(detector_settings(kind="insightface", path=str(tmp_path)))
 
 
 def test_mtcnn_weights_are_read_without_unpickling_code(tmp_path):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from insightface.data import get_image
 
-from facegen.config import DetectorSettings, EmbedderSettings, FaceSettings
+from facegen.config import DetectorSettings, EmbedderSettings, FaceSettings, detector_settings
 from facegen.faces.align import sharpness
 from facegen.faces.detect import build_detector
 from facegen.faces.embed import build_embedder
@@ -72,7 +72,7 @@ def test_stage_detects_keeps_one_face_and_explains_rejections(t1):
 
 def test_dlib_embedder_is_robust_to_crops_rescaling_and_jpeg(t1):
     """The same face under small crops, rescaling and JPEG re-encoding embeds closer than t1's different people."""
-    detector = build_detector(DetectorSettings(kind="mtcnn", device="cpu", mtcnn_min_face=48))  # t1's faces are ~100 px
+    detector = build_detector(detector_settings(kind="mtcnn", device="cpu", mtcnn_min_face=48))  # t1's faces are ~100 px
     embedder = build_embedder(EmbedderSettings(kind="dlib"))
 
     def embed_faces(image):
@@ -110,7 +110,7 @@ def test_large_batches_are_detected_in_parts_with_the_same_result(monkeypatch):
     import facegen.faces.stage as stage_module
 
     rows = rows_to_batch([_row(0, _hanks_in_frame()), _row(1, np.full((256, 256, 3), 128, np.uint8)), _row(2, _hanks_in_frame())], GENERATED)
-    stage = FaceStage(FaceSettings(detector=DetectorSettings(kind="mtcnn", device="cpu", mtcnn_min_face=40)))
+    stage = FaceStage(FaceSettings(detector=detector_settings(kind="mtcnn", device="cpu", mtcnn_min_face=40)))
     together = stage(rows)
     monkeypatch.setattr(stage_module, "DETECT_PIXELS", 1)  # every image is its own detection call
     apart = stage(rows)

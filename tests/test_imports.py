@@ -102,15 +102,20 @@ def test_settings_import_only_settings():
 
 
 def test_loading_settings_imports_no_component():
-    """Building the default settings imports no generator, embedder, detector or expert module: a kind's
-    module is imported only when a config names that kind."""
+    """Building the default settings imports no generator, embedder or expert module, and of the
+    detectors only the default kind's module (its settings model), which imports no heavy library:
+    a kind's module is imported only when a config names that kind."""
     import subprocess
     import sys
 
     code = ("import sys; from facegen.config import FacegenConfig, load_config; FacegenConfig(); load_config('configs/local.yaml'); "
-            "print(sorted(m for m in sys.modules if m.startswith('facegen') and not m.startswith('facegen.config')))")
+            "print(sorted(m for m in sys.modules if m.startswith('facegen') and not m.startswith('facegen.config'))); "
+            "print(sorted(m for m in ('torch', 'cv2', 'onnxruntime', 'dlib', 'diffusers', 'ray', 'faiss') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=PACKAGE.parent)
-    assert out.stdout.strip() == "['facegen', 'facegen.templates']"
+    facegen_modules, heavy = out.stdout.strip().splitlines()
+    assert facegen_modules == ("['facegen', 'facegen.faces', 'facegen.faces.detect', 'facegen.faces.detectors', "
+                               "'facegen.faces.detectors.mtcnn', 'facegen.templates']")
+    assert heavy == "[]"
 
 
 def test_no_library_module_imports_the_app_layer():

@@ -49,10 +49,15 @@ def test_every_digest_exempt_name_is_a_settings_field():
 
     from facegen.config import FacegenConfig
     from facegen.config.clean import EXPERTS
+    from facegen.config.faces import DETECTORS, EMBEDDERS
+    from facegen.config.generation import GENERATORS
     from facegen.lineage import RESOLVED_FIELDS, SCHEDULING_FIELDS
 
-    # the experts' settings are reached through their component table, not through annotations
-    names, todo, seen = set(), [FacegenConfig, *(EXPERTS.module(k).SETTINGS for k in EXPERTS.kinds)], set()
+    # the components' own settings are reached through their tables, not through annotations
+    tables = (EXPERTS, DETECTORS, EMBEDDERS, GENERATORS)
+    own = [t.hook(k, "SETTINGS") for t in tables for k in t.kinds if t.hook(k, "SETTINGS") is not None]
+    assert {"MtcnnSettings", "DcganSettings", "IndependentSettings"} <= {m.__name__ for m in own}
+    names, todo, seen = set(), [FacegenConfig, *own], set()
     while todo:
         model = todo.pop()
         if model in seen:

@@ -11,7 +11,7 @@ import skimage.data
 import torch
 from insightface.data import get_image
 
-from facegen.config import DetectorSettings
+from facegen.config import DetectorSettings, detector_settings
 from facegen.faces.detect import build_detector
 from facegen.models import mtcnn as host
 from facegen.models import mtcnn_torch as device
@@ -49,12 +49,12 @@ def test_the_device_cascade_finds_the_same_faces_on_real_photos(photos, cascades
 
 def test_the_detector_setting_picks_the_cascade(photos):
     auto = build_detector(DetectorSettings(kind="mtcnn", device="cpu"))
-    chosen = build_detector(DetectorSettings(kind="mtcnn", device="cpu", mtcnn_cascade="torch"))
+    chosen = build_detector(detector_settings(kind="mtcnn", device="cpu", mtcnn_cascade="torch"))
     assert (auto.model.cascade, chosen.model.cascade) == ("numpy", "torch")  # auto: the host glue on a CPU
     found = chosen.detect(photos["astronaut"])
     assert len(found) == 2 and found[0].score > 0.99
     with pytest.raises(ValueError, match="mtcnn_cascade"):
-        DetectorSettings(kind="mtcnn", mtcnn_cascade="cuda")
+        detector_settings(kind="mtcnn", mtcnn_cascade="cuda")
 
 
 def test_pyramid_levels_are_opencv_area_resizes(photos):

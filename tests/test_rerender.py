@@ -19,12 +19,12 @@ import pytest  # noqa: E402
 
 from facegen.config import (  # noqa: E402
     Arc2FaceSettings,
-    DetectorSettings,
     EmbedderSettings,
     GeneratorSettings,
     HybridSettings,
     ReferenceSettings,
     RerenderSettings,
+    detector_settings,
 )
 from facegen.generators.rerender import draw_keypoints, draw_rerender, keypoint_condition, read_ip_adapter  # noqa: E402
 from facegen.testing.tiny_diffusers import build_tiny_arc2face, build_tiny_instantid  # noqa: E402
@@ -81,7 +81,7 @@ def generator_settings(models, **rerender) -> GeneratorSettings:
     hybrid = HybridSettings(
         reference=ReferenceSettings(backend="photos", photos_dir=models["photos"], max_attempts=2),
         rerender=rerender_settings(models, model=models["faces"], **rerender),
-        detector=DetectorSettings(kind="insightface", path=models["det"], det_size=160, min_size=10),
+        detector=detector_settings(kind="insightface", path=models["det"], det_size=160, min_size=10),
         embedder=EmbedderSettings(kind="dlib"),
         arc2face=Arc2FaceSettings(unet=a2f["models"], encoder=a2f["models"], base_model=a2f["base"],
                                   num_inference_steps=1, height=32, width=32, local_files_only=True),

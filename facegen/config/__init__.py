@@ -58,6 +58,7 @@ from facegen.config.generation import (  # noqa: F401  (re-exported: one import 
 from facegen.templates import ARCFACE_EYES, ARCFACE_TEMPLATE_112, FFHQ_EYES  # noqa: F401  (re-exported)
 from facegen.config.faces import (  # noqa: F401  (re-exported: one import path for every setting)
     DetectorSettings,
+    detector_settings,
     EmbedderSettings,
     EmbedderWeights,
     FaceSettings,

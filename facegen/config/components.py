@@ -84,8 +84,11 @@ class ComponentTable:
             return settings_class.model_validate(value)
         except ValidationError as exc:
             err = exc.errors()[0]
-            where = ".".join(str(p) for p in err["loc"]) or "<root>"
-            raise ValueError(f"{where}: {err['msg'].removeprefix('Value error, ')}") from None
+            message = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                message = f"not a setting of {self.field} kind {value['kind']}"
+            where = ".".join(str(p) for p in err["loc"])
+            raise ValueError(f"{where}: {message}" if where else message) from None
 
     def check(self, settings: Any, noun: str, also: str = "") -> None:
         """That ``settings.kind`` is registered (``kind: unknown <noun> kind ...``, listing ``also``

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import BeforeValidator, Field, SerializeAsAny, model_validator
 
 from facegen.config._base import Device, IResNetArch, _Section
 from facegen.config.components import ComponentSettings, ComponentTable
@@ -78,17 +78,10 @@ class EmbedderSettings(EmbedderWeights):
         return bool(self.path) or bool(self.kind != "facegen" and EMBEDDERS.hook(self.kind, "PACKAGED_WEIGHTS"))
 
 
-#: The face detector kinds: kind -> its module (:mod:`facegen.faces.detectors`), which has ``build``
-#: and ``DEFAULT_MIN_SCORE`` and may have ``check``. ``none`` (no detector) is not a kind of its own.
-DETECTORS = ComponentTable("faces.detector", ComponentSettings, {
-    "mtcnn": "facegen.faces.detectors.mtcnn",
-    "dlib": "facegen.faces.detectors.dlib",
-    "insightface": "facegen.faces.detectors.insightface",
-})
-
-
-class DetectorSettings(_Section):
-    """Face detection for images whose generator gave no landmarks (``facegen.faces.detect``).
+class DetectorSettings(ComponentSettings):
+    """Face detection for images whose generator gave no landmarks (``facegen.faces.detect``): what
+    every detector kind shares; a kind's own fields are its module's ``SETTINGS`` (MTCNN's pyramid,
+    dlib's model, insightface's model folder), chosen by ``kind`` when the config loads.
 
     Scores are in [0, 1]: MTCNN's O-Net probability, SCRFD's score, and for dlib the logistic of
     its detector margin (dlib's own threshold, margin 0, is 0.5).
@@ -96,6 +89,12 @@ class DetectorSettings(_Section):
     ``min_size`` pixels (square root of the box area); the most central of them, unless another
     kept face is at least ``rival_size_ratio`` times its size ("more than one large face").
     """
+
+    #: Fields every detector setting had before the kinds declared their own, at their defaults
+    #: then: they enter the digests as they did, so blocks made before are found again.
+    LEGACY_DIGEST: ClassVar[dict[str, Any]] = {
+        "mtcnn_min_face": 20, "mtcnn_thresholds": [0.6, 0.7, 0.8], "dlib_model": "hog", "dlib_upsample": 1,
+        "path": None, "det_size": 640}
 
     kind: str = Field(default="mtcnn", description="mtcnn, dlib, insightface, any kind in DETECTORS, or none (the "
                       "generator's landmarks only)")
@@ -105,16 +104,6 @@ class DetectorSettings(_Section):
     min_size: float = Field(default=40.0, ge=0.0, description="pixels, sqrt of the box area")
     rival_size_ratio: float = Field(default=0.6, gt=0.0, le=1.0)
     device: Device = "auto"
-    mtcnn_min_face: int = Field(default=20, ge=12, description="smallest face the MTCNN pyramid looks for (px)")
-    mtcnn_thresholds: tuple[float, float, float] = (0.6, 0.7, 0.8)
-    mtcnn_cascade: Literal["auto", "numpy", "torch"] = Field(
-        default="auto", description="the glue between MTCNN's networks: numpy = OpenCV resizes and numpy NMS on the host; "
-        "torch = pyramid, crops and NMS batched on the networks' device (the same faces; for GPUs); auto = torch on a GPU")
-    dlib_model: Literal["hog", "cnn"] = "hog"
-    dlib_upsample: int = Field(default=1, ge=0, le=3)
-    path: str | None = Field(default=None, description="insightface: a model folder (e.g. buffalo_l) or a detection .onnx",
-                             json_schema_extra={"input_path": "required"})
-    det_size: int = Field(default=640, ge=32, description="insightface: network input side (px)")
 
     @model_validator(mode="after")
     def _kind_checks(self) -> "DetectorSettings":
@@ -124,13 +113,43 @@ class DetectorSettings(_Section):
         return self
 
 
+#: The face detector kinds: kind -> its module (:mod:`facegen.faces.detectors`), which has ``build``
+#: and ``DEFAULT_MIN_SCORE`` and may have ``SETTINGS`` (its own fields) and ``check``. ``none`` (no
+#: detector) is not a kind of its own.
+DETECTORS = ComponentTable("faces.detector", DetectorSettings, {
+    "mtcnn": "facegen.faces.detectors.mtcnn",
+    "dlib": "facegen.faces.detectors.dlib",
+    "insightface": "facegen.faces.detectors.insightface",
+})
+
+
+def detector_settings(value: Any = None, **fields: Any) -> DetectorSettings:
+    """Detector settings of the kind ``value`` names (a mapping, default kind mtcnn, or settings
+    already built), as that kind's ``SETTINGS``; ``fields`` are added to a mapping."""
+    if isinstance(value, DetectorSettings):
+        if type(value) is not DetectorSettings or value.kind == "none" or value.kind not in DETECTORS.kinds:
+            return value
+        value = value.model_dump()  # the shared fields alone: as its kind's settings
+    if value is not None and not isinstance(value, dict):
+        raise ValueError(f"expected a mapping with a kind (one of {', '.join(DETECTORS.kinds)} or none)")
+    value = {**(value or {}), **fields}
+    kind = str(value.get("kind", "mtcnn"))
+    if kind == "none" or kind not in DETECTORS.kinds:
+        return DetectorSettings.model_validate(value)  # none, or an unknown kind's one-line error
+    return DETECTORS.settings({"kind": kind, **value})
+
+
+#: A detector section in a config: validated by its kind's own settings.
+AnyDetector = Annotated[SerializeAsAny[DetectorSettings], BeforeValidator(detector_settings)]
+
+
 class FaceSettings(PooledSection):
     """Detection, alignment to the 112x112 ArcFace template and embedding, as one actor-pool stage."""
 
     image_format: Literal["png", "jpeg"] = "jpeg"
     jpeg_quality: int = Field(default=95, ge=50, le=100)
     embedder: EmbedderSettings = EmbedderSettings()
-    detector: DetectorSettings = DetectorSettings()
+    detector: AnyDetector = Field(default_factory=detector_settings)
     batch_size: int = Field(default=64, ge=1, description="sample rows per face-stage call inside a block")
     pool: PoolSettings = Field(default_factory=PoolSettings, description="the ingest stage's Ray Data actor pool "
                                "(generation runs the face stage inside generator.pool)")

@@ -9,7 +9,7 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from facegen.config._base import Device, _Section
 from facegen.config.components import ComponentSettings, ComponentTable
-from facegen.config.faces import DetectorSettings, EmbedderSettings
+from facegen.config.faces import AnyDetector, EmbedderSettings, detector_settings
 from facegen.config.gan import DiscoSettings, DispersionSettings, ForceEmbedderSettings
 from facegen.config.rerender import RerenderSettings
 from facegen.config.resources import PooledSection, PoolSettings
@@ -244,8 +244,8 @@ class HybridSettings(_Section):
     reference: ReferenceSettings = ReferenceSettings()
     rerender: RerenderSettings = Field(default_factory=lambda: RerenderSettings(),
                                        description="HybridGen's InstantID re-render of each accepted reference")
-    detector: DetectorSettings = Field(
-        default_factory=lambda: DetectorSettings(), description="references (and expanded images when measured)"
+    detector: AnyDetector = Field(
+        default_factory=detector_settings, description="references (and expanded images when measured)"
     )
     embedder: EmbedderSettings = Field(
         default_factory=lambda: EmbedderSettings(), description="identity feature: the one the expander was trained on"

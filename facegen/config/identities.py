@@ -7,7 +7,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from facegen.config._base import _Section
-from facegen.config.faces import DetectorSettings
+from facegen.config.faces import AnyDetector, detector_settings
 from facegen.config.resources import PooledSection, PoolSettings, TaskSettings
 
 #: The attributes ``facegen directions`` estimates itself (:mod:`facegen.identities.directions`):
@@ -215,7 +215,7 @@ class DirectionsSettings(_Section):
     method: Literal["svm", "regression"] = Field(default="svm", description="svm: the paper's linear SVM on the two tails; regression: least squares on all")
     tail: float = Field(default=0.3, gt=0.0, le=0.5, description="svm: the lowest and the highest fraction are the two classes")
     svm_c: float = Field(default=0.01, gt=0.0)
-    detector: DetectorSettings = Field(default_factory=lambda: DetectorSettings(min_size=20.0),
+    detector: AnyDetector = Field(default_factory=lambda: detector_settings(min_size=20.0),
                                        description="landmarks of the generated faces (images upscaled to upscale first)")
     upscale: int = Field(default=128, ge=16, description="GAN images smaller than this are resized up before detection")
     batch_size: int = Field(default=64, ge=1, description="latents rendered per pass")

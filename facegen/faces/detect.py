@@ -76,9 +76,9 @@ def build_detector(settings: "DetectorSettings") -> FaceDetector | None:
     """The detector ``settings`` describe (its kind's module's ``build``); ``None`` for kind ``none``."""
     if settings.kind == "none":
         return None
-    from facegen.config.faces import DETECTORS
+    from facegen.config.faces import DETECTORS, detector_settings
 
-    return DETECTORS.build(settings)
+    return DETECTORS.build(detector_settings(settings))
 
 
 class FaceRejected(ValueError):

@@ -85,10 +85,10 @@ def crop_detector(settings: GeneratorSettings):
     crop = crop_settings(settings)
     if crop.kind != "detector":
         return None
-    from facegen.config import DetectorSettings
+    from facegen.config.faces import detector_settings
     from facegen.faces.detect import build_detector
 
-    return build_detector(DetectorSettings(kind=crop.detector, device=settings.device))
+    return build_detector(detector_settings(kind=crop.detector, device=settings.device))
 
 
 def build_gan(settings: GeneratorSettings, device: str | torch.device | None = None, backend: str | None = None) -> LatentGAN:

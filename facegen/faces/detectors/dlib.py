@@ -4,17 +4,26 @@ logistic of the detector's margin (dlib's own threshold, margin 0, is 0.5)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Literal
 
 import numpy as np
+from pydantic import Field
 
+from facegen.config.faces import DetectorSettings
 from facegen.faces.detect import Detection, detections
-from facegen.images import check_image
-
-if TYPE_CHECKING:
-    from facegen.config import DetectorSettings
 
 DEFAULT_MIN_SCORE = 0.5
+
+
+class DlibDetectorSettings(DetectorSettings):
+    """dlib's own detector settings: HOG (CPU) or the CNN (mmod) model, and how often the image is upsampled."""
+
+    kind: Literal["dlib"] = "dlib"
+    dlib_model: Literal["hog", "cnn"] = "hog"
+    dlib_upsample: int = Field(default=1, ge=0, le=3)
+
+
+SETTINGS = DlibDetectorSettings
 
 
 class DlibDetector:
@@ -28,6 +37,7 @@ class DlibDetector:
         self.model = DlibFaces(model, upsample)
 
     def detect(self, image: np.ndarray) -> list[Detection]:
+        from facegen.images import check_image
         from facegen.models.dlib_face import arcface_from_dlib5
 
         boxes, margins, points = self.model.detect(check_image(image))
@@ -39,6 +49,6 @@ class DlibDetector:
         return [self.detect(image) for image in images]
 
 
-def build(settings: "DetectorSettings") -> DlibDetector:
+def build(settings: DlibDetectorSettings) -> DlibDetector:
     """dlib's ``dlib_model`` detector, upsampling ``dlib_upsample`` times."""
     return DlibDetector(settings.dlib_model, settings.dlib_upsample)

@@ -5,17 +5,27 @@ from __future__ import annotations
 
 import glob
 import os
-from typing import TYPE_CHECKING
+from typing import Literal
 
 import numpy as np
+from pydantic import Field
 
+from facegen.config.faces import DetectorSettings
 from facegen.faces.detect import Detection, detections
-from facegen.images import check_image
-
-if TYPE_CHECKING:
-    from facegen.config import DetectorSettings
 
 DEFAULT_MIN_SCORE = 0.5
+
+
+class InsightfaceDetectorSettings(DetectorSettings):
+    """The insightface detector's own settings: the model the user gives and its input size."""
+
+    kind: Literal["insightface"] = "insightface"
+    path: str | None = Field(default=None, description="a model folder (e.g. buffalo_l) or a detection .onnx",
+                             json_schema_extra={"input_path": "required"})
+    det_size: int = Field(default=640, ge=32, description="network input side (px)")
+
+
+SETTINGS = InsightfaceDetectorSettings
 
 
 def find_detection_onnx(path: str) -> str:
@@ -65,6 +75,8 @@ class InsightfaceDetector:
         self.model, self.det_size, self.min_score = model, int(det_size), float(min_score)
 
     def detect(self, image: np.ndarray) -> list[Detection]:
+        from facegen.images import check_image
+
         bgr = np.ascontiguousarray(check_image(image)[:, :, ::-1])  # insightface reads BGR (OpenCV)
         det, kps = self.model.detect(bgr, input_size=(self.det_size, self.det_size), det_thresh=self.min_score)
         if kps is None or len(det) == 0:
@@ -75,13 +87,13 @@ class InsightfaceDetector:
         return [self.detect(image) for image in images]
 
 
-def check(settings: "DetectorSettings") -> None:
+def check(settings: InsightfaceDetectorSettings) -> None:
     """The detector is a model the user gives."""
     if not settings.path:
         raise ValueError("path: the insightface detector needs a model folder or a detection .onnx")
 
 
-def build(settings: "DetectorSettings") -> InsightfaceDetector:
+def build(settings: InsightfaceDetectorSettings) -> InsightfaceDetector:
     """The SCRFD/RetinaFace model at ``settings.path``, at ``det_size`` and the kind's score threshold."""
     from facegen.faces.detect import min_score_of
 
