@@ -120,3 +120,20 @@ def test_an_unknown_embedder_kind_fails_in_one_line():
     with pytest.raises(ConfigError, match=r"^run.yaml: faces.embedder: kind: unknown embedder kind "
                                           r"'facenet', expected one of facegen, arcface_torch, onnx, dlib$"):
         config_from_dict({"faces": {"embedder": {"kind": "facenet"}}}, "run.yaml")
+
+
+def test_a_kind_error_inside_a_section_blames_the_set_that_gave_it(tmp_path):
+    """A section's own validator names the field inside it; a --set of that field is what the user typed."""
+    path = tmp_path / "run.yaml"
+    path.write_text("faces: {detector: {kind: mtcnn}}\n")
+    with pytest.raises(ConfigError) as bad_kind:
+        load_config(str(path), ["faces.embedder.kind=nope"])
+    assert str(bad_kind.value).startswith("--set faces.embedder.kind=nope: faces.embedder: kind: unknown embedder kind 'nope'")
+    with pytest.raises(ConfigError) as bad_field:
+        load_config(str(path), ["faces.detector.mtcnn_min_face=5"])
+    assert str(bad_field.value).startswith("--set faces.detector.mtcnn_min_face=5: faces.detector: mtcnn_min_face: Input "
+                                           "should be greater than or equal to 12")
+    path.write_text("faces: {detector: {kind: mtcnn, mtcnn_min_face: 5}}\n")
+    with pytest.raises(ConfigError) as from_file:
+        load_config(str(path), ["faces.detector.min_size=30"])
+    assert str(from_file.value).startswith(f"{path}: faces.detector: mtcnn_min_face:")

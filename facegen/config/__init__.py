@@ -201,7 +201,10 @@ def _format_validation_error(source: str, exc: ValidationError, overrides: list[
     others = {where(e["loc"]) for e in exc.errors()} - {field}
     more = f" [+{len(others)} more]" if others else ""
     message = err["msg"].removeprefix("Value error, ")
-    return f"{source_of(field, source, overrides)}: {field}: {message}{shown}{more}"
+    # a section's own validator names the field inside it first ("faces.detector: kind: ..."): blame a --set of that field
+    inner = re.match(r"([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*): ", message)
+    blamed = source_of(f"{field}.{inner.group(1)}" if inner else field, source, overrides)
+    return f"{blamed}: {field}: {message}{shown}{more}"
 
 
 def config_from_dict(data: dict[str, Any], source: str = "<dict>", overrides: list[str] | None = None) -> FacegenConfig:
