@@ -7,8 +7,9 @@ The module of a kind defines ``build(settings, **context)``, which returns the w
 kind (a check, a capability) is a module attribute read with :meth:`ComponentTable.hook`.
 Adding a kind is its module plus one line in the table (or one :meth:`ComponentTable.register`
 call). A capability the settings must know before any module is imported (a generator backend with a
-latent space) is a trait named on that same line: ``"dcgan": ("facegen.generators.dcgan", "latent_space")``. The settings layer reaches a component module only here, by name and only when a config
-names its kind, so loading a config never imports the components it does not use.
+latent space) is a trait named on that same line: ``"dcgan": ("facegen.generators.dcgan",
+"latent_space")``. The settings layer reaches a component module only here, by name, when a config
+names its kind or defaults to it (a kind's module imports its heavy libraries only when it builds).
 """
 
 from __future__ import annotations

@@ -95,4 +95,7 @@ def build_gan(settings: GeneratorSettings, device: str | torch.device | None = N
     """Load GAN ``backend`` (default: ``settings.backend``) with its crop, by its module's ``load_gan``."""
     backend = backend or settings.backend
     section = gan_section(settings, backend)
-    return GENERATORS.module(backend).load_gan(section, resolve_device(device or settings.device))
+    load_gan = GENERATORS.hook(backend, "load_gan")
+    if load_gan is None:
+        raise TypeError(f"generator.backend: {backend} is registered with a latent space but its module has no load_gan()")
+    return load_gan(section, resolve_device(device or settings.device))
