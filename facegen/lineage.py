@@ -101,17 +101,22 @@ def raw_digest(cfg: FacegenConfig) -> str:
     g = cfg.generator
     generator = {name: value for name, value in _digestible(g).items() if name not in GENERATORS.kinds}
     for backend in (g.backend, g.hybrid.reference.backend if g.backend == "hybrid" else None):
-        if backend in GENERATORS.kinds and g.backend_settings(backend) is not None:
-            generator[backend] = backend_section(g, backend)
+        section = backend_section(g, backend) if backend in GENERATORS.kinds else None
+        if section is not None:
+            generator[backend] = section
     if "hybrid" in generator and not g.hybrid.rerender.enabled:
         generator["hybrid"].pop("rerender", None)  # off: the same digest as runs made before it existed
     return settings_digest(cfg.run.seed, cfg.identities.block_size, generator, cfg.faces)
 
 
-def backend_section(generator: Any, backend: str) -> dict[str, Any]:
-    """The digestible own section of generator ``backend``; its ``kind`` is the name it is filed
-    under, so it is left out (the digest the section had before backends declared their sections)."""
-    plain = _digestible(generator.backend_settings(backend))
+def backend_section(generator: Any, backend: str) -> dict[str, Any] | None:
+    """The digestible own section of generator ``backend`` (None for a backend without one); its
+    ``kind`` is the name it is filed under, so it is left out (the digest the section had before
+    backends declared their sections)."""
+    section = generator.backend_settings(backend)
+    if section is None:
+        return None
+    plain = _digestible(section)
     plain.pop("kind", None)
     return plain
 

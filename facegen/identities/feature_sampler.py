@@ -63,12 +63,6 @@ def _unit(vectors: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(vectors / np.maximum(norms, 1e-12), np.float32)
 
 
-def _index(dim: int, on_gpu: bool):
-    from facegen.clean.search import flat_index
-
-    return flat_index(dim, on_gpu)
-
-
 def filter_round(units: np.ndarray, nearest_kept: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
     """Greedy acceptance within one round: rows of ``units`` (unit vectors) in order, each kept when
     its cosine to the earlier rounds' identities (``nearest_kept``, the largest) and to the rows kept
@@ -98,11 +92,13 @@ def sample_feature_identities(settings: Any, seed: int, count: int, centres: np.
     (``settings``: :class:`~facegen.config.identities.Vec2FaceSamplerSettings`), and the sampler's
     figures. Raises a one-line ``ValueError`` when ``max_candidates_ratio * count`` candidates do not
     yield ``count`` identities."""
+    from facegen.clean.search import flat_index
+
     pca = fit_pca(centres, settings.components) if settings.distribution == "pca" else None
     dim = pca.dim if pca is not None else settings.dim
     threshold = float(settings.max_similarity)
     budget = int(np.ceil(settings.max_candidates_ratio * count))
-    index = _index(dim, settings.search_device != "cpu")
+    index = flat_index(dim, settings.search_device != "cpu")
     kept: list[np.ndarray] = []
     largest, accepted, drawn, round_index = -1.0, 0, 0, 0
     while accepted < count:
